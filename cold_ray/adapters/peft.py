@@ -1,0 +1,187 @@
+"""Read and validate a PEFT LoRA adapter folder against a base model (DESIGN §4).
+
+Validation happens before anything touches a slot, and every failure is an `AdapterError`
+whose message names the problem and the expected value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from cold_ray.model.config import TARGET_MODULES, ModelArgs
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
+DEFAULT_MAX_BYTES = 1 << 30
+_KEY = re.compile(
+    r"^(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$"
+)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served; the message says why."""
+
+
+@dataclass
+class PeftAdapter:
+    path: Path
+    rank: int  # the largest rank over its modules
+    scale: float  # lora_alpha / r (or / sqrt(r) with rslora)
+    target_modules: tuple[str, ...]
+    base_model: str | None
+    nbytes: int
+    sha256: str
+    # (layer, module) -> (A [r, in], B [out, r] with any module-specific scale folded in)
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+
+
+def weights_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise AdapterError(f"adapter path {str(path)!r} is not a directory")
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.exists():
+        raise AdapterError(f"adapter {str(path)!r} has no {CONFIG_FILE} (not a PEFT adapter)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{CONFIG_FILE} in {str(path)!r} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{CONFIG_FILE} must hold a JSON object, got {type(cfg).__name__}")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"peft_type {cfg.get('peft_type')!r} is not supported; expected 'LORA'")
+    for flag in ("use_dora",):
+        if cfg.get(flag):
+            raise AdapterError(f"{flag}=true adapters are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"LoRA bias={cfg.get('bias')!r} is not supported; expected 'none'")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"modules_to_save {cfg['modules_to_save']} is not supported")
+    return cfg
+
+
+def _module_scale(cfg: dict, module: str, rank: int) -> float:
+    alpha = cfg.get("alpha_pattern", {}).get(module, cfg.get("lora_alpha", rank))
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterError(f"lora_alpha must be a finite number, got {alpha!r}")
+    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+
+
+def _base_matches(declared: str | None, args: ModelArgs) -> bool:
+    if not declared:
+        return True  # nothing declared: the shape checks below are the guard
+    norm = lambda s: Path(str(s)).name.lower().removesuffix("-gguf")
+    return norm(declared) == norm(args.name)
+
+
+def load_peft_adapter(
+    path: str | Path,
+    args: ModelArgs,
+    max_rank: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    expected_sha256: str | None = None,
+    check_base: bool = True,
+) -> PeftAdapter:
+    """Read a PEFT adapter and check it fits `args`; raise AdapterError naming any problem."""
+    path = Path(path)
+    cfg = _read_config(path)
+    weights_file = path / WEIGHTS_FILE
+    if not weights_file.exists():
+        pickles = [p for p in PICKLE_FILES if (path / p).exists()]
+        if pickles:
+            raise AdapterError(
+                f"adapter {str(path)!r} ships pickled weights ({pickles[0]}); refusing to load "
+                f"them because unpickling runs arbitrary code — convert to {WEIGHTS_FILE}"
+            )
+        raise AdapterError(f"adapter {str(path)!r} has no {WEIGHTS_FILE}")
+    nbytes = weights_file.stat().st_size
+    if nbytes > max_bytes:
+        raise AdapterError(f"adapter weights are {nbytes} bytes, over the limit of {max_bytes}")
+    base = cfg.get("base_model_name_or_path")
+    if check_base and not _base_matches(base, args):
+        raise AdapterError(f"adapter was trained on {base!r}, but this server runs {args.name!r}")
+    sha = weights_sha256(path)
+    if expected_sha256 is not None and sha != expected_sha256:
+        raise AdapterError(
+            f"adapter weights changed since registration: sha256 {sha[:12]}… "
+            f"!= registered {expected_sha256[:12]}…"
+        )
+
+    shapes = args.module_shapes()
+    raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(weights_file), framework="pt") as st:
+            for key in st.keys():
+                m = _KEY.match(key)
+                if m is None:
+                    raise AdapterError(f"unsupported tensor {key!r} (only layer LoRA A/B weights)")
+                layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+                if module not in TARGET_MODULES:
+                    raise AdapterError(
+                        f"target module {module!r} is not supported; supported: {TARGET_MODULES}"
+                    )
+                if layer >= args.num_layers:
+                    raise AdapterError(
+                        f"tensor {key!r} names layer {layer}, but the model has {args.num_layers}"
+                    )
+                raw.setdefault((layer, module), {})[ab] = st.get_tensor(key)
+    except SafetensorError as e:
+        raise AdapterError(f"{WEIGHTS_FILE} in {str(path)!r} is corrupt or truncated: {e}") from e
+    except (OSError, RuntimeError) as e:
+        raise AdapterError(f"cannot read {WEIGHTS_FILE} in {str(path)!r}: {e}") from e
+    if not raw:
+        raise AdapterError(f"adapter {str(path)!r} holds no LoRA weights")
+
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    max_r, scale = 0, None
+    for (layer, module), ab in sorted(raw.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"layer {layer} {module}: lora_A and lora_B must both be present")
+        a, b = ab["A"], ab["B"]
+        if a.dtype not in _FLOAT_DTYPES or b.dtype not in _FLOAT_DTYPES:
+            raise AdapterError(f"layer {layer} {module}: dtype {a.dtype}/{b.dtype} is not a float")
+        fan_in, fan_out = shapes[module]
+        r = a.shape[0] if a.dim() == 2 else -1
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, r):
+            raise AdapterError(
+                f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
+                f"fit the base layer; expected ({r}, {fan_in}) / ({fan_out}, {r})"
+            )
+        if r > max_rank:
+            raise AdapterError(f"adapter rank {r} exceeds max_lora_rank {max_rank}")
+        if r < 1:
+            raise AdapterError(f"layer {layer} {module}: rank must be >= 1")
+        s = _module_scale(cfg, module, r)  # PEFT scales each module by its own rank
+        scale = s if scale is None else scale
+        a32, b32 = a.float(), b.float() * (s / scale) if s != scale else b.float()
+        if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
+            raise AdapterError(f"layer {layer} {module}: weights contain NaN or inf")
+        weights[(layer, module)] = (a32, b32)
+        max_r = max(max_r, r)
+    return PeftAdapter(
+        path=path,
+        rank=max_r,
+        scale=float(scale),
+        target_modules=tuple(sorted({m for _, m in weights})),
+        base_model=base,
+        nbytes=nbytes,
+        sha256=sha,
+        weights=weights,
+    )

@@ -1,0 +1,86 @@
+"""Per-replica adapter slots: LRU over idle adapters, refcounted so a running row's adapter is
+never evicted, with a host-memory cache of validated adapters for fast reloads.
+
+Only the engine thread touches an `AdapterSlots`; adapter files are read elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from cold_ray.adapters.peft import PeftAdapter
+from cold_ray.model.config import FUSED_SITES
+from cold_ray.model.llama import LlamaModel
+
+
+class AdapterSlots:
+    def __init__(self, model: LlamaModel, max_loras: int, host_cache_size: int):
+        self.model = model
+        self.max_loras = max_loras
+        self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU first
+        self.refs: dict[str, int] = {}
+        self.host: OrderedDict[str, PeftAdapter] = OrderedDict()
+        self.host_cache_size = host_cache_size
+        self.loads = 0
+        self.evictions = 0
+
+    def lookup(self, name: str) -> int | None:
+        slot = self.resident.get(name)
+        if slot is not None:
+            self.resident.move_to_end(name)
+        return slot
+
+    def cached(self, name: str) -> PeftAdapter | None:
+        adapter = self.host.get(name)
+        if adapter is not None:
+            self.host.move_to_end(name)
+        return adapter
+
+    def acquire(self, name: str) -> int:
+        self.refs[name] = self.refs.get(name, 0) + 1
+        return self.lookup(name)
+
+    def release(self, name: str) -> None:
+        self.refs[name] -= 1
+        if self.refs[name] == 0:
+            del self.refs[name]
+
+    def has_room(self) -> bool:
+        return len(self.resident) < self.max_loras or any(n not in self.refs for n in self.resident)
+
+    def install(self, name: str, adapter: PeftAdapter) -> int:
+        """Place an adapter in a free slot, evicting the least recently used idle one."""
+        used = set(self.resident.values())
+        free = [s for s in range(self.max_loras) if s not in used]
+        if free:
+            slot = free[0]
+        else:
+            victim = next((n for n in self.resident if n not in self.refs), None)
+            if victim is None:
+                raise RuntimeError("all adapter slots are in use by running requests")
+            slot = self.resident.pop(victim)
+            self.evictions += 1
+        self._write(slot, adapter)
+        self.resident[name] = slot
+        self.loads += 1
+        self.host[name] = adapter
+        self.host.move_to_end(name)
+        while len(self.host) > self.host_cache_size:
+            self.host.popitem(last=False)
+        return slot
+
+    def forget(self, name: str) -> None:
+        """Drop an adapter from the host cache (and its slot, if idle): its source changed."""
+        self.host.pop(name, None)
+        if name in self.resident and name not in self.refs:
+            slot = self.resident.pop(name)
+            for layer in self.model.layers:
+                for site in layer.lora_sites().values():
+                    site.clear_slot(slot)
+
+    def _write(self, slot: int, adapter: PeftAdapter) -> None:
+        for i, layer in enumerate(self.model.layers):
+            sites = layer.lora_sites()
+            for site_name, modules in FUSED_SITES.items():
+                parts = [adapter.weights.get((i, m)) for m in modules]
+                sites[site_name].set_slot(slot, parts, adapter.scale)

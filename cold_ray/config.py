@@ -1,0 +1,43 @@
+"""Engine configuration: a frozen dataclass validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF safetensors folder or .gguf file; None = SmolLM2-135M-Instruct
+    device: str = "cpu"  # cpu | cuda[:i] | npu[:i]
+    dtype: str = "float32"
+    max_loras: int = 4  # adapters resident on the device at once
+    max_lora_rank: int = 16
+    max_rows: int = 32  # batch rows; a CoLD request takes two (expert + amateur)
+    max_model_len: int = 1024  # prompt + generated tokens per request (KV cache per row)
+    host_cache_adapters: int = 16  # validated adapters kept in host memory for fast reloads
+    max_adapter_bytes: int = 1 << 30
+    lora_backend: str = "auto"  # auto | reference | grouped | triton | ...
+    num_threads: int | None = 1  # intra-op threads; 1 avoids OpenMP spin-wait collapse
+    check_adapter_base: bool = True
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_loras", "max_lora_rank", "max_rows", "max_model_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_rows < 2:
+            raise ValueError(
+                f"max_rows must be >= 2 (a CoLD request needs two), got {self.max_rows}"
+            )
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

@@ -1,0 +1,57 @@
+"""The one place that knows about devices: CPU, CUDA GPUs and Ascend NPUs (torch_npu)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401  (registers the "npu" device with torch)
+    except ImportError:
+        return False
+    return hasattr(torch, "npu") and torch.npu.is_available()
+
+
+def resolve(name: str) -> torch.device:
+    """Turn a configured device name into a torch.device, or fail with a clear message."""
+    kind = name.split(":")[0]
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} configured, but no CUDA GPU is visible to torch")
+        return torch.device(name)
+    if kind == "npu":
+        if not _npu_available():
+            raise RuntimeError(
+                f"device {name!r} configured, but no Ascend NPU is usable: install torch_npu "
+                "matching your torch and CANN, and check ASCEND_RT_VISIBLE_DEVICES"
+            )
+        return torch.device(name)
+    raise ValueError(f"unknown device {name!r}; expected cpu, cuda[:i] or npu[:i]")
+
+
+def from_ray_assignment(configured: str) -> tuple[str, dict]:
+    """Device for a Ray actor, from the accelerators Ray assigned it.
+
+    Ray sets CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES for the actor, so the assigned
+    accelerator is always index 0 inside the process. Returns (device, what Ray assigned).
+    """
+    import ray
+
+    ids = ray.get_runtime_context().get_accelerator_ids()
+    info = {
+        "gpu_ids": ids.get("GPU", []),
+        "npu_ids": ids.get("NPU", []),
+        "ascend_visible": os.environ.get("ASCEND_RT_VISIBLE_DEVICES"),
+        "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+    kind = configured.split(":")[0]
+    if kind == "npu" and not info["npu_ids"]:
+        raise RuntimeError("device 'npu' configured, but Ray assigned no NPU to this replica")
+    if kind == "cuda" and not info["gpu_ids"]:
+        raise RuntimeError("device 'cuda' configured, but Ray assigned no GPU to this replica")
+    return (f"{kind}:0" if kind in ("npu", "cuda") else "cpu"), info

