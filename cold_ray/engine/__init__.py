@@ -1,10 +1,11 @@
 """The CoLD engine: continuous batching over one base model with per-row LoRA adapters."""
 
+from cold_ray.engine.async_engine import AsyncEngine
 from cold_ray.engine.core import AdapterSource, EngineCore
 from cold_ray.engine.params import ColdParams, SamplingParams
 from cold_ray.engine.request import EngineError, RequestOutput, UnknownAdapterError
 
 __all__ = [
-    "AdapterSource", "ColdParams", "EngineCore", "EngineError", "RequestOutput",
+    "AdapterSource", "AsyncEngine", "ColdParams", "EngineCore", "EngineError", "RequestOutput",
     "SamplingParams", "UnknownAdapterError",
 ]  # fmt: skip

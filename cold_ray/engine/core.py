@@ -189,6 +189,18 @@ class EngineCore:
                 return self._finish_output(req, "abort")
         return None
 
+    def fail_all(self, error: Exception) -> list[RequestOutput]:
+        """Finish every request with `error` and free all rows (after an unexpected failure)."""
+        outputs = []
+        for req in list(self.running) + list(self.waiting):
+            if req in self.waiting:
+                self.waiting.remove(req)
+            self._free(req)
+            out = self._finish_output(req, "error")
+            out.error = error
+            outputs.append(out)
+        return outputs
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -421,6 +433,22 @@ class EngineCore:
             "prompt_tokens": len(req.prompt_ids),
             "completion_tokens": len(req.output_ids),
         }
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int], adapter: str | None = None) -> torch.Tensor:
+        """Logits at every position of a sequence, [T, V] (scoring, tests); uses a free row."""
+        if self.free_rows < 1:
+            raise EngineError("no free row to score a sequence")
+        t = len(token_ids)
+        slot = self.load_adapter(adapter) if adapter is not None else -1
+        fb = ForwardBatch(
+            positions=torch.arange(t, device=self.device).unsqueeze(0),
+            slots=torch.tensor([len(self.rows)], device=self.device),
+            lora=self._lora_batch(torch.full((t,), slot, device=self.device)),
+            prefill=True,
+        )
+        tokens = torch.tensor([token_ids], device=self.device)
+        return self.model.logits(self.model(tokens, self.cache, fb)[0])
 
     def kv_usage(self) -> float:
         return len(self.rows) / self.config.max_rows

@@ -1,0 +1,126 @@
+"""Asynchronous front of the engine: a background thread runs `EngineCore.step()` while
+callers `submit()` requests and iterate over their outputs from an asyncio event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from cold_ray.config import EngineConfig
+from cold_ray.engine.core import AdapterResolver, EngineCore
+from cold_ray.engine.params import ColdParams, SamplingParams
+from cold_ray.engine.request import Request, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, resolver: AdapterResolver | None = None):
+        self.core = EngineCore(config, resolver)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="cold-engine", daemon=True)
+        self._thread.start()
+
+    async def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        cold: ColdParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Validate now (raising EngineError/UnknownAdapterError), then stream outputs.
+
+        Closing the iterator early (client gone, task cancelled) aborts the request, which
+        frees its rows and cache at the next step boundary.
+        """
+        req = self.core.make_request(prompt, params, adapter, cold, request_id)
+        return self._stream(req)
+
+    async def _stream(self, req: Request) -> AsyncIterator[RequestOutput]:
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._send(("add", req, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)))
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                if out.error is not None:
+                    raise out.error
+                yield out
+        finally:
+            if not finished:
+                self._send(("abort", req.request_id, None))
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id, None))
+
+    def _send(self, command) -> None:
+        self._inbox.put(command)
+        self._wake.set()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                op, arg, sink = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                self._sinks[arg.request_id] = sink
+                self.core.add(arg)
+            elif op == "abort":
+                out = self.core.abort(arg)
+                if out is not None:
+                    self._deliver(out)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        sink = self._sinks.get(out.request_id)
+        if out.finished:
+            self._sinks.pop(out.request_id, None)
+        if sink is not None:
+            sink(out)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._drain()
+            if not self.core.has_work():
+                self._wake.wait(timeout=0.1)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.core.step()
+            except Exception as e:  # a bug must not wedge the replica: fail what is in flight
+                log.exception("engine step failed; failing in-flight requests")
+                outputs = self.core.fail_all(e)
+            for out in outputs:
+                self._deliver(out)
+            if not outputs and not self.core.running:
+                self._wake.wait(timeout=0.002)  # waiting only on an adapter load
+                self._wake.clear()
+
+    def stats(self) -> dict:
+        core = self.core
+        return {
+            **core.stats,
+            "running_requests": len(core.running),
+            "running_rows": len(core.rows),
+            "waiting_requests": len(core.waiting),
+            "kv_cache_usage": core.kv_usage(),
+            "resident_adapters": list(core.slots.resident),
+            "adapter_loads": core.slots.loads,
+            "adapter_evictions": core.slots.evictions,
+            "lora_backend": core.backend.name,
+        }
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self.core.shutdown()
