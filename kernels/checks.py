@@ -77,7 +77,48 @@ def _explain_lora(x, A, B, scale, batch, y) -> None:
     for name, t in (("y", y), ("A", A), ("B", B)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} last dim must have stride 1, got strides {tuple(t.stride())}")
-    raise AssertionError("check_lora rejected arguments that _explain_lora accepts")  # unreachable
+    raise ValueError(  # unreachable: every condition of the fast path is explained above
+        f"lora_delta arguments rejected: x {tuple(x.shape)}, A {tuple(A.shape)}, "
+        f"B {tuple(B.shape)}, y {tuple(y.shape)}, scale {tuple(scale.shape)}"
+    )
+
+
+def check_shrink(x: torch.Tensor, A: torch.Tensor, batch: LoraBatch) -> None:
+    expect_dim("x", x, 2, "[rows, in]")
+    expect_dim("A", A, 3, "[slots, r, in]")
+    expect_eq("x rows", x.shape[0], "batch rows (from prepare(idx))", batch.rows)
+    expect_eq("x in-features", x.shape[1], "A in-features (A.shape[2])", A.shape[2])
+    check_slot_range(batch.max_slot, A.shape[0])
+    expect_float("x", x)
+    if A.dtype != x.dtype:
+        raise TypeError(f"A dtype {A.dtype} differs from x dtype {x.dtype}; expected one dtype")
+    if not x.is_contiguous() or A.stride(2) != 1:
+        raise ValueError(
+            f"x must be contiguous and A's last dim stride 1; got x strides {tuple(x.stride())}, "
+            f"A strides {tuple(A.stride())}"
+        )
+
+
+def check_expand(t, B, scale, batch: LoraBatch, y) -> None:
+    expect_dim("t", t, 2, "[rows, r]")
+    expect_dim("B", B, 3, "[slots, out, r]")
+    expect_dim("scale", scale, 1, "[slots]")
+    expect_dim("y", y, 2, "[rows, out]")
+    expect_eq("t rows", t.shape[0], "batch rows (from prepare(idx))", batch.rows)
+    expect_eq("y rows", y.shape[0], "batch rows (from prepare(idx))", batch.rows)
+    expect_eq("t rank (t.shape[1])", t.shape[1], "B rank (B.shape[2])", B.shape[2])
+    expect_eq("y out-features", y.shape[1], "B out-features (B.shape[1])", B.shape[1])
+    expect_eq("scale length", scale.shape[0], "B slots", B.shape[0])
+    check_slot_range(batch.max_slot, B.shape[0])
+    for name, v in (("t", t), ("B", B), ("y", y)):
+        expect_float(name, v)
+    if B.dtype != y.dtype:
+        raise TypeError(f"B dtype {B.dtype} differs from y dtype {y.dtype}; expected one dtype")
+    if not t.is_contiguous() or B.stride(2) != 1 or y.stride(1) != 1:
+        raise ValueError(
+            f"t must be contiguous and B, y have last-dim stride 1; got t {tuple(t.stride())}, "
+            f"B {tuple(B.stride())}, y {tuple(y.stride())}"
+        )
 
 
 def check_slot_range(max_slot: int, slots: int) -> None:

@@ -1,0 +1,70 @@
+"""The CoLD contrastive step in plain torch (any device): full and candidate-restricted amateur.
+
+DESIGN §1: the plausibility mask comes from the EXPERT logits; the amateur is only needed at
+the valid tokens, so the restricted step computes `amateur_hidden · lm_head[valid]` (K dots)
+instead of the full `amateur_hidden @ lm_head.T` (V dots) and picks the same token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from cold_ray.kernels import reference
+from cold_ray.kernels.checks import check_amateur_full, check_amateur_head, check_contrastive
+
+
+class ColdStep(NamedTuple):
+    """Result of one contrastive step for `rows` expert/amateur pairs."""
+
+    tokens: torch.Tensor  # [rows] int64, the greedy CoLD token
+    ids: torch.Tensor | None  # [rows, K] int64 candidate ids (restricted), None for full
+    scores: torch.Tensor | None  # [rows, K] (or [rows, V] for full) fp32, -inf where invalid
+
+
+def first_max_token(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Lowest token id among each row's maximal scores: the tie-break of argmax over V.
+
+    scores: [rows, K] fp32, ids: [rows, K] int64 -> [rows] int64
+    """
+    top = scores.max(dim=-1, keepdim=True).values
+    big = torch.iinfo(torch.int64).max
+    return torch.where(scores == top, ids, big).min(dim=-1).values
+
+
+def full_torch(
+    expert_logits: torch.Tensor,  # [rows, V]
+    amateur_logits: torch.Tensor,  # [rows, V]
+    alpha: torch.Tensor,  # [rows]
+    beta: torch.Tensor,  # [rows]
+    with_scores: bool = False,
+) -> ColdStep:
+    """Semantics: see `LoraBackend.contrastive_full` (same math as reference.contrastive_greedy)."""
+    check_contrastive(expert_logits, alpha, beta)
+    check_amateur_full(expert_logits, amateur_logits)
+    e = expert_logits.float()
+    threshold = e.max(dim=-1, keepdim=True).values + torch.log(alpha.float()).unsqueeze(-1)
+    b = beta.float().unsqueeze(-1)
+    valid = e >= threshold  # on the EXPERT logits, never on the score
+    score = ((1.0 + b) * e - b * amateur_logits.float()).masked_fill(~valid, -math.inf)
+    return ColdStep(score.argmax(dim=-1), None, score if with_scores else None)
+
+
+def restricted_torch(
+    expert_logits: torch.Tensor,  # [rows, V]
+    amateur_hidden: torch.Tensor,  # [rows, H]
+    lm_head: torch.Tensor,  # [V, H]
+    alpha: torch.Tensor,  # [rows]
+    beta: torch.Tensor,  # [rows]
+) -> ColdStep:
+    """Semantics: see `LoraBackend.contrastive_restricted`."""
+    check_contrastive(expert_logits, alpha, beta)
+    check_amateur_head(expert_logits, amateur_hidden, lm_head)
+    ids, mask = reference.plausible_candidates(expert_logits, alpha)  # [rows, K] each
+    rows, k = ids.shape
+    # Gather only the K candidate rows of the head: [rows, K, H] instead of reading [V, H].
+    w = lm_head.index_select(0, ids.reshape(-1)).view(rows, k, -1)
+    amateur = torch.bmm(w.float(), amateur_hidden.float().unsqueeze(-1)).squeeze(-1)  # [rows, K]
+    scores = reference.contrastive_scores(expert_logits.gather(1, ids), amateur, beta, mask)
+    return ColdStep(first_max_token(scores, ids), ids, scores)

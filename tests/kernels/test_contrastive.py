@@ -1,0 +1,92 @@
+"""The dispatched contrastive step equals reference.contrastive_greedy (DESIGN §1), and the
+candidate-restricted amateur head picks the same tokens as the full one."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from cold_ray.kernels import reference, select_backend
+
+from tests.kernels.kernel_checks import make_cold_case
+
+# (rows, V, H): V=1 and odd V included; rows up to 32.
+CASES = [(1, 1, 8), (1, 7, 5), (4, 1000, 48), (9, 4099, 33), (32, 500, 16), (3, 49152, 16)]
+
+
+@pytest.fixture(params=["reference", "grouped"])
+def backend(request):
+    return select_backend(request.param)
+
+
+def _cases():
+    for n, (rows, vocab, hidden) in enumerate(CASES):
+        yield f"rows={rows} V={vocab} H={hidden}", make_cold_case(rows, vocab, hidden, seed=n)
+
+
+def test_full_equals_reference_greedy(backend) -> None:
+    for what, c in _cases():
+        want = reference.contrastive_greedy(c.expert, c.amateur, c.alpha, c.beta)
+        step = backend.contrastive_full(c.expert, c.amateur, c.alpha, c.beta)
+        assert step.tokens.tolist() == want.tolist(), what
+        assert (
+            backend.contrastive_greedy(c.expert, c.amateur, c.alpha, c.beta).tolist()
+            == want.tolist()
+        )
+
+
+def test_restricted_amateur_gives_the_same_tokens_as_full(backend) -> None:
+    for what, c in _cases():
+        full = reference.contrastive_greedy(c.expert, c.amateur, c.alpha, c.beta)
+        step = backend.contrastive_restricted(c.expert, c.hidden, c.lm_head, c.alpha, c.beta)
+        assert step.tokens.tolist() == full.tolist(), what
+        # Scores at the candidates equal the full scores at those ids; padding is -inf.
+        full_scores = backend.contrastive_full(
+            c.expert, c.amateur, c.alpha, c.beta, with_scores=True
+        ).scores
+        want = full_scores.gather(1, step.ids)
+        real = torch.isfinite(step.scores)
+        torch.testing.assert_close(step.scores[real], want[real], rtol=1e-5, atol=1e-4)
+        assert torch.isinf(want[~real]).all(), what
+
+
+def test_scores_are_masked_on_expert_logits(backend) -> None:
+    c = make_cold_case(5, 300, 16, seed=7)
+    step = backend.contrastive_full(c.expert, c.amateur, c.alpha, c.beta, with_scores=True)
+    e = c.expert
+    valid = e >= e.max(-1, keepdim=True).values + torch.log(c.alpha).unsqueeze(-1)
+    b = c.beta.unsqueeze(-1)
+    want = torch.where(valid, (1 + b) * e - b * c.amateur, -math.inf)
+    assert torch.equal(step.scores, want)
+
+
+def test_test_data_is_not_vacuous() -> None:
+    """CoLD must change some tokens versus expert-greedy, or the tests above prove little."""
+    changed = 0
+    for _, c in _cases():
+        cold = reference.contrastive_greedy(c.expert, c.amateur, c.alpha, c.beta)
+        changed += int((cold != c.expert.argmax(-1)).sum())
+    assert changed >= 8
+
+
+def test_beta_zero_and_alpha_one_reduce_to_expert_greedy(backend) -> None:
+    c = make_cold_case(6, 2000, 24, seed=3)
+    greedy = c.expert.argmax(-1).tolist()
+    zero, one = torch.zeros(6), torch.ones(6)
+    assert backend.contrastive_full(c.expert, c.amateur, c.alpha, zero).tokens.tolist() == greedy
+    assert backend.contrastive_full(c.expert, c.amateur, one, c.beta).tokens.tolist() == greedy
+    r = backend.contrastive_restricted(c.expert, c.hidden, c.lm_head, one, c.beta)
+    assert r.tokens.tolist() == greedy
+
+
+def test_exact_ties_pick_the_lowest_token_id(backend) -> None:
+    vocab, hidden = 20, 4
+    expert = torch.zeros(2, vocab)
+    expert[:, [13, 5, 9]] = 3.0  # three tied maxima
+    lm_head = torch.zeros(vocab, hidden)
+    h = torch.ones(2, hidden)
+    alpha, beta = torch.full((2,), 0.5), torch.full((2,), 0.5)
+    full = backend.contrastive_full(expert, h @ lm_head.T, alpha, beta).tokens
+    restricted = backend.contrastive_restricted(expert, h, lm_head, alpha, beta).tokens
+    assert full.tolist() == [5, 5] and restricted.tolist() == [5, 5]
