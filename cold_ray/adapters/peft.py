@@ -13,8 +13,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from cold_ray.model.config import TARGET_MODULES, ModelArgs
 
@@ -47,10 +48,22 @@ class PeftAdapter:
 
 def weights_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path / WEIGHTS_FILE, "rb") as f:
+    with open(Path(path) / WEIGHTS_FILE, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _read_weights(weights_file: Path, max_bytes: int) -> bytes:
+    """The weights' bytes, read once: the checksum and the tensors come from the same read."""
+    try:
+        with open(weights_file, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise AdapterError(f"cannot read {str(weights_file)!r}: {e}") from e
+    if len(data) > max_bytes:
+        raise AdapterError(f"adapter weights are over the limit of {max_bytes} bytes")
+    return data
 
 
 def _read_config(path: Path) -> dict:
@@ -114,10 +127,13 @@ def load_peft_adapter(
     nbytes = weights_file.stat().st_size
     if nbytes > max_bytes:
         raise AdapterError(f"adapter weights are {nbytes} bytes, over the limit of {max_bytes}")
+    if weights_file.is_dir():
+        raise AdapterError(f"{str(weights_file)!r} is a directory, not a safetensors file")
     base = cfg.get("base_model_name_or_path")
     if check_base and not _base_matches(base, args):
         raise AdapterError(f"adapter was trained on {base!r}, but this server runs {args.name!r}")
-    sha = weights_sha256(path)
+    data = _read_weights(weights_file, max_bytes)
+    sha = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and sha != expected_sha256:
         raise AdapterError(
             f"adapter weights changed since registration: sha256 {sha[:12]}… "
@@ -127,25 +143,24 @@ def load_peft_adapter(
     shapes = args.module_shapes()
     raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
-        with safe_open(str(weights_file), framework="pt") as st:
-            for key in st.keys():
-                m = _KEY.match(key)
-                if m is None:
-                    raise AdapterError(f"unsupported tensor {key!r} (only layer LoRA A/B weights)")
-                layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
-                if module not in TARGET_MODULES:
-                    raise AdapterError(
-                        f"target module {module!r} is not supported; supported: {TARGET_MODULES}"
-                    )
-                if layer >= args.num_layers:
-                    raise AdapterError(
-                        f"tensor {key!r} names layer {layer}, but the model has {args.num_layers}"
-                    )
-                raw.setdefault((layer, module), {})[ab] = st.get_tensor(key)
-    except SafetensorError as e:
+        tensors = safetensors.torch.load(data)
+    except (SafetensorError, ValueError) as e:  # ValueError: header says more than is there
         raise AdapterError(f"{WEIGHTS_FILE} in {str(path)!r} is corrupt or truncated: {e}") from e
-    except (OSError, RuntimeError) as e:
-        raise AdapterError(f"cannot read {WEIGHTS_FILE} in {str(path)!r}: {e}") from e
+    del data
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise AdapterError(f"unsupported tensor {key!r} (only layer LoRA A/B weights)")
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        if module not in TARGET_MODULES:
+            raise AdapterError(
+                f"target module {module!r} is not supported; supported: {TARGET_MODULES}"
+            )
+        if layer >= args.num_layers:
+            raise AdapterError(
+                f"tensor {key!r} names layer {layer}, but the model has {args.num_layers}"
+            )
+        raw.setdefault((layer, module), {})[ab] = tensor
     if not raw:
         raise AdapterError(f"adapter {str(path)!r} holds no LoRA weights")
 

@@ -1,7 +1,9 @@
 """Per-replica adapter slots: LRU over idle adapters, refcounted so a running row's adapter is
 never evicted, with a host-memory cache of validated adapters for fast reloads.
 
-Only the engine thread touches an `AdapterSlots`; adapter files are read elsewhere.
+Only the engine thread touches an `AdapterSlots`; adapter files are read elsewhere. Each
+resident or cached copy remembers the sha256 it was read with, so an adapter replaced in the
+registry under the same name is reloaded rather than served stale (see `current`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class AdapterSlots:
         self.model = model
         self.max_loras = max_loras
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU first
+        self.versions: dict[str, str] = {}  # resident name -> sha256 of its weights
         self.refs: dict[str, int] = {}
         self.host: OrderedDict[str, PeftAdapter] = OrderedDict()
         self.host_cache_size = host_cache_size
@@ -45,6 +48,22 @@ class AdapterSlots:
         if self.refs[name] == 0:
             del self.refs[name]
 
+    def current(self, name: str, sha256: str | None) -> bool:
+        """Drop copies of `name` whose weights differ from `sha256` (the registry's).
+
+        False when an outdated copy is still pinned by running rows: the caller waits.
+        """
+        if sha256 is None:
+            return True
+        cached = self.host.get(name)
+        if cached is not None and cached.sha256 != sha256:
+            del self.host[name]
+        if name in self.resident and self.versions.get(name) != sha256:
+            if name in self.refs:
+                return False
+            self._evict(name)
+        return True
+
     def has_room(self) -> bool:
         return len(self.resident) < self.max_loras or any(n not in self.refs for n in self.resident)
 
@@ -58,10 +77,10 @@ class AdapterSlots:
             victim = next((n for n in self.resident if n not in self.refs), None)
             if victim is None:
                 raise RuntimeError("all adapter slots are in use by running requests")
-            slot = self.resident.pop(victim)
-            self.evictions += 1
+            slot = self._evict(victim, clear=False)  # overwritten next
         self._write(slot, adapter)
         self.resident[name] = slot
+        self.versions[name] = adapter.sha256
         self.loads += 1
         self.host[name] = adapter
         self.host.move_to_end(name)
@@ -73,10 +92,18 @@ class AdapterSlots:
         """Drop an adapter from the host cache (and its slot, if idle): its source changed."""
         self.host.pop(name, None)
         if name in self.resident and name not in self.refs:
-            slot = self.resident.pop(name)
+            self._evict(name)
+
+    def _evict(self, name: str, clear: bool = True) -> int:
+        """Free an idle adapter's slot (zeroed, so a stale index can only add zeros)."""
+        slot = self.resident.pop(name)
+        self.versions.pop(name, None)
+        self.evictions += 1
+        if clear:
             for layer in self.model.layers:
                 for site in layer.lora_sites().values():
                     site.clear_slot(slot)
+        return slot
 
     def _write(self, slot: int, adapter: PeftAdapter) -> None:
         for i, layer in enumerate(self.model.layers):

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +47,8 @@ class AdapterSource:
     sha256: str | None = None
     cold: ColdParams | None = None  # the adapter's tuned default (None: global default)
     cold_enabled: bool = True  # False: tuning found CoLD does not help this adapter
+    # Run in the load thread before `path` is read (e.g. fetch a remote source into the cache).
+    prepare: Callable[[], object] | None = field(default=None, compare=False, repr=False)
 
 
 AdapterResolver = Callable[[str], AdapterSource]
@@ -112,6 +114,8 @@ class EngineCore:
             raise UnknownAdapterError(f"adapter {name!r} does not exist") from e
 
     def _read_adapter(self, name: str, source: AdapterSource) -> PeftAdapter:
+        if source.prepare is not None:
+            source.prepare()
         return load_peft_adapter(
             source.path,
             self.args,
@@ -123,10 +127,12 @@ class EngineCore:
 
     def load_adapter(self, name: str) -> int:
         """Load an adapter now (blocking) and return its slot; for scripts and tests."""
+        source = self.adapter_source(name)
+        self.slots.current(name, source.sha256)
         slot = self.slots.lookup(name)
         if slot is None:
             t0 = time.perf_counter()
-            adapter = self.slots.cached(name) or self._read_adapter(name, self.adapter_source(name))
+            adapter = self.slots.cached(name) or self._read_adapter(name, source)
             slot = self.slots.install(name, adapter)
             self.stats["adapter_load_seconds"] += time.perf_counter() - t0
         return slot
@@ -224,6 +230,8 @@ class EngineCore:
         """Move waiting requests into rows while rows and adapter slots allow (FIFO)."""
         admitted = []
         for req in list(self.waiting):
+            if req.finish_reason is not None:
+                continue  # failed earlier in this pass (its adapter did not load)
             if req.num_rows > self.free_rows:
                 break  # head-of-line: later requests must not starve a CoLD pair
             if req.adapter is not None and not self._ensure_adapter(req, outputs):
@@ -247,6 +255,13 @@ class EngineCore:
     def _ensure_adapter(self, req: Request, outputs: list[RequestOutput]) -> bool:
         """True when req's adapter is resident; otherwise start or finish its load off-thread."""
         name = req.adapter
+        try:
+            source = self.adapter_source(name)
+        except UnknownAdapterError as e:  # removed from the registry while the request waited
+            self._fail(req, e, outputs)
+            return False
+        if not self.slots.current(name, source.sha256):
+            return False  # replaced in the registry; rows still run the old version: wait
         if self.slots.lookup(name) is not None:
             return True
         cached = self.slots.cached(name)
@@ -255,11 +270,6 @@ class EngineCore:
             return True
         fut = self._loading.get(name)
         if fut is None:
-            try:
-                source = self.adapter_source(name)
-            except UnknownAdapterError as e:  # deleted while the request waited
-                self._fail(req, e, outputs)
-                return False
             fut = self._loader.submit(self._read_adapter, name, source)
             self._loading[name] = (fut, time.perf_counter())
             return False

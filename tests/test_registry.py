@@ -1,0 +1,287 @@
+"""The adapter registry: durable, concurrent-safe, validates before listing, refuses bad input."""
+
+import json
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cold_ray.adapters.peft import AdapterError, weights_sha256
+from cold_ray.adapters.registry import AdapterNotFound, Registry, RegistryError
+from cold_ray.config import EngineConfig
+from cold_ray.engine import ColdParams, EngineCore, SamplingParams
+from cold_ray.model.loader import read_model_args
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+@pytest.fixture(scope="module")
+def args(tiny_llama):
+    return read_model_args(tiny_llama)
+
+
+@pytest.fixture
+def reg(tmp_path):
+    return Registry(tmp_path / "reg" / "registry.sqlite", allowed_schemes=("file", "memory"))
+
+
+def add(reg, name, source, args, **kw):
+    return reg.add(name, source, args=args, max_rank=kw.pop("max_rank", 8), **kw)
+
+
+def test_add_get_list_survives_restart(reg, args, tiny_adapters):
+    rec = add(reg, "a0", tiny_adapters[0], args, alpha=0.2)
+    add(reg, "a1", str(tiny_adapters[1]), args)
+    assert rec.rank == 8 and rec.sha256 == weights_sha256(tiny_adapters[0])
+    assert set(rec.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                       "up_proj", "down_proj"}  # fmt: skip
+    assert rec.nbytes == (tiny_adapters[0] / WEIGHTS).stat().st_size
+    assert rec.cold == ColdParams(alpha=0.2, beta=0.5) and rec.cold_enabled
+    assert Path(rec.base_model).name == "tiny-llama" and rec.created_at > 0
+    reg.close()
+    again = Registry(reg.path)  # a new process would see the same
+    assert [r.name for r in again.list()] == ["a0", "a1"]
+    assert again.get("a0") == rec and "a1" in again and "nope" not in again
+
+
+def _register_many(path: str, model: str, adapter: str, prefix: str, n: int) -> None:
+    torch.set_num_threads(1)
+    reg = Registry(path)
+    a = read_model_args(Path(model))
+    for i in range(n):
+        reg.add(f"{prefix}{i}", adapter, args=a, max_rank=8)
+
+
+def test_two_processes_registering_at_once_lose_nothing(tmp_path, tiny_llama, tiny_adapters):
+    path = str(tmp_path / "registry.sqlite")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_register_many,
+                    args=(path, str(tiny_llama), str(tiny_adapters[i]), f"p{i}-", 6))
+        for i in range(2)
+    ]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    names = [r.name for r in Registry(path).list()]
+    assert names == sorted(f"p{i}-{j}" for i in range(2) for j in range(6))
+
+
+def test_duplicate_replace_remove(reg, args, tiny_adapters):
+    add(reg, "x", tiny_adapters[0], args)
+    with pytest.raises(RegistryError, match="already exists"):
+        add(reg, "x", tiny_adapters[1], args)
+    assert reg.get("x").sha256 == weights_sha256(tiny_adapters[0])
+    add(reg, "x", tiny_adapters[1], args, replace=True)
+    assert reg.get("x").sha256 == weights_sha256(tiny_adapters[1])
+    assert reg.remove("x").name == "x"
+    assert reg.list() == []
+    with pytest.raises(AdapterNotFound, match="does not exist"):
+        reg.remove("x")
+    with pytest.raises(KeyError):
+        reg.get("x")
+
+
+def test_set_tuned_and_resolver(reg, args, tiny_adapters):
+    add(reg, "t", tiny_adapters[0], args)
+    resolve = reg.resolver(ttl=0.0)
+    src = resolve("t")
+    assert src.sha256 == weights_sha256(tiny_adapters[0]) and src.cold is None
+    assert Path(src.path) == tiny_adapters[0].resolve() and src.prepare is None
+    reg.set_tuned("t", 0.3, 1.5, cold_enabled=False)
+    src = resolve("t")
+    assert src.cold == ColdParams(0.3, 1.5) and src.cold_enabled is False
+    with pytest.raises(RegistryError, match="alpha must be in"):
+        reg.set_tuned("t", 1.5, 0.5)
+    with pytest.raises(RegistryError, match="beta must be >= 0"):
+        reg.set_tuned("t", 0.5, -1)
+    assert reg.get("t").alpha == 0.3  # unchanged by the refused updates
+    with pytest.raises(AdapterNotFound):
+        reg.set_tuned("missing", 0.1, 0.5)
+    reg.set_tuned("t", None, None)
+    assert resolve("t").cold is None and resolve("t").cold_enabled
+    for bad in ("missing", "../t", "a/b"):
+        with pytest.raises(KeyError, match="does not exist"):
+            resolve(bad)
+
+
+# ---- bad adapters: a clear error, and the registry unchanged ---------------------------------
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _pickle(d: Path, args):
+    (d / WEIGHTS).rename(d / "adapter_model.bin")
+
+
+def _wrong_shape(d: Path, args):
+    t = load_file(d / WEIGHTS)
+    key = next(k for k in t if "q_proj.lora_A" in k)
+    t[key] = torch.zeros(t[key].shape[0], t[key].shape[1] + 3)
+    save_file(t, d / WEIGHTS)
+
+
+def _wrong_base(d: Path, args):
+    cfg = json.loads((d / CONFIG).read_text())
+    cfg["base_model_name_or_path"] = "meta-llama/Llama-2-7b-hf"
+    (d / CONFIG).write_text(json.dumps(cfg))
+
+
+def _missing_config(d: Path, args):
+    (d / CONFIG).unlink()
+
+
+def _truncated(d: Path, args):
+    data = (d / WEIGHTS).read_bytes()
+    (d / WEIGHTS).write_bytes(data[: len(data) // 2])
+
+
+def _bad_json(d: Path, args):
+    (d / CONFIG).write_text("{not json")
+
+
+def _unsupported_module(d: Path, args):
+    t = load_file(d / WEIGHTS)
+    t["base_model.model.model.layers.0.mlp.fc9.lora_A.weight"] = torch.zeros(8, 64)
+    save_file(t, d / WEIGHTS)
+
+
+BAD = {
+    "pickle": (_pickle, {}, "pickled weights .*unpickling runs arbitrary code"),
+    "wrong shape": (_wrong_shape, {}, r"do not fit the base layer; expected \(8, 64\)"),
+    "wrong base": (_wrong_base, {}, "trained on 'meta-llama/Llama-2-7b-hf'"),
+    "rank too high": (None, {"max_rank": 4}, "adapter rank 8 exceeds max_lora_rank 4"),
+    "missing config": (_missing_config, {}, "has no adapter_config.json"),
+    "truncated": (_truncated, {}, "corrupt or truncated"),
+    "bad json": (_bad_json, {}, "not valid JSON"),
+    "unsupported module": (_unsupported_module, {}, "fc9"),
+    "too large": (None, {"max_bytes": 1000}, "over the limit of 1000"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_adapter_is_refused_and_changes_nothing(reg, args, tiny_adapters, tmp_path, case):
+    breaker, kw, match = BAD[case]
+    add(reg, "good", tiny_adapters[0], args)
+    before = reg.list()
+    d = _copy(tiny_adapters[1], tmp_path / "bad")
+    if breaker is not None:
+        breaker(d, args)
+    with pytest.raises(AdapterError, match=match):
+        add(reg, "bad", d, args, **kw)
+    assert reg.list() == before
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", "", "x" * 65, "a b", "é", "a\\b",
+                                  None, "a\x00"])  # fmt: skip
+def test_bad_names_are_refused(reg, args, tiny_adapters, name):
+    with pytest.raises(RegistryError, match="invalid adapter name"):
+        add(reg, name, tiny_adapters[0], args)
+    assert reg.list() == []
+
+
+def test_source_policy(tmp_path, args, tiny_adapters):
+    root = tmp_path / "allowed"
+    inside = _copy(tiny_adapters[0], root / "ok")
+    outside = _copy(tiny_adapters[1], tmp_path / "elsewhere")
+    reg = Registry(tmp_path / "r.sqlite", allowed_roots=[str(root)], allowed_schemes=["file"])
+    assert add(reg, "ok", inside, args).path == str(inside.resolve())
+    assert add(reg, "ok2", f"file://{inside}", args).source == str(inside.resolve())
+    bad = {
+        str(outside): "outside the allowed adapter roots",
+        f"{root}/../elsewhere": "outside the allowed adapter roots",
+        "memory://bucket/x": "scheme 'memory://' is not allowed",
+        "http://169.254.169.254/latest": "scheme 'http://' is not allowed",
+        f"zip://x::file://{inside}": "chained fsspec URLs are not allowed",
+        "": "non-empty",
+    }
+    (root / "link").symlink_to(outside)  # a symlink inside the root pointing out
+    bad[str(root / "link")] = "outside the allowed adapter roots"
+    escape = _copy(tiny_adapters[0], root / "escape")
+    (escape / WEIGHTS).unlink()
+    (escape / WEIGHTS).symlink_to(outside / WEIGHTS)
+    bad[str(escape)] = "outside the allowed adapter roots"
+    for source, match in bad.items():
+        with pytest.raises(AdapterError, match=match):
+            add(reg, "x", source, args)
+    assert [r.name for r in reg.list()] == ["ok", "ok2"]
+
+
+def _upload(src: Path, uri: str, files=(CONFIG, WEIGHTS)) -> str:
+    fs, root = fsspec.core.url_to_fs(uri)
+    for f in files:
+        fs.pipe(f"{root}/{f}", (src / f).read_bytes())
+    return uri
+
+
+def test_remote_source_is_fetched_into_a_content_addressed_cache(reg, args, tiny_adapters):
+    uri = _upload(tiny_adapters[0], f"memory://bucket/{os.getpid()}/a0")
+    rec = add(reg, "remote", uri, args)
+    sha = weights_sha256(tiny_adapters[0])
+    assert rec.source == uri and rec.sha256 == sha
+    assert Path(rec.path).parent == reg.cache_dir and Path(rec.path).name.startswith(sha)
+    add(reg, "remote2", uri, args)  # same content: one cached copy
+    assert len(list(reg.cache_dir.iterdir())) == 1
+
+    shutil.rmtree(rec.path)  # e.g. another host: the load fetches it again, off the step loop
+    src = reg.resolver()("remote")
+    src.prepare()
+    assert weights_sha256(Path(src.path)) == sha
+
+    fs, root = fsspec.core.url_to_fs(uri)  # the source changes behind the registry's back
+    fs.pipe(f"{root}/{WEIGHTS}", (tiny_adapters[1] / WEIGHTS).read_bytes())
+    shutil.rmtree(rec.path)
+    with pytest.raises(AdapterError, match="changed at its source"):
+        reg.resolver()("remote").prepare()
+
+    reg.remove("remote")
+    reg.remove("remote2")
+    assert [p.name for p in reg.cache_dir.iterdir()] == []  # nothing left once unreferenced
+
+
+def test_bad_remote_sources_leave_no_trace(reg, args, tiny_adapters, tmp_path):
+    base = f"memory://bucket/{os.getpid()}"
+    d = _copy(tiny_adapters[0], tmp_path / "pk")
+    _pickle(d, args)
+    _upload(d, f"{base}/pickle", files=(CONFIG, "adapter_model.bin"))
+    d2 = _copy(tiny_adapters[0], tmp_path / "tr")
+    _truncated(d2, args)
+    _upload(d2, f"{base}/trunc")
+    cases = {
+        f"{base}/pickle": "pickled weights",
+        f"{base}/trunc": "corrupt or truncated",
+        f"{base}/missing": "does not exist",
+        f"{base}/../escape": "without '.'/'..'",
+    }
+    for uri, match in cases.items():
+        with pytest.raises(AdapterError, match=match):
+            add(reg, "r", uri, args)
+    with pytest.raises(AdapterError, match="over the limit"):
+        add(reg, "r", _upload(tiny_adapters[0], f"{base}/big"), args, max_bytes=100)
+    assert reg.list() == []
+    assert not reg.cache_dir.exists() or list(reg.cache_dir.iterdir()) == []
+
+
+def test_checksum_changed_after_registration_is_reported_by_the_engine(
+    reg, args, tiny_llama, tiny_adapters, tmp_path
+):
+    d = _copy(tiny_adapters[0], tmp_path / "mut")
+    add(reg, "mut", d, args)
+    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=4, max_model_len=64,
+                                   max_lora_rank=8), resolver=reg.resolver())  # fmt: skip
+    shutil.copy(tiny_adapters[1] / WEIGHTS, d / WEIGHTS)  # same shapes, other weights
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    with pytest.raises(AdapterError, match="changed since registration"):
+        core.generate([[5, 6, 7]], params, adapter="mut")
+    assert core.generate([[5, 6, 7]], params)[0]["completion_tokens"] == 3  # still serving
