@@ -113,6 +113,17 @@ class EngineCore:
         except KeyError as e:
             raise UnknownAdapterError(f"adapter {name!r} does not exist") from e
 
+    def default_cold(self, adapter: str | None) -> ColdParams | None:
+        """The CoLD knobs for a request on `adapter` that does not set them: the registry's
+        tuned setting, else the global default; None (plain decoding) for the base model or
+        where tuning turned CoLD off for this adapter (`cold-ray tune`)."""
+        if adapter is None:
+            return None
+        source = self.adapter_source(adapter)
+        if not source.cold_enabled:
+            return None
+        return source.cold or ColdParams()
+
     def _read_adapter(self, name: str, source: AdapterSource) -> PeftAdapter:
         if source.prepare is not None:
             source.prepare()
