@@ -60,6 +60,13 @@ class AdapterNotFound(RegistryError, KeyError):
         return self.args[0]
 
 
+def default_registry_path() -> Path:
+    """$COLD_RAY_REGISTRY, else registry.sqlite in the cold-ray cache folder."""
+    from cold_ray.model.loader import cache_dir
+
+    return Path(os.environ.get("COLD_RAY_REGISTRY") or cache_dir() / "registry.sqlite")
+
+
 def check_name(name: object) -> str:
     """Return `name` if it is a valid adapter name, else raise RegistryError saying why."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
