@@ -1,0 +1,158 @@
+"""Run Locust headless in a process of its own and turn its records into `summary.json`.
+
+Locust runs as a separate Python process (gevent must patch the standard library before
+torch/ray are imported) at a lower CPU priority (`nice`, default +10) and optionally pinned to
+given cores, so that on a small machine the load generator does not take cycles from the
+replica it measures. The priority and pinning used are written into the summary.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cold_ray.loadtest.stats import summarize, summarize_by
+
+
+@dataclass
+class Workload:
+    """What the simulated users send (forwarded to the locustfile's options)."""
+
+    mix: str = "zipf"
+    adapters: str = ""
+    cold_fraction: float = 0.5
+    alpha: float = 0.1
+    beta: float = 0.5
+    chat_fraction: float = 0.5
+    stream_fraction: float = 0.5
+    prompt_tokens: str = "uniform:48:160"
+    max_tokens: str = "fixed:64"
+    ignore_eos: bool = False
+    think_time: float = 0.0
+    rps_per_user: float = 0.0
+    request_timeout: float = 600.0
+    workload_seed: int = 0
+
+    def locust_args(self) -> list[str]:
+        args = []
+        for key, value in asdict(self).items():
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                args += [flag] if value else []
+            elif value != "":
+                args += [flag, str(value)]
+        return args
+
+
+@dataclass
+class LocustPlacement:
+    nice: int = 10  # added to Locust's niceness: the replica wins when they contend
+    cpus: list[int] = field(default_factory=list)  # pin Locust to these cores ([] = no pin)
+
+
+def parse_duration(text: str) -> float:
+    """'60s', '2m', '1h30m', '45' → seconds (Locust's -t syntax)."""
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"duration {text!r} must look like 60s, 2m or 1h30m")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def locustfile_path() -> str:
+    return importlib.util.find_spec("cold_ray.loadtest.locustfile").origin
+
+
+def run_locust(
+    host: str,
+    users: int,
+    spawn_rate: float,
+    duration: str,
+    out_dir: Path,
+    workload: Workload,
+    placement: LocustPlacement,
+    stop_timeout: float = 30.0,
+) -> tuple[list[dict], int]:
+    """Run one headless Locust test; return (its request records, Locust's exit code)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records_path = out_dir / "records.jsonl"
+    records_path.unlink(missing_ok=True)
+    cmd = [
+        sys.executable, "-m", "locust", "-f", locustfile_path(), "--headless",
+        "-u", str(users), "-r", str(spawn_rate), "-t", duration, "--host", host,
+        "--stop-timeout", f"{int(stop_timeout)}s", "--csv", str(out_dir / "locust"),
+        "--html", str(out_dir / "locust.html"), "--only-summary", "--loglevel", "WARNING",
+        "--records", str(records_path), *workload.locust_args(),
+    ]  # fmt: skip
+
+    def placed():  # runs in the child before exec
+        if placement.nice:
+            os.nice(placement.nice)
+        if placement.cpus:
+            os.sched_setaffinity(0, placement.cpus)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(out_dir / "locust.log", "wb") as log:
+        proc = subprocess.run(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=placed,
+            timeout=parse_duration(duration) + stop_timeout + 120,
+        )  # fmt: skip
+    records = []
+    if records_path.exists():
+        records = [json.loads(line) for line in records_path.read_text().splitlines() if line]
+    return records, proc.returncode
+
+
+def build_summary(
+    records: list[dict],
+    *,
+    host: str,
+    users: int,
+    spawn_rate: float,
+    duration: str,
+    workload: Workload,
+    placement: LocustPlacement,
+    locust_rc: int,
+    out_dir: Path,
+) -> dict:
+    summary = summarize(records)
+    summary["by_decoding"] = summarize_by(records, "decoding")
+    summary["by_endpoint"] = summarize_by(records, "endpoint")
+    summary["run"] = {
+        "host": host, "users": users, "spawn_rate": spawn_rate,
+        "duration_s": parse_duration(duration), "workload": asdict(workload),
+        "locust": {"nice": placement.nice, "cpus": placement.cpus, "exit_code": locust_rc,
+                   "log": str(out_dir / "locust.log"), "csv": str(out_dir / "locust_stats.csv")},
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+    }  # fmt: skip
+    return summary
+
+
+def machine() -> dict:
+    """What the numbers came from."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem, 1) if mem else None,
+            "python": platform.python_version(), "platform": platform.platform()}  # fmt: skip
