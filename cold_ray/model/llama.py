@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cold_ray.model.config import ModelArgs
-from cold_ray.model.lora import LoraLinear
+from cold_ray.model.lora import LoraLinear, linear
 
 
 @dataclass
@@ -199,7 +199,7 @@ class LlamaModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, hidden] -> full-vocabulary logits [rows, V]."""
-        return F.linear(hidden, self.lm_weight)
+        return linear(hidden, self.lm_weight)
 
     def logits_at(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Logits only at given tokens: hidden [rows, hidden], token_ids [rows, K] -> [rows, K].

@@ -13,7 +13,6 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cold_ray.model.config import ModelArgs
@@ -93,49 +92,87 @@ def read_model_args(path: Path) -> ModelArgs:
     return ModelArgs.from_hf(cfg, name=Path(name).name or path.name)
 
 
-def _hf_tensors(path: Path):
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {str(path)!r}")
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                yield key, st.get_tensor(key)
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F64": torch.float64}  # fmt: skip
+
+
+class _SafetensorsReader:
+    """Reads tensors of safetensors files straight into destination memory.
+
+    Plain `readinto` into the parameter's own storage: loading peaks at the model's size, not
+    twice it (an mmap'd file counts towards RSS while mapped), and fused q/k/v or gate/up
+    rows are filled in place.
+    """
+
+    def __init__(self, path: Path):
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors weights in {str(path)!r}")
+        self.path = path
+        self.entries: dict[str, tuple[Path, int, dict]] = {}
+        for f in files:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+            header.pop("__metadata__", None)
+            for key, meta in header.items():
+                self.entries[key] = (f, 8 + size, meta)
+
+    def read_into(self, key: str, dest: torch.Tensor) -> None:
+        if key not in self.entries:
+            raise KeyError(f"weight {key!r} missing from {str(self.path)!r}")
+        f, base, meta = self.entries.pop(key)
+        dtype = _ST_DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise ValueError(f"weight {key!r} has unsupported dtype {meta['dtype']}")
+        if tuple(meta["shape"]) != tuple(dest.shape):
+            raise ValueError(f"weight {key!r} has shape {tuple(meta['shape'])}, "
+                             f"expected {tuple(dest.shape)}")  # fmt: skip
+        start, end = meta["data_offsets"]
+        target = dest if dtype == dest.dtype else torch.empty(dest.shape, dtype=dtype)
+        with open(f, "rb") as fh:
+            fh.seek(base + start)
+            n = fh.readinto(target.view(-1).view(torch.uint8).numpy())
+        if n != end - start:
+            raise ValueError(f"weight {key!r} is truncated: read {n} of {end - start} bytes")
+        if target is not dest:
+            dest.copy_(target)
+
+    def drop(self, key: str) -> None:
+        self.entries.pop(key, None)
 
 
 @torch.no_grad()
 def load_weights(model: LlamaModel, path: Path) -> None:
     """Copy HF-named tensors into the model, fusing q/k/v and gate/up on the way."""
-    args = model.args
-    tensors = dict(_hf_tensors(path))
+    st = _SafetensorsReader(path)
 
-    def take(key: str) -> torch.Tensor:
-        if key not in tensors:
-            raise KeyError(f"weight {key!r} missing from {str(path)!r}")
-        return tensors.pop(key)
+    def fill(dest: torch.Tensor, *keys: str) -> None:
+        """Read `keys` into consecutive row blocks of `dest` (one key: the whole tensor)."""
+        row = 0
+        for key in keys:
+            rows = st.entries[key][2]["shape"][0] if key in st.entries else 0
+            st.read_into(key, dest[row : row + rows] if len(keys) > 1 else dest)
+            row += rows
 
-    model.embed_tokens.copy_(take("model.embed_tokens.weight"))
-    model.norm.copy_(take("model.norm.weight"))
+    fill(model.embed_tokens, "model.embed_tokens.weight")
+    fill(model.norm, "model.norm.weight")
     if model.lm_head is not None:
-        model.lm_head.copy_(take("lm_head.weight"))
+        fill(model.lm_head, "lm_head.weight")
     else:
-        tensors.pop("lm_head.weight", None)
+        st.drop("lm_head.weight")
     for i, block in enumerate(model.layers):
         p = f"model.layers.{i}."
         attn, mlp = block.self_attn, block.mlp
-        attn.qkv_proj.weight.copy_(
-            torch.cat([take(p + f"self_attn.{m}_proj.weight") for m in "qkv"])
-        )
+        qkv = [p + f"self_attn.{m}_proj" for m in "qkv"]
+        fill(attn.qkv_proj.weight, *(k + ".weight" for k in qkv))
         if attn.qkv_proj.bias is not None:
-            attn.qkv_proj.bias.copy_(torch.cat([take(p + f"self_attn.{m}_proj.bias")
-                                                for m in "qkv"]))  # fmt: skip
-        attn.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
-        mlp.gate_up_proj.weight.copy_(
-            torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-        )
-        mlp.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))
-        block.input_layernorm.copy_(take(p + "input_layernorm.weight"))
-        block.post_attention_layernorm.copy_(take(p + "post_attention_layernorm.weight"))
-    leftover = [k for k in tensors if "rotary_emb" not in k]
+            fill(attn.qkv_proj.bias, *(k + ".bias" for k in qkv))
+        fill(attn.o_proj.weight, p + "self_attn.o_proj.weight")
+        fill(mlp.gate_up_proj.weight, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+        fill(mlp.down_proj.weight, p + "mlp.down_proj.weight")
+        fill(block.input_layernorm, p + "input_layernorm.weight")
+        fill(block.post_attention_layernorm, p + "post_attention_layernorm.weight")
+    leftover = [k for k in st.entries if "rotary_emb" not in k]
     if leftover:
         raise ValueError(f"unexpected weights in {str(path)!r}: {leftover[:5]}")
