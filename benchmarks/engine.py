@@ -188,7 +188,7 @@ def ratios(summary: list[dict]) -> list[dict]:
     by = {(r["mode"], r["batch"]): r for r in summary}
     out = []
     for batch in sorted({r["batch"] for r in summary}):
-        get = lambda m: by.get((m, batch))
+        get = lambda m, b=batch: by.get((m, b))
         row = {"batch": batch}
         if get("cold") and get("greedy"):
             row["cold_step_over_greedy"] = get("cold")["step_ms"] / get("greedy")["step_ms"]

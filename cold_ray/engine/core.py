@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from cold_ray.kernels import select_backend
 
 from cold_ray import device as devices
 from cold_ray.adapters.peft import PeftAdapter, load_peft_adapter
@@ -33,6 +32,7 @@ from cold_ray.engine.request import (
     UnknownAdapterError,
 )
 from cold_ray.engine.sampling import cold_select, sample_rows
+from cold_ray.kernels import select_backend
 from cold_ray.model.llama import ForwardBatch, KVCache, LlamaModel
 from cold_ray.model.loader import load_weights, read_model_args, resolve_model_path
 

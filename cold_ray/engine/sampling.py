@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 import torch
-from cold_ray.kernels import reference
 
 from cold_ray.engine.params import ColdParams, SamplingParams
+from cold_ray.kernels import reference
 from cold_ray.model.llama import LlamaModel
 
 # Above this many candidates per row a full amateur LM-head GEMM is cheaper than a gather.

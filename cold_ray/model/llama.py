@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from cold_ray.kernels import LoraBackend, LoraBatch
 from torch import nn
 from torch.nn import functional as F
 
+from cold_ray.kernels import LoraBackend, LoraBatch
 from cold_ray.model.config import ModelArgs
 from cold_ray.model.lora import LoraLinear, linear
 

@@ -8,9 +8,9 @@ so one shrink and one expand serve all parts. The zero blocks add exact zeros.
 from __future__ import annotations
 
 import torch
-from cold_ray.kernels import LoraBackend, LoraBatch
 from torch import nn
 
+from cold_ray.kernels import LoraBackend, LoraBatch
 
 # Up to this many rows, `W @ x.T` beats `x @ W.T` on CPU BLAS: the small-M GEMM path packs
 # the whole weight, the transposed product streams it once (≈2x at 2–4 rows, measured).
