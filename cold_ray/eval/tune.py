@@ -1,0 +1,140 @@
+"""Per-adapter CoLD tuning: a grid over alpha × beta on a validation split.
+
+Search: every (alpha, beta) in the grid runs greedy-CoLD on the same validation items as the
+adapter's plain greedy (all in one continuous batch). The best setting — most items right;
+ties go to the smaller beta (closer to greedy), then the larger alpha — is kept **only if**
+it answers more items right than greedy *and* the exact McNemar test on the paired items
+rejects "no difference" at `level` after a Bonferroni correction for the number of settings
+tried (picking the best of k noisy settings would otherwise look significant by chance).
+Otherwise the adapter is recorded as "CoLD off". Either way the registry entry is written in
+one transaction (`Registry.set_tuned`), which replicas pick up through their resolver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from cold_ray.eval.stats import paired_comparison
+
+if TYPE_CHECKING:  # the engine (torch) loads only when tuning runs, not for `--help`
+    from cold_ray.engine import EngineCore
+    from cold_ray.eval.harness import Task
+
+DEFAULT_ALPHAS = (0.05, 0.1, 0.3)
+DEFAULT_BETAS = (0.1, 0.5, 1.0)
+
+
+@dataclass
+class TuneDecision:
+    cold_enabled: bool
+    alpha: float | None  # the stored setting (None when CoLD is off)
+    beta: float | None
+    reason: str
+    n: int
+    greedy_correct: int
+    level: float
+    min_gain: float
+    tried: list[dict] = field(default_factory=list)  # one per setting, best first
+    stored: bool = False  # False for a dry run
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide(
+    greedy: list[bool],
+    candidates: dict[tuple[float, float], list[bool]],
+    level: float = 0.05,
+    min_gain: float = 0.0,
+) -> TuneDecision:
+    """Pick a setting or turn CoLD off, from per-item correctness on the same items."""
+    if not candidates:
+        raise ValueError("no CoLD settings to choose from")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    k, n = len(candidates), len(greedy)
+    tried = []
+    for (alpha, beta), correct in candidates.items():
+        p = paired_comparison(greedy, correct)
+        tried.append({"alpha": alpha, "beta": beta, "correct": sum(correct), "n": n,
+                      "delta": p.delta, "delta_ci": list(p.delta_ci), "gains": p.only_b,
+                      "losses": p.only_a, "p_value": p.p_value,
+                      "p_bonferroni": min(1.0, p.p_value * k)})  # fmt: skip
+    tried.sort(key=lambda t: (-t["correct"], t["beta"], -t["alpha"]))
+    best, g = tried[0], sum(greedy)
+    setting = f"alpha={best['alpha']:g} beta={best['beta']:g}"
+    head = (f"best of {k} settings: {setting} with {best['correct']}/{n} vs greedy {g}/{n} "
+            f"(+{best['gains']}/-{best['losses']} items, exact McNemar p={best['p_value']:.3g}, "
+            f"Bonferroni x{k} -> {best['p_bonferroni']:.3g})")  # fmt: skip
+    if best["correct"] <= g:
+        why = "it is not better than expert greedy"
+    elif best["delta"] < min_gain:
+        why = f"its gain {best['delta']:+.3f} is below the required {min_gain:+.3f}"
+    elif best["p_bonferroni"] >= level:
+        why = f"the gain is not significant at level {level:g} after correction"
+    else:
+        return TuneDecision(True, best["alpha"], best["beta"],
+                            f"{head}; kept: significant at level {level:g}", n, g, level,
+                            min_gain, tried)  # fmt: skip
+    return TuneDecision(False, None, None, f"{head}; CoLD off: {why}", n, g, level, min_gain,
+                        tried)  # fmt: skip
+
+
+def grid(alphas: Sequence[float], betas: Sequence[float]) -> list[tuple[float, float]]:
+    return [(a, b) for a in alphas for b in betas]
+
+
+def tune(
+    core: EngineCore,
+    registry,
+    adapter: str,
+    items: list[dict],
+    task: Task,
+    *,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    betas: Sequence[float] = DEFAULT_BETAS,
+    level: float = 0.05,
+    min_gain: float = 0.0,
+    max_tokens: int | None = None,
+    dry_run: bool = False,
+    progress: bool = False,
+) -> TuneDecision:
+    """Evaluate greedy and the grid on `items`, decide, and store the result in `registry`.
+
+    `core` must resolve `adapter` (normally through `registry.resolver()`); the registry
+    entry is only written after every evaluation finished, in a single transaction.
+    """
+    from cold_ray.eval.harness import Mode, evaluate
+
+    registry.get(adapter)  # fail before spending minutes of decoding on an unknown name
+    settings = grid(alphas, betas)
+    modes = [Mode("greedy")] + [Mode("cold", a, b) for a, b in settings]
+    report = evaluate(core, items, adapter, modes, task, max_tokens=max_tokens,
+                      progress=progress, interleave=True)  # fmt: skip
+    greedy = report.result(modes[0]).correct
+    candidates = {(m.alpha, m.beta): report.result(m).correct for m in modes[1:]}
+    decision = decide(greedy, candidates, level, min_gain)
+    if not dry_run:
+        registry.set_tuned(adapter, decision.alpha, decision.beta, decision.cold_enabled)
+        decision.stored = True
+    return decision
+
+
+def format_decision(adapter: str, d: TuneDecision) -> str:
+    lines = [f"tune {adapter}: grid of {len(d.tried)} settings on n={d.n} validation items; "
+             f"expert greedy {d.greedy_correct}/{d.n}",
+             f"{'alpha':>6} {'beta':>5} {'correct':>9} {'delta':>7} {'+/-':>7} "
+             f"{'p':>7} {'p*k':>7}"]  # fmt: skip
+    for t in d.tried:
+        lines.append(f"{t['alpha']:>6g} {t['beta']:>5g} {t['correct']:>4}/{t['n']:<4} "
+                     f"{t['delta']:>+7.3f} {'+{}/-{}'.format(t['gains'], t['losses']):>7} "
+                     f"{t['p_value']:>7.3g} {t['p_bonferroni']:>7.3g}")  # fmt: skip
+    lines.append(d.reason)
+    if d.cold_enabled:
+        result = f"default CoLD alpha={d.alpha:g} beta={d.beta:g}"
+    else:
+        result = "CoLD off (plain greedy with the adapter by default)"
+    lines.append(("stored in the registry: " if d.stored else "dry run, not stored: ") + result)
+    return "\n".join(lines)
