@@ -1,0 +1,80 @@
+"""Integration on the real default model (SmolLM2-135M-Instruct) with real PEFT adapters."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cold_ray.config import EngineConfig
+from cold_ray.engine import ColdParams, EngineCore, SamplingParams
+from tests.helpers import hf_model, make_peft_adapter, peft_model
+from tests.test_engine import greedy, naive_cold
+
+pytestmark = pytest.mark.integration
+DEMO = Path(__file__).resolve().parents[1] / "deployments" / "adapters" / "arith-demo"
+N = 16
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return EngineCore(EngineConfig(max_rows=8, max_model_len=256, max_loras=2))
+
+
+@pytest.fixture(scope="module")
+def random_adapter(smol, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol-adapter")
+    return make_peft_adapter(smol.model_path, out, rank=8, seed=5, std=0.05,
+                             targets=("q_proj", "v_proj", "gate_proj", "down_proj"))  # fmt: skip
+
+
+def adapters(random_adapter):
+    found = [("random", random_adapter)]
+    if (DEMO / "adapter_config.json").exists():
+        found.append(("demo", DEMO))
+    return found
+
+
+def test_cold_equals_two_model_definition_on_smollm2(smol, random_adapter):
+    base = hf_model(smol.model_path)
+    prompts = ["Question: Tom has 3 apples and buys 4 more. How many apples?\nAnswer:",
+               "The three primary colours are"]  # fmt: skip
+    for name, path in adapters(random_adapter):
+        smol.register_adapter(name, path)
+        expert = peft_model(smol.model_path, path)
+        for text in prompts:
+            ids = smol.tokenizer.encode(text, add_special_tokens=False)
+            for alpha, beta in [(0.1, 0.5), (0.05, 1.0)]:
+                got = smol.generate([ids], SamplingParams(max_tokens=N, ignore_eos=True), name,
+                                    ColdParams(alpha, beta))[0]["token_ids"]  # fmt: skip
+                assert got == naive_cold(expert, base, ids, alpha, beta, n=N), (name, text, alpha)
+            plain = smol.generate([ids], SamplingParams(max_tokens=N, ignore_eos=True), name)
+            assert plain[0]["token_ids"] == greedy(expert, ids, n=N)
+
+
+def test_cli_generate_json(random_adapter):
+    cmd = [sys.executable, "-m", "cold_ray.cli", "generate", "--adapter", str(random_adapter),
+           "--prompt", "Name a colour:", "--max-tokens", "8", "--alpha", "0.2", "--beta", "0.3",
+           "--json"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["decoding"] == "cold" and (out["alpha"], out["beta"]) == (0.2, 0.3)
+    assert 1 <= len(out["token_ids"]) <= 8 and out["finish_reason"] in ("stop", "length")
+    assert isinstance(out["text"], str)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--alpha", "0"], "alpha must be in (0, 1]"),
+        (["--beta", "-1"], "beta must be >= 0"),
+        (["--max-tokens", "0"], "must be a positive integer"),
+    ],
+)
+def test_cli_rejects_bad_arguments(random_adapter, args, message):
+    cmd = [sys.executable, "-m", "cold_ray.cli", "generate", "--adapter", str(random_adapter),
+           "--prompt", "hi", *args]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and message in res.stderr
