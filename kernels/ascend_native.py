@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from cold_ray.kernels.checks import check_expand, check_lora, check_shrink
 from cold_ray.kernels.dispatch import LoraBackend, LoraBatch
 

@@ -26,20 +26,19 @@ def check_lora(
     y: torch.Tensor,  # [rows, out]
 ) -> None:
     """Check the `lora_delta` contract: shapes, one dtype, unit inner strides, index range."""
+    xs, As, Bs, ys = x.shape, A.shape, B.shape, y.shape  # tuples: int compares are cheapest
     if (
-        x.dim() == 2
-        and A.dim() == 3
-        and B.dim() == 3
-        and y.dim() == 2
-        and scale.dim() == 1
-        and x.shape[0] == batch.rows
-        and y.shape[0] == batch.rows
-        and x.shape[1] == A.shape[2]
-        and B.shape[0] == A.shape[0]
-        and B.shape[2] == A.shape[1]
-        and y.shape[1] == B.shape[1]
-        and scale.shape[0] == A.shape[0]
-        and batch.max_slot < A.shape[0]
+        len(xs) == 2
+        and len(As) == 3
+        and len(Bs) == 3
+        and len(ys) == 2
+        and xs[0] == ys[0] == batch.rows
+        and xs[1] == As[2]
+        and Bs[0] == As[0]
+        and Bs[2] == As[1]
+        and ys[1] == Bs[1]
+        and scale.shape == (As[0],)
+        and batch.max_slot < As[0]
         and x.dtype == A.dtype == B.dtype == y.dtype
         and x.dtype in FLOAT_DTYPES
         and x.is_contiguous()

@@ -11,6 +11,7 @@ import math
 from typing import NamedTuple
 
 import torch
+
 from cold_ray.kernels import reference
 from cold_ray.kernels.checks import check_amateur_full, check_amateur_head, check_contrastive
 
@@ -21,6 +22,26 @@ class ColdStep(NamedTuple):
     tokens: torch.Tensor  # [rows] int64, the greedy CoLD token
     ids: torch.Tensor | None  # [rows, K] int64 candidate ids (restricted), None for full
     scores: torch.Tensor | None  # [rows, K] (or [rows, V] for full) fp32, -inf where invalid
+
+
+def plausible_candidates(
+    expert_logits: torch.Tensor, alpha: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.plausible_candidates` with the same output (ids in topk order), cheaper.
+
+    `amax` instead of `max(dim).values` and an int32 count instead of an int64 bool sum: on
+    CPU these are 3-6x faster over a [rows, V] block and the count copies 4 instead of 8 bytes
+    per logit (measured at 32 x 49152). The threshold is bit-identical.
+
+    expert_logits: [rows, V], alpha: [rows] -> ids: [rows, K] int64, mask: [rows, K] bool
+    """
+    logits = expert_logits.float()
+    threshold = logits.amax(dim=-1, keepdim=True) + torch.log(alpha.float()).unsqueeze(-1)
+    counts = (logits >= threshold).sum(dim=-1, dtype=torch.int32)  # [rows]
+    k = int(counts.max())
+    ids = logits.topk(k, dim=-1).indices
+    mask = torch.arange(k, device=logits.device).unsqueeze(0) < counts.unsqueeze(-1)
+    return ids, mask
 
 
 def first_max_token(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -44,7 +65,7 @@ def full_torch(
     check_contrastive(expert_logits, alpha, beta)
     check_amateur_full(expert_logits, amateur_logits)
     e = expert_logits.float()
-    threshold = e.max(dim=-1, keepdim=True).values + torch.log(alpha.float()).unsqueeze(-1)
+    threshold = e.amax(dim=-1, keepdim=True) + torch.log(alpha.float()).unsqueeze(-1)
     b = beta.float().unsqueeze(-1)
     valid = e >= threshold  # on the EXPERT logits, never on the score
     score = ((1.0 + b) * e - b * amateur_logits.float()).masked_fill(~valid, -math.inf)
@@ -61,7 +82,7 @@ def restricted_torch(
     """Semantics: see `LoraBackend.contrastive_restricted`."""
     check_contrastive(expert_logits, alpha, beta)
     check_amateur_head(expert_logits, amateur_hidden, lm_head)
-    ids, mask = reference.plausible_candidates(expert_logits, alpha)  # [rows, K] each
+    ids, mask = plausible_candidates(expert_logits, alpha)  # [rows, K] each
     rows, k = ids.shape
     # Gather only the K candidate rows of the head: [rows, K, H] instead of reading [V, H].
     w = lm_head.index_select(0, ids.reshape(-1)).view(rows, k, -1)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from cold_ray.kernels import contrastive, reference
 from cold_ray.kernels.checks import check_expand, check_index, check_lora, check_shrink
 from cold_ray.kernels.contrastive import ColdStep

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from cold_ray.kernels.checks import check_expand, check_lora, check_shrink
 from cold_ray.kernels.dispatch import LoraBackend, LoraBatch
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import torch
-from cold_ray.kernels import reference
+
 from cold_ray.kernels.checks import (
     check_amateur_full,
     check_amateur_head,
@@ -18,7 +18,7 @@ from cold_ray.kernels.checks import (
     check_lora,
     check_shrink,
 )
-from cold_ray.kernels.contrastive import ColdStep
+from cold_ray.kernels.contrastive import ColdStep, plausible_candidates
 from cold_ray.kernels.dispatch import LoraBackend, LoraBatch
 from cold_ray.kernels.triton_kernels import kernels
 
@@ -235,7 +235,7 @@ class TritonBackend(LoraBackend):
             expert_logits=expert_logits, amateur_hidden=amateur_hidden, lm_head=lm_head
         )
         e, h, w = _unit_stride(expert_logits), _unit_stride(amateur_hidden), _unit_stride(lm_head)
-        ids, mask = reference.plausible_candidates(e, alpha)  # [rows, K]
+        ids, mask = plausible_candidates(e, alpha)  # [rows, K], as the reference's
         rows, n_cand = ids.shape
         ids = ids.contiguous()
         mask_u8 = mask.contiguous().view(torch.uint8)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from cold_ray.kernels import reference
 
+from cold_ray.kernels import reference
 from cold_ray.workloads import adapter_mix
 
 # (atol, rtol) per dtype of the compared output. Low-precision rows round the base output and

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from cold_ray.kernels import reference, select_backend
 
+from cold_ray.kernels import reference, select_backend
 from tests.kernels.kernel_checks import make_cold_case
 
 # (rows, V, H): V=1 and odd V included; rows up to 32.
@@ -90,3 +90,12 @@ def test_exact_ties_pick_the_lowest_token_id(backend) -> None:
     full = backend.contrastive_full(expert, h @ lm_head.T, alpha, beta).tokens
     restricted = backend.contrastive_restricted(expert, h, lm_head, alpha, beta).tokens
     assert full.tolist() == [5, 5] and restricted.tolist() == [5, 5]
+
+
+def test_fast_candidates_equal_the_reference() -> None:
+    from cold_ray.kernels.contrastive import plausible_candidates
+
+    for _, c in _cases():
+        ids, mask = plausible_candidates(c.expert, c.alpha)
+        ref_ids, ref_mask = reference.plausible_candidates(c.expert, c.alpha)
+        assert torch.equal(ids, ref_ids) and torch.equal(mask, ref_mask)

@@ -6,9 +6,9 @@ import logging
 
 import pytest
 import torch
+
 from cold_ray.kernels import BACKEND_NAMES, auto_backend_name, dispatch, select_backend
 from cold_ray.kernels.ascend_native import AscendNativeBackend, native_ops_available
-
 from tests.kernels.kernel_checks import assert_base_rows_untouched, assert_close, make_case
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from cold_ray.kernels import select_backend
 from cold_ray.kernels.dispatch import triton_importable
-
 from tests.kernels.kernel_checks import make_case
 
 IMPLS = ["reference", "gather_bmm", "grouped"] + (["triton"] if triton_importable() else [])
