@@ -157,6 +157,13 @@ def _unsupported_module(d: Path, args):
     save_file(t, d / WEIGHTS)
 
 
+def _nan(d: Path, args):
+    t = load_file(d / WEIGHTS)
+    key = next(k for k in t if "down_proj.lora_B" in k)
+    t[key][3, 2] = float("nan")
+    save_file(t, d / WEIGHTS)
+
+
 BAD = {
     "pickle": (_pickle, {}, "pickled weights .*unpickling runs arbitrary code"),
     "wrong shape": (_wrong_shape, {}, r"do not fit the base layer; expected \(8, 64\)"),
@@ -167,6 +174,7 @@ BAD = {
     "bad json": (_bad_json, {}, "not valid JSON"),
     "unsupported module": (_unsupported_module, {}, "fc9"),
     "too large": (None, {"max_bytes": 1000}, "over the limit of 1000"),
+    "nan weights": (_nan, {}, "down_proj: weights contain NaN or inf"),
 }
 
 

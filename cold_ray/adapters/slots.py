@@ -8,11 +8,38 @@ registry under the same name is reloaded rather than served stale (see `current`
 
 from __future__ import annotations
 
+import os
+import threading
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
-from cold_ray.adapters.peft import PeftAdapter
+import torch
+
+from cold_ray.adapters.peft import AdapterError, PeftAdapter
 from cold_ray.model.config import FUSED_SITES
 from cold_ray.model.llama import LlamaModel
+
+
+@dataclass
+class PackedAdapter:
+    """A validated adapter already laid out as the model's slots hold it (see `pack`): an
+    install is two copies per LoRA site, cheap enough to do between decode steps."""
+
+    sha256: str
+    rank: int
+    scale: float
+    nbytes: int  # host memory it holds
+    # per layer: site name -> (A [parts * r_max, in], B [out, parts * r_max])
+    sites: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(repr=False)
+
+
+def background_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux: per thread), so that an adapter load
+    yields the core to the decode loop when the machine is busy."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: loads just compete
+        pass
 
 
 class AdapterSlots:
@@ -22,7 +49,7 @@ class AdapterSlots:
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU first
         self.versions: dict[str, str] = {}  # resident name -> sha256 of its weights
         self.refs: dict[str, int] = {}
-        self.host: OrderedDict[str, PeftAdapter] = OrderedDict()
+        self.host: OrderedDict[str, PackedAdapter] = OrderedDict()
         self.host_cache_size = host_cache_size
         self.loads = 0
         self.evictions = 0
@@ -33,7 +60,26 @@ class AdapterSlots:
             self.resident.move_to_end(name)
         return slot
 
-    def cached(self, name: str) -> PeftAdapter | None:
+    def pack(self, adapter: PeftAdapter) -> PackedAdapter:
+        """Lay an adapter out in slot format. Touches no slot state: the load thread calls it,
+        so the engine thread only copies."""
+        if isinstance(adapter, PackedAdapter):
+            return adapter
+        sites = []
+        for i, layer in enumerate(self.model.layers):
+            packed = {}
+            for site_name, site in layer.lora_sites().items():
+                parts = [adapter.weights.get((i, m)) for m in FUSED_SITES[site_name]]
+                packed[site_name] = site.pack(parts)
+            sites.append(packed)
+        lossy = sites[0]["qkv_proj"][0].dtype not in (torch.float32, torch.float64)
+        if lossy and not all(torch.isfinite(t.sum()) or torch.isfinite(t).all()
+                             for layer in sites for ab in layer.values() for t in ab):  # fmt: skip
+            raise AdapterError(f"adapter weights overflow the model dtype {self.model.norm.dtype}")
+        nbytes = sum(t.nbytes for layer in sites for ab in layer.values() for t in ab)
+        return PackedAdapter(adapter.sha256, adapter.rank, adapter.scale, nbytes, sites)
+
+    def cached(self, name: str) -> PackedAdapter | None:
         adapter = self.host.get(name)
         if adapter is not None:
             self.host.move_to_end(name)
@@ -67,8 +113,9 @@ class AdapterSlots:
     def has_room(self) -> bool:
         return len(self.resident) < self.max_loras or any(n not in self.refs for n in self.resident)
 
-    def install(self, name: str, adapter: PeftAdapter) -> int:
+    def install(self, name: str, adapter: PeftAdapter | PackedAdapter) -> int:
         """Place an adapter in a free slot, evicting the least recently used idle one."""
+        adapter = self.pack(adapter)
         used = set(self.resident.values())
         free = [s for s in range(self.max_loras) if s not in used]
         if free:
@@ -105,9 +152,7 @@ class AdapterSlots:
                     site.clear_slot(slot)
         return slot
 
-    def _write(self, slot: int, adapter: PeftAdapter) -> None:
-        for i, layer in enumerate(self.model.layers):
-            sites = layer.lora_sites()
-            for site_name, modules in FUSED_SITES.items():
-                parts = [adapter.weights.get((i, m)) for m in modules]
-                sites[site_name].set_slot(slot, parts, adapter.scale)
+    def _write(self, slot: int, adapter: PackedAdapter) -> None:
+        for layer, packed in zip(self.model.layers, adapter.sites):
+            for site_name, site in layer.lora_sites().items():
+                site.write_packed(slot, *packed[site_name], adapter.scale)

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from cold_ray import device as devices
-from cold_ray.adapters.peft import PeftAdapter, load_peft_adapter
-from cold_ray.adapters.slots import AdapterSlots
+from cold_ray.adapters.peft import load_peft_adapter
+from cold_ray.adapters.slots import AdapterSlots, PackedAdapter, background_priority
 from cold_ray.config import EngineConfig
 from cold_ray.engine.detok import IncrementalDetokenizer
 from cold_ray.engine.params import ColdParams, SamplingParams
@@ -95,7 +95,8 @@ class EngineCore:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.rows: list[Row] = []
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load",
+                                          initializer=background_priority)  # fmt: skip
         self._loading: dict[str, tuple[Future, float]] = {}  # name -> (read, started)
         self.stats = {"generated_tokens": 0, "steps": 0, "cold_requests": 0, "plain_requests": 0,
                       "adapter_load_seconds": 0.0, "finished_requests": 0}  # fmt: skip
@@ -124,10 +125,11 @@ class EngineCore:
             return None
         return source.cold or ColdParams()
 
-    def _read_adapter(self, name: str, source: AdapterSource) -> PeftAdapter:
+    def _read_adapter(self, name: str, source: AdapterSource) -> PackedAdapter:
+        """Fetch, validate and lay out an adapter; runs in the load thread, off the step loop."""
         if source.prepare is not None:
             source.prepare()
-        return load_peft_adapter(
+        adapter = load_peft_adapter(
             source.path,
             self.args,
             self.config.max_lora_rank,
@@ -135,6 +137,7 @@ class EngineCore:
             expected_sha256=source.sha256,
             check_base=self.config.check_adapter_base,
         )
+        return self.slots.pack(adapter)
 
     def load_adapter(self, name: str) -> int:
         """Load an adapter now (blocking) and return its slot; for scripts and tests."""

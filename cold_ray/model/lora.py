@@ -62,17 +62,32 @@ class LoraLinear(nn.Module):
         scale: float,
     ) -> None:
         """Write one adapter into `slot`; a part that is None has no adapter weights (zeros)."""
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
+        self.write_packed(slot, *self.pack(parts), scale)
+
+    @torch.no_grad()
+    def pack(
+        self, parts: list[tuple[torch.Tensor, torch.Tensor] | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One adapter in this layer's slot layout, in host memory: (A [parts * r_max, in],
+        B [out, parts * r_max]). Reads no slot state, so a load thread may call it."""
+        a_all = torch.zeros(self.lora_A.shape[1:], dtype=self.lora_A.dtype)
+        b_all = torch.zeros(self.lora_B.shape[1:], dtype=self.lora_B.dtype)
         offset = 0
         for j, (out, part) in enumerate(zip(self.part_out, parts)):
             if part is not None:
                 a, b = part
                 r = a.shape[0]
                 band = slice(j * self.max_rank, j * self.max_rank + r)
-                self.lora_A[slot, band].copy_(a)
-                self.lora_B[slot, offset : offset + out, band].copy_(b)
+                a_all[band].copy_(a)
+                b_all[offset : offset + out, band].copy_(b)
             offset += out
+        return a_all, b_all
+
+    @torch.no_grad()
+    def write_packed(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Install a `pack()`ed adapter: two copies, the only work left for the engine thread."""
+        self.lora_A[slot].copy_(a)
+        self.lora_B[slot].copy_(b)
         self.lora_scale[slot] = scale
 
     @torch.no_grad()
