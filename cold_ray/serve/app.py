@@ -1,0 +1,86 @@
+"""The application builder that Serve YAMLs name in `import_path: cold_ray.serve:build_app`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ray.serve import Application
+
+from cold_ray.serve.config import AppArgs
+
+log = logging.getLogger(__name__)
+
+
+def build_app(args: dict | AppArgs | None = None) -> Application:
+    """Validate `args` (see `AppArgs`), prepare the model and the startup adapters once, and
+    compose Ingress → Engine. Deployment options come from the YAML's `deployments:` section."""
+    cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    prepare(cfg)
+    return compose(cfg)
+
+
+def compose(cfg: AppArgs, engine_options: dict | None = None, ingress_options: dict | None = None):
+    """Bind the two deployments; `*_options` override their decorator defaults (tests,
+    benchmarks, Python callers)."""
+    from cold_ray.serve.engine import ColdEngine
+    from cold_ray.serve.ingress import ColdIngress
+
+    data = cfg.model_dump()
+    engine = ColdEngine.options(**(engine_options or {})).bind(data)
+    return ColdIngress.options(**(ingress_options or {})).bind(engine, data)
+
+
+def prepare(cfg: AppArgs) -> None:
+    """Fetch the model once (before replicas race to) and register the config's adapters."""
+    from cold_ray.model.loader import read_model_args, resolve_model_path
+
+    model_args = read_model_args(resolve_model_path(cfg.model))
+    if cfg.adapters:
+        register_startup_adapters(cfg, model_args)
+
+
+def register_startup_adapters(cfg: AppArgs, model_args) -> None:
+    """Register each configured adapter that is missing, moved or whose weights changed.
+
+    Config values for alpha/beta/cold_enabled win; otherwise tuned values already in the
+    registry (e.g. from `cold-ray eval tune`) are kept across restarts."""
+    from cold_ray.adapters.peft import weights_sha256
+    from cold_ray.adapters.registry import Registry
+
+    registry = Registry(cfg.registry_path())  # config is trusted: no source roots
+    for a in cfg.adapters:
+        source = a.resolved_source()
+        try:
+            old = registry.get(a.name) if a.name in registry else None
+            uri = registry.policy.parse(source).uri
+            if old is not None and old.source == uri and _unchanged(old, weights_sha256):
+                fields = a.model_fields_set & {"alpha", "beta", "cold_enabled"}
+                if fields:
+                    registry.set_tuned(a.name, a.alpha if "alpha" in fields else old.alpha,
+                                       a.beta if "beta" in fields else old.beta,
+                                       a.cold_enabled if "cold_enabled" in fields
+                                       else old.cold_enabled)  # fmt: skip
+                continue
+            fields = a.model_fields_set
+            registry.add(
+                a.name, source, args=model_args, max_rank=cfg.max_lora_rank,
+                max_bytes=cfg.max_adapter_bytes,
+                alpha=a.alpha if "alpha" in fields or old is None else old.alpha,
+                beta=a.beta if "beta" in fields or old is None else old.beta,
+                cold_enabled=a.cold_enabled if "cold_enabled" in fields or old is None
+                else old.cold_enabled,
+                replace=old is not None,
+            )  # fmt: skip
+            log.info("registered startup adapter %s from %s", a.name, source)
+        except Exception as e:
+            if a.required:
+                raise RuntimeError(f"startup adapter {a.name!r} ({source}): {e}") from e
+            log.warning("startup adapter %s (%s) not registered: %s", a.name, source, e)
+
+
+def _unchanged(record, weights_sha256) -> bool:
+    try:
+        return weights_sha256(Path(record.path)) == record.sha256
+    except OSError:
+        return False

@@ -1,0 +1,183 @@
+"""The application's arguments: what `args:` in a Serve YAML may say, validated by pydantic.
+
+Deployment options (replicas, `ray_actor_options`, autoscaling, queue limits) are not here:
+they live in the YAML's `deployments:` section, where Serve itself reads them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cold_ray.config import EngineConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class StartupAdapter(BaseModel):
+    """An adapter the operator declares in the config; registered when the app starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Adapter name clients pass as `model` ([A-Za-z0-9._-]{1,64}).")
+    source: str = Field(
+        description="PEFT folder or fsspec URI. A relative path is tried against the working "
+        "directory, then the repository root (so `deployments/adapters/x` works from anywhere)."
+    )
+    alpha: float | None = Field(None, gt=0, le=1, description="Tuned CoLD alpha (None: 0.1).")
+    beta: float | None = Field(None, ge=0, description="Tuned CoLD beta (None: 0.5).")
+    cold_enabled: bool = Field(
+        True, description="False: requests that omit `cold` decode plainly with this adapter."
+    )
+    required: bool = Field(True, description="Fail the start if the adapter cannot be registered.")
+
+    def resolved_source(self) -> str:
+        if "://" in self.source or Path(self.source).expanduser().is_absolute():
+            return self.source
+        for base in (Path.cwd(), REPO_ROOT):
+            if (base / self.source).exists():
+                return str((base / self.source).resolve())
+        return self.source  # let registration report it missing
+
+
+class AppArgs(BaseModel):
+    """Arguments of `cold_ray.serve:build_app` (the YAML's `args:`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # ---- the engine (one per replica) -----------------------------------------------------
+    model: str | None = Field(
+        None, description="HF safetensors folder or .gguf file; None = SmolLM2-135M-Instruct."
+    )
+    served_model_name: str | None = Field(
+        None,
+        max_length=128,
+        description="The base model's id in the API (`model` field, /v1/models); "
+        "default: the model folder's name.",
+    )
+    device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|cuda|npu)$",
+        description="cpu, cuda or npu. For cuda/npu the replica uses the accelerator Ray "
+        "assigned it (ray_actor_options num_gpus / resources NPU) and fails at start without one.",
+    )
+    simulate_accelerator: bool = Field(
+        False,
+        description="Tests only: check Ray's accelerator assignment for `device`, then compute "
+        "on CPU (lets CI exercise NPU/GPU pinning with simulated resources).",
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Weights/activations dtype (float32 is fastest on CPU)."
+    )
+    max_loras: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Adapters resident per replica; also Serve's max_num_models_per_replica.",
+    )
+    max_lora_rank: int = Field(16, ge=1, le=1024, description="Largest adapter rank accepted.")
+    max_rows: int = Field(
+        32, ge=2, le=4096, description="Batch rows per replica (a CoLD request takes two)."
+    )
+    max_model_len: int = Field(
+        1024, ge=2, le=1 << 20, description="Prompt + completion tokens per request."
+    )
+    host_cache_adapters: int = Field(16, ge=0, description="Validated adapters kept in RAM.")
+    max_adapter_bytes: int = Field(1 << 30, ge=1, description="Largest adapter weights file.")
+    lora_backend: str = Field("auto", description="BGMV backend: auto, reference, grouped, ...")
+    num_threads: int | None = Field(
+        1, ge=1, description="Torch intra-op threads per replica (1 avoids OpenMP spin-wait)."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template (inline, or a path to a file); default: the tokenizer's.",
+    )
+
+    # ---- adapters and the registry --------------------------------------------------------
+    registry: str | None = Field(
+        None,
+        description="SQLite registry file shared by every replica (local or shared block "
+        "storage, not NFS); default ~/.cache/cold-ray/registry.sqlite.",
+    )
+    adapters: list[StartupAdapter] = Field(
+        default_factory=list,
+        description="Adapters registered at start (kept if already registered, re-validated "
+        "if their weights changed).",
+    )
+    adapter_roots: list[str] | None = Field(
+        None,
+        description="Folders/URI prefixes that POST /v1/adapters sources must lie under; "
+        "default: ~/.cache/cold-ray/adapters only. Startup adapters are trusted config.",
+    )
+    admin_api: bool = Field(True, description="Serve POST/DELETE /v1/adapters.")
+
+    # ---- HTTP API -------------------------------------------------------------------------
+    api_key_env: str = Field(
+        "COLD_RAY_API_KEY",
+        description="Environment variable holding the client bearer token (unset or empty: "
+        "no client auth). Tokens are read from the environment, never from the config.",
+    )
+    admin_key_env: str = Field(
+        "COLD_RAY_ADMIN_KEY",
+        description="Environment variable holding the admin token for registry writes.",
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="Largest max_tokens accepted (422 above); default max_model_len-1."
+    )
+    default_max_tokens: int = Field(
+        256, ge=1, description="max_tokens when a request omits it (capped by the context left)."
+    )
+    max_stop: int = Field(16, ge=0, le=256, description="Most stop strings per request.")
+    max_beta: float = Field(100.0, gt=0, description="Largest CoLD beta accepted (422 above).")
+    cold_by_default: bool = Field(
+        True,
+        description="A request on an adapter that omits `cold` decodes with CoLD at the "
+        "adapter's registry defaults (unless its entry has cold_enabled=false); False: plain.",
+    )
+    debug_headers: bool = Field(True, description="Send x-cold-replica (routing debug).")
+
+    @model_validator(mode="after")
+    def _check(self) -> AppArgs:
+        if self.max_tokens_limit is not None and self.max_tokens_limit >= self.max_model_len:
+            raise ValueError(
+                f"max_tokens_limit {self.max_tokens_limit} must be below max_model_len "
+                f"{self.max_model_len}"
+            )
+        self.engine_config()  # the engine's own checks, at build time
+        return self
+
+    @property
+    def tokens_limit(self) -> int:
+        return self.max_tokens_limit or self.max_model_len - 1
+
+    def registry_path(self) -> Path:
+        from cold_ray.model.loader import cache_dir
+
+        return (
+            Path(self.registry).expanduser() if self.registry else cache_dir() / "registry.sqlite"
+        )
+
+    def roots(self) -> list[str]:
+        from cold_ray.model.loader import cache_dir
+
+        if self.adapter_roots is not None:
+            return [str(Path(r).expanduser()) if "://" not in r else r for r in self.adapter_roots]
+        return [str(cache_dir() / "adapters")]
+
+    def engine_config(self, device: str | None = None) -> EngineConfig:
+        return EngineConfig(
+            model=self.model,
+            device=device or "cpu",
+            dtype=self.dtype,
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
+            max_rows=self.max_rows,
+            max_model_len=self.max_model_len,
+            host_cache_adapters=self.host_cache_adapters,
+            max_adapter_bytes=self.max_adapter_bytes,
+            lora_backend=self.lora_backend,
+            num_threads=self.num_threads,
+        )

@@ -1,0 +1,100 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "code", "param"}}` with the right status.
+
+Status policy (DESIGN §6), the one table the HTTP layer and its tests follow:
+
+| status | type                    | when                                                          |
+|--------|-------------------------|---------------------------------------------------------------|
+| 400    | invalid_request_error   | malformed JSON/UTF-8, a request this model cannot serve (CoLD |
+|        |                         | on the base model, prompt over the context, unsupported knob) |
+| 401    | authentication_error    | bearer token missing or not a known token                     |
+| 403    | permission_error        | a valid client token on an admin endpoint                     |
+| 404    | not_found_error         | unknown model/adapter or route                                |
+| 409    | invalid_request_error   | registering an adapter name that already exists               |
+| 413    | invalid_request_error   | request body over `max_body_bytes`                            |
+| 422    | invalid_request_error   | a parameter of the wrong type or out of range                 |
+| 500    | server_error            | a bug or an adapter that fails to load (message says which)   |
+| 503    | overloaded_error        | queue full (backpressure) or no engine replica available      |
+"""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    500: "server_error",
+    503: "overloaded_error",
+}
+
+
+class APIError(Exception):
+    """An error the API reports to the client as-is (message included)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.status, self.message, self.code, self.param)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None):
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(
+                status, "server_error" if status >= 500 else "invalid_request_error"
+            ),
+            "code": code,
+            "param": param,
+        }
+    }
+
+
+def from_validation_error(e) -> APIError:
+    """A pydantic ValidationError as one 400 (unparsable body) or 422 (bad parameter)."""
+    errors = e.errors(include_url=False, include_context=False)
+    if not errors:
+        return APIError(422, str(e), "invalid_parameter")
+    top = errors[0]
+    if top["type"] in ("json_invalid", "json_type") and not top["loc"]:
+        return APIError(400, f"request body is not valid JSON: {top['msg']}", "invalid_json")
+    if top["type"] in ("model_type", "model_attributes_type", "dict_type") and not top["loc"]:
+        return APIError(400, "request body must be a JSON object", "invalid_json")
+    # A union field reports one error per member; the deepest is the informative one.
+    field = top["loc"][0] if top["loc"] else None
+    same = [x for x in errors if x["loc"][:1] == (field,)] if field is not None else [top]
+    first = max(same, key=lambda x: len(x["loc"]))
+    loc = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
+    others = len({x["loc"][:1] for x in errors}) - 1
+    more = f" (and {others} more)" if others > 0 else ""
+    return APIError(422, f"{loc or 'body'}: {first['msg']}{more}", "invalid_parameter", loc or None)
+
+
+def _is_union_tag(part) -> bool:
+    """Pydantic puts union member names (e.g. 'str', 'list[int]') into `loc`; hide them."""
+    return isinstance(part, str) and (
+        part in ("str", "int", "bool", "float", "ColdKnobs", "function-after[...]")
+        or part.startswith(("list[", "function-", "constrained-"))
+    )

@@ -1,0 +1,509 @@
+"""The ingress deployment: an OpenAI-compatible FastAPI app (DESIGN §6) in front of the engine.
+
+It authenticates, bounds and validates the body, resolves `model` (base model or a registered
+adapter) and the decoding (CoLD with the adapter's registry defaults unless the body says
+otherwise), then streams from an engine replica chosen by Serve's model multiplexing.
+
+No `from __future__ import annotations` here: Serve pickles the ingress class by value, and
+FastAPI must see `Request` annotations as objects, not as names to look up in module globals
+(for the same reason every helper is defined above the class).
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cold_ray.adapters.peft import AdapterError
+from cold_ray.adapters.registry import AdapterNotFound, AdapterRecord, Registry, RegistryError
+from cold_ray.engine import ColdParams
+from cold_ray.serve.config import AppArgs
+from cold_ray.serve.errors import APIError, error_body, from_validation_error
+from cold_ray.serve.metrics import IngressMetrics
+from cold_ray.serve.schemas import (
+    AdapterCreate,
+    ChatCompletionRequest,
+    ColdKnobs,
+    CompletionRequest,
+)
+
+log = logging.getLogger(__name__)
+app = FastAPI(title="cold-ray", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, e: APIError):
+    return e.response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException):
+    message = {404: f"no route {request.url.path}", 405: "method not allowed"}.get(
+        e.status_code, str(e.detail)
+    )
+    return JSONResponse(error_body(e.status_code, message), status_code=e.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError):
+    return JSONResponse(error_body(422, str(e.errors()[:1]), "invalid_parameter"), 422)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, e: Exception):
+    log.exception("unhandled error on %s", request.url.path)
+    return JSONResponse(error_body(500, "internal error", "internal_error"), 500)
+
+
+def _secret(env: str) -> str | None:
+    value = os.environ.get(env, "")
+    return value or None
+
+
+def _matches(token: str | None, secret: str) -> bool:
+    return token is not None and hmac.compare_digest(token.encode(), secret.encode())
+
+
+def _cold_view(meta: dict) -> dict:
+    return {"decoding": meta["decoding"], "alpha": meta["alpha"], "beta": meta["beta"]}
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+def _missing_or_invalid(token: str | None, what: str) -> str:
+    if token is None:
+        return f"missing {what} token: send the header 'Authorization: Bearer <token>'"
+    return f"invalid {what} token"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def base_model_id(args: AppArgs) -> str:
+    from pathlib import Path
+
+    from cold_ray.model.loader import DEFAULT_MODEL_NAME
+
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model is None:
+        return DEFAULT_MODEL_NAME
+    path = Path(args.model.rstrip("/"))
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+class _Call:
+    """One generation in flight: the engine stream plus what the response needs to say."""
+
+    def __init__(self, gen, first: dict, model: str, kind: str, started: float):
+        self.gen, self.first, self.model, self.kind, self.started = gen, first, model, kind, started
+        self.meta = first["meta"]
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+
+@serve.deployment(
+    name="ColdIngress",
+    max_ongoing_requests=1024,
+    ray_actor_options={"num_cpus": 0},
+)
+@serve.ingress(app)
+class ColdIngress:
+    def __init__(self, engine: DeploymentHandle, args: dict):
+        self.args = AppArgs.model_validate(args)
+        self.engine = engine
+        self.api_key = _secret(self.args.api_key_env)
+        self.admin_key = _secret(self.args.admin_key_env)
+        self.base_id = base_model_id(self.args)
+        self.registry = Registry(self.args.registry_path(), allowed_roots=self.args.roots())
+        self.metrics = IngressMetrics()
+        self.created = int(time.time())
+        self._model_args = None
+        log.info(
+            "ingress up: base %s, client auth %s, admin auth %s", self.base_id,
+            "on" if self.api_key else "off", "on" if self.admin_key else "off",
+        )  # fmt: skip
+
+    # ---- plumbing -------------------------------------------------------------------------
+
+    def _auth(self, request: Request, admin: bool = False) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+        if admin and self.admin_key is not None:
+            if _matches(token, self.admin_key):
+                return
+            if self.api_key is not None and _matches(token, self.api_key):
+                raise APIError(403, "this endpoint needs the admin token", "admin_required")
+            raise APIError(401, _missing_or_invalid(token, "admin"), "invalid_api_key")
+        if self.api_key is None:
+            return
+        if _matches(token, self.api_key) or (
+            self.admin_key is not None and _matches(token, self.admin_key)
+        ):
+            return
+        raise APIError(401, _missing_or_invalid(token, "API"), "invalid_api_key")
+
+    async def _body(self, request: Request, schema: type[BaseModel]):
+        limit = self.args.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise APIError(
+                413, f"request body is over the limit of {limit} bytes", "body_too_large"
+            )
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise APIError(
+                    413, f"request body is over the limit of {limit} bytes", "body_too_large"
+                )
+        try:
+            return schema.model_validate_json(bytes(buf))
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+
+    def _resolve(self, model: str | None) -> AdapterRecord | None:
+        """None for the base model, else the adapter's registry record (404 if unknown)."""
+        if model is None or model == self.base_id:
+            return None
+        try:
+            return self.registry.get(model)
+        except (AdapterNotFound, RegistryError):
+            raise APIError(
+                404, f"model {model!r} does not exist (see GET /v1/models)", "model_not_found",
+                "model",
+            ) from None  # fmt: skip
+
+    def _decoding(self, body, record: AdapterRecord | None) -> ColdParams | None:
+        knob = body.cold
+        if record is None:
+            if knob is True or isinstance(knob, ColdKnobs):
+                raise APIError(
+                    400,
+                    "CoLD needs an adapter: the base model cannot contrast with itself; "
+                    "set model to an adapter or drop `cold`",
+                    "cold_on_base_model",
+                    "cold",
+                )
+            return None
+        if knob is False:
+            return None
+        if knob is None and not (self.args.cold_by_default and record.cold_enabled):
+            return None
+        default = record.cold or ColdParams()
+        if not isinstance(knob, ColdKnobs):
+            return default
+        alpha = default.alpha if knob.alpha is None else knob.alpha
+        beta = default.beta if knob.beta is None else knob.beta
+        if beta > self.args.max_beta:
+            raise APIError(
+                422, f"cold.beta {beta} is over the limit of {self.args.max_beta}",
+                "invalid_parameter", "cold.beta",
+            )  # fmt: skip
+        return ColdParams(alpha, beta)
+
+    def _engine_request(self, body, record, cold, prompt=None, messages=None) -> dict:
+        why = body.unsupported()
+        if why is not None:
+            raise APIError(400, why, "unsupported_parameter")
+        max_tokens = body.limit() if isinstance(body, ChatCompletionRequest) else body.max_tokens
+        if max_tokens is not None and max_tokens > self.args.tokens_limit:
+            raise APIError(
+                422, f"max_tokens {max_tokens} is over the limit of {self.args.tokens_limit}",
+                "invalid_parameter", "max_tokens",
+            )  # fmt: skip
+        stops = body.stops()
+        if len(stops) > self.args.max_stop:
+            raise APIError(
+                422, f"{len(stops)} stop strings given; at most {self.args.max_stop} allowed",
+                "invalid_parameter", "stop",
+            )  # fmt: skip
+        return {
+            "request_id": uuid.uuid4().hex,
+            "adapter": record.name if record is not None else None,
+            "prompt": prompt,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "cold": (cold.alpha, cold.beta) if cold is not None else None,
+            "sampling": {
+                "temperature": body.temperature,
+                "top_p": body.top_p,
+                "top_k": body.top_k,
+                "seed": body.seed,
+                "stop": stops,
+                "stop_token_ids": body.stop_token_ids or [],
+                "ignore_eos": body.ignore_eos,
+            },
+        }
+
+    async def _start(self, req: dict, model: str, kind: str, started: float) -> _Call:
+        """Send the request to an engine replica; wait for its first output or its error."""
+        handle = self.engine.options(stream=True, multiplexed_model_id=req["adapter"] or "")
+        gen = handle.generate.remote(req)
+        try:
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            raise APIError(500, "the engine ended the stream without output") from None
+        except BackPressureError as e:
+            gen.cancel()
+            raise APIError(
+                503, f"server overloaded, retry later ({e.message})", "overloaded",
+                headers={"retry-after": "1"},
+            ) from None  # fmt: skip
+        except (DeploymentUnavailableError, RayServeException) as e:
+            gen.cancel()
+            raise APIError(503, f"no engine replica available: {e}", "unavailable") from None
+        except asyncio.CancelledError:
+            gen.cancel()
+            raise
+        if "error" in first:
+            gen.cancel()
+            err = first["error"]
+            raise APIError(first["status"], err["message"], err["code"],
+                           "model" if err["code"] == "model_not_found" else None)  # fmt: skip
+        self.metrics.ttft.observe(
+            time.perf_counter() - started, tags={"decoding": first["meta"]["decoding"]}
+        )
+        self.metrics.decoded.inc(tags={"decoding": first["meta"]["decoding"], "model": model})
+        return _Call(gen, first, model, kind, started)
+
+    def _headers(self, call: _Call) -> dict[str, str]:
+        m = call.meta
+        h = {"x-cold-decoding": m["decoding"]}  # (Serve's proxy owns x-request-id)
+        if m["decoding"] == "cold":
+            h["x-cold-alpha"], h["x-cold-beta"] = repr(m["alpha"]), repr(m["beta"])
+        if self.args.debug_headers:
+            h["x-cold-replica"] = m["replica"]
+        return h
+
+    async def _items(self, call: _Call) -> AsyncIterator[dict]:
+        """The engine's outputs from the first on; always cancels the engine side at the end
+        (a client that went away frees its rows at once)."""
+        tags = {"decoding": call.meta["decoding"]}
+        last = time.perf_counter()
+        try:
+            yield call.first
+            async for item in call.gen:
+                now = time.perf_counter()
+                self.metrics.itl.observe(now - last, tags=tags)
+                last = now
+                yield item
+        finally:
+            call.gen.cancel()
+
+    # ---- generation -----------------------------------------------------------------------
+
+    async def _generate(self, request: Request, kind: str):
+        started = time.perf_counter()
+        self._auth(request)
+        schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
+        body = await self._body(request, schema)
+        record = self._resolve(body.model)
+        cold = self._decoding(body, record)
+        if kind == "chat":
+            req = self._engine_request(body, record, cold, messages=body.chat())
+        else:
+            try:
+                prompt = body.single_prompt()
+            except ValueError as e:
+                raise APIError(400, str(e), "invalid_prompt", "prompt") from None
+            req = self._engine_request(body, record, cold, prompt=prompt)
+        model = body.model or self.base_id
+        call = await self._start(req, model, kind, started)
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(
+                self._stream(call, usage), media_type="text/event-stream",
+                headers=self._headers(call),
+            )  # fmt: skip
+        return await self._complete(call)
+
+    async def _complete(self, call: _Call) -> JSONResponse:
+        parts, finish, usage = [], None, None
+        async for item in self._items(call):
+            if "error" in item:
+                err = item["error"]
+                raise APIError(item["status"], err["message"], err["code"])
+            parts.append(item["text"])
+            finish = item["finish_reason"] or finish
+            usage = item["completion_tokens"]
+        text = "".join(parts)
+        if call.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": finish}  # fmt: skip
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        body = {
+            "id": call.id,
+            "object": "chat.completion" if call.kind == "chat" else "text_completion",
+            "created": call.created,
+            "model": call.model,
+            "choices": [choice],
+            "usage": _usage(call.meta["prompt_tokens"], usage or 0),
+            "cold": _cold_view(call.meta),
+        }
+        return JSONResponse(body, headers=self._headers(call))
+
+    async def _stream(self, call: _Call, include_usage: bool) -> AsyncIterator[str]:
+        chat = call.kind == "chat"
+        head = {
+            "id": call.id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": call.created,
+            "model": call.model,
+        }
+        completion_tokens = 0
+        first = True
+        async for item in self._items(call):
+            if "error" in item:
+                yield _sse(
+                    error_body(item["status"], item["error"]["message"], item["error"]["code"])
+                )
+                break
+            completion_tokens = item["completion_tokens"]
+            if not (first or item["text"] or item["finish_reason"]):
+                continue  # the detokenizer is holding back an incomplete character
+            if chat:
+                delta = {"content": item["text"]}
+                if first:
+                    delta["role"] = "assistant"
+                choice = {"index": 0, "delta": delta, "logprobs": None,
+                          "finish_reason": item["finish_reason"]}  # fmt: skip
+            else:
+                choice = {"index": 0, "text": item["text"], "logprobs": None,
+                          "finish_reason": item["finish_reason"]}  # fmt: skip
+            chunk = {**head, "choices": [choice]}
+            if first:
+                chunk["cold"] = _cold_view(call.meta)
+                first = False
+            yield _sse(chunk)
+        if include_usage:
+            yield _sse({**head, "choices": [],
+                        "usage": _usage(call.meta["prompt_tokens"], completion_tokens)})  # fmt: skip
+        yield _sse("[DONE]")
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._generate(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._generate(request, "chat")
+
+    # ---- models, adapters, health ---------------------------------------------------------
+
+    def _adapter_view(self, r: AdapterRecord) -> dict:
+        cold = r.cold or ColdParams()
+        return {
+            "id": r.name,
+            "object": "model",
+            "created": int(r.created_at),
+            "owned_by": "cold-ray",
+            "root": r.source,
+            "parent": self.base_id,
+            "rank": r.rank,
+            "target_modules": list(r.target_modules),
+            "sha256": r.sha256,
+            "cold": {"enabled": r.cold_enabled, "alpha": cold.alpha, "beta": cold.beta},
+        }
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        self._auth(request)
+        base = {
+            "id": self.base_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "cold-ray",
+            "root": self.args.model or self.base_id,
+            "parent": None,
+            "max_model_len": self.args.max_model_len,
+        }
+        records = await asyncio.to_thread(self.registry.list)
+        return {"object": "list", "data": [base] + [self._adapter_view(r) for r in records]}
+
+    @app.get("/v1/adapters")
+    async def list_adapters(self, request: Request):
+        self._auth(request)
+        records = await asyncio.to_thread(self.registry.list)
+        return {"object": "list", "data": [self._adapter_view(r) for r in records]}
+
+    @app.get("/v1/adapters/{name}")
+    async def get_adapter(self, name: str, request: Request):
+        self._auth(request)
+        return self._adapter_view(self._resolve_adapter(name))
+
+    def _resolve_adapter(self, name: str) -> AdapterRecord:
+        try:
+            return self.registry.get(name)
+        except (AdapterNotFound, RegistryError):
+            raise APIError(404, f"adapter {name!r} does not exist", "adapter_not_found") from None
+
+    def _admin(self, request: Request) -> None:
+        self._auth(request, admin=True)
+        if not self.args.admin_api:
+            raise APIError(403, "the admin API is disabled (admin_api: false)", "admin_disabled")
+
+    @app.post("/v1/adapters")
+    async def add_adapter(self, request: Request):
+        self._admin(request)
+        body = await self._body(request, AdapterCreate)
+        if body.beta is not None and body.beta > self.args.max_beta:
+            raise APIError(422, f"beta {body.beta} is over the limit of {self.args.max_beta}",
+                           "invalid_parameter", "beta")  # fmt: skip
+        if not body.replace and body.name in self.registry:
+            raise APIError(409, f"adapter {body.name!r} already exists; DELETE it first or "
+                           "set replace: true", "adapter_exists", "name")  # fmt: skip
+        try:
+            record = await asyncio.to_thread(self._register, body)
+        except AdapterError as e:  # includes SourceError (policy): the message says which
+            raise APIError(422 if type(e) is AdapterError else 400, str(e), "invalid_adapter",
+                           "source") from None  # fmt: skip
+        except RegistryError as e:
+            raise APIError(400, str(e), "invalid_adapter") from None
+        return JSONResponse(self._adapter_view(record), status_code=201)
+
+    def _register(self, body: AdapterCreate) -> AdapterRecord:
+        if self._model_args is None:
+            from cold_ray.model.loader import read_model_args, resolve_model_path
+
+            self._model_args = read_model_args(resolve_model_path(self.args.model))
+        return self.registry.add(
+            body.name, body.source, args=self._model_args, max_rank=self.args.max_lora_rank,
+            max_bytes=self.args.max_adapter_bytes, alpha=body.alpha, beta=body.beta,
+            cold_enabled=body.cold_enabled, replace=body.replace,
+        )  # fmt: skip
+
+    @app.delete("/v1/adapters/{name}")
+    async def delete_adapter(self, name: str, request: Request):
+        self._admin(request)
+        try:
+            await asyncio.to_thread(self.registry.remove, name)
+        except (AdapterNotFound, RegistryError):
+            raise APIError(404, f"adapter {name!r} does not exist", "adapter_not_found") from None
+        return {"id": name, "object": "adapter", "deleted": True}
+
+    @app.get("/health")
+    async def health(self):
+        return Response(status_code=200)

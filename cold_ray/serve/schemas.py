@@ -1,0 +1,170 @@
+"""HTTP request bodies (OpenAI-compatible, vLLM conventions) and the CoLD knobs.
+
+Bodies are parsed with `model_validate_json` in strict mode: a string where a number belongs,
+NaN/inf, or a float `max_tokens` is a 422, never coerced. Unknown fields are ignored (OpenAI
+clients send fields such as `user`); known-but-unsupported ones are refused with a 400 by
+`unsupported()` rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+
+_BODY = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+MAX_SEED = 2**63 - 1
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class ColdKnobs(BaseModel):
+    """`"cold": {"alpha": .., "beta": ..}`; a missing knob takes the adapter's default."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+    alpha: float | None = Field(
+        None, gt=0, le=1, description="Plausibility: keep tokens with p >= alpha * max p."
+    )
+    beta: float | None = Field(
+        None, ge=0, description="Contrast strength: score = (1+beta)*expert - beta*amateur."
+    )
+
+
+class StreamOptions(BaseModel):
+    model_config = _BODY
+    include_usage: StrictBool = Field(False, description="Send a final chunk with usage.")
+
+
+class _Common(BaseModel):
+    model_config = _BODY
+
+    model: str | None = Field(
+        None, max_length=256, description="An adapter name, or the base model's id (default)."
+    )
+    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
+    temperature: float = Field(1.0, ge=0, le=100, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1, description="0 or -1 = off.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: StopString | list[StopString] | None = Field(None, description="Stop strings.")
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=256)
+    ignore_eos: StrictBool = False
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    cold: ColdKnobs | StrictBool | None = Field(
+        None,
+        description="CoLD knobs: an object (alpha/beta overrides), true (adapter defaults), "
+        "false (plain decoding). Omitted: CoLD at the adapter's defaults unless its registry "
+        "entry disables it; always plain on the base model.",
+    )
+    # Known OpenAI fields this server does not implement: accepted only at their no-op values.
+    n: int = Field(1, ge=1, le=128)
+    best_of: int | None = Field(None, ge=1, le=128)
+    logprobs: int | StrictBool | None = None
+    top_logprobs: int | None = None
+    echo: StrictBool = False
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = Field(None, max_length=256)
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def unsupported(self) -> str | None:
+        """Why this request asks for something not implemented (None: nothing)."""
+        if self.n != 1:
+            return f"n={self.n} is not supported; send n=1 (one choice per request)"
+        if self.best_of not in (None, 1):
+            return f"best_of={self.best_of} is not supported"
+        if self.logprobs not in (None, False, 0) or self.top_logprobs not in (None, 0):
+            return "logprobs are not supported"
+        if self.echo:
+            return "echo is not supported"
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty and frequency_penalty are not supported (use 0)"
+        if self.logit_bias:
+            return "logit_bias is not supported"
+        return None
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class CompletionRequest(_Common):
+    """POST /v1/completions."""
+
+    prompt: str | TokenIds | list[str] | list[TokenIds] = Field(
+        description="Text or token ids; a list of one prompt is accepted (batches are not)."
+    )
+    suffix: str | None = None
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt; raises ValueError for a batch."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise ValueError(
+                    f"batched prompts are not supported ({len(p)} given); send one per request"
+                )
+            return p[0]
+        if isinstance(p, list) and not p:
+            raise ValueError("prompt is empty")
+        return p
+
+    def unsupported(self) -> str | None:
+        return "suffix is not supported" if self.suffix else super().unsupported()
+
+
+class TextPart(BaseModel):
+    model_config = _BODY
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = _BODY
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(None, max_length=64)
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Common):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Newer OpenAI name for max_tokens (wins when both are set)."
+    )
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def chat(self) -> list[dict]:
+        # developer is OpenAI's newer name for system; most chat templates know only system
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
+
+
+class AdapterCreate(BaseModel):
+    """POST /v1/adapters."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+    name: str = Field(max_length=64, description="Adapter name ([A-Za-z0-9._-]{1,64}).")
+    source: str = Field(max_length=4096, description="PEFT folder or fsspec URI (allow-listed).")
+    alpha: float | None = Field(None, gt=0, le=1, description="Tuned CoLD alpha.")
+    beta: float | None = Field(None, ge=0, description="Tuned CoLD beta.")
+    cold_enabled: StrictBool = Field(True, description="False: plain unless a request asks.")
+    replace: StrictBool = Field(False, description="Replace an existing adapter of this name.")

@@ -1,0 +1,149 @@
+"""Serve configs, argument validation, body parsing and startup registration — no Ray needed."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from cold_ray.serve.cli import validate_file
+from cold_ray.serve.config import AppArgs
+from cold_ray.serve.errors import from_validation_error
+from cold_ray.serve.schemas import ChatCompletionRequest, CompletionRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["cold.yaml", "cold-gpu.yaml", "cold-npu.yaml", "kuberay/rayservice.yaml"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_deployment_configs_validate(name):
+    assert validate_file(str(ROOT / "deployments" / name)) == []
+
+
+def test_configs_pin_devices():
+    def engine(name):
+        doc = yaml.safe_load((ROOT / "deployments" / name).read_text())
+        app = doc["applications"][0]
+        dep = next(d for d in app["deployments"] if d["name"] == "ColdEngine")
+        return app["args"], dep
+
+    args, dep = engine("cold.yaml")
+    assert args["device"] == "cpu" and dep["ray_actor_options"]["num_cpus"] >= 1
+    assert dep["max_queued_requests"] > 0 and "autoscaling_config" in dep
+    args, dep = engine("cold-gpu.yaml")
+    assert args["device"] == "cuda" and dep["ray_actor_options"]["num_gpus"] == 1
+    args, dep = engine("cold-npu.yaml")
+    assert args["device"] == "npu" and dep["ray_actor_options"]["resources"] == {"NPU": 1}
+
+
+def test_invalid_config_is_reported(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "applications:\n  - name: x\n    import_path: cold_ray.serve:build_app\n"
+        "    args: {device: tpu, max_rows: 1, colour: red}\n"
+    )
+    problems = validate_file(str(bad))
+    assert len(problems) == 1
+    assert "device" in problems[0] and "max_rows" in problems[0] and "colour" in problems[0]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        ({"max_tokens_limit": 2000, "max_model_len": 1024}, "max_tokens_limit 2000"),
+        ({"max_rows": 1}, "max_rows"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"adapters": [{"name": "x"}]}, "source"),
+    ],
+)
+def test_app_args_errors_name_the_field(args, needle):
+    with pytest.raises(ValidationError, match=needle):
+        AppArgs.model_validate(args)
+
+
+# (body, status, param) — what the HTTP layer answers before anything reaches an engine
+BODIES = [
+    (b"{bad", 400, None),
+    (b"\xff\xfe\x00", 400, None),
+    (b"[1, 2]", 400, None),
+    (b"[" * 5000, 400, None),
+    (b'{"prompt": "x", "max_tokens": "10"}', 422, "max_tokens"),
+    (b'{"prompt": "x", "max_tokens": 1.5}', 422, "max_tokens"),
+    (b'{"prompt": "x", "max_tokens": 0}', 422, "max_tokens"),
+    (b'{"prompt": "x", "max_tokens": -3}', 422, "max_tokens"),
+    (b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}", 400, None),
+    (b'{"prompt": "x", "temperature": NaN}', 422, "temperature"),
+    (b'{"prompt": "x", "temperature": 1e999}', 422, "temperature"),
+    (b'{"prompt": "x", "top_p": 0}', 422, "top_p"),
+    (b'{"prompt": "x", "cold": {"alpha": 0}}', 422, "cold.alpha"),
+    (b'{"prompt": "x", "cold": {"alpha": 1.5}}', 422, "cold.alpha"),
+    (b'{"prompt": "x", "cold": {"beta": -1}}', 422, "cold.beta"),
+    (b'{"prompt": "x", "cold": {"alpha": Infinity}}', 422, "cold.alpha"),
+    (b'{"prompt": "x", "cold": {"gamma": 1}}', 422, "cold.gamma"),
+    (b'{"prompt": "x", "cold": "yes"}', 422, "cold"),
+    (b'{"prompt": 5}', 422, "prompt"),
+    (b'{"prompt": [1, -2]}', 422, "prompt.1"),
+    (b'{"prompt": "x", "stop": [""]}', 422, "stop.0"),
+    (b'{"max_tokens": 5}', 422, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BODIES)
+def test_bad_bodies_map_to_status(body, status, param):
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate_json(body)
+    err = from_validation_error(info.value)
+    assert (err.status, err.param) == (status, param), err.message
+    shaped = err.body()["error"]
+    assert set(shaped) == {"message", "type", "code", "param"} and shaped["message"]
+
+
+def test_bodies_that_parse():
+    r = CompletionRequest.model_validate_json(
+        b'{"model": "a", "prompt": ["hi"], "cold": {"beta": 0.2}, "user": "u", "extra": 1}'
+    )
+    assert r.single_prompt() == "hi" and r.cold.beta == 0.2 and r.cold.alpha is None
+    assert CompletionRequest.model_validate_json(b'{"prompt": [[1, 2]]}').single_prompt() == [1, 2]
+    with pytest.raises(ValueError, match="batched"):
+        CompletionRequest.model_validate_json(b'{"prompt": ["a", "b"]}').single_prompt()
+    assert CompletionRequest.model_validate_json(b'{"prompt": "x", "n": 2}').unsupported()
+    assert CompletionRequest.model_validate_json(b'{"prompt": "x", "cold": false}').cold is False
+    chat = ChatCompletionRequest.model_validate_json(
+        b'{"messages": [{"role": "developer", "content": [{"type": "text", "text": "be"}]},'
+        b' {"role": "user", "content": "hi"}], "max_completion_tokens": 7, "max_tokens": 3}'
+    )
+    assert chat.limit() == 7
+    assert chat.chat() == [{"role": "system", "content": "be"}, {"role": "user", "content": "hi"}]
+
+
+def test_startup_adapters_register_once_and_follow_weight_changes(
+    tmp_path, tiny_llama, tiny_adapters
+):
+    import shutil
+
+    from cold_ray.adapters.registry import Registry
+    from cold_ray.model.loader import read_model_args
+    from cold_ray.serve.app import register_startup_adapters
+
+    src = tmp_path / "demo"
+    shutil.copytree(tiny_adapters[0], src)
+    cfg = AppArgs(
+        model=str(tiny_llama), registry=str(tmp_path / "reg.sqlite"), max_lora_rank=8,
+        adapters=[{"name": "demo", "source": str(src)},
+                  {"name": "gone", "source": str(tmp_path / "missing"), "required": False}],
+    )  # fmt: skip
+    args = read_model_args(tiny_llama)
+    register_startup_adapters(cfg, args)
+    reg = Registry(cfg.registry_path())
+    first = reg.get("demo")
+    assert "gone" not in reg
+    reg.set_tuned("demo", 0.2, 0.9)  # e.g. `cold-ray eval tune`
+    register_startup_adapters(cfg, args)  # unchanged: kept as is, tuning included
+    assert reg.get("demo").created_at == first.created_at and reg.get("demo").alpha == 0.2
+    shutil.copy(tiny_adapters[1] / "adapter_model.safetensors", src / "adapter_model.safetensors")
+    register_startup_adapters(cfg, args)  # retrained: re-registered, tuning kept
+    again = reg.get("demo")
+    assert again.sha256 != first.sha256 and (again.alpha, again.beta) == (0.2, 0.9)
+    cfg.adapters[1].required = True
+    with pytest.raises(RuntimeError, match="startup adapter 'gone'"):
+        register_startup_adapters(cfg, args)
