@@ -48,7 +48,10 @@ def extract_answer(text: str) -> int | None:
 
 
 def _problem(rng: random.Random) -> dict:
-    """One problem of 2–3 steps over small numbers; every intermediate value stays >= 0."""
+    """One problem of 2–3 steps over small numbers; every intermediate value stays >= 0.
+
+    (A subtraction drawn when the value is 1 is skipped, so a few problems have one step
+    fewer; kept as is because the committed demo adapter was trained on exactly this data.)"""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     friend = rng.choice([n for n in _NAMES if n != name])
     value = rng.randint(3, 20)
