@@ -316,9 +316,11 @@ def plot(records: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, max(panels, 1), figsize=(5.2 * max(panels, 1), 4.2), squeeze=False)
     axes = list(axes[0])
     styles = ["-", "--", ":", "-."]
+    impls = sorted({r["impl"] for r in lora})
+    color = {impl: f"C{i}" for i, impl in enumerate(impls)}  # colour = impl, line style = rank
     for ax, hidden in zip(axes, hiddens):
         ranks = sorted({r["rank"] for r in lora if r["hidden"] == hidden})
-        for impl in sorted({r["impl"] for r in lora}):
+        for impl in impls:
             for k, rank in enumerate(ranks):
                 pts = sorted(
                     (r["rows"], r["ms"])
@@ -326,7 +328,8 @@ def plot(records: list[dict], path: str) -> None:
                     if r["impl"] == impl and r["hidden"] == hidden and r["rank"] == rank
                 )
                 if pts:
-                    ax.plot(*zip(*pts), styles[k % 4], marker="o", label=f"{impl} r={rank}")
+                    ax.plot(*zip(*pts), styles[k % 4], color=color[impl], marker="o",
+                            label=f"{impl} r={rank}")  # fmt: skip
         ax.set(title=f"lora_delta, hidden {hidden}", xlabel="rows", ylabel="ms / call")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -334,15 +337,17 @@ def plot(records: list[dict], path: str) -> None:
     if lora:
         ax = axes[len(hiddens)]
         top = max(r["rank"] for r in lora)
-        for impl in sorted({r["impl"] for r in lora}):
-            for hidden in hiddens:
+        for impl in impls:
+            for k, hidden in enumerate(hiddens):
                 pts = sorted(
                     (r["rows"], (r["extra_bytes"] or 0) / 2**20 + 1e-3)
                     for r in lora
                     if r["impl"] == impl and r["hidden"] == hidden and r["rank"] == top
                 )
-                ax.plot(*zip(*pts), marker="o", label=f"{impl} h={hidden}")
-        ax.set(title=f"extra memory, lora_delta, rank {top}", xlabel="rows", ylabel="MiB")
+                ax.plot(*zip(*pts), styles[k % 4], color=color[impl], marker="o",
+                        label=f"{impl} h={hidden}")  # fmt: skip
+        ax.set(title=f"extra memory, lora_delta, rank {top}", xlabel="rows",
+               ylabel="MiB (+0.001 so that 0 shows)")  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.legend(fontsize=7)

@@ -81,7 +81,8 @@ class TritonBackend(LoraBackend):
         block_r = _pow2(rank)
         block_k = max(16, min(512, MAX_TILE // block_r, _pow2(d_in)))
         split = split_k if split_k is not None else self.split_k(rows, d_in, block_k)
-        k_per_split = _cdiv(_cdiv(d_in, split), block_k) * block_k  # whole blocks per split
+        k_per_split = max(1, _cdiv(_cdiv(d_in, split), block_k)) * block_k  # whole blocks
+        split = max(1, _cdiv(d_in, k_per_split))  # rounding to blocks may leave fewer splits
         alloc = torch.zeros if zero else torch.empty
         ws = alloc(split, rows, rank, dtype=torch.float32, device=x.device)
         if rows and batch.plan != "none":
