@@ -11,6 +11,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from cold_ray.kernels import reference
 from cold_ray.kernels.checks import check_amateur_full, check_amateur_head, check_contrastive
@@ -84,8 +85,11 @@ def restricted_torch(
     check_amateur_head(expert_logits, amateur_hidden, lm_head)
     ids, mask = plausible_candidates(expert_logits, alpha)  # [rows, K] each
     rows, k = ids.shape
-    # Gather only the K candidate rows of the head: [rows, K, H] instead of reading [V, H].
-    w = lm_head.index_select(0, ids.reshape(-1)).view(rows, k, -1)
-    amateur = torch.bmm(w.float(), amateur_hidden.float().unsqueeze(-1)).squeeze(-1)  # [rows, K]
+    if rows * k < lm_head.shape[0]:
+        # Gather only the K candidate rows of the head: [rows, K, H] instead of reading [V, H].
+        w = lm_head.index_select(0, ids.reshape(-1)).view(rows, k, -1)
+        amateur = torch.bmm(w.float(), amateur_hidden.float().unsqueeze(-1)).squeeze(-1)
+    else:  # flat expert distribution: the gather would copy more than the whole head
+        amateur = F.linear(amateur_hidden.float(), lm_head.float()).gather(1, ids)  # [rows, K]
     scores = reference.contrastive_scores(expert_logits.gather(1, ids), amateur, beta, mask)
     return ColdStep(first_max_token(scores, ids), ids, scores)

@@ -99,3 +99,14 @@ def test_fast_candidates_equal_the_reference() -> None:
         ids, mask = plausible_candidates(c.expert, c.alpha)
         ref_ids, ref_mask = reference.plausible_candidates(c.expert, c.alpha)
         assert torch.equal(ids, ref_ids) and torch.equal(mask, ref_mask)
+
+
+def test_flat_distribution_many_candidates(backend) -> None:
+    """alpha ~ 0 makes every token plausible: the restricted step falls back to the full head
+    (the gather would be larger than it) and still matches."""
+    c = make_cold_case(3, 300, 16, seed=11)
+    alpha = torch.full((3,), 1e-30)
+    full = reference.contrastive_greedy(c.expert, c.amateur, alpha, c.beta)
+    step = backend.contrastive_restricted(c.expert, c.hidden, c.lm_head, alpha, c.beta)
+    assert step.ids.shape == (3, 300)
+    assert step.tokens.tolist() == full.tolist()

@@ -120,3 +120,11 @@ def test_kernels_compile_for_sm90() -> None:
     if proc.returncode == 3:
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_contrastive_restricted_many_candidates(triton_backend) -> None:
+    c = make_cold_case(2, 300, 16, seed=11)
+    alpha = torch.full((2,), 1e-30)
+    full = reference.contrastive_greedy(c.expert, c.amateur, alpha, c.beta)
+    step = triton_backend.contrastive_restricted(c.expert, c.hidden, c.lm_head, alpha, c.beta)
+    assert step.tokens.tolist() == full.tolist()
