@@ -363,8 +363,8 @@ class EngineCore:
         if cold:
             expert = hidden[[q.rows[0].slot - base for q in cold]]
             amateur = hidden[[q.rows[1].slot - base for q in cold]]
-            picks = cold_select(self.model, self.model.logits(expert), amateur,
-                                [q.cold for q in cold], [q.params for q in cold],
+            picks = cold_select(self.backend, self.model.lm_weight, self.model.logits(expert),
+                                amateur, [q.cold for q in cold], [q.params for q in cold],
                                 [q.generator for q in cold])  # fmt: skip
             chosen.update(zip((q.request_id for q in cold), picks))
         return [self._append(q, chosen[q.request_id]) for q in reqs]

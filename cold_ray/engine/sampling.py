@@ -8,11 +8,7 @@ import math
 import torch
 
 from cold_ray.engine.params import ColdParams, SamplingParams
-from cold_ray.kernels import reference
-from cold_ray.model.llama import LlamaModel
-
-# Above this many candidates per row a full amateur LM-head GEMM is cheaper than a gather.
-MAX_GATHERED_CANDIDATES = 4096
+from cold_ray.kernels import LoraBackend
 
 
 def sample_rows(
@@ -43,7 +39,8 @@ def sample_rows(
 
 
 def cold_select(
-    model: LlamaModel,
+    backend: LoraBackend,
+    lm_head: torch.Tensor,  # [V, hidden]
     expert_logits: torch.Tensor,  # [pairs, V]
     amateur_hidden: torch.Tensor,  # [pairs, hidden]
     cold: list[ColdParams],
@@ -54,10 +51,9 @@ def cold_select(
     device = expert_logits.device
     alpha = torch.tensor([c.alpha for c in cold], device=device)
     beta = torch.tensor([c.beta for c in cold], device=device)
-    ids, mask = reference.plausible_candidates(expert_logits, alpha)
-    if ids.shape[1] <= MAX_GATHERED_CANDIDATES:
-        amateur = model.logits_at(amateur_hidden, ids)
-    else:
-        amateur = model.logits(amateur_hidden).gather(1, ids)
-    scores = reference.contrastive_scores(expert_logits.gather(1, ids), amateur, beta, mask)
-    return sample_rows(scores, ids, params, generators)
+    step = backend.contrastive_restricted(expert_logits, amateur_hidden, lm_head, alpha, beta)
+    picks = step.tokens.tolist()
+    if all(p.greedy for p in params):
+        return picks
+    sampled = sample_rows(step.scores, step.ids, params, generators)
+    return [t if p.greedy else s for t, s, p in zip(picks, sampled, params)]

@@ -200,12 +200,3 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, hidden] -> full-vocabulary logits [rows, V]."""
         return linear(hidden, self.lm_weight)
-
-    def logits_at(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """Logits only at given tokens: hidden [rows, hidden], token_ids [rows, K] -> [rows, K].
-
-        The amateur row of a CoLD pair needs its logits only at the expert's plausible
-        tokens, so it reads K rows of the LM head instead of all V.
-        """
-        w = self.lm_weight[token_ids]  # [rows, K, hidden]
-        return torch.bmm(w, hidden.unsqueeze(-1)).squeeze(-1)
