@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -79,6 +80,14 @@ def _matches(token: str | None, secret: str) -> bool:
 
 def _cold_view(meta: dict) -> dict:
     return {"decoding": meta["decoding"], "alpha": meta["alpha"], "beta": meta["beta"]}
+
+
+def _cancel(gen) -> None:
+    """Cancel a handle call; never raises (cancel() re-raises e.g. a BackPressureError)."""
+    try:
+        gen.cancel()
+    except Exception:
+        pass
 
 
 def _sse(obj: dict | str) -> str:
@@ -266,19 +275,23 @@ class ColdIngress:
         except StopAsyncIteration:
             raise APIError(500, "the engine ended the stream without output") from None
         except BackPressureError as e:
-            gen.cancel()
+            _cancel(gen)
             raise APIError(
                 503, f"server overloaded, retry later ({e.message})", "overloaded",
                 headers={"retry-after": "1"},
             ) from None  # fmt: skip
         except (DeploymentUnavailableError, RayServeException) as e:
-            gen.cancel()
+            _cancel(gen)
             raise APIError(503, f"no engine replica available: {e}", "unavailable") from None
+        except RayError as e:  # the replica died or failed before its first output
+            _cancel(gen)
+            log.warning("engine call failed: %s", e)
+            raise APIError(503, "the engine replica failed; retry", "engine_failed") from None
         except asyncio.CancelledError:
-            gen.cancel()
+            _cancel(gen)
             raise
         if "error" in first:
-            gen.cancel()
+            _cancel(gen)
             err = first["error"]
             raise APIError(first["status"], err["message"], err["code"],
                            "model" if err["code"] == "model_not_found" else None)  # fmt: skip
@@ -309,8 +322,12 @@ class ColdIngress:
                 self.metrics.itl.observe(now - last, tags=tags)
                 last = now
                 yield item
+        except (RayError, RayServeException) as e:  # e.g. the replica died mid-stream
+            log.warning("engine stream failed: %s", e)
+            yield {"status": 503, "error": {"message": "the engine replica failed mid-stream; "
+                                            "retry", "code": "engine_failed"}}  # fmt: skip
         finally:
-            call.gen.cancel()
+            _cancel(call.gen)
 
     # ---- generation -----------------------------------------------------------------------
 

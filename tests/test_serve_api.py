@@ -1,0 +1,554 @@
+"""The HTTP API end to end on a local Ray cluster (tiny random model): OpenAI compatibility,
+CoLD defaults and reporting, admin API, hostile input, disconnects, backpressure, metrics."""
+
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.request
+
+import httpx
+import pytest
+
+from cold_ray.config import EngineConfig
+from cold_ray.engine import ColdParams, EngineCore, SamplingParams
+from cold_ray.serve.config import AppArgs
+from tests.serve_util import CHAT_TEMPLATE, free_port, local_ray, long_tiny_model, wait_for
+
+pytestmark = pytest.mark.serve
+
+API_KEY, ADMIN_KEY = "client-token-3141", "admin-token-2718"
+ENV = {"COLD_TEST_API_KEY": API_KEY, "COLD_TEST_ADMIN_KEY": ADMIN_KEY}
+CLIENT = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+PROMPT = "the quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_llama, tiny_adapters):
+    from ray import serve
+
+    from cold_ray.serve.app import compose, prepare
+
+    root = tmp_path_factory.mktemp("serve_api")
+    model = long_tiny_model(tiny_llama, root / "tiny-long")
+    uploads = root / "uploads"
+    shutil.copytree(tiny_adapters[2], uploads / "a2")
+    (uploads / "pickled").mkdir()
+    shutil.copy(tiny_adapters[2] / "adapter_config.json", uploads / "pickled")
+    (uploads / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    cfg = AppArgs(
+        model=str(model), served_model_name="tiny", registry=str(root / "reg.sqlite"),
+        adapters=[{"name": "a0", "source": str(tiny_adapters[0]), "alpha": 0.3, "beta": 1.0},
+                  {"name": "a1", "source": str(tiny_adapters[1]), "cold_enabled": False}],
+        adapter_roots=[str(uploads)], max_rows=8, max_model_len=4096, max_tokens_limit=4000,
+        max_lora_rank=8, max_loras=2, chat_template=CHAT_TEMPLATE, max_body_bytes=64 * 1024,
+        api_key_env="COLD_TEST_API_KEY", admin_key_env="COLD_TEST_ADMIN_KEY",
+    )  # fmt: skip
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)  # replicas inherit the environment of the cluster's start
+    metrics_port = free_port()
+    try:
+        with local_ray(metrics_port=metrics_port) as url:
+            prepare(cfg)
+            zero_cpu = {"ray_actor_options": {"num_cpus": 0}}
+            serve.run(compose(cfg, zero_cpu), name="api", route_prefix="/")
+            tight = {**zero_cpu, "max_ongoing_requests": 1, "max_queued_requests": 1}
+            serve.run(compose(cfg, tight), name="ovl", route_prefix="/ovl")
+            with httpx.Client(base_url=url, timeout=60) as client:
+                yield {"url": url, "client": client, "cfg": cfg, "model": model,
+                       "adapters": tiny_adapters, "uploads": uploads,
+                       "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}  # fmt: skip
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def complete(stack, path="/v1/completions", headers=CLIENT, **body):
+    body.setdefault("prompt", PROMPT)
+    body.setdefault("temperature", 0)
+    body.setdefault("max_tokens", 8)
+    return stack["client"].post(path, json=body, headers=headers)
+
+
+def engine_stats(app="api"):
+    from ray import serve
+
+    return serve.get_deployment_handle("ColdEngine", app_name=app).stats.remote().result()
+
+
+def assert_openai_error(r, status):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "code", "param"} and err["message"], err
+    return err
+
+
+# ---- decoding: defaults, overrides, reporting ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model,cold,want",
+    [
+        ("a0", None, ("cold", 0.3, 1.0)),  # CoLD at the adapter's registry defaults
+        ("a0", False, ("plain", None, None)),
+        ("a0", True, ("cold", 0.3, 1.0)),
+        ("a0", {"beta": 0.2}, ("cold", 0.3, 0.2)),  # a knob overrides, the other is default
+        ("a1", None, ("plain", None, None)),  # cold_enabled=false in the registry
+        ("a1", {"alpha": 0.5}, ("cold", 0.5, 0.5)),
+        ("tiny", None, ("plain", None, None)),  # the base model
+        (None, None, ("plain", None, None)),
+    ],
+)
+def test_decoding_is_chosen_and_reported(stack, model, cold, want):
+    body = {"model": model} if model else {}
+    if cold is not None:
+        body["cold"] = cold
+    r = complete(stack, **body)
+    assert r.status_code == 200, r.text
+    got = r.json()["cold"]
+    assert (got["decoding"], got["alpha"], got["beta"]) == want
+    assert r.headers["x-cold-decoding"] == want[0] and r.headers["x-cold-replica"]
+    if want[0] == "cold":
+        assert float(r.headers["x-cold-alpha"]) == want[1]
+        assert float(r.headers["x-cold-beta"]) == want[2]
+
+
+def test_served_tokens_equal_the_engine_in_process(stack):
+    """What the API returns is exactly what the engine decodes for the same request."""
+    core = EngineCore(EngineConfig(model=str(stack["model"]), max_rows=4, max_model_len=256))
+    core.register_adapter("a0", stack["adapters"][0])
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    ids = core.tokenizer.encode(PROMPT, add_special_tokens=False)
+    for cold, knob in ((ColdParams(0.3, 1.0), None), (None, False)):
+        want = core.generate([ids], params, adapter="a0", cold=cold)[0]
+        r = complete(stack, model="a0", max_tokens=12, ignore_eos=True,
+                     **({} if knob is None else {"cold": knob}))  # fmt: skip
+        body = r.json()
+        assert body["choices"][0]["text"] == want["text"]
+        assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12,
+                                 "total_tokens": len(ids) + 12}  # fmt: skip
+        assert body["choices"][0]["finish_reason"] == "length"
+
+
+def sse_events(r) -> list:
+    events = []
+    for line in r.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_stream_equals_non_stream(stack):
+    body = {"model": "a0", "prompt": PROMPT, "max_tokens": 10, "temperature": 0,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    whole = stack["client"].post("/v1/completions", json=body, headers=CLIENT).json()
+    with stack["client"].stream(
+        "POST", "/v1/completions", json={**body, "stream": True}, headers=CLIENT
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-cold-decoding"] == "cold"
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks, usage = events[:-2], events[-2]
+    assert chunks[0]["cold"] == {"decoding": "cold", "alpha": 0.3, "beta": 1.0}
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+
+
+def test_chat_uses_the_template(stack):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}]
+    r = stack["client"].post("/v1/chat/completions", headers=CLIENT, json={
+        "model": "a0", "messages": msgs, "max_tokens": 6, "temperature": 0, "ignore_eos": True})  # fmt: skip
+    body = r.json()
+    assert r.status_code == 200, body
+    assert (
+        body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    )
+    core_prompt = "system: be brief\nuser: the quick brown fox\nassistant:"
+    r2 = complete(stack, model="a0", prompt=core_prompt, max_tokens=6, ignore_eos=True)
+    assert body["choices"][0]["message"]["content"] == r2.json()["choices"][0]["text"]
+    assert body["usage"] == r2.json()["usage"]
+
+
+def test_openai_client_unchanged(stack):
+    import openai
+
+    client = openai.OpenAI(base_url=stack["url"] + "/v1", api_key=API_KEY, max_retries=0)
+    models = client.models.list().data
+    assert [m.id for m in models][:1] == ["tiny"]
+    a0 = next(m for m in models if m.id == "a0")
+    assert a0.parent == "tiny" and a0.root == str(stack["adapters"][0].resolve())
+    out = client.completions.create(model="a0", prompt=PROMPT, max_tokens=5, temperature=0)
+    assert out.usage.completion_tokens >= 1 and out.model_extra["cold"]["decoding"] == "cold"
+    plain = client.completions.create(
+        model="a0", prompt=PROMPT, max_tokens=5, temperature=0, extra_body={"cold": False}
+    )
+    assert plain.model_extra["cold"]["decoding"] == "plain"
+    chat = client.chat.completions.create(
+        model="a1", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+    )
+    assert chat.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(
+        model="a0", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
+        stream=True, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", extra_body={"cold": True})
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model="a0", prompt="x", extra_body={"cold": {"alpha": 2}})
+    bad = openai.OpenAI(base_url=stack["url"] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+# ---- admin API ----------------------------------------------------------------------------
+
+
+def test_admin_registers_serves_and_removes(stack):
+    c, source = stack["client"], str(stack["uploads"] / "a2")
+    assert_openai_error(c.post("/v1/adapters", json={"name": "a2", "source": source}), 401)
+    r = c.post("/v1/adapters", json={"name": "a2", "source": source}, headers=CLIENT)
+    assert_openai_error(r, 403)
+    r = c.post("/v1/adapters", json={"name": "a2", "source": source, "beta": 0.7}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    assert r.json()["parent"] == "tiny" and r.json()["cold"]["beta"] == 0.7
+    assert "a2" in [m["id"] for m in c.get("/v1/models", headers=CLIENT).json()["data"]]
+    assert complete(stack, model="a2").json()["cold"]["beta"] == 0.7  # hot: no restart
+    dup = c.post("/v1/adapters", json={"name": "a2", "source": source}, headers=ADMIN)
+    assert_openai_error(dup, 409)
+    assert c.delete("/v1/adapters/a2", headers=CLIENT).status_code == 403
+    assert c.delete("/v1/adapters/a2", headers=ADMIN).json()["deleted"] is True
+    assert_openai_error(complete(stack, model="a2"), 404)
+    assert_openai_error(c.delete("/v1/adapters/a2", headers=ADMIN), 404)
+
+
+# ---- hostile input ------------------------------------------------------------------------
+
+BIG = "x " * 3000  # > 4096 tokens of the tiny tokenizer, < the 64 KiB body limit
+# (name, method, path, headers, body (dict → JSON, bytes → raw), status)
+HOSTILE = [
+    ("malformed json", "POST", "/v1/completions", CLIENT, b"{prompt: x}", 400),
+    ("truncated json", "POST", "/v1/completions", CLIENT, b'{"prompt": "x", ', 400),
+    ("invalid utf-8", "POST", "/v1/completions", CLIENT, b'{"prompt": "\xff\xfe"}', 400),
+    ("json array", "POST", "/v1/completions", CLIENT, b"[1, 2]", 400),
+    ("empty body", "POST", "/v1/completions", CLIENT, b"", 400),
+    (
+        "max_tokens string",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"prompt": "x", "max_tokens": "9"},
+        422,
+    ),
+    (
+        "max_tokens float",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"prompt": "x", "max_tokens": 2.5},
+        422,
+    ),
+    ("max_tokens zero", "POST", "/v1/completions", CLIENT, {"prompt": "x", "max_tokens": 0}, 422),
+    (
+        "max_tokens negative",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"prompt": "x", "max_tokens": -1},
+        422,
+    ),
+    (
+        "max_tokens over limit",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"prompt": "x", "max_tokens": 4001},
+        422,
+    ),
+    (
+        "max_tokens huge",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"prompt": "x", "max_tokens": 10**40},
+        422,
+    ),
+    (
+        "temperature NaN",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        b'{"prompt": "x", "temperature": NaN}',
+        422,
+    ),
+    (
+        "alpha inf",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        b'{"model": "a0", "prompt": "x", "cold": {"alpha": Infinity}}',
+        422,
+    ),
+    (
+        "alpha zero",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"model": "a0", "prompt": "x", "cold": {"alpha": 0}},
+        422,
+    ),
+    (
+        "alpha above one",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"model": "a0", "prompt": "x", "cold": {"alpha": 1.01}},
+        422,
+    ),
+    (
+        "beta negative",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"model": "a0", "prompt": "x", "cold": {"beta": -0.1}},
+        422,
+    ),
+    (
+        "beta over limit",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"model": "a0", "prompt": "x", "cold": {"beta": 1e6}},
+        422,
+    ),
+    (
+        "cold wrong type",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"model": "a0", "prompt": "x", "cold": "yes"},
+        422,
+    ),
+    ("unknown adapter", "POST", "/v1/completions", CLIENT, {"model": "nope", "prompt": "x"}, 404),
+    (
+        "traversal adapter",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"model": "../../etc/passwd", "prompt": "x"},
+        404,
+    ),
+    (
+        "cold on base",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"model": "tiny", "prompt": "x", "cold": True},
+        400,
+    ),
+    (
+        "cold knobs on base",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"prompt": "x", "cold": {"beta": 1}},
+        400,
+    ),
+    ("prompt over context", "POST", "/v1/completions", CLIENT, {"prompt": BIG}, 400),
+    (
+        "prompt+max_tokens over",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"prompt": "x " * 200, "max_tokens": 4000},
+        400,
+    ),
+    ("empty prompt", "POST", "/v1/completions", CLIENT, {"prompt": ""}, 400),
+    ("whitespace prompt", "POST", "/v1/completions", CLIENT, {"prompt": "  \n\t "}, 400),
+    ("token id past vocab", "POST", "/v1/completions", CLIENT, {"prompt": [5, 10**6]}, 400),
+    ("batched prompts", "POST", "/v1/completions", CLIENT, {"prompt": ["a", "b"]}, 400),
+    (
+        "too many stops",
+        "POST",
+        "/v1/completions",
+        CLIENT,
+        {"prompt": "x", "stop": [str(i) for i in range(17)]},
+        422,
+    ),
+    ("n=2", "POST", "/v1/completions", CLIENT, {"prompt": "x", "n": 2}, 400),
+    ("logprobs", "POST", "/v1/completions", CLIENT, {"prompt": "x", "logprobs": 3}, 400),
+    ("oversized body", "POST", "/v1/completions", CLIENT, {"prompt": "y" * 70_000}, 413),
+    ("no token", "POST", "/v1/completions", {}, {"prompt": "x"}, 401),
+    (
+        "wrong token",
+        "POST",
+        "/v1/completions",
+        {"Authorization": "Bearer nope"},
+        {"prompt": "x"},
+        401,
+    ),
+    ("not bearer", "GET", "/v1/models", {"Authorization": API_KEY}, None, 401),
+    (
+        "registry write, client token",
+        "POST",
+        "/v1/adapters",
+        CLIENT,
+        {"name": "z", "source": "/tmp"},
+        403,
+    ),
+    ("registry write, no token", "DELETE", "/v1/adapters/a0", {}, None, 401),
+    ("chat without messages", "POST", "/v1/chat/completions", CLIENT, {"messages": []}, 422),
+    (
+        "chat bad role",
+        "POST",
+        "/v1/chat/completions",
+        CLIENT,
+        {"messages": [{"role": "root", "content": "x"}]},
+        422,
+    ),
+    ("unknown route", "GET", "/v1/nothing", CLIENT, None, 404),
+    ("wrong method", "GET", "/v1/completions", CLIENT, None, 405),
+    (
+        "adapter name traversal",
+        "POST",
+        "/v1/adapters",
+        ADMIN,
+        {"name": "../x", "source": "/tmp"},
+        400,
+    ),
+    (
+        "adapter outside roots",
+        "POST",
+        "/v1/adapters",
+        ADMIN,
+        {"name": "etc", "source": "/etc"},
+        400,
+    ),
+    (
+        "adapter extra field",
+        "POST",
+        "/v1/adapters",
+        ADMIN,
+        {"name": "q", "source": "/tmp", "x": 1},
+        422,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "name,method,path,headers,body,status", HOSTILE, ids=[h[0] for h in HOSTILE]
+)
+def test_hostile_input_gets_openai_error(stack, name, method, path, headers, body, status):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = stack["client"].request(
+        method, path, headers=headers, **(kwargs if body is not None else {})
+    )
+    assert_openai_error(r, status)
+
+
+def test_pickled_adapter_is_refused(stack):
+    body = {"name": "pickled", "source": str(stack["uploads"] / "pickled")}
+    err = assert_openai_error(stack["client"].post("/v1/adapters", json=body, headers=ADMIN), 422)
+    assert "pickle" in err["message"]
+
+
+def test_oversized_chunked_body_is_413(stack):
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 4096
+
+    r = stack["client"].post("/v1/completions", content=chunks(), headers=CLIENT)
+    assert_openai_error(r, 413)
+
+
+def test_replica_still_serves_after_hostile_input(stack):
+    before = complete(stack, model="a0").headers["x-cold-replica"]
+    for _name, method, path, headers, body, _status in HOSTILE:
+        kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+        stack["client"].request(
+            method, path, headers=headers, **(kwargs if body is not None else {})
+        )
+    r = complete(stack, model="a0")
+    assert r.status_code == 200 and r.headers["x-cold-replica"] == before
+    assert engine_stats()["running_rows"] == 0
+
+
+# ---- disconnects and backpressure ---------------------------------------------------------
+
+
+def test_client_disconnect_frees_rows(stack):
+    tokens0 = engine_stats()["generated_tokens"]
+    body = {"model": "a0", "prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True,
+            "temperature": 0, "stream": True}  # fmt: skip
+    with httpx.Client(base_url=stack["url"], timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=body, headers=CLIENT) as r:
+            got = 0
+            for line in r.iter_lines():
+                got += line.startswith("data: ")
+                if got >= 5:
+                    break
+            assert engine_stats()["running_rows"] == 2  # a CoLD request: expert + amateur
+    # the client is gone: its rows are freed long before 4000 tokens could be generated
+    wait_for(lambda: engine_stats()["running_rows"] == 0, timeout=15, what="rows freed")
+    assert engine_stats()["generated_tokens"] - tokens0 < 4000
+    assert complete(stack, model="a0").status_code == 200
+
+
+def test_full_queue_answers_503_quickly(stack):
+    """Engine: max_ongoing_requests=1, max_queued_requests=1 (the /ovl app)."""
+    long_body = {"model": "a0", "prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True,
+                 "stream": True}  # fmt: skip
+    results = []
+
+    def short():
+        t0 = time.monotonic()
+        with httpx.Client(base_url=stack["url"], timeout=120) as c:
+            r = complete(stack | {"client": c}, path="/ovl/v1/completions", max_tokens=4)
+        results.append((r, time.monotonic() - t0))
+
+    with httpx.Client(base_url=stack["url"], timeout=60) as c:
+        with c.stream("POST", "/ovl/v1/completions", json=long_body, headers=CLIENT) as busy:
+            assert busy.status_code == 200
+            next(busy.iter_lines())  # the long request is now running in the only slot
+            threads = [threading.Thread(target=short) for _ in range(3)]
+            for t in threads:
+                t.start()
+            rejected = wait_for(lambda: [x for x in results if x[0].status_code == 503],
+                                timeout=30, what="a 503")  # fmt: skip
+    for t in threads:
+        t.join(timeout=60)
+    r, seconds = rejected[0]
+    err = assert_openai_error(r, 503)
+    assert err["type"] == "overloaded_error" and r.headers.get("retry-after")
+    assert seconds < 5, f"503 took {seconds:.1f}s"
+    assert {x[0].status_code for x in results} <= {200, 503}
+    assert any(x[0].status_code == 200 for x in results)  # the queued one ran after the long one
+    wait_for(lambda: engine_stats("ovl")["running_rows"] == 0, timeout=15, what="ovl rows freed")
+
+
+# ---- metrics ------------------------------------------------------------------------------
+
+
+def test_prometheus_metrics_are_exported(stack):
+    want = ["cold_generated_tokens", 'decoding="cold"', "cold_engine_requests",
+            "cold_running_rows", "cold_waiting_requests", "cold_kv_cache_usage",
+            "cold_adapter_loads", "cold_adapter_load_seconds", "cold_time_to_first_token_seconds",
+            "cold_inter_token_latency_seconds"]  # fmt: skip
+
+    def scrape():
+        try:
+            text = urllib.request.urlopen(stack["metrics"], timeout=5).read().decode()
+        except OSError:
+            return None
+        return text if all(w in text for w in want) else None
+
+    text = wait_for(scrape, timeout=60, interval=1, what="metrics")
+    assert 'adapter="a0"' in text
