@@ -59,6 +59,9 @@ def _options(parser):
     g.add_argument("--workload-seed", type=int, default=0)
 
 
+_user_ids = itertools.count()  # seeds each user's draws: a rerun sends the same requests
+
+
 class _Shared:
     """Per-process state: the adapter list, the shared adapter sequence, the records file."""
 
@@ -111,7 +114,7 @@ class LLMUser(User):
         opts = self.environment.parsed_options
         _Shared.setup(self.host.rstrip("/"), opts)
         self.opts = opts
-        self.rng = random.Random(opts.workload_seed * 100_003 + id(self) % 100_003)
+        self.rng = random.Random(opts.workload_seed * 100_003 + next(_user_ids))
         self.prompt_len = LengthDist(opts.prompt_tokens)
         self.max_tokens = LengthDist(opts.max_tokens)
         self.session = requests.Session()
