@@ -109,6 +109,7 @@ class ColdEngine:
         async def lease(name: str) -> AdapterLease:  # Serve keeps its LRU state on a function
             return await self._lease(name)
 
+        self._lease_fn = lease
         self._adapter = serve.multiplexed(max_num_models_per_replica=self.args.max_loras)(lease)
         self.metrics = EngineMetrics()
         self.sampler = Sampler(lambda: self.metrics.sample(self.engine.stats()))
@@ -235,9 +236,15 @@ class ColdEngine:
             "device": self.device,
             "assignment": self.assignment,
             "pid": os.getpid(),
+            "multiplexed": self.multiplexed(),
             "max_model_len": self.args.max_model_len,
             "time": time.time(),
         }
+
+    def multiplexed(self) -> list[str]:
+        """Adapters Serve's multiplexer counts as held here (what routing sees), LRU first."""
+        wrapper = getattr(self._lease_fn, "__serve_multiplex_wrapper", None)
+        return list(wrapper.models) if wrapper is not None else []
 
     def check_health(self) -> None:
         if not self.engine._thread.is_alive():
