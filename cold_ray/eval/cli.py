@@ -76,6 +76,7 @@ def _eval(args: argparse.Namespace) -> int:
                              f"alpha(s), {len(args.beta or [])} beta(s)")  # fmt: skip
         core, _, name, task, items, path = _setup(args, adapter_from_registry=False)
         modes = harness.default_modes(_settings(args, core, name), base=not args.no_base)
+        harness.warm_up(core, items, name, modes, task)
         report = harness.evaluate(core, items, name, modes, task, max_tokens=args.max_tokens,
                                   progress=not args.no_progress)  # fmt: skip
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:

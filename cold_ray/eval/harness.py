@@ -228,6 +228,18 @@ def _drain(core: EngineCore, reqs: list, bar) -> dict[str, tuple[str, str]]:
     return done
 
 
+def warm_up(core: EngineCore, items: list[dict], adapter: str | None, modes: Sequence[Mode],
+            task: Task) -> None:  # fmt: skip
+    """Load the adapter and run a few short requests per mode, so that no mode's timing
+    pays for the adapter load or first-call allocations. Not part of any result."""
+    if adapter is not None:
+        core.load_adapter(adapter)
+    prompts = [task.prompt(item["question"]) for item in items[:4]]
+    params = SamplingParams(max_tokens=4, stop=task.stop)
+    for m in modes:
+        _drain(core, _submit(core, prompts, params, m, adapter), _progress(0, False))
+
+
 def evaluate(
     core: EngineCore,
     items: list[dict],
