@@ -166,7 +166,12 @@ def run_vllm(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
            "max_lora_rank": max(8, rank), "batch": batch, "new_tokens": new_tokens,
            "max_model_len": prompt_len + new_tokens + 16,
            "prompts": _prompts(AutoTokenizer.from_pretrained(model), batch, prompt_len)}  # fmt: skip
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # The same thread budget as the other modes: vLLM binds its OpenMP threads to these cores
+    # (its default, "auto", would take every core of the machine).
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    bind = "0" if threads == 1 else f"0-{threads - 1}"
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": bind}  # fmt: skip
     env.pop("PYTHONPATH", None)
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "vllm_bench.py"
@@ -183,7 +188,8 @@ def run_vllm(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
             f"vLLM generated {out['generated']} tokens, expected {batch * new_tokens}"
         )
     return {"wall_s": out["wall_s"], "step_ms": out["wall_s"] / new_tokens * 1e3,
-            "startup_and_run_s": time.perf_counter() - start, "vllm": VLLM_VERSION}  # fmt: skip
+            "startup_and_run_s": time.perf_counter() - start, "vllm": VLLM_VERSION,
+            "omp_threads_bind": bind}  # fmt: skip
 
 
 # ---- driver ---------------------------------------------------------------------------------
