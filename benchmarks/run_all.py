@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             result["errors"][section] = f"{type(e).__name__}: {e}"
         result.setdefault("seconds", {})[section] = round(time.perf_counter() - t0, 1)
+    result["machine_at_end"] = machine()
     result["side_by_side"] = side_by_side(result.get("engine"), result.get("baselines"))
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out / "results.png")

@@ -155,4 +155,6 @@ def machine() -> dict:
     except (ValueError, OSError):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem, 1) if mem else None,
-            "python": platform.python_version(), "platform": platform.platform()}  # fmt: skip
+            "python": platform.python_version(), "platform": platform.platform(),
+            # other work on the machine skews every number: say how busy it was
+            "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
