@@ -552,3 +552,22 @@ def test_prometheus_metrics_are_exported(stack):
 
     text = wait_for(scrape, timeout=60, interval=1, what="metrics")
     assert 'adapter="a0"' in text
+
+
+def test_logs_never_contain_tokens(stack):
+    """After every request above (tokens right, wrong and missing), no Ray log has a token."""
+    import ray
+
+    logs = ray._private.worker._global_node.get_session_dir_path()
+    leaks = []
+    for root, _dirs, files in os.walk(logs):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            if API_KEY.encode() in data or ADMIN_KEY.encode() in data:
+                leaks.append(path)
+    assert not leaks, leaks
