@@ -117,6 +117,7 @@ def test_pinned_adapter_is_never_evicted_and_requests_wait(core, ref):
     assert set(core.slots.resident) == {"a1", "a2"} and long2 in core.running
     finish(core)
     assert long2.output_ids[:6] == ref[(tuple(PROMPTS[2]), "a2")]
+    assert core.reads == ["a1", "a2", "a0"]  # the waiter's adapter came from host memory
 
 
 def test_concurrent_requests_for_one_unloaded_adapter_trigger_one_load(core, ref):

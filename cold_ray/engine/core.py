@@ -279,7 +279,9 @@ class EngineCore:
         if self.slots.lookup(name) is not None:
             return True
         cached = self.slots.cached(name)
-        if cached is not None and self.slots.has_room():
+        if cached is not None:  # in host memory: no file read, just wait for a free slot
+            if not self.slots.has_room():
+                return False
             self.slots.install(name, cached)
             return True
         fut = self._loading.get(name)
