@@ -489,6 +489,9 @@ class ColdIngress:
         if body.beta is not None and body.beta > self.args.max_beta:
             raise APIError(422, f"beta {body.beta} is over the limit of {self.args.max_beta}",
                            "invalid_parameter", "beta")  # fmt: skip
+        if body.name == self.base_id:
+            raise APIError(409, f"{body.name!r} is the base model's id; choose another name",
+                           "adapter_exists", "name")  # fmt: skip
         if not body.replace and body.name in self.registry:
             raise APIError(409, f"adapter {body.name!r} already exists; DELETE it first or "
                            "set replace: true", "adapter_exists", "name")  # fmt: skip
