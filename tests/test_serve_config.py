@@ -147,3 +147,66 @@ def test_startup_adapters_register_once_and_follow_weight_changes(
     cfg.adapters[1].required = True
     with pytest.raises(RuntimeError, match="startup adapter 'gone'"):
         register_startup_adapters(cfg, args)
+
+
+def test_tokens(monkeypatch):
+    from cold_ray.serve.auth import Tokens
+    from cold_ray.serve.errors import APIError
+
+    def status(tokens, header, admin=False):
+        try:
+            tokens.check(header, admin)
+        except APIError as e:
+            return e.status
+        return 200
+
+    monkeypatch.setenv("T_API", "c-secret")
+    monkeypatch.setenv("T_ADMIN", "a-secret")
+    both = Tokens("T_API", "T_ADMIN")
+    assert "secret" not in repr(both)
+    assert status(both, "") == 401 and status(both, "Bearer nope") == 401
+    assert status(both, "c-secret") == 401  # not a bearer header
+    assert status(both, "Bearer c-secret") == 200 and status(both, "bearer  a-secret") == 200
+    assert status(both, "Bearer c-secret", admin=True) == 403
+    assert status(both, "Bearer a-secret", admin=True) == 200
+    assert status(both, "", admin=True) == 401
+    open_ = Tokens("T_UNSET", "T_UNSET2")
+    assert status(open_, "") == 200 and status(open_, "", admin=True) == 200
+    client_only = Tokens("T_API", "T_UNSET")
+    assert status(client_only, "Bearer c-secret", admin=True) == 200
+    assert status(client_only, "", admin=True) == 401
+
+
+def test_sse_stream_shape():
+    import asyncio
+    import json
+
+    from cold_ray.serve.responses import Call, sse_stream
+
+    meta = {"replica": "r", "decoding": "cold", "alpha": 0.1, "beta": 0.5, "prompt_tokens": 3}
+    items = [
+        {"text": "a", "tokens": 1, "finish_reason": None, "completion_tokens": 1, "meta": meta},
+        {"text": "", "tokens": 1, "finish_reason": None, "completion_tokens": 2},  # held back
+        {"text": "bc", "tokens": 1, "finish_reason": "length", "completion_tokens": 3},
+    ]
+
+    async def collect(kind, items):
+        async def gen():
+            for i in items:
+                yield i
+
+        call = Call(None, items[0], "m", kind)
+        return [line async for line in sse_stream(call, gen(), include_usage=True)]
+
+    lines = asyncio.run(collect("chat", items))
+    assert all(x.startswith("data: ") and x.endswith("\n\n") for x in lines)
+    assert lines[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(x[6:]) for x in lines[:-1]]
+    assert len(chunks) == 3  # the empty delta is not sent
+    assert chunks[0]["choices"][0]["delta"] == {"content": "a", "role": "assistant"}
+    assert chunks[0]["cold"] == {"decoding": "cold", "alpha": 0.1, "beta": 0.5}
+    assert chunks[1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    failed = asyncio.run(collect("completion", [items[0], {"status": 503, "error": {
+        "message": "gone", "code": "engine_failed"}}]))  # fmt: skip
+    assert json.loads(failed[1][6:])["error"]["type"] == "overloaded_error"

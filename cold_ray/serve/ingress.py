@@ -10,10 +10,7 @@ FastAPI must see `Request` annotations as objects, not as names to look up in mo
 """
 
 import asyncio
-import hmac
-import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,9 +28,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cold_ray.adapters.peft import AdapterError
 from cold_ray.adapters.registry import AdapterNotFound, AdapterRecord, Registry, RegistryError
 from cold_ray.engine import ColdParams
+from cold_ray.serve.auth import Tokens
 from cold_ray.serve.config import AppArgs
 from cold_ray.serve.errors import APIError, error_body, from_validation_error
 from cold_ray.serve.metrics import IngressMetrics
+from cold_ray.serve.responses import Call, sse_stream
 from cold_ray.serve.schemas import (
     AdapterCreate,
     ChatCompletionRequest,
@@ -69,43 +68,12 @@ async def _unexpected(request: Request, e: Exception):
     return JSONResponse(error_body(500, "internal error", "internal_error"), 500)
 
 
-def _secret(env: str) -> str | None:
-    value = os.environ.get(env, "")
-    return value or None
-
-
-def _matches(token: str | None, secret: str) -> bool:
-    return token is not None and hmac.compare_digest(token.encode(), secret.encode())
-
-
-def _cold_view(meta: dict) -> dict:
-    return {"decoding": meta["decoding"], "alpha": meta["alpha"], "beta": meta["beta"]}
-
-
 def _cancel(gen) -> None:
     """Cancel a handle call; never raises (cancel() re-raises e.g. a BackPressureError)."""
     try:
         gen.cancel()
     except Exception:
         pass
-
-
-def _sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
-
-
-def _missing_or_invalid(token: str | None, what: str) -> str:
-    if token is None:
-        return f"missing {what} token: send the header 'Authorization: Bearer <token>'"
-    return f"invalid {what} token"
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
 
 
 def base_model_id(args: AppArgs) -> str:
@@ -121,16 +89,6 @@ def base_model_id(args: AppArgs) -> str:
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-class _Call:
-    """One generation in flight: the engine stream plus what the response needs to say."""
-
-    def __init__(self, gen, first: dict, model: str, kind: str, started: float):
-        self.gen, self.first, self.model, self.kind, self.started = gen, first, model, kind, started
-        self.meta = first["meta"]
-        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-
-
 @serve.deployment(
     name="ColdIngress",
     max_ongoing_requests=1024,
@@ -141,37 +99,18 @@ class ColdIngress:
     def __init__(self, engine: DeploymentHandle, args: dict):
         self.args = AppArgs.model_validate(args)
         self.engine = engine
-        self.api_key = _secret(self.args.api_key_env)
-        self.admin_key = _secret(self.args.admin_key_env)
+        self.tokens = Tokens(self.args.api_key_env, self.args.admin_key_env)
         self.base_id = base_model_id(self.args)
         self.registry = Registry(self.args.registry_path(), allowed_roots=self.args.roots())
         self.metrics = IngressMetrics()
         self.created = int(time.time())
         self._model_args = None
-        log.info(
-            "ingress up: base %s, client auth %s, admin auth %s", self.base_id,
-            "on" if self.api_key else "off", "on" if self.admin_key else "off",
-        )  # fmt: skip
+        log.info("ingress up: base %s, %r", self.base_id, self.tokens)
 
     # ---- plumbing -------------------------------------------------------------------------
 
     def _auth(self, request: Request, admin: bool = False) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip() if scheme.lower() == "bearer" and token.strip() else None
-        if admin and self.admin_key is not None:
-            if _matches(token, self.admin_key):
-                return
-            if self.api_key is not None and _matches(token, self.api_key):
-                raise APIError(403, "this endpoint needs the admin token", "admin_required")
-            raise APIError(401, _missing_or_invalid(token, "admin"), "invalid_api_key")
-        if self.api_key is None:
-            return
-        if _matches(token, self.api_key) or (
-            self.admin_key is not None and _matches(token, self.admin_key)
-        ):
-            return
-        raise APIError(401, _missing_or_invalid(token, "API"), "invalid_api_key")
+        self.tokens.check(request.headers.get("authorization", ""), admin)
 
     async def _body(self, request: Request, schema: type[BaseModel]):
         limit = self.args.max_body_bytes
@@ -266,7 +205,7 @@ class ColdIngress:
             },
         }
 
-    async def _start(self, req: dict, model: str, kind: str, started: float) -> _Call:
+    async def _start(self, req: dict, model: str, kind: str, started: float) -> Call:
         """Send the request to an engine replica; wait for its first output or its error."""
         handle = self.engine.options(stream=True, multiplexed_model_id=req["adapter"] or "")
         gen = handle.generate.remote(req)
@@ -299,18 +238,9 @@ class ColdIngress:
             time.perf_counter() - started, tags={"decoding": first["meta"]["decoding"]}
         )
         self.metrics.decoded.inc(tags={"decoding": first["meta"]["decoding"], "model": model})
-        return _Call(gen, first, model, kind, started)
+        return Call(gen, first, model, kind)
 
-    def _headers(self, call: _Call) -> dict[str, str]:
-        m = call.meta
-        h = {"x-cold-decoding": m["decoding"]}  # (Serve's proxy owns x-request-id)
-        if m["decoding"] == "cold":
-            h["x-cold-alpha"], h["x-cold-beta"] = repr(m["alpha"]), repr(m["beta"])
-        if self.args.debug_headers:
-            h["x-cold-replica"] = m["replica"]
-        return h
-
-    async def _items(self, call: _Call) -> AsyncIterator[dict]:
+    async def _items(self, call: Call) -> AsyncIterator[dict]:
         """The engine's outputs from the first on; always cancels the engine side at the end
         (a client that went away frees its rows at once)."""
         tags = {"decoding": call.meta["decoding"]}
@@ -351,74 +281,22 @@ class ColdIngress:
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
-                self._stream(call, usage), media_type="text/event-stream",
-                headers=self._headers(call),
+                sse_stream(call, self._items(call), usage), media_type="text/event-stream",
+                headers=call.headers(self.args.debug_headers),
             )  # fmt: skip
         return await self._complete(call)
 
-    async def _complete(self, call: _Call) -> JSONResponse:
-        parts, finish, usage = [], None, None
+    async def _complete(self, call: Call) -> JSONResponse:
+        parts, finish, completion_tokens = [], None, 0
         async for item in self._items(call):
             if "error" in item:
                 err = item["error"]
                 raise APIError(item["status"], err["message"], err["code"])
             parts.append(item["text"])
             finish = item["finish_reason"] or finish
-            usage = item["completion_tokens"]
-        text = "".join(parts)
-        if call.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish}  # fmt: skip
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        body = {
-            "id": call.id,
-            "object": "chat.completion" if call.kind == "chat" else "text_completion",
-            "created": call.created,
-            "model": call.model,
-            "choices": [choice],
-            "usage": _usage(call.meta["prompt_tokens"], usage or 0),
-            "cold": _cold_view(call.meta),
-        }
-        return JSONResponse(body, headers=self._headers(call))
-
-    async def _stream(self, call: _Call, include_usage: bool) -> AsyncIterator[str]:
-        chat = call.kind == "chat"
-        head = {
-            "id": call.id,
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": call.created,
-            "model": call.model,
-        }
-        completion_tokens = 0
-        first = True
-        async for item in self._items(call):
-            if "error" in item:
-                yield _sse(
-                    error_body(item["status"], item["error"]["message"], item["error"]["code"])
-                )
-                break
             completion_tokens = item["completion_tokens"]
-            if not (first or item["text"] or item["finish_reason"]):
-                continue  # the detokenizer is holding back an incomplete character
-            if chat:
-                delta = {"content": item["text"]}
-                if first:
-                    delta["role"] = "assistant"
-                choice = {"index": 0, "delta": delta, "logprobs": None,
-                          "finish_reason": item["finish_reason"]}  # fmt: skip
-            else:
-                choice = {"index": 0, "text": item["text"], "logprobs": None,
-                          "finish_reason": item["finish_reason"]}  # fmt: skip
-            chunk = {**head, "choices": [choice]}
-            if first:
-                chunk["cold"] = _cold_view(call.meta)
-                first = False
-            yield _sse(chunk)
-        if include_usage:
-            yield _sse({**head, "choices": [],
-                        "usage": _usage(call.meta["prompt_tokens"], completion_tokens)})  # fmt: skip
-        yield _sse("[DONE]")
+        body = call.body("".join(parts), finish, completion_tokens)
+        return JSONResponse(body, headers=call.headers(self.args.debug_headers))
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
