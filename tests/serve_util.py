@@ -67,3 +67,24 @@ def local_ray(num_cpus: int = 2, resources: dict | None = None, metrics_port: in
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def ray_logs_containing(*needles: str) -> list[str]:
+    """Files of the current Ray session's folder (every process's logs) holding a needle."""
+    import os
+
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    hits = []
+    for root, _dirs, files in os.walk(session):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            if any(n.encode() in data for n in needles):
+                hits.append(path)
+    return hits
