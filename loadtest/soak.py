@@ -78,13 +78,15 @@ class EngineGauges:
         self.url: str | None = None
 
     def read(self) -> dict | None:
+        from http.client import HTTPException
+
         from cold_ray.loadtest.service import http_get
 
         urls = [self.url] if self.url else self.service.metrics_urls()
         for url in urls:
             try:
                 status, body = http_get(url, timeout=5)
-            except (OSError, ValueError):
+            except (OSError, ValueError, HTTPException):  # e.g. the agent's gRPC port
                 continue
             gauges = parse_gauges(body.decode(errors="replace")) if status == 200 else {}
             if gauges:

@@ -331,3 +331,44 @@ def test_soak_gauges_and_verdicts():
     )
     args.max_queue = 2
     assert checks(summary, samples, zero, args)["bounded_queue"]["passed"] is False
+
+
+def test_soak_gauges_skip_ports_that_do_not_speak_http():
+    """The dashboard agent also listens on gRPC ports; their binary answer (BadStatusLine)
+    must not end the soak."""
+    import socket
+
+    from cold_ray.loadtest.soak import EngineGauges
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'ray_cold_running_rows{replica="a"} 3.0\n'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    binary = socket.create_server(("127.0.0.1", 0))
+
+    def answer_in_binary():
+        conn, _ = binary.accept()
+        with conn:
+            conn.recv(1024)
+            conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00\x00\x05\xfe\r\n")
+
+    threading.Thread(target=answer_in_binary, daemon=True).start()
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        urls = [f"http://127.0.0.1:{binary.getsockname()[1]}/metrics",
+                f"http://127.0.0.1:{http.server_address[1]}/metrics"]  # fmt: skip
+        service = type("Service", (), {"metrics_urls": lambda self: urls})()
+        gauges = EngineGauges(service)
+        assert gauges.read()["running_rows"] == 3.0
+        assert gauges.url == urls[1]
+    finally:
+        http.shutdown()
+        binary.close()
