@@ -23,6 +23,7 @@ ENV = {"COLD_TEST_API_KEY": API_KEY, "COLD_TEST_ADMIN_KEY": ADMIN_KEY}
 CLIENT = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PROMPT = "the quick brown fox"
+CTX, LIMIT = 32768, 32700  # a long context: a long request outlives any test step
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def stack(tmp_path_factory, tiny_llama, tiny_adapters):
     from cold_ray.serve.app import compose, prepare
 
     root = tmp_path_factory.mktemp("serve_api")
-    model = long_tiny_model(tiny_llama, root / "tiny-long")
+    model = long_tiny_model(tiny_llama, root / "tiny-long", max_len=CTX)
     uploads = root / "uploads"
     shutil.copytree(tiny_adapters[2], uploads / "a2")
     (uploads / "pickled").mkdir()
@@ -42,7 +43,7 @@ def stack(tmp_path_factory, tiny_llama, tiny_adapters):
         model=str(model), served_model_name="tiny", registry=str(root / "reg.sqlite"),
         adapters=[{"name": "a0", "source": str(tiny_adapters[0]), "alpha": 0.3, "beta": 1.0},
                   {"name": "a1", "source": str(tiny_adapters[1]), "cold_enabled": False}],
-        adapter_roots=[str(uploads)], max_rows=8, max_model_len=4096, max_tokens_limit=4000,
+        adapter_roots=[str(uploads)], max_rows=8, max_model_len=CTX, max_tokens_limit=LIMIT,
         max_lora_rank=8, max_loras=2, chat_template=CHAT_TEMPLATE, max_body_bytes=64 * 1024,
         api_key_env="COLD_TEST_API_KEY", admin_key_env="COLD_TEST_ADMIN_KEY",
     )  # fmt: skip
@@ -232,7 +233,7 @@ def test_admin_registers_serves_and_removes(stack):
 
 # ---- hostile input ------------------------------------------------------------------------
 
-BIG = "x " * 3000  # > 4096 tokens of the tiny tokenizer, < the 64 KiB body limit
+BIG = "x " * 20000  # > CTX tokens of the tiny tokenizer, < the 64 KiB body limit
 # (name, method, path, headers, body (dict → JSON, bytes → raw), status)
 HOSTILE = [
     ("malformed json", "POST", "/v1/completions", CLIENT, b"{prompt: x}", 400),
@@ -270,7 +271,7 @@ HOSTILE = [
         "POST",
         "/v1/completions",
         CLIENT,
-        {"prompt": "x", "max_tokens": 4001},
+        {"prompt": "x", "max_tokens": LIMIT + 1},
         422,
     ),
     (
@@ -368,7 +369,7 @@ HOSTILE = [
         "POST",
         "/v1/completions",
         CLIENT,
-        {"prompt": "x " * 200, "max_tokens": 4000},
+        {"prompt": "x " * 200, "max_tokens": LIMIT},
         400,
     ),
     ("empty prompt", "POST", "/v1/completions", CLIENT, {"prompt": ""}, 400),
@@ -486,7 +487,7 @@ def test_replica_still_serves_after_hostile_input(stack):
 
 def test_client_disconnect_frees_rows(stack):
     tokens0 = engine_stats()["generated_tokens"]
-    body = {"model": "a0", "prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True,
+    body = {"model": "a0", "prompt": PROMPT, "max_tokens": LIMIT, "ignore_eos": True,
             "temperature": 0, "stream": True}  # fmt: skip
     with httpx.Client(base_url=stack["url"], timeout=60) as c:
         with c.stream("POST", "/v1/completions", json=body, headers=CLIENT) as r:
@@ -496,15 +497,15 @@ def test_client_disconnect_frees_rows(stack):
                 if got >= 5:
                     break
             assert engine_stats()["running_rows"] == 2  # a CoLD request: expert + amateur
-    # the client is gone: its rows are freed long before 4000 tokens could be generated
+    # the client is gone: its rows are freed long before LIMIT tokens could be generated
     wait_for(lambda: engine_stats()["running_rows"] == 0, timeout=15, what="rows freed")
-    assert engine_stats()["generated_tokens"] - tokens0 < 4000
+    assert engine_stats()["generated_tokens"] - tokens0 < LIMIT // 2
     assert complete(stack, model="a0").status_code == 200
 
 
 def test_full_queue_answers_503_quickly(stack):
     """Engine: max_ongoing_requests=1, max_queued_requests=1 (the /ovl app)."""
-    long_body = {"model": "a0", "prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True,
+    long_body = {"model": "a0", "prompt": PROMPT, "max_tokens": LIMIT, "ignore_eos": True,
                  "stream": True}  # fmt: skip
     results = []
 
@@ -571,3 +572,29 @@ def test_logs_never_contain_tokens(stack):
             if API_KEY.encode() in data or ADMIN_KEY.encode() in data:
                 leaks.append(path)
     assert not leaks, leaks
+
+
+def test_engine_replica_killed_mid_stream(stack):
+    """Last (it replaces the replica): the client gets an SSE error event and [DONE] at once,
+    not a hang; Serve starts a new replica and requests succeed again."""
+    import signal
+
+    from ray import serve
+
+    info = serve.get_deployment_handle("ColdEngine", app_name="api").info.remote().result()
+    body = {"model": "a0", "prompt": PROMPT, "max_tokens": LIMIT, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    events = []
+    with stack["client"].stream("POST", "/v1/completions", json=body, headers=CLIENT) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[len("data: ") :])
+            if len(events) == 3:
+                os.kill(info["pid"], signal.SIGKILL)
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == "engine_failed" and len(events) < LIMIT // 2
+    r = wait_for(lambda: (x := complete(stack, model="a0")).status_code == 200 and x,
+                 timeout=120, interval=1, what="a replacement replica")  # fmt: skip
+    assert r.headers["x-cold-replica"] != info["replica"]
