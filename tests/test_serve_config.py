@@ -209,4 +209,4 @@ def test_sse_stream_shape():
     assert chunks[2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     failed = asyncio.run(collect("completion", [items[0], {"status": 503, "error": {
         "message": "gone", "code": "engine_failed"}}]))  # fmt: skip
-    assert json.loads(failed[1][6:])["error"]["type"] == "overloaded_error"
+    assert json.loads(failed[1][6:])["error"]["type"] == "server_error"

@@ -13,7 +13,9 @@ Status policy (DESIGN §6), the one table the HTTP layer and its tests follow:
 | 413    | invalid_request_error   | request body over `max_body_bytes`                            |
 | 422    | invalid_request_error   | a parameter of the wrong type or out of range                 |
 | 500    | server_error            | a bug or an adapter that fails to load (message says which)   |
-| 503    | overloaded_error        | queue full (backpressure) or no engine replica available      |
+| 503    | overloaded_error        | queue full (backpressure); server_error when an engine        |
+|        |                         | replica failed or none is available (codes engine_failed,     |
+|        |                         | unavailable): retry either way                                |
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ _TYPES = {
     500: "server_error",
     503: "overloaded_error",
 }
+
+
+# 503s that are not backpressure: a replica died or none is up (retryable, not overload)
+_SERVER_FAULTS = ("engine_failed", "unavailable")
 
 
 class APIError(Exception):
@@ -60,16 +66,10 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None):
-    return {
-        "error": {
-            "message": message,
-            "type": _TYPES.get(
-                status, "server_error" if status >= 500 else "invalid_request_error"
-            ),
-            "code": code,
-            "param": param,
-        }
-    }
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    if code in _SERVER_FAULTS:
+        kind = "server_error"
+    return {"error": {"message": message, "type": kind, "code": code, "param": param}}
 
 
 def from_validation_error(e) -> APIError:
