@@ -118,7 +118,7 @@ def service_for(args: argparse.Namespace):
         svc.stop()
 
 
-def one_run(url: str, args, users: int, out: Path, workload) -> dict:
+def one_run(url: str, args, users: int, out: Path, workload, procs: list | None = None) -> dict:
     """One Locust run into `out`: records → summary.json + run.png; returns the summary."""
     from cold_ray.loadtest.report import plot_run
     from cold_ray.loadtest.runner import LocustPlacement, build_summary, run_locust
@@ -126,7 +126,7 @@ def one_run(url: str, args, users: int, out: Path, workload) -> dict:
     placement = LocustPlacement(args.locust_nice, args.locust_cpus)
     spawn = args.spawn_rate or users
     records, rc = run_locust(url, users, spawn, args.duration, out, workload, placement,
-                             args.stop_timeout)  # fmt: skip
+                             args.stop_timeout, procs)  # fmt: skip
     summary = build_summary(records, host=url, users=users, spawn_rate=spawn,
                             duration=args.duration, workload=workload, placement=placement,
                             locust_rc=rc, out_dir=out)  # fmt: skip

@@ -80,8 +80,13 @@ def run_locust(
     workload: Workload,
     placement: LocustPlacement,
     stop_timeout: float = 30.0,
+    procs: list | None = None,
 ) -> tuple[list[dict], int]:
-    """Run one headless Locust test; return (its request records, Locust's exit code)."""
+    """Run one headless Locust test; return (its request records, Locust's exit code).
+
+    The Locust process is appended to `procs` while it runs, so a caller running this in a
+    thread can stop it if the caller itself fails.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     records_path = out_dir / "records.jsonl"
     records_path.unlink(missing_ok=True)
@@ -101,10 +106,15 @@ def run_locust(
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(out_dir / "locust.log", "wb") as log:
-        proc = subprocess.run(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=placed,
-            timeout=parse_duration(duration) + stop_timeout + 120,
-        )  # fmt: skip
+        with subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                              preexec_fn=placed) as proc:  # fmt: skip
+            if procs is not None:
+                procs.append(proc)
+            try:
+                proc.wait(timeout=parse_duration(duration) + stop_timeout + 120)
+            except BaseException:
+                proc.kill()
+                raise
     records = []
     if records_path.exists():
         records = [json.loads(line) for line in records_path.read_text().splitlines() if line]

@@ -165,18 +165,24 @@ def main_args(args: argparse.Namespace) -> int:
             samples: list[dict] = []
             gauges = EngineGauges(svc)
             result: dict = {}
+            procs: list = []
             runner = threading.Thread(
                 target=lambda: result.update(summary=one_run(svc.url, args, args.users,
-                                                             args.out, workload)),
+                                                             args.out, workload, procs)),
                 daemon=True,
             )  # fmt: skip
             t0 = time.monotonic()
             runner.start()
-            while runner.is_alive():
-                samples.append({"t": round(time.monotonic() - t0, 1),
-                                "rss_mib": replica_rss_mib(pids),
-                                "engine": gauges.read()})  # fmt: skip
-                runner.join(args.sample_every)
+            try:
+                while runner.is_alive():
+                    samples.append({"t": round(time.monotonic() - t0, 1),
+                                    "rss_mib": replica_rss_mib(pids),
+                                    "engine": gauges.read()})  # fmt: skip
+                    runner.join(args.sample_every)
+            finally:  # never leave Locust hammering a service that is going away
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.kill()
             final = None
             for _ in range(30):  # Ray exports gauges every few seconds: wait for fresh ones
                 time.sleep(1.0)
