@@ -9,6 +9,8 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 
+import torch
+
 from cold_ray.config import EngineConfig
 from cold_ray.engine.core import AdapterResolver, EngineCore
 from cold_ray.engine.params import ColdParams, SamplingParams
@@ -88,6 +90,11 @@ class AsyncEngine:
             sink(out)
 
     def _loop(self) -> None:
+        # Intra-op thread settings are per thread: apply the configured count here too, or the
+        # step thread would run with the process default (different speed, and BLAS may pick
+        # a different reduction order than the caller's thread).
+        if self.core.config.num_threads is not None:
+            torch.set_num_threads(self.core.config.num_threads)
         while not self._stopped:
             self._drain()
             if not self.core.has_work():
