@@ -69,11 +69,12 @@ TASK = Task("gsm8k", lambda q: f"Question: {q}\nAnswer:", harness.extract.gsm8k,
             stop=("\nQuestion:",), max_tokens=32)  # fmt: skip
 
 
-@pytest.mark.parametrize("interleave", [False, True])
-def test_accuracy_on_known_outputs(interleave):
+@pytest.mark.parametrize("kw", [{}, {"interleave": True}, {"rounds": 2}, {"rounds": 5}])
+def test_accuracy_on_known_outputs(kw):
     core = ScriptedCore(_script)
-    modes = harness.default_modes([(0.1, 0.5)])
-    report = evaluate(core, ITEMS, "ad", modes, TASK, interleave=interleave)
+    modes = harness.default_modes([(0.1, 0.5), (0.1, 0.5)])  # a repeated setting runs once
+    report = evaluate(core, ITEMS, "ad", modes, TASK, **kw)
+    assert len(report.results) == 3
     assert report.golds == ["4", "1500", "7", "-3", "10"]
     got = {r.mode.kind: r for r in report.results}
     assert got["greedy"].correct == [True, True, False, False, False]
@@ -116,6 +117,10 @@ def test_items_and_modes_are_validated(tmp_path):
         Mode("cold", 0.0, 0.5)
     with pytest.raises(ValueError, match="needs alpha and beta"):
         Mode("cold", 0.1, None)
+    with pytest.raises(ValueError, match="distinct"):
+        evaluate(ScriptedCore(_script), ITEMS, "ad", [Mode("greedy")] * 2, TASK)
+    with pytest.raises(ValueError, match="rounds must be"):
+        evaluate(ScriptedCore(_script), ITEMS, "ad", [Mode("greedy")], TASK, rounds=6)
 
 
 # ---- the real engine on a tiny random model ---------------------------------------------------
@@ -136,6 +141,11 @@ TINY = Task("tiny", lambda q: f"{q} =", _words, stop=("####",), max_tokens=8)
 QUESTIONS = ["one two", "the quick brown", "lora adapters on", "seven eight nine", "fox", "ten"]
 
 
+def _route(mode):
+    """(adapter, cold) a mode's requests must carry."""
+    return (None if mode.kind == "base_greedy" else "ad", mode.cold)
+
+
 def test_every_mode_gets_the_same_prompts_stop_rule_and_extractor(core, monkeypatch):
     sent, extracted = [], []
     real_make = core.make_request
@@ -152,22 +162,18 @@ def test_every_mode_gets_the_same_prompts_stop_rule_and_extractor(core, monkeypa
     task = Task("tiny", TINY.prompt, spy_extract, TINY.stop, TINY.max_tokens)
     items = [{"question": q, "answer": "x"} for q in QUESTIONS]
     modes = harness.default_modes([(0.1, 0.5), (0.3, 1.0)])
-    for interleave in (False, True):
+    for kw in ({}, {"interleave": True}, {"rounds": 4}):
         sent.clear()
         extracted.clear()
-        report = evaluate(core, items, "ad", modes, task, interleave=interleave)
+        report = evaluate(core, items, "ad", modes, task, **kw)
         assert len(sent) == len(items) * len(modes)
-        per_mode = [sent[i * len(items) : (i + 1) * len(items)] for i in range(len(modes))]
-        prompts = [p for p, *_ in per_mode[0]]
-        assert prompts == [TINY.prompt(q) for q in QUESTIONS]
-        for mode, reqs in zip(modes, per_mode):
+        per_mode = {m: [s for s in sent if (s[2], s[3]) == _route(m)] for m in modes}
+        assert all(len(reqs) == len(items) for reqs in per_mode.values())  # nothing else sent
+        prompts = [TINY.prompt(q) for q in QUESTIONS]
+        for reqs in per_mode.values():
             assert [p for p, *_ in reqs] == prompts  # same prompts, same order
-            assert {params for _, params, _, _ in reqs} == {reqs[0][1]}
-            assert reqs[0][1] == per_mode[0][0][1]  # same SamplingParams in every mode
-            assert reqs[0][1].stop == ("####",) and reqs[0][1].max_tokens == 8
-            assert reqs[0][1].greedy
-            assert {a for _, _, a, _ in reqs} == {None if mode.kind == "base_greedy" else "ad"}
-            assert {c for *_, c in reqs} == {mode.cold}
+            assert {params for _, params, _, _ in reqs} == {sent[0][1]}  # same SamplingParams
+        assert sent[0][1].stop == ("####",) and sent[0][1].max_tokens == 8 and sent[0][1].greedy
         # the one extractor read the gold answers and every mode's every output
         outputs = [t for r in report.results for t in r.texts]
         assert extracted == ["x"] * len(items) + outputs

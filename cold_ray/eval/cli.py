@@ -78,7 +78,7 @@ def _eval(args: argparse.Namespace) -> int:
         modes = harness.default_modes(_settings(args, core, name), base=not args.no_base)
         harness.warm_up(core, items, name, modes, task)
         report = harness.evaluate(core, items, name, modes, task, max_tokens=args.max_tokens,
-                                  progress=not args.no_progress)  # fmt: skip
+                                  progress=not args.no_progress, rounds=args.rounds)  # fmt: skip
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -155,6 +155,9 @@ def add_parser(sub) -> None:
                         "adapter's tuned setting, else 0.1)")  # fmt: skip
     e.add_argument("--beta", type=float, action="append", help="CoLD beta (default 0.5)")
     e.add_argument("--no-base", action="store_true", help="skip base-model greedy")
+    e.add_argument("--rounds", type=int, default=1,
+                   help="run the modes on N slices of the items in alternating order, so that "
+                        "each mode's time samples the same load (noisy machines)")  # fmt: skip
     e.add_argument("--plot", help="write a PNG chart here")
     e.add_argument("--outputs", help="write every generation (JSONL) here")
     _engine_args(e)

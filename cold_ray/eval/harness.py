@@ -89,7 +89,7 @@ class Mode:
 
 def default_modes(settings: Sequence[tuple[float, float]], base: bool = True) -> list[Mode]:
     """Expert greedy, CoLD at each (alpha, beta), and (optionally) base-model greedy."""
-    modes = [Mode("greedy")] + [Mode("cold", a, b) for a, b in settings]
+    modes = [Mode("greedy")] + list(dict.fromkeys(Mode("cold", a, b) for a, b in settings))
     return modes + [Mode("base_greedy")] if base else modes
 
 
@@ -125,7 +125,7 @@ class ModeResult:
     preds: list[str | None]
     texts: list[str]
     completion_tokens: int
-    wall_s: float  # time for this mode alone; 0.0 when modes ran interleaved
+    wall_s: float  # time spent on this mode alone; 0.0 when modes ran interleaved
     finish_reasons: Counter = field(default_factory=Counter)
 
     @property
@@ -250,13 +250,22 @@ def evaluate(
     max_tokens: int | None = None,
     progress: bool = False,
     interleave: bool = False,
+    rounds: int = 1,
 ) -> EvalReport:
-    """Run every mode on every item; `interleave` submits all modes at once (no per-mode time).
+    """Run every mode on every item.
 
     The prompts, the SamplingParams and the extractor are built once and shared by all modes.
+    `interleave` submits all modes at once (best throughput, no per-mode time). `rounds > 1`
+    splits the items into that many slices and runs every mode on each slice in turn, the
+    order of modes reversed every other round: on a machine whose load drifts, each mode's
+    time then samples the same stretches of it.
     """
     if adapter is None and any(m.kind != "base_greedy" for m in modes):
         raise ValueError("greedy and cold modes need an adapter")
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"modes must be distinct, got {[m.label for m in modes]}")
+    if not isinstance(rounds, int) or not 1 <= rounds <= max(1, len(items)):
+        raise ValueError(f"rounds must be between 1 and the number of items, got {rounds}")
     golds = []
     for i, item in enumerate(items):
         gold = task.extract(item["answer"])
@@ -266,22 +275,28 @@ def evaluate(
     prompts = [task.prompt(item["question"]) for item in items]
     params = SamplingParams(max_tokens=max_tokens or task.max_tokens, stop=task.stop)
     bar = _progress(len(items) * len(modes), progress)
-    results = []
+    reqs: dict[Mode, list] = {m: [] for m in modes}
+    wall: dict[Mode, float] = dict.fromkeys(modes, 0.0)
+    done: dict[str, tuple[str, str]] = {}
     try:
         if interleave:
-            submitted = [(m, _submit(core, prompts, params, m, adapter)) for m in modes]
-            done = _drain(core, [r for _, reqs in submitted for r in reqs], bar)
-            for m, reqs in submitted:
-                results.append(_score(m, reqs, done, golds, task, 0.0))
-        else:
             for m in modes:
-                bar.set_description(m.label)
-                t0 = time.perf_counter()
-                reqs = _submit(core, prompts, params, m, adapter)
-                done = _drain(core, reqs, bar)
-                results.append(_score(m, reqs, done, golds, task, time.perf_counter() - t0))
+                reqs[m] = _submit(core, prompts, params, m, adapter)
+            done = _drain(core, [r for m in modes for r in reqs[m]], bar)
+        else:
+            size = -(-len(prompts) // rounds)
+            for k in range(rounds):
+                chunk = prompts[k * size : (k + 1) * size]
+                for m in modes if k % 2 == 0 else list(reversed(modes)):
+                    bar.set_description(m.label)
+                    t0 = time.perf_counter()
+                    sent = _submit(core, chunk, params, m, adapter)
+                    done.update(_drain(core, sent, bar))
+                    wall[m] += time.perf_counter() - t0
+                    reqs[m] += sent
     finally:
         bar.close()
+    results = [_score(m, reqs[m], done, golds, task, wall[m]) for m in modes]
     return EvalReport(task.name, adapter, golds, results, params)
 
 
