@@ -255,8 +255,9 @@ def test_hostile_adapter_sources_and_files_are_refused(app, tmp_path):
 
 def test_replica_killed_mid_stream_fails_cleanly_and_is_replaced(app):
     """SIGKILL the engine replica while a stream and a non-streaming request run on it: both
-    clients get an OpenAI-shaped 503 promptly (no hang), Serve starts a new replica, and new
-    requests succeed on it."""
+    clients get an OpenAI-shaped 503 promptly (no hang), Serve starts a new replica (a new
+    process), and new requests, streamed or not, succeed on it. (test_serve_api's
+    test_engine_replica_killed_mid_stream covers the stream alone.)"""
     old = replica_info()
     results = []
 
@@ -284,7 +285,7 @@ def test_replica_killed_mid_stream_fails_cleanly_and_is_replaced(app):
         t.join(timeout=60)
     assert events[-1] == "[DONE]", events[-3:]
     err = events[-2]["error"]
-    assert err["code"] == "engine_failed" and err["type"] == "overloaded_error", err
+    assert set(err) == {"message", "type", "code", "param"} and err["code"] == "engine_failed"
     assert stream_ended < 30
     (r2,) = results
     assert assert_openai_error(r2, 503)["code"] == "engine_failed"
