@@ -206,4 +206,6 @@ def test_plot_writes_a_png(tmp_path):
                       TASK)  # fmt: skip
     harness.plot(report, tmp_path / "eval.png")
     assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    harness.plot(json.loads(json.dumps(report.to_dict())), tmp_path / "again.png")  # from --json
+    assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
     assert "cold a=0.1 b=0.5" in harness.format_table(report)

@@ -91,7 +91,7 @@ def _eval(args: argparse.Namespace) -> int:
                     f.write(json.dumps({"item": i, "mode": r.mode.label, "gold": report.golds[i],
                                         "pred": pred, "correct": ok, "text": text}) + "\n")  # fmt: skip
     if args.plot:
-        harness.plot(report, args.plot, title=f"{Path(path).name}: {name}, n={len(items)}")
+        harness.plot(out, args.plot, title=f"{Path(args.data).name}: {name}, n={len(items)}")
     print(json.dumps(out, indent=2) if args.json else harness.format_table(report))
     return 0
 

@@ -336,14 +336,16 @@ def format_table(report: EvalReport) -> str:
     return "\n".join(lines)
 
 
-def plot(report: EvalReport, path: str | Path, title: str | None = None) -> None:
-    """Accuracy with Wilson 95% intervals, and tokens/s, per mode (PNG)."""
+def plot(report: EvalReport | dict, path: str | Path, title: str | None = None) -> None:
+    """Accuracy with Wilson 95% intervals, and tokens/s, per mode (PNG); `report` may also be
+    the `--json` output of an earlier run, so a figure can be redrawn without decoding again."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r.to_dict() for r in report.results]
+    rep = report if isinstance(report, dict) else report.to_dict()
+    rows = rep["results"]
     labels = [d["label"].replace(" a=", "\nα=").replace(" b=", " β=") for d in rows]
     acc = [d["accuracy"] for d in rows]
     err = [[a - d["ci95"][0] for a, d in zip(acc, rows)],
@@ -364,7 +366,7 @@ def plot(report: EvalReport, path: str | Path, title: str | None = None) -> None
         ax2.bar(range(len(rows)), [d["tokens_per_s"] or 0 for d in rows], color=col)
         ax2.set_xticks(range(len(rows)), labels, fontsize=8)
         ax2.set_ylabel("generated tokens / s")
-    fig.suptitle(title or f"{report.task}: adapter {report.adapter}, n={len(report.golds)}")
+    fig.suptitle(title or f"{rep['task']}: adapter {rep['adapter']}, n={rep['n']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
