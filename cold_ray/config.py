@@ -18,6 +18,9 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_rows: int = 32  # batch rows; a CoLD request takes two (expert + amateur)
     max_model_len: int = 1024  # prompt + generated tokens per request (KV cache per row)
+    # Prompt tokens prefilled per step (a CoLD prompt counts twice); at least one request is
+    # always admitted. Bounds the stall that new requests put on running streams.
+    max_prefill_tokens: int = 1024
     host_cache_adapters: int = 16  # validated adapters kept in host memory for fast reloads
     max_adapter_bytes: int = 1 << 30
     lora_backend: str = "auto"  # auto | reference | grouped | triton | ...
@@ -27,7 +30,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_loras", "max_lora_rank", "max_rows", "max_model_len"):
+        for name in ("max_loras", "max_lora_rank", "max_rows", "max_model_len",
+                     "max_prefill_tokens"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

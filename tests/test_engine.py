@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from cold_ray.kernels import reference
 
 from cold_ray.adapters.peft import AdapterError
 from cold_ray.config import EngineConfig
 from cold_ray.engine import ColdParams, EngineCore, EngineError, SamplingParams, UnknownAdapterError
+from cold_ray.kernels import reference
 from tests.helpers import hf_model, make_peft_adapter, peft_model
 
 PROMPTS = [[5, 17, 42, 99, 3], [250, 7, 8, 120, 64, 33, 2 + 10, 77], [11, 12]]
@@ -235,9 +235,14 @@ def test_async_engine_streams_and_cancels(tiny_llama, tiny_adapters):
 
     from cold_ray.engine import AsyncEngine
 
-    engine = AsyncEngine(EngineConfig(model=str(tiny_llama), max_rows=4, max_model_len=64))
+    config = EngineConfig(model=str(tiny_llama), max_rows=4, max_model_len=64)
+    reference_core = EngineCore(config)
+    reference_core.register_adapter("a0", tiny_adapters[0])
+    want = reference_core.generate([PROMPTS[0]], GREEDY, "a0", ColdParams())[0]
+    engine = AsyncEngine(config)
     engine.core.register_adapter("a0", tiny_adapters[0])
-    want = engine.core.generate([PROMPTS[0]], GREEDY, "a0", ColdParams())[0]
+    with pytest.raises(EngineError, match="driven by an AsyncEngine"):
+        engine.core.generate([PROMPTS[0]], GREEDY)
 
     async def main():
         chunks = [o async for o in await engine.submit(PROMPTS[0], GREEDY, "a0", ColdParams())]
@@ -260,3 +265,23 @@ def test_async_engine_streams_and_cancels(tiny_llama, tiny_adapters):
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_prefill_budget_lets_running_rows_decode(tiny_llama):
+    """Prefill per step is bounded: a burst of new requests is admitted over several steps,
+    and a running request gains a token every step meanwhile."""
+    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=8, max_model_len=64,
+                                   max_prefill_tokens=10))  # fmt: skip
+    running = core.make_request(PROMPTS[0], SamplingParams(max_tokens=30, ignore_eos=True))
+    core.add(running)
+    core.step()
+    burst = [core.make_request(PROMPTS[1], GREEDY) for _ in range(3)]  # 8 tokens each
+    for r in burst:
+        core.add(r)
+    admitted = []
+    for _ in range(3):
+        before = len(running.output_ids)
+        core.step()
+        assert len(running.output_ids) == before + 1
+        admitted.append(sum(1 for r in burst if r.output_ids))
+    assert admitted == [1, 2, 3]

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 class AsyncEngine:
     def __init__(self, config: EngineConfig, resolver: AdapterResolver | None = None):
         self.core = EngineCore(config, resolver)
+        self.core.driven_by_thread = True
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[str, Callable[[RequestOutput], None]] = {}

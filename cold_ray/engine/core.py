@@ -95,6 +95,7 @@ class EngineCore:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.rows: list[Row] = []
+        self.driven_by_thread = False  # set by AsyncEngine: only its thread may step()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load",
                                           initializer=background_priority)  # fmt: skip
         self._loading: dict[str, tuple[Future, float]] = {}  # name -> (read, started)
@@ -166,7 +167,7 @@ class EngineCore:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise EngineError("prompt is empty")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            ids = self.tokenizer.encode(prompt)  # with BOS where the model wants one (Llama)
         else:
             ids = list(prompt)
             if any(not isinstance(t, int) or not 0 <= t < self.args.vocab_size for t in ids):
@@ -243,15 +244,20 @@ class EngineCore:
     def _admit(self, outputs: list[RequestOutput]) -> list[Request]:
         """Move waiting requests into rows while rows and adapter slots allow (FIFO)."""
         admitted = []
+        budget = self.config.max_prefill_tokens
         for req in list(self.waiting):
             if req.finish_reason is not None:
                 continue  # failed earlier in this pass (its adapter did not load)
             if req.num_rows > self.free_rows:
                 break  # head-of-line: later requests must not starve a CoLD pair
+            cost = req.num_rows * len(req.prompt_ids)
+            if admitted and cost > budget:
+                break  # prefill budget spent: running rows decode now, the rest next step
             if req.adapter is not None and not self._ensure_adapter(req, outputs):
                 continue
             self.waiting.remove(req)
             admitted.append(req)
+            budget -= cost
             if req.adapter is not None:
                 self.slots.acquire(req.adapter)
                 req.adapter_pinned = True
@@ -430,6 +436,8 @@ class EngineCore:
         cold: ColdParams | None = None,
     ) -> list[dict]:
         """Run prompts to completion (blocking); one dict per prompt, in order."""
+        if self.driven_by_thread:
+            raise EngineError("this engine is driven by an AsyncEngine's thread; use submit()")
         reqs = [self.make_request(p, params, adapter, cold) for p in prompts]
         done: dict[str, dict] = {}
         texts = {r.request_id: [] for r in reqs}

@@ -84,6 +84,9 @@ class AppArgs(BaseModel):
     max_model_len: int = Field(
         1024, ge=2, le=1 << 20, description="Prompt + completion tokens per request."
     )
+    max_prefill_tokens: int = Field(
+        1024, ge=1, description="Prompt tokens prefilled per engine step (CoLD counts twice)."
+    )
     host_cache_adapters: int = Field(16, ge=0, description="Validated adapters kept in RAM.")
     max_adapter_bytes: int = Field(1 << 30, ge=1, description="Largest adapter weights file.")
     lora_backend: str = Field("auto", description="BGMV backend: auto, reference, grouped, ...")
@@ -176,6 +179,7 @@ class AppArgs(BaseModel):
             max_lora_rank=self.max_lora_rank,
             max_rows=self.max_rows,
             max_model_len=self.max_model_len,
+            max_prefill_tokens=self.max_prefill_tokens,
             host_cache_adapters=self.host_cache_adapters,
             max_adapter_bytes=self.max_adapter_bytes,
             lora_backend=self.lora_backend,

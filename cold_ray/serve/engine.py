@@ -149,7 +149,7 @@ class ColdEngine:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise EngineError("prompt is empty")
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
+            return self.tokenizer.encode(prompt)  # BOS where the model wants one, as vLLM
         return list(prompt)
 
     def _max_tokens(self, req: dict, n_prompt: int) -> int:
