@@ -116,8 +116,9 @@ def plot_soak(samples: list[dict], out: Path) -> Path:
     axes[0].set_title("engine replica RSS (MiB)")
     axes[0].set_xlabel("seconds")
     axes[0].grid(alpha=0.3)
-    for key in sorted({k for s in samples for k in s.get("engine", {})}):
-        axes[1].plot(ts, [s.get("engine", {}).get(key) for s in samples], label=key)
+    engine = [s.get("engine") or {} for s in samples]  # None: gauges not exported yet
+    for key in sorted({k for e in engine for k in e}):
+        axes[1].plot(ts, [e.get(key) for e in engine], label=key)
     axes[1].set_title("engine gauges")
     axes[1].set_xlabel("seconds")
     axes[1].grid(alpha=0.3)

@@ -372,3 +372,11 @@ def test_soak_gauges_skip_ports_that_do_not_speak_http():
     finally:
         http.shutdown()
         binary.close()
+
+
+def test_soak_plot_takes_samples_taken_before_the_gauges_were_exported(tmp_path):
+    from cold_ray.loadtest.report import plot_soak
+
+    samples = [{"t": 0.0, "rss_mib": 300.0, "engine": None},
+               {"t": 5.0, "rss_mib": 2500.0, "engine": {"running_rows": 4.0}}]  # fmt: skip
+    assert plot_soak(samples, tmp_path / "soak.png").stat().st_size > 0
