@@ -2,6 +2,7 @@
 request on the adapter uses what it stored."""
 
 import threading
+import time
 
 import pytest
 
@@ -126,18 +127,25 @@ def test_registry_update_is_atomic_for_concurrent_readers(reg):
     """A reader never sees half a tuning result (alpha of one write, cold_enabled of another)."""
     states = [(0.1, 1.0, True), (None, None, False), (0.3, 0.5, True)]
     seen, stop = set(), threading.Event()
+    reads = [0]
     other = Registry(reg.path)  # a second connection, as another replica has
 
     def read():
         while not stop.is_set():
             r = other.get("ad")
             seen.add((r.alpha, r.beta, r.cold_enabled))
+            reads[0] += 1
 
     reader = threading.Thread(target=read)
     reader.start()
     try:
         for i in range(150):
             reg.set_tuned("ad", *states[i % 3])
+            if i % 10 == 9:  # let the reader in between writes even on a starved machine
+                before = reads[0]
+                deadline = time.monotonic() + 5
+                while reads[0] == before and time.monotonic() < deadline:
+                    time.sleep(0.001)
     finally:
         stop.set()
         reader.join(10)
