@@ -141,10 +141,11 @@ def test_cli_tune_stores_in_the_registry(tmp_path, tiny_llama, tiny_adapters, ca
     rc = main(["tune", "--adapter", "ad", "--data", str(_task_file(tmp_path)), "--registry",
                str(reg.path), "--model", str(tiny_llama), "--max-model-len", "200",
                "--max-tokens", "4", "--alphas", "0.1", "--betas", "0.5", "1.0", "--json",
-               "--no-progress"])  # fmt: skip
+               "--no-progress", "--plot", str(tmp_path / "tune.png")])  # fmt: skip
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["search"] == "grid" and len(out["tried"]) == 2 and out["stored"]
+    assert (tmp_path / "tune.png").read_bytes()[:4] == b"\x89PNG"
     rec = reg.get("ad")
     assert (rec.alpha, rec.beta, rec.cold_enabled) == (out["alpha"], out["beta"],
                                                        out["cold_enabled"])  # fmt: skip

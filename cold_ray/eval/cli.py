@@ -108,6 +108,8 @@ def _tune(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.plot:
+        tune.plot_decision(name, decision, args.plot)
     if args.json:
         print(json.dumps({"adapter": name, "search": "grid", **decision.to_dict()}, indent=2))
     else:
@@ -173,6 +175,7 @@ def add_parser(sub) -> None:
     t.add_argument("--min-gain", type=float, default=0.0,
                    help="least accuracy gain over greedy to keep CoLD (fraction)")  # fmt: skip
     t.add_argument("--dry-run", action="store_true", help="report, do not store")
+    t.add_argument("--plot", help="write a PNG heatmap of the grid here")
     _engine_args(t)
     t.set_defaults(func=_tune)
 

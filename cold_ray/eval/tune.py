@@ -138,3 +138,37 @@ def format_decision(adapter: str, d: TuneDecision) -> str:
         result = "CoLD off (plain greedy with the adapter by default)"
     lines.append(("stored in the registry: " if d.stored else "dry run, not stored: ") + result)
     return "\n".join(lines)
+
+
+def plot_decision(adapter: str, d: TuneDecision | dict, path: str) -> None:
+    """A heatmap of the grid: validation items right per (alpha, beta), and the gain/loss
+    against expert greedy; `d` may be the `--json` output of an earlier run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = d if isinstance(d, dict) else d.to_dict()
+    alphas = sorted({t["alpha"] for t in d["tried"]})
+    betas = sorted({t["beta"] for t in d["tried"]})
+    cell = {(t["alpha"], t["beta"]): t for t in d["tried"]}
+    delta = [[cell[(a, b)]["delta"] if (a, b) in cell else float("nan") for b in betas]
+             for a in alphas]  # fmt: skip
+    lim = max(0.01, max(abs(x) for row in delta for x in row if x == x))
+    fig, ax = plt.subplots(figsize=(1.6 * len(betas) + 2.5, 1.0 * len(alphas) + 1.8))
+    im = ax.imshow(delta, cmap="RdBu", vmin=-lim, vmax=lim)
+    for i, a in enumerate(alphas):
+        for j, b in enumerate(betas):
+            if (a, b) in cell:
+                t = cell[(a, b)]
+                color = "white" if abs(t["delta"]) > 0.6 * lim else "black"
+                ax.text(j, i, f"{t['correct']}/{t['n']}\n+{t['gains']}/-{t['losses']}",
+                        ha="center", va="center", fontsize=8, color=color)  # fmt: skip
+    ax.set_xticks(range(len(betas)), [f"β={b:g}" for b in betas])
+    ax.set_yticks(range(len(alphas)), [f"α={a:g}" for a in alphas])
+    fig.colorbar(im, ax=ax, label="accuracy − greedy")
+    chosen = f"α={d['alpha']:g} β={d['beta']:g}" if d["cold_enabled"] else "CoLD off"
+    ax.set_title(f"tune {adapter}: greedy {d['greedy_correct']}/{d['n']} → {chosen}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
