@@ -92,7 +92,7 @@ def throughput_under_load(core, names: list[str], rows: int, steps: int, rounds:
     from cold_ray.engine import SamplingParams
 
     prompt = core.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 2)[:16]
-    params = SamplingParams(max_tokens=2 * steps * rounds + 8, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=2 * steps * rounds + 8, ignore_eos=True)
     serving, loading = names[0], names[1:]
     core.load_adapter(serving)
     reqs = [core.make_request(prompt, params, serving if i % 2 == 0 else None)

@@ -53,10 +53,12 @@ def run_cold_ray(mode: str, batch: int, prompt_len: int, new_tokens: int, adapte
     if name:
         core.register_adapter(name, adapter)
         core.load_adapter(name)
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     cold = ColdParams(0.1, 0.5) if mode == "cold" else None
     prompts = _prompts(core.tokenizer, batch, prompt_len)
-    core.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True), name, cold)  # warm
+    core.generate(
+        prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), name, cold
+    )  # warm
     reqs = [core.make_request(p, params, name, cold) for p in prompts]
     start = time.perf_counter()
     for r in reqs:

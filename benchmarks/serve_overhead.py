@@ -66,7 +66,7 @@ async def _inproc(a) -> dict:
     async def one(prompt, max_tokens):
         t0 = time.perf_counter()
         ttft, n = None, 0
-        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         async for out in await engine.submit(prompt, params, "bench", cold):
             ttft = ttft or time.perf_counter() - t0
             n += len(out.token_ids)

@@ -67,6 +67,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cold_ray import decoding as d
+
     parser = argparse.ArgumentParser(prog="cold-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,15 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", help="PEFT adapter folder")
     g.add_argument("--model", help="HF safetensors folder or .gguf file (default: SmolLM2)")
     g.add_argument("--device", default="cpu")
-    g.add_argument("--alpha", type=float, default=0.1)
-    g.add_argument("--beta", type=float, default=0.5)
+    g.add_argument("--alpha", type=float, default=d.DEFAULT_ALPHA)
+    g.add_argument("--beta", type=float, default=d.DEFAULT_BETA)
     g.add_argument("--no-cold", action="store_true", help="plain decoding with the adapter")
-    g.add_argument("--max-tokens", type=_positive_int, default=128)
+    g.add_argument("--max-tokens", type=_positive_int, default=d.DEFAULT_MAX_TOKENS)
     g.add_argument("--max-model-len", type=_positive_int, default=2048)
     g.add_argument("--max-lora-rank", type=_positive_int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=d.DEFAULT_TEMPERATURE,
+                   help="0 = greedy")  # fmt: skip
+    g.add_argument("--top-p", type=float, default=d.DEFAULT_TOP_P)
+    g.add_argument("--top-k", type=int, default=d.DEFAULT_TOP_K)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")

@@ -41,7 +41,7 @@ def core(tiny_llama, tiny_adapters):
     return core
 
 
-GREEDY = SamplingParams(max_tokens=N_NEW, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=N_NEW, ignore_eos=True)
 
 
 def run(core, prompt, adapter=None, cold=None, params=GREEDY):
@@ -91,7 +91,7 @@ def test_batch_invariance_with_joins_and_leaves(core):
         (PROMPTS[0], "a2", ColdParams(0.2, 1.0), 5),
         (PROMPTS[2], "a1", ColdParams(0.1, 0.5), 9),
     ]
-    reqs = [core.make_request(p, SamplingParams(max_tokens=n, ignore_eos=True), a, c)
+    reqs = [core.make_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), a, c)
             for p, a, c, n in mates]  # fmt: skip
     core.add(reqs[0])
     core.add(reqs[1])
@@ -110,7 +110,7 @@ def test_batch_invariance_with_joins_and_leaves(core):
 
 
 def test_rows_are_freed_on_abort(core):
-    req = core.make_request(PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True), "a0",
+    req = core.make_request(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True), "a0",
                             ColdParams())  # fmt: skip
     other = core.make_request(PROMPTS[1], GREEDY)
     core.add(req)
@@ -127,26 +127,38 @@ def test_rows_are_freed_on_abort(core):
 
 
 def test_max_tokens_stop_strings_and_context_limit(core):
-    out = run(core, PROMPTS[0], params=SamplingParams(max_tokens=5, ignore_eos=True))
+    out = run(
+        core, PROMPTS[0], params=SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    )
     assert out["completion_tokens"] == 5 and out["finish_reason"] == "length"
-    full = run(core, PROMPTS[0], params=SamplingParams(max_tokens=30, ignore_eos=True))["text"]
+    full = run(
+        core, PROMPTS[0], params=SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    )["text"]
     stop = full[6:9]
     if stop.strip():
-        stopped = run(core, PROMPTS[0], params=SamplingParams(max_tokens=30, stop=(stop,),
+        stopped = run(core, PROMPTS[0], params=SamplingParams(temperature=0.0, max_tokens=30, stop=(stop,),
                                                                  ignore_eos=True))  # fmt: skip
         assert stopped["finish_reason"] == "stop"
         assert stopped["text"] == full[: full.index(stop)]
     long_prompt = list(range(5, 5 + 60))
-    out = run(core, long_prompt, params=SamplingParams(max_tokens=50, ignore_eos=True))
+    out = run(
+        core, long_prompt, params=SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    )
     assert out["finish_reason"] == "length" and out["completion_tokens"] == 64 - 60
 
 
 def test_eos_stops(core, tiny_llama):
     eos = core.tokenizer.eos_token_id
-    out = run(core, PROMPTS[0], params=SamplingParams(max_tokens=30, stop_token_ids=(eos,)))
+    out = run(
+        core,
+        PROMPTS[0],
+        params=SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=(eos,)),
+    )
     assert out["completion_tokens"] <= 30
     forced = run(
-        core, PROMPTS[0], params=SamplingParams(max_tokens=30, stop_token_ids=tuple(range(400)))
+        core,
+        PROMPTS[0],
+        params=SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=tuple(range(400))),
     )
     assert forced["finish_reason"] == "stop" and forced["completion_tokens"] == 1
 
@@ -250,7 +262,7 @@ def test_async_engine_streams_and_cancels(tiny_llama, tiny_adapters):
         assert chunks[-1].finished and chunks[-1].finish_reason == "length"
         assert "".join(c.text for c in chunks) == want["text"]
         # a consumer that walks away mid-stream frees its rows
-        stream = await engine.submit(PROMPTS[1], SamplingParams(max_tokens=60, ignore_eos=True),
+        stream = await engine.submit(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
                                      "a0", ColdParams())  # fmt: skip
         async for _ in stream:
             break
@@ -272,7 +284,9 @@ def test_prefill_budget_lets_running_rows_decode(tiny_llama):
     and a running request gains a token every step meanwhile."""
     core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=8, max_model_len=64,
                                    max_prefill_tokens=10))  # fmt: skip
-    running = core.make_request(PROMPTS[0], SamplingParams(max_tokens=30, ignore_eos=True))
+    running = core.make_request(
+        PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    )
     core.add(running)
     core.step()
     burst = [core.make_request(PROMPTS[1], GREEDY) for _ in range(3)]  # 8 tokens each

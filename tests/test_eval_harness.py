@@ -184,7 +184,7 @@ def test_harness_outputs_equal_plain_engine_generation(core):
     modes = harness.default_modes([(0.1, 0.5), (1.0, 2.0)])
     report = evaluate(core, items, "ad", modes, TINY)
     prompts = [TINY.prompt(q) for q in QUESTIONS]
-    params = SamplingParams(max_tokens=TINY.max_tokens, stop=TINY.stop)
+    params = SamplingParams(temperature=0.0, max_tokens=TINY.max_tokens, stop=TINY.stop)
     for r in report.results:
         adapter = None if r.mode.kind == "base_greedy" else "ad"
         want = core.generate(prompts, params, adapter, r.mode.cold)

@@ -17,7 +17,7 @@ WORDS = "the quick brown fox jumps over lazy dog one two three four five six sev
 PROMPTS = [f"{WORDS[i % 16]} {WORDS[(3 * i + 1) % 16]} {WORDS[(5 * i + 2) % 16]} ="
            for i in range(16)]  # fmt: skip
 TASK = Task("tiny", lambda q: q, lambda t: t.strip() or None, stop=(), max_tokens=6)
-PARAMS = SamplingParams(max_tokens=TASK.max_tokens)
+PARAMS = SamplingParams(temperature=0.0, max_tokens=TASK.max_tokens)
 WIN = ColdParams(0.1, 1.0)
 
 

@@ -289,7 +289,7 @@ def test_checksum_changed_after_registration_is_reported_by_the_engine(
     core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=4, max_model_len=64,
                                    max_lora_rank=8), resolver=reg.resolver())  # fmt: skip
     shutil.copy(tiny_adapters[1] / WEIGHTS, d / WEIGHTS)  # same shapes, other weights
-    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     with pytest.raises(AdapterError, match="changed since registration"):
         core.generate([[5, 6, 7]], params, adapter="mut")
     assert core.generate([[5, 6, 7]], params)[0]["completion_tokens"] == 3  # still serving

@@ -149,7 +149,7 @@ def test_model_and_adapter_loads_never_unpickle(no_unpickling, tmp_path, tiny_ll
     prepare(cfg)
     registry = Registry(cfg.registry_path())
     core = EngineCore(cfg.engine_config(), resolver=registry.resolver())
-    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     for name in ("a0", "a1", "a2", "a0"):  # three loads into two slots, then one reload
         assert core.generate([[5, 6, 7]], params, adapter=name)[0]["completion_tokens"] == 3
     assert core.slots.loads >= 4

@@ -120,7 +120,7 @@ def test_served_tokens_equal_the_engine_in_process(stack):
     """What the API returns is exactly what the engine decodes for the same request."""
     core = EngineCore(EngineConfig(model=str(stack["model"]), max_rows=4, max_model_len=256))
     core.register_adapter("a0", stack["adapters"][0])
-    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     ids = core.tokenizer.encode(PROMPT, add_special_tokens=False)
     for cold, knob in ((ColdParams(0.3, 1.0), None), (None, False)):
         want = core.generate([ids], params, adapter="a0", cold=cold)[0]

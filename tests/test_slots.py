@@ -13,8 +13,8 @@ from cold_ray.engine import ColdParams, EngineCore, SamplingParams
 from cold_ray.model.loader import read_model_args
 
 PROMPTS = [[5, 17, 42, 99, 3], [250, 7, 8, 120, 64, 33], [11, 12, 13]]
-SHORT = SamplingParams(max_tokens=6, ignore_eos=True)
-LONG = SamplingParams(max_tokens=40, ignore_eos=True)
+SHORT = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+LONG = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
 
 def make_core(model, resolver=None, **kw) -> EngineCore:

@@ -46,10 +46,12 @@ def test_cold_equals_two_model_definition_on_smollm2(smol, random_adapter):
         for text in prompts:
             ids = smol.tokenizer.encode(text, add_special_tokens=False)
             for alpha, beta in [(0.1, 0.5), (0.05, 1.0)]:
-                got = smol.generate([ids], SamplingParams(max_tokens=N, ignore_eos=True), name,
+                got = smol.generate([ids], SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True), name,
                                     ColdParams(alpha, beta))[0]["token_ids"]  # fmt: skip
                 assert got == naive_cold(expert, base, ids, alpha, beta, n=N), (name, text, alpha)
-            plain = smol.generate([ids], SamplingParams(max_tokens=N, ignore_eos=True), name)
+            plain = smol.generate(
+                [ids], SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True), name
+            )
             assert plain[0]["token_ids"] == greedy(expert, ids, n=N)
 
 
@@ -89,7 +91,7 @@ def test_batch_invariance_on_smollm2(smol, random_adapter):
              "Name a planet:"]  # fmt: skip
     specs = [(t, "random" if i % 2 else None, ColdParams() if i % 4 == 1 else None)
              for i, t in enumerate(texts)]  # fmt: skip
-    params = SamplingParams(max_tokens=N, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True)
     alone = [smol.generate([t], params, a, c)[0]["token_ids"] for t, a, c in specs]
     reqs = [smol.make_request(t, params, a, c) for t, a, c in specs]
     for r in reqs:

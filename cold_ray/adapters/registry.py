@@ -27,9 +27,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cold_ray.adapters.peft import DEFAULT_MAX_BYTES, WEIGHTS_FILE, AdapterError, load_peft_adapter
-from cold_ray.adapters.sources import DEFAULT_SCHEMES, SourcePolicy, commit, fetch
-from cold_ray.engine.core import AdapterSource
-from cold_ray.engine.params import ColdParams
+from cold_ray.adapters.sources import (
+    DEFAULT_SCHEMES,
+    AdapterSource,
+    SourcePolicy,
+    commit,
+    fetch,
+)
+from cold_ray.decoding import ColdParams
 from cold_ray.model.config import ModelArgs
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")

@@ -16,16 +16,34 @@ import hashlib
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from cold_ray.adapters.peft import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, AdapterError
+from cold_ray.decoding import ColdParams
 
 LOCAL_SCHEMES = ("file", "local")
 # http(s) is left out on purpose (a fetch from the server is an SSRF vector); add it explicitly.
 DEFAULT_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs")
 _CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """Where an adapter's files are, and what the registry knows about them: what an engine
+    needs to load and serve it."""
+
+    path: str
+    sha256: str | None = None
+    cold: ColdParams | None = None  # the adapter's tuned default (None: global default)
+    cold_enabled: bool = True  # False: tuning found CoLD does not help this adapter
+    # Run in the load thread before `path` is read (e.g. fetch a remote source into the cache).
+    prepare: Callable[[], object] | None = field(default=None, compare=False, repr=False)
+
+
+AdapterResolver = Callable[[str], AdapterSource]
 
 
 class SourceError(AdapterError):

@@ -130,7 +130,7 @@ def evaluate(adapter_dir: str | None, n: int, model: str | None = None,
     prompts = [format_prompt(it["question"]) for it in items]
     gold = [extract_answer(it["answer"]) for it in items]
     core = EngineCore(EngineConfig(model=model, max_rows=32, max_model_len=256))
-    params = SamplingParams(max_tokens=max_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     runs = {"base": (None, None)}
     if adapter_dir is not None:
         core.register_adapter("demo", adapter_dir)

@@ -1,8 +1,9 @@
 """The CoLD engine: continuous batching over one base model with per-row LoRA adapters."""
 
+from cold_ray.adapters.sources import AdapterSource
+from cold_ray.decoding import ColdParams, SamplingParams
 from cold_ray.engine.async_engine import AsyncEngine
-from cold_ray.engine.core import AdapterSource, EngineCore
-from cold_ray.engine.params import ColdParams, SamplingParams
+from cold_ray.engine.core import EngineCore
 from cold_ray.engine.request import EngineError, RequestOutput, UnknownAdapterError
 
 __all__ = [

@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator, Callable
 
 import torch
 
+from cold_ray.adapters.sources import AdapterResolver
 from cold_ray.config import EngineConfig
-from cold_ray.engine.core import AdapterResolver, EngineCore
-from cold_ray.engine.params import ColdParams, SamplingParams
+from cold_ray.decoding import ColdParams, SamplingParams
+from cold_ray.engine.core import EngineCore
 from cold_ray.engine.request import Request, RequestOutput
 
 log = logging.getLogger(__name__)

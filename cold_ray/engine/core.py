@@ -11,9 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,9 +19,10 @@ import torch
 from cold_ray import device as devices
 from cold_ray.adapters.peft import load_peft_adapter
 from cold_ray.adapters.slots import AdapterSlots, PackedAdapter, background_priority
+from cold_ray.adapters.sources import AdapterResolver, AdapterSource
 from cold_ray.config import EngineConfig
+from cold_ray.decoding import ColdParams, SamplingParams, request_cold
 from cold_ray.engine.detok import IncrementalDetokenizer
-from cold_ray.engine.params import ColdParams, SamplingParams
 from cold_ray.engine.request import (
     EngineError,
     Request,
@@ -37,21 +36,6 @@ from cold_ray.model.llama import ForwardBatch, KVCache, LlamaModel
 from cold_ray.model.loader import load_weights, read_model_args, resolve_model_path
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AdapterSource:
-    """Where an adapter's files are, and what the registry knows about them."""
-
-    path: str
-    sha256: str | None = None
-    cold: ColdParams | None = None  # the adapter's tuned default (None: global default)
-    cold_enabled: bool = True  # False: tuning found CoLD does not help this adapter
-    # Run in the load thread before `path` is read (e.g. fetch a remote source into the cache).
-    prepare: Callable[[], object] | None = field(default=None, compare=False, repr=False)
-
-
-AdapterResolver = Callable[[str], AdapterSource]
 
 
 class EngineCore:
@@ -116,15 +100,9 @@ class EngineCore:
             raise UnknownAdapterError(f"adapter {name!r} does not exist") from e
 
     def default_cold(self, adapter: str | None) -> ColdParams | None:
-        """The CoLD knobs for a request on `adapter` that does not set them: the registry's
-        tuned setting, else the global default; None (plain decoding) for the base model or
-        where tuning turned CoLD off for this adapter (`cold-ray tune`)."""
-        if adapter is None:
-            return None
-        source = self.adapter_source(adapter)
-        if not source.cold_enabled:
-            return None
-        return source.cold or ColdParams()
+        """The CoLD knobs for a request on `adapter` that does not set them (the one rule in
+        `cold_ray.decoding.request_cold`); None means plain decoding."""
+        return request_cold(self.adapter_source(adapter) if adapter is not None else None)
 
     def _read_adapter(self, name: str, source: AdapterSource) -> PackedAdapter:
         """Fetch, validate and lay out an adapter; runs in the load thread, off the step loop."""

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cold_ray.decoding import ColdParams, SamplingParams
 from cold_ray.engine.detok import IncrementalDetokenizer
-from cold_ray.engine.params import ColdParams, SamplingParams
 
 _ids = itertools.count()
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from cold_ray.engine.params import ColdParams, SamplingParams
+from cold_ray.decoding import ColdParams, SamplingParams
 from cold_ray.kernels import LoraBackend
 
 

@@ -58,12 +58,18 @@ def _setup(args: argparse.Namespace, adapter_from_registry: bool):
 
 
 def _settings(args: argparse.Namespace, core, name: str) -> list[tuple[float, float]]:
-    from cold_ray.engine import ColdParams
+    """The CoLD settings to evaluate: the ones asked for, else the server's default decoding
+    for this adapter (`request_cold`) — none when tuning turned CoLD off for it."""
+    from cold_ray.decoding import request_cold
 
     alphas, betas = args.alpha or [], args.beta or []
     if alphas:
         return list(zip(alphas, betas))
-    cold = core.adapter_source(name).cold or ColdParams()  # the tuned setting, else the default
+    cold = request_cold(core.adapter_source(name))
+    if cold is None:
+        print(f"note: CoLD is off for {name!r} (tuned); evaluating greedy only — pass "
+              "--alpha/--beta to evaluate CoLD anyway", file=sys.stderr)  # fmt: skip
+        return []
     return [(cold.alpha, cold.beta)]
 
 

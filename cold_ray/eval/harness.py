@@ -235,7 +235,7 @@ def warm_up(core: EngineCore, items: list[dict], adapter: str | None, modes: Seq
     if adapter is not None:
         core.load_adapter(adapter)
     prompts = [task.prompt(item["question"]) for item in items[:4]]
-    params = SamplingParams(max_tokens=4, stop=task.stop)
+    params = SamplingParams(temperature=0.0, max_tokens=4, stop=task.stop)
     for m in modes:
         _drain(core, _submit(core, prompts, params, m, adapter), _progress(0, False))
 
@@ -273,7 +273,9 @@ def evaluate(
             raise ValueError(f"item {i}: no answer can be extracted from {item['answer']!r}")
         golds.append(gold)
     prompts = [task.prompt(item["question"]) for item in items]
-    params = SamplingParams(max_tokens=max_tokens or task.max_tokens, stop=task.stop)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=max_tokens or task.max_tokens, stop=task.stop
+    )
     bar = _progress(len(items) * len(modes), progress)
     reqs: dict[Mode, list] = {m: [] for m in modes}
     wall: dict[Mode, float] = dict.fromkeys(modes, 0.0)

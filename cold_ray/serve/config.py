@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cold_ray.config import EngineConfig
+from cold_ray.decoding import DEFAULT_MAX_TOKENS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,7 +132,9 @@ class AppArgs(BaseModel):
         None, ge=1, description="Largest max_tokens accepted (422 above); default max_model_len-1."
     )
     default_max_tokens: int = Field(
-        256, ge=1, description="max_tokens when a request omits it (capped by the context left)."
+        DEFAULT_MAX_TOKENS,
+        ge=1,
+        description="max_tokens when a request omits it (capped by the context left).",
     )
     max_stop: int = Field(16, ge=0, le=256, description="Most stop strings per request.")
     max_beta: float = Field(100.0, gt=0, description="Largest CoLD beta accepted (422 above).")

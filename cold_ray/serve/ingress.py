@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cold_ray.adapters.peft import AdapterError
 from cold_ray.adapters.registry import AdapterNotFound, AdapterRecord, Registry, RegistryError
-from cold_ray.engine import ColdParams
+from cold_ray.decoding import ColdOnBaseModel, ColdParams, request_cold
 from cold_ray.serve.auth import Tokens
 from cold_ray.serve.config import AppArgs
 from cold_ray.serve.errors import APIError, error_body, from_validation_error
@@ -145,31 +145,18 @@ class ColdIngress:
 
     def _decoding(self, body, record: AdapterRecord | None) -> ColdParams | None:
         knob = body.cold
-        if record is None:
-            if knob is True or isinstance(knob, ColdKnobs):
-                raise APIError(
-                    400,
-                    "CoLD needs an adapter: the base model cannot contrast with itself; "
-                    "set model to an adapter or drop `cold`",
-                    "cold_on_base_model",
-                    "cold",
-                )
-            return None
-        if knob is False:
-            return None
-        if knob is None and not (self.args.cold_by_default and record.cold_enabled):
-            return None
-        default = record.cold or ColdParams()
-        if not isinstance(knob, ColdKnobs):
-            return default
-        alpha = default.alpha if knob.alpha is None else knob.alpha
-        beta = default.beta if knob.beta is None else knob.beta
-        if beta > self.args.max_beta:
+        if isinstance(knob, ColdKnobs):
+            knob = (knob.alpha, knob.beta)
+        try:
+            cold = request_cold(record, knob, self.args.cold_by_default)
+        except ColdOnBaseModel as e:
+            raise APIError(400, str(e), "cold_on_base_model", "cold") from None
+        if cold is not None and cold.beta > self.args.max_beta:
             raise APIError(
-                422, f"cold.beta {beta} is over the limit of {self.args.max_beta}",
+                422, f"cold.beta {cold.beta} is over the limit of {self.args.max_beta}",
                 "invalid_parameter", "cold.beta",
             )  # fmt: skip
-        return ColdParams(alpha, beta)
+        return cold
 
     def _engine_request(self, body, record, cold, prompt=None, messages=None) -> dict:
         why = body.unsupported()

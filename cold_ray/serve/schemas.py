@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
+from cold_ray import decoding
+
 _BODY = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 MAX_SEED = 2**63 - 1
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -42,9 +44,11 @@ class _Common(BaseModel):
         None, max_length=256, description="An adapter name, or the base model's id (default)."
     )
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
-    temperature: float = Field(1.0, ge=0, le=100, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1, description="0 or -1 = off.")
+    temperature: float = Field(
+        decoding.DEFAULT_TEMPERATURE, ge=0, le=100, description="0 = greedy."
+    )
+    top_p: float = Field(decoding.DEFAULT_TOP_P, gt=0, le=1)
+    top_k: int = Field(decoding.DEFAULT_TOP_K, ge=-1, description="0 or -1 = off.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: StopString | list[StopString] | None = Field(None, description="Stop strings.")
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=256)
