@@ -25,7 +25,6 @@ class EngineConfig:
     max_adapter_bytes: int = 1 << 30
     lora_backend: str = "auto"  # auto | reference | grouped | triton | ...
     num_threads: int | None = 1  # intra-op threads; 1 avoids OpenMP spin-wait collapse
-    check_adapter_base: bool = True
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

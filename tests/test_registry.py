@@ -138,6 +138,18 @@ def _wrong_base(d: Path, args):
     (d / CONFIG).write_text(json.dumps(cfg))
 
 
+def _vocab_tensor(d: Path, args):
+    t = load_file(d / WEIGHTS)
+    t["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(8, args.vocab_size + 5)
+    save_file(t, d / WEIGHTS)
+
+
+def _layer_replication(d: Path, args):
+    cfg = json.loads((d / CONFIG).read_text())
+    cfg["layer_replication"] = [[0, 2], [0, 2]]
+    (d / CONFIG).write_text(json.dumps(cfg))
+
+
 def _missing_config(d: Path, args):
     (d / CONFIG).unlink()
 
@@ -167,7 +179,8 @@ def _nan(d: Path, args):
 BAD = {
     "pickle": (_pickle, {}, "pickled weights .*unpickling runs arbitrary code"),
     "wrong shape": (_wrong_shape, {}, r"do not fit the base layer; expected \(8, 64\)"),
-    "wrong base": (_wrong_base, {}, "trained on 'meta-llama/Llama-2-7b-hf'"),
+    "vocabulary tensor": (_vocab_tensor, {}, "embed_tokens.lora_embedding_A.*vocabulary"),
+    "layer replication": (_layer_replication, {}, "layer_replication.*layer stack"),
     "rank too high": (None, {"max_rank": 4}, "adapter rank 8 exceeds max_lora_rank 4"),
     "missing config": (_missing_config, {}, "has no adapter_config.json"),
     "truncated": (_truncated, {}, "corrupt or truncated"),
@@ -189,6 +202,18 @@ def test_bad_adapter_is_refused_and_changes_nothing(reg, args, tiny_adapters, tm
     with pytest.raises(AdapterError, match=match):
         add(reg, "bad", d, args, **kw)
     assert reg.list() == before
+
+
+def test_foreign_base_name_is_served_with_a_recorded_warning(reg, args, tiny_adapters, tmp_path):
+    """The declared base is a name (hub id, folder, GGUF stem): a different one is a warning
+    kept with the adapter, not a refusal; the shapes are the guard."""
+    d = _copy(tiny_adapters[1], tmp_path / "foreign")
+    _wrong_base(d, args)
+    rec = add(reg, "foreign", d, args)
+    assert rec.base_model == "meta-llama/Llama-2-7b-hf"
+    (warning,) = reg.get("foreign").warnings
+    assert "'meta-llama/Llama-2-7b-hf'" in warning and repr(args.name) in warning
+    assert add(reg, "native", tiny_adapters[0], args).warnings == ()
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", "", "x" * 65, "a b", "é", "a\\b",

@@ -51,7 +51,6 @@ def _add(args: argparse.Namespace) -> int:
         args.source,
         args=model_args,
         max_rank=args.max_lora_rank,
-        check_base=not args.no_check_base,
         alpha=args.alpha,
         beta=args.beta,
         cold_enabled=not args.no_cold,
@@ -126,7 +125,6 @@ def add_parser(subparsers) -> None:
     a.add_argument("source", help="PEFT adapter folder or fsspec URI (s3://..., file://...)")
     a.add_argument("--model", help="base model to validate against (default: SmolLM2)")
     a.add_argument("--max-lora-rank", type=int, default=64)
-    a.add_argument("--no-check-base", action="store_true", help="skip the base-model name check")
     a.add_argument("--replace", action="store_true", help="replace an existing entry")
     for c in (a, cmd("tune", _tune, "set an adapter's tuned CoLD defaults")):
         c.add_argument("--alpha", type=float, help="tuned CoLD alpha (default: global 0.1)")

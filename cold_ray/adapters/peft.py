@@ -27,6 +27,13 @@ _KEY = re.compile(
     r"^(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$"
 )
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_UNSUPPORTED_OPTIONS = {
+    "trainable_token_indices": "it trains embedding rows (the vocabulary)",
+    "layer_replication": "it changes the base model's layer stack",
+    "lora_bias": "LoRA bias terms are not served",
+    "target_parameters": "only linear modules are served",
+}
+_VOCAB_MODULES = ("embed_tokens", "lm_head", "wte", "word_embeddings")
 
 
 class AdapterError(ValueError):
@@ -42,6 +49,7 @@ class PeftAdapter:
     base_model: str | None
     nbytes: int
     sha256: str
+    warnings: tuple[str, ...]  # served anyway, but worth telling the operator (recorded)
     # (layer, module) -> (A [r, in], B [out, r] with any module-specific scale folded in),
     # in the dtype they were stored in (the slots cast them to the model's dtype)
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
@@ -101,6 +109,10 @@ def _read_config(path: Path) -> dict:
         raise AdapterError(f"LoRA bias={cfg.get('bias')!r} is not supported; expected 'none'")
     if cfg.get("modules_to_save"):
         raise AdapterError(f"modules_to_save {cfg['modules_to_save']} is not supported")
+    # Options that change the model beyond per-layer LoRA deltas: refused, not half-applied.
+    for key, why in _UNSUPPORTED_OPTIONS.items():
+        if cfg.get(key):
+            raise AdapterError(f"{key}={cfg[key]!r} is not supported: {why}")
     return cfg
 
 
@@ -111,11 +123,19 @@ def _module_scale(cfg: dict, module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
-def _base_matches(declared: str | None, args: ModelArgs) -> bool:
+def base_warning(declared: str | None, args: ModelArgs) -> str | None:
+    """A note when the adapter names another base model than the one served. Names are not
+    the guard — the same weights go by a hub id, a folder name or a GGUF stem; shapes,
+    layers and vocabulary are checked tensor by tensor below."""
     if not declared:
-        return True  # nothing declared: the shape checks below are the guard
+        return None
     norm = lambda s: Path(str(s)).name.lower().removesuffix("-gguf")
-    return norm(declared) == norm(args.name)
+    if norm(declared) == norm(args.name):
+        return None
+    return (
+        f"adapter declares base model {declared!r}, this server runs {args.name!r}; its "
+        "shapes fit, so it is served — check that it was trained on these weights"
+    )
 
 
 def load_peft_adapter(
@@ -124,7 +144,6 @@ def load_peft_adapter(
     max_rank: int,
     max_bytes: int = DEFAULT_MAX_BYTES,
     expected_sha256: str | None = None,
-    check_base: bool = True,
 ) -> PeftAdapter:
     """Read a PEFT adapter and check it fits `args`; raise AdapterError naming any problem."""
     path = Path(path)
@@ -144,8 +163,7 @@ def load_peft_adapter(
     if weights_file.is_dir():
         raise AdapterError(f"{str(weights_file)!r} is a directory, not a safetensors file")
     base = cfg.get("base_model_name_or_path")
-    if check_base and not _base_matches(base, args):
-        raise AdapterError(f"adapter was trained on {base!r}, but this server runs {args.name!r}")
+    warning = base_warning(base, args)
     data = _read_weights(weights_file, max_bytes)
     sha = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and sha != expected_sha256:
@@ -163,6 +181,11 @@ def load_peft_adapter(
     del data
     for key, tensor in tensors.items():
         m = _KEY.match(key)
+        if m is None and any(f".{v}." in f".{key}" for v in _VOCAB_MODULES):
+            raise AdapterError(
+                f"tensor {key!r} adapts the embeddings or LM head (the vocabulary); only "
+                "per-layer LoRA weights are served"
+            )
         if m is None:
             raise AdapterError(f"unsupported tensor {key!r} (only layer LoRA A/B weights)")
         layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
@@ -212,5 +235,6 @@ def load_peft_adapter(
         base_model=base,
         nbytes=nbytes,
         sha256=sha,
+        warnings=(warning,) if warning else (),
         weights=weights,
     )

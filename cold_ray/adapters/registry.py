@@ -16,6 +16,7 @@ Adapter names are catalog keys only (`[A-Za-z0-9._-]{1,64}`), never used to buil
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ from cold_ray.adapters.sources import (
 from cold_ray.decoding import ColdParams
 from cold_ray.model.config import ModelArgs
 
+log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -51,7 +53,8 @@ CREATE TABLE IF NOT EXISTS adapters (
     alpha REAL,                    -- tuned CoLD defaults; NULL = the global default
     beta REAL,
     cold_enabled INTEGER NOT NULL DEFAULT 1,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    warnings TEXT NOT NULL DEFAULT '[]'  -- JSON list: notes from validation (foreign base)
 )
 """
 
@@ -104,6 +107,7 @@ class AdapterRecord:
     beta: float | None
     cold_enabled: bool
     created_at: float
+    warnings: tuple[str, ...] = ()
 
     @property
     def cold(self) -> ColdParams | None:
@@ -117,12 +121,14 @@ class AdapterRecord:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
+        d["warnings"] = list(self.warnings)
         return d
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> AdapterRecord:
         d = dict(row)
         d["target_modules"] = tuple(json.loads(d["target_modules"]))
+        d["warnings"] = tuple(json.loads(d["warnings"]))
         d["cold_enabled"] = bool(d["cold_enabled"])
         return cls(**d)
 
@@ -151,6 +157,9 @@ class Registry:
         self._local = threading.local()
         with self._write() as db:
             db.execute(_SCHEMA)
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(adapters)")}
+            if "warnings" not in columns:  # a catalog written before validation notes
+                db.execute("ALTER TABLE adapters ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'")
 
     # ---- connection -----------------------------------------------------------------------
 
@@ -202,7 +211,6 @@ class Registry:
         args: ModelArgs,
         max_rank: int,
         max_bytes: int = DEFAULT_MAX_BYTES,
-        check_base: bool = True,
         alpha: float | None = None,
         beta: float | None = None,
         cold_enabled: bool = True,
@@ -220,7 +228,7 @@ class Registry:
         if src.is_remote:
             staging, final = fetch(src, self.cache_dir, max_bytes)
             try:
-                adapter = load_peft_adapter(staging, args, max_rank, max_bytes, None, check_base)
+                adapter = load_peft_adapter(staging, args, max_rank, max_bytes)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -229,7 +237,7 @@ class Registry:
             if not src.local.is_dir():
                 raise AdapterError(f"adapter path {src.uri!r} is not a directory")
             self.policy.check_files(src.local)
-            adapter = load_peft_adapter(src.local, args, max_rank, max_bytes, None, check_base)
+            adapter = load_peft_adapter(src.local, args, max_rank, max_bytes)
             folder = src.local
         record = AdapterRecord(
             name=name,
@@ -244,9 +252,11 @@ class Registry:
             beta=beta,
             cold_enabled=bool(cold_enabled),
             created_at=time.time(),
+            warnings=adapter.warnings,
         )
         row = record.to_dict()
         row["target_modules"] = json.dumps(row["target_modules"])
+        row["warnings"] = json.dumps(row["warnings"])
         row["cold_enabled"] = int(record.cold_enabled)
         cols = ", ".join(row)
         marks = ", ".join(f":{k}" for k in row)
@@ -262,6 +272,8 @@ class Registry:
             raise
         if old is not None:
             self._drop_blob(old.path)
+        for warning in record.warnings:
+            log.warning("adapter %s: %s", name, warning)
         return record
 
     def _row(self, name: str) -> AdapterRecord | None:

@@ -114,7 +114,6 @@ class EngineCore:
             self.config.max_lora_rank,
             max_bytes=self.config.max_adapter_bytes,
             expected_sha256=source.sha256,
-            check_base=self.config.check_adapter_base,
         )
         return self.slots.pack(adapter)
 
