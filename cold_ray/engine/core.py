@@ -232,19 +232,18 @@ class EngineCore:
                 f"(request_timeout_s is {self.config.request_timeout_s:g})"
             )
             outputs.append(self._finish(req, "error", error))
-        for req in self.scheduler.admit(self.free_rows, lambda r: self._ready(r, outputs)):
-            self._place(req)
+        self.scheduler.admit(self.free_rows, lambda r: self._place(r, outputs))
         plan = self.scheduler.plan(self._reuse_prefix)
         if plan:
             outputs += self._run(plan)
         self.stats["steps"] += 1
         return outputs
 
-    def _ready(self, req: Request, outputs: list[RequestOutput]) -> bool:
-        return req.adapter is None or self._ensure_adapter(req, outputs)
-
-    def _place(self, req: Request) -> None:
-        """Give an admitted request its rows: expert (or plain) first, then the amateur."""
+    def _place(self, req: Request, outputs: list[RequestOutput]) -> bool:
+        """Give a request its rows — expert (or plain) first, then the amateur — once its
+        adapter is resident; False while it is not (a load may have started)."""
+        if req.adapter is not None and not self._ensure_adapter(req, outputs):
+            return False
         adapter_slot = -1
         if req.adapter is not None:
             adapter_slot = self.slots.acquire(req.adapter)
@@ -255,6 +254,7 @@ class EngineCore:
             self.cache.add(row)
             req.rows.append(row)
         self.stats["cold_requests" if req.cold else "plain_requests"] += 1
+        return True
 
     def _reuse_prefix(self, req: Request) -> None:
         """Copy each row's longest cached prompt prefix into its slot (at least the last prompt

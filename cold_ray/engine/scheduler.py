@@ -79,12 +79,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def admit(self, free_rows: int, ready: Callable[[Request], bool]) -> list[Request]:
+    def admit(self, free_rows: int, place: Callable[[Request], bool]) -> list[Request]:
         """Move waiting requests to running, first come first served, while rows last.
 
-        `ready(req)` says whether its adapter is resident (it may start a load and say no);
-        a request that does not fit stops admission, so a CoLD pair is never starved by
-        one-row requests behind it.
+        `place(req)` gives the request its rows and pins its adapter, or says it cannot yet
+        (its adapter is loading); pinning at once keeps a later request's adapter load from
+        evicting it. A request that does not fit stops admission, so a CoLD pair is never
+        starved by one-row requests behind it.
         """
         admitted = []
         for req in list(self.waiting):
@@ -92,7 +93,7 @@ class Scheduler:
                 continue  # failed while this pass ran (e.g. its adapter did not load)
             if req.num_rows > free_rows:
                 break
-            if not ready(req):
+            if not place(req):
                 continue
             self.waiting.remove(req)
             self.running.append(req)
