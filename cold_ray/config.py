@@ -30,6 +30,7 @@ class EngineConfig:
     max_adapter_bytes: int = 1 << 30
     lora_backend: str = "auto"  # auto | reference | grouped | triton | ...
     num_threads: int | None = 1  # intra-op threads; 1 avoids OpenMP spin-wait collapse
+    packed_weights: bool = True  # CPU: base GEMM weights in oneDNN's packed layout
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -11,7 +11,9 @@ from cold_ray.kernels import LoraBackend
 from cold_ray.model.llama import DecodeAttention, ForwardBatch, PrefillAttention
 
 
-def build(plan: StepPlan, backend: LoraBackend, device) -> tuple[torch.Tensor, ForwardBatch, dict]:
+def build(
+    plan: StepPlan, backend: LoraBackend, device, dtype: torch.dtype
+) -> tuple[torch.Tensor, ForwardBatch, dict]:
     """(tokens [N], batch, {row: index into the returned hidden states})."""
     tokens: list[int] = []
     positions: list[int] = []
@@ -44,14 +46,20 @@ def build(plan: StepPlan, backend: LoraBackend, device) -> tuple[torch.Tensor, F
         positions=as_tensor(positions),
         slots=as_tensor(slots),
         lora=backend.prepare(idx) if max(adapters) >= 0 else None,
-        decode=_decode(plan.decode, device) if plan.decode else None,
-        prefill=_prefill(plan, num_decode, device) if plan.prefill else None,
+        decode=_decode(plan.decode, device, dtype) if plan.decode else None,
+        prefill=_prefill(plan, num_decode, device, dtype) if plan.prefill else None,
         out_index=as_tensor(out_index),
     )
     return as_tensor(tokens), batch, out_rows
 
 
-def _decode(rows: list[Row], device) -> DecodeAttention:
+def additive(mask: torch.Tensor, device, dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as the additive float mask SDPA takes without a
+    per-call conversion (0 where attended, -inf elsewhere)."""
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf")).to(device)
+
+
+def _decode(rows: list[Row], device, dtype) -> DecodeAttention:
     """Rows are sorted by slot. Slots in [0, S) without a decoding row attend position 0."""
     slot_ids = [r.slot for r in rows]
     span_rows = slot_ids[-1] + 1
@@ -64,11 +72,11 @@ def _decode(rows: list[Row], device) -> DecodeAttention:
         num=len(rows),
         span_rows=span_rows,
         slots=None if in_order else torch.tensor(slot_ids, device=device),
-        mask=mask.view(span_rows, 1, 1, span).to(device),
+        mask=additive(mask.view(span_rows, 1, 1, span), device, dtype),
     )
 
 
-def _prefill(plan: StepPlan, start: int, device) -> PrefillAttention:
+def _prefill(plan: StepPlan, start: int, device, dtype) -> PrefillAttention:
     chunks = plan.prefill
     width = max(len(c.tokens) for c in chunks)
     span = max(c.start + len(c.tokens) for c in chunks)
@@ -86,6 +94,6 @@ def _prefill(plan: StepPlan, start: int, device) -> PrefillAttention:
         slots=torch.tensor([c.row.slot for c in chunks], device=device),
         pad_index=torch.tensor(pad_index, device=device),
         unpad_index=torch.tensor(unpad_index, device=device),
-        mask=mask.unsqueeze(1).to(device),
+        mask=additive(mask.unsqueeze(1), device, dtype),
         fresh=len(chunks) == 1 and chunks[0].start == 0,
     )

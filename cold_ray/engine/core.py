@@ -71,6 +71,9 @@ class EngineCore:
         model = LlamaModel(self.args, config.max_loras, config.max_lora_rank, config.max_model_len)
         load_weights(model, path)
         self.model = model.to(device=self.device, dtype=config.torch_dtype).eval()
+        self.dtype = config.torch_dtype
+        if config.packed_weights:
+            self.model.pack_cpu_weights()
         self.model.init_rope()
         self.backend = select_backend(config.lora_backend, self.device)
         self.model.set_backend(self.backend)
@@ -269,7 +272,7 @@ class EngineCore:
         """Forward, select, append. A failure of the forward or of a batched selection fails
         the requests it involves, and only those."""
         try:
-            tokens, fb, out_rows = step_batch.build(plan, self.backend, self.device)
+            tokens, fb, out_rows = step_batch.build(plan, self.backend, self.device, self.dtype)
             hidden = self.model(tokens, self.cache, fb)
         except Exception as e:
             log.exception("forward pass failed; failing the %d requests in it", len(plan.requests))

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from cold_ray.kernels import LoraBackend, LoraBatch
 from cold_ray.model.config import ModelArgs
-from cold_ray.model.lora import LoraLinear, linear
+from cold_ray.model.lora import LoraLinear, linear, pack_weight, packed_linear
 
 
 @dataclass
@@ -30,7 +30,7 @@ class DecodeAttention:
     num: int  # decode tokens D
     span_rows: int  # S >= D: cache slots [0, S) attended
     slots: torch.Tensor | None  # [D] slot of each decode token; None when it is [0, D) in order
-    mask: torch.Tensor  # [S, 1, 1, L] bool, True = attend
+    mask: torch.Tensor  # [S, 1, 1, L] additive (0 = attend, -inf = not)
 
 
 @dataclass
@@ -45,8 +45,9 @@ class PrefillAttention:
     slots: torch.Tensor  # [P] cache slot of each chunk
     pad_index: torch.Tensor  # [P, C] flat index of each padded query (padding repeats one)
     unpad_index: torch.Tensor  # [N - start] position in the flattened [P * C] block
-    mask: torch.Tensor  # [P, 1, C, L] bool, True = attend
+    mask: torch.Tensor  # [P, 1, C, L] additive (0 = attend, -inf = not)
     fresh: bool  # one chunk starting at position 0: attend to its own K/V, causally
+    gqa_mask: torch.Tensor | None = None  # `mask` tiled for grouped queries, made once
 
 
 @dataclass
@@ -149,10 +150,10 @@ class Attention(nn.Module):
         qp = q[p.pad_index].transpose(1, 2)  # [P, heads, C, head_dim]
         keys = cache.k[layer, p.slots, :, :span]  # [P, kv_heads, L, head_dim]
         values = cache.v[layer, p.slots, :, :span]
-        groups = self.h // self.kvh
-        mask = p.mask.repeat(1, 1, groups, 1)  # row g*C + c of a K/V head is query c
+        if p.gqa_mask is None:  # row g*C + c of a K/V head is query c: tile the mask once
+            p.gqa_mask = p.mask.repeat(1, 1, self.h // self.kvh, 1)
         out = F.scaled_dot_product_attention(
-            _gqa_queries(qp, self.kvh), keys, values, attn_mask=mask
+            _gqa_queries(qp, self.kvh), keys, values, attn_mask=p.gqa_mask
         )  # [P, kv_heads, groups * C, head_dim]
         out = out.view(rows, self.h, width, self.d).transpose(1, 2).reshape(-1, self.h, self.d)
         return out[p.unpad_index]
@@ -216,6 +217,7 @@ class LlamaModel(nn.Module):
             else nn.Parameter(torch.empty(args.vocab_size, args.hidden_size), requires_grad=False)
         )
         self.max_len = max_len
+        self.lm_packed: torch.Tensor | None = None
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
@@ -225,6 +227,15 @@ class LlamaModel(nn.Module):
 
     def lora_linears(self) -> list[LoraLinear]:
         return [m for m in self.modules() if isinstance(m, LoraLinear)]
+
+    def pack_cpu_weights(self, lm_head: bool = True) -> bool:
+        """Lay the base GEMM weights out for oneDNN once (CPU, fp32); the LM head gets a packed
+        copy beside the embedding it is tied to. False where packing is unavailable."""
+        if not all([m.pack_base() for m in self.lora_linears()]):
+            return False
+        if lm_head:
+            self.lm_packed = pack_weight(self.lm_weight)
+        return True
 
     def set_backend(self, backend: LoraBackend) -> None:
         for m in self.lora_linears():
@@ -251,4 +262,6 @@ class LlamaModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, hidden] -> full-vocabulary logits [rows, V]."""
+        if self.lm_packed is not None:
+            return packed_linear(hidden, self.lm_packed, None)
         return linear(hidden, self.lm_weight)
