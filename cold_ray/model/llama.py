@@ -108,11 +108,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache, layer: int, fb: ForwardBatch):
         # x: [N, hidden]; cos/sin: [N, 1, head_dim]
         n = x.shape[0]
-        qkv = self.qkv_proj(x, fb.lora)
-        q, k, v = qkv.split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
-        q = apply_rope(q.view(n, self.h, self.d), cos, sin)
-        k = apply_rope(k.view(n, self.kvh, self.d), cos, sin)
-        v = v.view(n, self.kvh, self.d)
+        heads = self.qkv_proj(x, fb.lora).view(n, self.h + 2 * self.kvh, self.d)
+        qk = apply_rope(heads[:, : self.h + self.kvh], cos, sin)  # q and k heads in one go
+        q, k, v = qk[:, : self.h], qk[:, self.h :], heads[:, self.h + self.kvh :]
         cache.k[layer, fb.slots, :, fb.positions] = k
         cache.v[layer, fb.slots, :, fb.positions] = v
         out = q.new_empty(n, self.h, self.d)
