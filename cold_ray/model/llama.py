@@ -226,6 +226,13 @@ class LlamaModel(nn.Module):
     def lora_linears(self) -> list[LoraLinear]:
         return [m for m in self.modules() if isinstance(m, LoraLinear)]
 
+    def step_weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads: every base projection and the LM head
+        (packing keeps the sizes)."""
+        size = self.norm.element_size()
+        linears = sum(m.in_features * m.out_features for m in self.lora_linears())
+        return (linears + self.lm_weight.numel()) * size
+
     def pack_cpu_weights(self, lm_head: bool = True) -> bool:
         """Lay the base GEMM weights out for oneDNN once (CPU, fp32); the LM head gets a packed
         copy beside the embedding it is tied to. False where packing is unavailable."""

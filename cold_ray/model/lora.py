@@ -61,6 +61,7 @@ class LoraLinear(nn.Module):
     ):
         super().__init__()
         out = sum(part_out)
+        self.in_features, self.out_features = in_features, out
         self.part_out = part_out
         self.max_rank = max_rank
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
