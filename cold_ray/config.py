@@ -26,7 +26,8 @@ class EngineConfig:
     prefix_block_size: int = 16
     # A request that waits this long without getting a row fails with a timeout (None = never).
     request_timeout_s: float | None = 600.0
-    host_cache_adapters: int = 16  # validated adapters kept in host memory for fast reloads
+    # Validated adapters kept in host memory for fast reloads, bounded in bytes (0: none).
+    host_cache_bytes: int = 1 << 30
     max_adapter_bytes: int = 1 << 30
     lora_backend: str = "auto"  # auto | reference | grouped | triton | ...
     num_threads: int | None = 1  # intra-op threads; 1 avoids OpenMP spin-wait collapse
@@ -51,6 +52,8 @@ class EngineConfig:
             raise ValueError(
                 f"request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}"
             )
+        if not isinstance(self.host_cache_bytes, int) or self.host_cache_bytes < 0:
+            raise ValueError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
 

@@ -85,7 +85,7 @@ class EngineCore:
             if config.prefix_cache_bytes
             else None
         )
-        self.slots = AdapterSlots(self.model, config.max_loras, config.host_cache_adapters)
+        self.slots = AdapterSlots(self.model, config.max_loras, config.host_cache_bytes)
         self.eos_ids = set(self.args.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)

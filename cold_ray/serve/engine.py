@@ -27,7 +27,6 @@ from ray import serve
 
 from cold_ray import device as devices
 from cold_ray.adapters.peft import AdapterError
-from cold_ray.adapters.registry import Registry
 from cold_ray.engine import (
     AsyncEngine,
     ColdParams,
@@ -98,7 +97,7 @@ class ColdEngine:
         self.args = AppArgs.model_validate(args)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         device, self.assignment = self._pin(self.args.device)
-        registry = Registry(self.args.registry_path())
+        registry = self.args.open_registry()
         config = self.args.engine_config(device)
         self.engine = AsyncEngine(config, resolver=registry.resolver())
         self.core = self.engine.core

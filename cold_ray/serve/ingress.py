@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cold_ray.adapters.peft import AdapterError
-from cold_ray.adapters.registry import AdapterNotFound, AdapterRecord, Registry, RegistryError
+from cold_ray.adapters.registry import AdapterNotFound, AdapterRecord, RegistryError
 from cold_ray.decoding import ColdOnBaseModel, ColdParams, request_cold
 from cold_ray.serve.auth import Tokens
 from cold_ray.serve.config import AppArgs
@@ -101,7 +101,7 @@ class ColdIngress:
         self.engine = engine
         self.tokens = Tokens(self.args.api_key_env, self.args.admin_key_env)
         self.base_id = base_model_id(self.args)
-        self.registry = Registry(self.args.registry_path(), allowed_roots=self.args.roots())
+        self.registry = self.args.open_registry(allowed_roots=self.args.roots())
         self.metrics = IngressMetrics()
         self.created = int(time.time())
         self._model_args = None
