@@ -4,7 +4,6 @@ validates before listing, refuses bad input, and replicas see every change from 
 import json
 import os
 import shutil
-import sqlite3
 import threading
 from pathlib import Path
 
