@@ -16,6 +16,7 @@ Adapter names are catalog keys only (`[A-Za-z0-9._-]{1,64}`), never used to buil
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -57,7 +58,8 @@ def default_target() -> str:
 
 
 def redact(url: str) -> str:
-    """`url` without its password, for messages and logs."""
+    """`url` without its password (in the user part or the query), for messages and logs."""
+    url = re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -77,8 +79,8 @@ def parse_target(target: str | Path, *, from_config: bool = False) -> tuple[str,
     if "://" not in target:
         return "sqlite", target
     scheme = target.split("://", 1)[0].lower()
-    if scheme == "sqlite":  # sqlite:///abs/path, as SQLAlchemy writes it
-        return "sqlite", target.split("://", 1)[1]
+    if scheme == "sqlite" and target[9:10] == "/":  # as SQLAlchemy: sqlite:////abs/path
+        return "sqlite", target[10:]
     if scheme not in _PG_SCHEMES:
         raise RegistryError(
             f"registry scheme {scheme + '://'!r} is not supported: use a SQLite file path "
