@@ -32,8 +32,10 @@ def compose(cfg: AppArgs, engine_options: dict | None = None, ingress_options: d
 
 def prepare(cfg: AppArgs) -> None:
     """Fetch the model once (before replicas race to) and register the config's adapters."""
+    from cold_ray.adapters.registry import refuse_local_in_cluster
     from cold_ray.model.loader import read_model_args, resolve_model_path
 
+    refuse_local_in_cluster(cfg.registry_target())  # a SQLite file cannot serve several nodes
     model_args = read_model_args(resolve_model_path(cfg.model))
     if cfg.adapters:
         register_startup_adapters(cfg, model_args)

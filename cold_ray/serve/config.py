@@ -213,16 +213,11 @@ class AppArgs(BaseModel):
         of several nodes. `kw`: `open_registry` options (allowed_roots, ...)."""
         from cold_ray.adapters.registry import open_registry, refuse_local_in_cluster
 
+        refuse_local_in_cluster(self.registry_target())
         if self.adapter_schemes is not None:
             kw.setdefault("allowed_schemes", self.adapter_schemes)
-        registry = open_registry(self.registry_target(), password_env=self.registry_password_env,
-                                 **kw)  # fmt: skip
-        try:
-            refuse_local_in_cluster(registry)
-        except Exception:
-            registry.close()
-            raise
-        return registry
+        return open_registry(self.registry_target(), password_env=self.registry_password_env,
+                             **kw)  # fmt: skip
 
     def roots(self) -> list[str]:
         from cold_ray.model.loader import cache_dir

@@ -120,11 +120,12 @@ def open_registry(
     return PostgresRegistry(where, password_env=password_env, **kw)
 
 
-def refuse_local_in_cluster(registry: AdapterRegistry) -> None:
-    """Raise RegistryError when a one-machine catalog (SQLite) is opened inside a Ray cluster
-    of several nodes: each node would read its own file, and replicas elsewhere would answer
-    404 for adapters registered here."""
-    if not registry.is_local:
+def refuse_local_in_cluster(target: str | Path) -> None:
+    """Raise RegistryError when `target` is a one-machine catalog (a SQLite file) and this
+    process runs in a Ray cluster of several nodes: each node would read its own file, and
+    replicas elsewhere would answer 404 for adapters registered here."""
+    kind, where = parse_target(target)
+    if kind != "sqlite":
         return
     import ray
 
@@ -133,9 +134,9 @@ def refuse_local_in_cluster(registry: AdapterRegistry) -> None:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1:
         raise RegistryError(
-            f"the registry {registry.target} is a SQLite file, which lives on one machine, but "
-            f"this Ray cluster has {len(nodes)} nodes: replicas on the other nodes would read "
-            "their own file and answer 404 for adapters registered here. Use PostgreSQL: set "
-            f"`registry: postgresql://USER@HOST:5432/DB` (password in ${PASSWORD_ENV}), or "
+            f"the registry {where} is a SQLite file, which lives on one machine, but this Ray "
+            f"cluster has {len(nodes)} nodes: replicas on the other nodes would read their own "
+            "file and answer 404 for adapters registered here. Use PostgreSQL: set `registry: "
+            f"postgresql://USER@HOST:5432/DB` (password in ${PASSWORD_ENV}), or "
             "$COLD_RAY_REGISTRY on every node (see the README, 'Clusters: the adapter registry')"
         )
