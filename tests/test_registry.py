@@ -323,7 +323,7 @@ def _other_scaling(d: Path, src: Path) -> None:
 
 
 @pytest.mark.parametrize("change", [_other_weights, _other_scaling], ids=["weights", "config"])
-def test_files_changed_after_registration_are_reported_by_the_engine(
+def test_checksum_changed_after_registration_is_reported_by_the_engine(
     reg, args, tiny_llama, tiny_adapters, tmp_path, change
 ):
     """The checksum covers the weights and adapter_config.json: new scaling or targets are a

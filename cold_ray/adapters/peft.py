@@ -201,8 +201,8 @@ def load_peft_adapter(
     checksum = adapter_checksum(sha, config_sha)
     if expected_sha256 is not None and expected_sha256 not in (checksum, sha):
         raise AdapterError(
-            f"adapter files changed since registration ({WEIGHTS_FILE} and {CONFIG_FILE}): "
-            f"checksum {checksum[:12]}… != registered {expected_sha256[:12]}…"
+            f"adapter files changed since registration: sha256 {checksum[:12]}… of "
+            f"{WEIGHTS_FILE} and {CONFIG_FILE} != registered {expected_sha256[:12]}…"
         )
 
     shapes = args.module_shapes()

@@ -97,9 +97,9 @@ class ColdEngine:
         self.args = AppArgs.model_validate(args)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         device, self.assignment = self._pin(self.args.device)
-        registry = self.args.open_registry()
+        self.registry = self.args.open_registry()
         config = self.args.engine_config(device)
-        self.engine = AsyncEngine(config, resolver=registry.resolver())
+        self.engine = AsyncEngine(config, resolver=self.registry.resolver())
         self.core = self.engine.core
         self.tokenizer = self.core.tokenizer
         self.chat_template = load_chat_template(self.args.chat_template)
@@ -126,7 +126,11 @@ class ColdEngine:
         return device, info
 
     async def _lease(self, name: str) -> AdapterLease:
-        source = self.core.adapter_source(name)  # UnknownAdapterError -> 404
+        try:
+            source = self.core.adapter_source(name)  # the in-memory snapshot
+        except UnknownAdapterError:  # registered a moment ago elsewhere? read the catalog once
+            await asyncio.to_thread(self.registry.refresh)
+            source = self.core.adapter_source(name)  # UnknownAdapterError -> 404
         return AdapterLease(name, source.sha256)
 
     # ---- requests -------------------------------------------------------------------------

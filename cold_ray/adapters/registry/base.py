@@ -400,6 +400,11 @@ class AdapterRegistry:
             self._sweep_blobs(old.records.values(), records)
         return True
 
+    def refresh(self) -> bool:
+        """Reload the snapshot now if the catalog moved (a database read: never call it on an
+        engine's step thread); True if it did."""
+        return self._refresh()
+
     def _after_write(self) -> None:
         if self._snapshot is not None:  # read your own writes
             self._refresh()
