@@ -10,12 +10,6 @@ from tests.helpers import make_peft_adapter, make_tiny_model  # noqa: E402
 torch.set_num_threads(1)
 
 
-def pytest_addoption(parser):
-    parser.addoption("--seeds", type=int, default=None,
-                     help="randomized differential tests: run seeds 0..N-1 instead of the "
-                          "fixed CI seeds")  # fmt: skip
-
-
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny")

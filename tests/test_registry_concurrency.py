@@ -6,7 +6,7 @@ PostgreSQL):
 - a seeded randomized differential test: random operations (valid and invalid) applied to the
   registry and to a plain dict must give the same outcomes and the same state, and a second
   instance's snapshot (a replica) must match the dict once the change feed has run. Fixed seeds
-  in CI; `pytest --seeds N` runs N seeds.
+  in CI; `pytest --fuzz-seeds N` runs N seeds.
 """
 
 import multiprocessing
@@ -28,7 +28,7 @@ WRITERS, READERS, OWN_NAMES, SHARED = 16, 16, 3, 4  # per process
 
 def pytest_generate_tests(metafunc):
     if "seed" in metafunc.fixturenames:
-        n = metafunc.config.getoption("--seeds")
+        n = metafunc.config.getoption("--fuzz-seeds")
         metafunc.parametrize("seed", range(n) if n else CI_SEEDS)
 
 
