@@ -257,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-cluster", action="store_true", help="lookups only")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
-    os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir())
 
     from cold_ray.adapters.registry import PASSWORD_ENV
     from cold_ray.model.loader import read_model_args, resolve_model_path
