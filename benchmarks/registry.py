@@ -27,6 +27,7 @@ import http.server
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -175,6 +176,7 @@ def lookup_latency(
     db = timed(replica.get, names[: max(1, calls // 100)])
     writer.close()
     replica.close()
+    shutil.rmtree(tmp, ignore_errors=True)
     return {"adapters": n, "calls": calls, "resolver_idle": _percentiles(idle),
             "resolver_while_changing": {**_percentiles(busy), "calls": len(busy),
                                         "changes": changes[0], "generations_seen": reloads},
@@ -270,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(max(1, a.repeats))]  # fmt: skip
     result = {"loadavg_1m": os.getloadavg()[0], "goals": GOALS}
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         url = a.registry
         if url is None and a.backend != "sqlite":
             from .pgserver import PASSWORD, PostgresServer, unavailable
