@@ -132,6 +132,11 @@ def test_greedy_rows_take_the_argmax_and_hostile_values_stay_finite(device):
     rngs = [new_sampler_state(p) for p in params]
     got = sample_rows(scores, None, params, rngs, [0] * 6)
     assert got == scores.argmax(-1).tolist()
+    # large logits at small temperatures: exp must never see a positive exponent
+    big = scores * 1e4
+    params = [SamplingParams(temperature=t) for t in (1e-5, 1e-3, 0.5, 1.0, 2.0, 1e30)]
+    got = sample_rows(big, None, params, [SeedState(i) for i in range(6)], [0] * 6)
+    assert got[:5] == big.argmax(-1).tolist()[:5] and FAILED not in got
 
 
 def test_top_k_beyond_the_vocabulary_is_off(device):
