@@ -16,15 +16,15 @@ depends only on its own scores and its own (seed, step), a seeded request's toke
 depend on its row position or on the other rows of the batch.
 The draw is an inverse-CDF lookup on the row's cumulative weights in token order (one
 `cumsum` + `searchsorted`), so a batch of 32 rows over a 49k vocabulary costs a few passes
-over [rows, V] — no sort unless a row asks for top-p, and then a `topk` of 64 candidates
-(widened only for rows whose top-p mass lies beyond them).
+over [rows, V] and no sort: top-k takes a `topk` of the largest k asked for, and top-p keeps
+a draw only if it lies in the top-p set (one masked sum), redrawing the few that do not.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +34,7 @@ from cold_ray.kernels import LoraBackend
 
 FAILED = -1  # the token of a row that cannot be sampled (its scores are not finite)
 _FP32_MAX = torch.finfo(torch.float32).max
-_TOP_P_WIDTHS = (64, 1024)  # topk widths tried for top-p before sorting the whole row
+_TOP_P_ROUNDS = 32  # top-p redraws before a row's set is cut exactly with a sort
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -64,11 +64,13 @@ class SeedState:
 
     seed: int
 
-    def uniform(self, step: int) -> float:
-        """The uniform in (0, 1] that drives the draw of output token number `step`.
+    def __post_init__(self):
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
 
-        SplitMix64 stream number mix(seed), element step+1; 24 bits, exact in fp32.
-        """
+    def uniform(self, step: int, draw: int = 0) -> float:
+        """The uniform in (0, 1] for draw number `draw` of output token number `step`
+        (top-p may redraw). SplitMix64 of (mix(seed), step, draw); 24 bits, exact in fp32."""
         s, rest = 0, self.seed
         while True:  # fold seeds wider than 64 bits
             s = _mix64(s ^ (rest & _M64))
@@ -76,6 +78,8 @@ class SeedState:
             if not rest:
                 break
         h = _mix64((s + (step + 1) * _GOLDEN) & _M64)
+        if draw:
+            h = _mix64(h ^ ((draw * _GOLDEN) & _M64))
         return ((h >> 40) + 1) / (1 << 24)
 
 
@@ -90,16 +94,16 @@ def new_sampler_state(params: SamplingParams) -> SeedState | None:
 RowRandomness = SeedState | torch.Generator | None
 
 
-def _uniform(rng: RowRandomness, step: int | None) -> float:
+def _uniform(rng: RowRandomness, step: int | None, draw: int) -> float:
     if isinstance(rng, SeedState):
         if step is None:
             raise ValueError("a SeedState needs the index of the token being drawn (steps)")
-        return rng.uniform(step)
+        return rng.uniform(step, draw)
     if isinstance(rng, torch.Generator):  # a host generator draws one host scalar: any device
         if rng.device.type != "cpu":
             raise ValueError(f"generators must be CPU generators, got one on {rng.device}")
         return 1.0 - float(torch.rand((), generator=rng))  # (0, 1]
-    return float(torch.rand(())) or 1.0  # an unseeded row without state: any draw will do
+    return 1.0 - float(torch.rand(()))  # an unseeded row without state: any draw will do
 
 
 def sample_rows(
@@ -113,8 +117,9 @@ def sample_rows(
 
     Greedy rows (temperature < GREEDY_TEMPERATURE) take the argmax (first column on ties).
     Sampling rows draw from softmax(scores / T) cut by top-k, then by top-p (the smallest set
-    of most likely tokens whose renormalised mass reaches top_p; tokens tied with its last
-    one are kept too), using `rngs[i]` — a SeedState (needs `steps[i]`) or a CPU generator.
+    of most likely tokens whose renormalised mass reaches top_p); cuts are by value, so
+    tokens tied with the last one kept are kept too. `rngs[i]` is a SeedState (then
+    `steps[i]` is needed) or a CPU generator.
     """
     rows, k = scores.shape
     if not (len(params) == len(rngs) == rows) or (steps is not None and len(steps) != rows):
@@ -122,13 +127,16 @@ def sample_rows(
             f"scores has {rows} rows but params/rngs/steps have "
             f"{len(params)}/{len(rngs)}/{len(steps) if steps is not None else '-'}"
         )
-    picks = scores.argmax(dim=-1)
     failed = ~torch.isfinite(scores.amax(dim=-1))
     sampled = [i for i, p in enumerate(params) if not p.greedy]
+    picks = scores.argmax(dim=-1) if len(sampled) < rows else None
     if sampled:
         rows_scores = scores if len(sampled) == rows else scores[sampled]
-        u = [_uniform(rngs[i], steps[i] if steps is not None else None) for i in sampled]
-        cols = draw(rows_scores, [params[i] for i in sampled], u)
+
+        def uniform(row: int, n: int, i: list[int] = sampled) -> float:
+            return _uniform(rngs[i[row]], steps[i[row]] if steps is not None else None, n)
+
+        cols = draw(rows_scores, [params[i] for i in sampled], uniform)
         if len(sampled) == rows:
             picks = cols
         else:
@@ -138,69 +146,93 @@ def sample_rows(
     return picks.masked_fill(failed, FAILED).tolist()
 
 
-def draw(scores: torch.Tensor, params: Sequence[SamplingParams], u: Sequence[float]):
-    """Sample one column per row of `scores` [rows, K] with the uniforms `u` (in (0, 1]).
+def draw(
+    scores: torch.Tensor,  # [rows, K]
+    params: Sequence[SamplingParams],
+    uniform: Callable[[int, int], float],  # (row, draw number) -> (0, 1]
+) -> torch.Tensor:  # [rows] int64 columns
+    """Sample one column per row; a row with no finite maximum gets an arbitrary column.
 
     Semantics (exact arithmetic):
-        z = (scores - max(scores)) / clamp(T, GREEDY_TEMPERATURE, fp32 max)
-        z = z where z >= threshold(z, top_k, top_p) else -inf
-        w = exp(z); col = min{ j : sum(w[:j+1]) >= u * sum(w) }
-    Returns [rows] int64 columns; a row with no finite maximum gives an arbitrary column
-    (the caller masks it).
+        z = (scores - max(scores)) / clamp(T, GREEDY_TEMPERATURE, fp32 max)  # <= 0
+        z = z where z >= (k-th largest z) else -inf                          # top-k
+        w = exp(z); S = { j : sum(w[z > z_j]) < top_p * sum(w) }             # top-p set
+        col ~ w restricted to S
+    Drawing is an inverse-CDF lookup (col = first j with cumsum(w)[j] >= u * sum(w)). Top-p
+    needs no sort: a draw from w is kept when it lies in S (checked with one masked sum),
+    else the row draws again among tokens likelier than the rejected one — a superset of S,
+    so the kept draw follows w on S exactly. A draw lands in S with probability ~top_p, so
+    few rows take a second round.
     """
     rows, k = scores.shape
     device = scores.device
     peak = scores.amax(dim=-1, keepdim=True)
-    peak = peak.masked_fill(~torch.isfinite(peak), 0.0)
+    finite = torch.isfinite(peak)
     temps = [min(max(p.temperature, GREEDY_TEMPERATURE), _FP32_MAX) for p in params]
     temp = torch.tensor(temps, dtype=torch.float32, device=device).unsqueeze(1)
-    z = torch.sub(scores.float(), peak).div_(temp)  # <= 0; the peak is 0, -inf stays -inf
-    top_k = [p.top_k if 0 < p.top_k < k else k for p in params]  # k = off
-    cut = [i for i, p in enumerate(params) if top_k[i] < k or p.top_p < 1.0]
-    if cut:
-        zc = z[cut]
-        thr = _thresholds(zc, [top_k[i] for i in cut], [params[i].top_p for i in cut])
-        z[cut] = zc.masked_fill(zc < thr, -math.inf)
-    w = z.exp_().cumsum_(dim=-1)  # [rows, K] non-decreasing; w[:, -1] >= 1 (the peak's weight)
-    target = torch.tensor(u, dtype=torch.float32, device=device).unsqueeze(1) * w[:, -1:]
-    return torch.searchsorted(w, target).squeeze(1).clamp_max_(k - 1)
-
-
-def _thresholds(z: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Per-row lowest z kept by top-k, then by top-p on the renormalised rest; -inf keeps all.
-
-    Thresholds are values, so tokens tied with the k-th (or with top-p's last) are kept too.
-    z: [rows, K] (max 0 on finite rows), top_k: K = off, top_p: 1.0 = off -> [rows, 1]
-    """
-    rows, k = z.shape
-    device = z.device
-    thr_k = torch.full((rows, 1), -math.inf, device=device)
-    k_rows = [i for i in range(rows) if top_k[i] < k]
+    z = torch.sub(scores.float(), peak.masked_fill(~finite, 0.0)).div_(temp)
+    k_rows = [i for i, p in enumerate(params) if 0 < p.top_k < k]
     if k_rows:
-        vals = z[k_rows].topk(max(top_k[i] for i in k_rows), dim=-1).values  # sorted desc
-        kth = torch.tensor([top_k[i] - 1 for i in k_rows], device=device).unsqueeze(1)
-        thr_k[k_rows] = vals.gather(1, kth)
-    todo = [i for i in range(rows) if top_p[i] < 1.0]
-    if not todo:
-        return thr_k
-    thr = thr_k.clone()
-    zp = z[todo]
-    total = zp.masked_fill(zp < thr_k[todo], -math.inf).exp_().sum(dim=-1, keepdim=True)
-    goal = torch.zeros(rows, 1, device=device)  # the mass top-p must reach, per row
-    goal[todo] = torch.tensor([top_p[i] for i in todo], device=device).unsqueeze(1) * total
-    for width in sorted({min(w, k) for w in (*_TOP_P_WIDTHS, k)}):
-        # the `width` largest z of each row still looking for its cut, and their mass
-        v = z[todo].topk(width, dim=-1).values  # [len(todo), width], sorted descending
-        mass = v.masked_fill(v < thr_k[todo], -math.inf).exp_().cumsum_(dim=-1)
-        at = torch.searchsorted(mass, goal[todo])  # first position reaching it: [len(todo), 1]
-        cut = v.gather(1, at.clamp_max(width - 1))
-        thr[todo] = torch.maximum(thr_k[todo], cut)
-        if width == k:
-            break
-        todo = [i for i, short in zip(todo, (at[:, 0] >= width).tolist()) if short]
+        zk = _take(z, k_rows)
+        width = max(params[i].top_k for i in k_rows)
+        nth = torch.tensor([params[i].top_k - 1 for i in k_rows], device=device).unsqueeze(1)
+        kth = zk.topk(width, dim=-1).values.gather(1, nth)  # [len(k_rows), 1]
+        zk.masked_fill_(zk < kth, -math.inf)
+        if zk is not z:
+            z[k_rows] = zk
+    p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if p_rows:
+        ok = finite[:, 0].tolist()
+        p_rows = [i for i in p_rows if ok[i]]
+    if not p_rows:  # the common case: one exp, one cumsum, in place
+        cols, _ = _inverse_cdf(z.exp_(), [uniform(i, 0) for i in range(rows)], in_place=True)
+        return cols
+    w = z.exp()  # [rows, K] in [0, 1]; 1 at the peak
+    cols, total = _inverse_cdf(w, [uniform(i, 0) for i in range(rows)])
+    top_p = torch.tensor([params[i].top_p for i in p_rows], device=device)
+    goal = dict(zip(p_rows, (top_p * total[p_rows]).unbind(0)))
+    todo = p_rows
+    for n in range(1, _TOP_P_ROUNDS + 1):
+        zt, wt = _take(z, todo), _take(w, todo)
+        zx = zt.gather(1, cols[todo].unsqueeze(1))  # z of each row's draw: [len(todo), 1]
+        likelier = torch.where(zt > zx, wt, 0.0).sum(dim=-1)
+        rejected = (likelier >= torch.stack([goal[i] for i in todo])).tolist()
+        keep = [j for j, r in enumerate(rejected) if r]
+        todo = [todo[j] for j in keep]
         if not todo:
-            break
-    return thr
+            return cols
+        floor = zx[keep]  # S lies strictly above every rejected draw
+        redraw = torch.where(z[todo] > floor, w[todo], 0.0)
+        cols[todo], _ = _inverse_cdf(redraw, [uniform(i, n) for i in todo], in_place=True)
+    # Still unverified after many rounds (vanishingly rare): cut S exactly with a sort.
+    zt, wt = z[todo], w[todo]
+    order = zt.argsort(dim=-1, descending=True)
+    mass = wt.gather(1, order).cumsum_(dim=-1)
+    last = torch.searchsorted(mass, torch.stack([goal[i] for i in todo]).unsqueeze(1))
+    cut = zt.gather(1, order.gather(1, last.clamp_max_(k - 1)))
+    exact = torch.where(zt >= cut, wt, 0.0)
+    cols[todo], _ = _inverse_cdf(exact, [uniform(i, _TOP_P_ROUNDS + 1) for i in todo], True)
+    return cols
+
+
+def _take(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t[rows], without the copy when rows is every row in order."""
+    return t if len(rows) == t.shape[0] and rows == list(range(t.shape[0])) else t[rows]
+
+
+def _inverse_cdf(
+    w: torch.Tensor, u: list[float], in_place: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """First column whose cumulative weight reaches u * total, per row, and the totals.
+
+    w: [rows, K] >= 0 with a positive total on finite rows; u: rows values in (0, 1]
+    -> cols [rows] int64, total [rows]
+    """
+    c = w.cumsum_(dim=-1) if in_place else w.cumsum(dim=-1)  # non-decreasing
+    total = c[:, -1]
+    target = torch.tensor(u, dtype=c.dtype, device=c.device) * total
+    cols = torch.searchsorted(c, target.unsqueeze(1)).squeeze(1)
+    return cols.clamp_max_(c.shape[1] - 1), total
 
 
 def cold_select(
