@@ -316,3 +316,15 @@ def test_cuda_draws_equal_cpu_draws():
     cuda = sample_rows(scores.cuda(), None, params, rngs, [1] * 32)
     # identical up to an fp32 rounding of the cumulative weights landing on a draw's boundary
     assert sum(a != b for a, b in zip(cpu, cuda)) <= 1
+
+
+def test_the_callers_scores_are_left_untouched(device):
+    g = torch.Generator().manual_seed(10)
+    scores = torch.randn(5, 400, generator=g).to(device)
+    before = scores.clone()
+    for params in (
+        [SamplingParams(top_p=0.5, top_k=20)] * 5,  # every row sampled
+        [SamplingParams(temperature=0.0), SamplingParams(top_p=0.5)] * 2 + [SamplingParams()],
+    ):
+        sample_rows(scores, None, params, [SeedState(1)] * 5, [0] * 5)
+        assert torch.equal(scores, before)

@@ -136,7 +136,8 @@ def sample_rows(
         def uniform(row: int, n: int, i: list[int] = sampled) -> float:
             return _uniform(rngs[i[row]], steps[i[row]] if steps is not None else None, n)
 
-        cols = draw(rows_scores, [params[i] for i in sampled], uniform)
+        mine = rows_scores is not scores  # a copy: draw may overwrite it
+        cols = draw(rows_scores, [params[i] for i in sampled], uniform, overwrite=mine)
         if len(sampled) == rows:
             picks = cols
         else:
@@ -150,6 +151,7 @@ def draw(
     scores: torch.Tensor,  # [rows, K]
     params: Sequence[SamplingParams],
     uniform: Callable[[int, int], float],  # (row, draw number) -> (0, 1]
+    overwrite: bool = False,  # scores may be used as working memory
 ) -> torch.Tensor:  # [rows] int64 columns
     """Sample one column per row; a row with no finite maximum gets an arbitrary column.
 
@@ -170,7 +172,9 @@ def draw(
     finite = torch.isfinite(peak)
     temps = [min(max(p.temperature, GREEDY_TEMPERATURE), _FP32_MAX) for p in params]
     temp = torch.tensor(temps, dtype=torch.float32, device=device).unsqueeze(1)
-    z = torch.sub(scores.float(), peak.masked_fill(~finite, 0.0)).div_(temp)
+    z = scores.float()
+    shift = peak.masked_fill(~finite, 0.0)
+    z = (z.sub_(shift) if overwrite or z is not scores else z.sub(shift)).div_(temp)
     # Masks multiply weights (w * bool): on CPU ~3x cheaper than where / masked_fill. Big
     # buffers are few and reused (z becomes w in place; top-p's cumsum and scratch live in a
     # per-thread buffer): fresh multi-MB allocations cost page faults on every call.
