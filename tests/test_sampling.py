@@ -120,7 +120,7 @@ def test_top_p_exact_cut_after_the_redraws_follows_the_distribution(rounds, devi
     """The sort that ends a long run of rejected draws keeps the same distribution."""
     import cold_ray.engine.sampling as sampling
 
-    monkeypatch.setattr(sampling, "_TOP_P_ROUNDS", rounds)
+    monkeypatch.setattr(sampling, "_REDRAWS", rounds)
     g = torch.Generator().manual_seed(9)
     row = torch.randn(300, generator=g) * 2
     for q in (0.3, 0.9):

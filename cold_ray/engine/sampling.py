@@ -22,6 +22,7 @@ a draw only if it lies in the top-p set (one masked sum), redrawing the few that
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -34,7 +35,7 @@ from cold_ray.kernels import LoraBackend
 
 FAILED = -1  # the token of a row that cannot be sampled (its scores are not finite)
 _FP32_MAX = torch.finfo(torch.float32).max
-_TOP_P_ROUNDS = 32  # top-p redraws before a row's set is cut exactly with a sort
+_REDRAWS = 32  # top-k/top-p redraws before a row's set is cut exactly with a sort
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -129,19 +130,18 @@ def sample_rows(
         )
     failed = ~torch.isfinite(scores.amax(dim=-1))
     sampled = [i for i, p in enumerate(params) if not p.greedy]
-    picks = scores.argmax(dim=-1) if len(sampled) < rows else None
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    picks = torch.empty(rows, dtype=torch.int64, device=scores.device)
+    if greedy:
+        picks[greedy] = _take(scores, greedy).argmax(dim=-1)
     if sampled:
-        rows_scores = scores if len(sampled) == rows else scores[sampled]
+        rows_scores = _take(scores, sampled)
 
         def uniform(row: int, n: int, i: list[int] = sampled) -> float:
             return _uniform(rngs[i[row]], steps[i[row]] if steps is not None else None, n)
 
         mine = rows_scores is not scores  # a copy: draw may overwrite it
-        cols = draw(rows_scores, [params[i] for i in sampled], uniform, overwrite=mine)
-        if len(sampled) == rows:
-            picks = cols
-        else:
-            picks[torch.tensor(sampled, device=scores.device)] = cols
+        picks[sampled] = draw(rows_scores, [params[i] for i in sampled], uniform, overwrite=mine)
     if ids is not None:
         picks = ids.gather(1, picks.unsqueeze(1)).squeeze(1)
     return picks.masked_fill(failed, FAILED).tolist()
@@ -157,14 +157,16 @@ def draw(
 
     Semantics (exact arithmetic):
         z = (scores - max(scores)) / clamp(T, GREEDY_TEMPERATURE, fp32 max)  # <= 0
-        z = z where z >= (k-th largest z) else -inf                          # top-k
-        w = exp(z); S = { j : sum(w[w > w_j]) < top_p * sum(w) }             # top-p set
+        w = exp(z)
+        S = { j : #(w > w_j) < top_k }                                  # top-k set
+        S = { j in S : sum(w[S][w > w_j]) < top_p * sum(w[S]) }         # top-p set
         col ~ w restricted to S
-    Drawing is an inverse-CDF lookup (col = first j with cumsum(w)[j] >= u * sum(w)). Top-p
-    needs no sort: a draw from w is kept when it lies in S (checked with one masked sum),
-    else the row draws again among tokens likelier than the rejected one — a superset of S,
-    so the kept draw follows w on S exactly. A draw lands in S with probability ~top_p, so
-    few rows take a second round.
+    Drawing is an inverse-CDF lookup (col = first j with cumsum(w)[j] >= u * sum(w)). No
+    sort: a draw from w is kept when it lies in S (one pass gives both the count and the
+    mass of the likelier tokens), else the row draws again among tokens likelier than the
+    rejected one, a superset of S, so the kept draw follows w on S exactly. A first draw
+    lands in S with probability mass(S) (~top_p), so few rows redraw. Only rows with both
+    top-k and top-p take a `topk`, for the top-k set's mass.
     """
     rows, k = scores.shape
     device = scores.device
@@ -176,54 +178,55 @@ def draw(
     shift = peak.masked_fill(~finite, 0.0)
     z = (z.sub_(shift) if overwrite or z is not scores else z.sub(shift)).div_(temp)
     # Masks multiply weights (w * bool): on CPU ~3x cheaper than where / masked_fill. Big
-    # buffers are few and reused (z becomes w in place; top-p's cumsum and scratch live in a
-    # per-thread buffer): fresh multi-MB allocations cost page faults on every call.
-    k_rows = [i for i, p in enumerate(params) if 0 < p.top_k < k]
+    # buffers are few and reused (z becomes w in place; the cumsum and the membership
+    # scratch share a per-thread buffer): fresh multi-MB allocations page-fault every call.
+    top_k = [p.top_k if 0 < p.top_k < k else k for p in params]  # k = off
+    both = [i for i, p in enumerate(params) if top_k[i] < k and p.top_p < 1.0]
     in_top_k = None
-    if k_rows:
-        zk = _take(z, k_rows)
-        width = max(params[i].top_k for i in k_rows)
-        nth = torch.tensor([params[i].top_k - 1 for i in k_rows], device=device).unsqueeze(1)
-        in_top_k = zk >= zk.topk(width, dim=-1).values.gather(1, nth)  # [len(k_rows), K]
+    if both:  # top-p renormalises within top-k: these rows need the top-k set's mass
+        zk = _take(z, both)
+        nth = torch.tensor([top_k[i] - 1 for i in both], device=device).unsqueeze(1)
+        kth = zk.topk(max(top_k[i] for i in both), dim=-1).values.gather(1, nth)
+        in_top_k = zk >= kth  # [len(both), K]
     w = z.exp_()  # [rows, K] in [0, 1], 1 at the peak
     if in_top_k is not None:
-        wk = _take(w, k_rows)
+        wk = _take(w, both)
         wk.mul_(in_top_k)
         if wk is not w:
-            w[k_rows] = wk
+            w[both] = wk
     uniforms = [uniform(i, 0) for i in range(rows)]
-    p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
-    if p_rows:
-        ok = finite[:, 0].tolist()
-        p_rows = [i for i in p_rows if ok[i]]
-    if not p_rows:  # the common case: one exp, one cumsum, in place
+    ok = finite[:, 0].tolist()
+    todo = [i for i, p in enumerate(params) if (top_k[i] < k or p.top_p < 1.0) and ok[i]]
+    if not todo:  # no cut: one exp, one cumsum, in place
         return _inverse_cdf(w, uniforms, in_place=True)[0]
     scratch = _scratch(w)
     cols, total = _inverse_cdf(torch.cumsum(w, dim=-1, out=scratch), uniforms, cumulative=True)
-    top_p = torch.tensor([params[i].top_p for i in p_rows], device=device)
-    goal = dict(zip(p_rows, (top_p * total[p_rows]).unbind(0)))
-    todo = p_rows
-    for n in range(1, _TOP_P_ROUNDS + 1):
+    # S = { j : #(w > w_j) < top_k  and  sum(w[w > w_j]) < top_p * sum(w) }
+    limit = torch.tensor(top_k, dtype=torch.float32, device=device)  # k: no limit
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+    goal = torch.where(top_p < 1.0, top_p * total, math.inf)
+    for n in range(1, _REDRAWS + 1):
         wt = _take(w, todo)
         wx = wt.gather(1, cols[todo].unsqueeze(1))  # weight of each row's draw: [len(todo), 1]
         # mass of the likelier tokens = sum(relu(w - wx)) + wx * #(w > wx)
         excess = torch.sub(wt, wx, out=scratch[: len(todo)]).clamp_min_(0.0)
-        likelier = excess.sum(dim=-1) + wx[:, 0] * excess.sign_().sum(dim=-1)
-        rejected = (likelier >= torch.stack([goal[i] for i in todo])).tolist()
-        keep = [j for j, r in enumerate(rejected) if r]
+        mass = excess.sum(dim=-1)
+        count = excess.sign_().sum(dim=-1)
+        out = (count >= limit[todo]) | (mass + wx[:, 0] * count >= goal[todo])
+        keep = [j for j, r in enumerate(out.tolist()) if r]
         todo = [todo[j] for j in keep]
         if not todo:
             return cols
         wt = w[todo]
         redraw = wt.mul_(wt > wx[keep])  # S lies strictly above every rejected draw
         cols[todo], _ = _inverse_cdf(redraw, [uniform(i, n) for i in todo], in_place=True)
-    # Still unverified after many rounds (vanishingly rare): cut S exactly with a sort.
+    # Still unverified after many redraws (vanishingly rare): cut S exactly with a sort.
     wt = w[todo]
     ordered = wt.sort(dim=-1, descending=True).values
-    mass = ordered.cumsum(dim=-1)
-    last = torch.searchsorted(mass, torch.stack([goal[i] for i in todo]).unsqueeze(1))
-    exact = wt.mul_(wt >= ordered.gather(1, last.clamp_max_(k - 1)))
-    cols[todo], _ = _inverse_cdf(exact, [uniform(i, _TOP_P_ROUNDS + 1) for i in todo], True)
+    by_mass = torch.searchsorted(ordered.cumsum(dim=-1), goal[todo].unsqueeze(1))
+    last = torch.minimum(by_mass, (limit[todo].long() - 1).unsqueeze(1)).clamp_max_(k - 1)
+    exact = wt.mul_(wt >= ordered.gather(1, last))
+    cols[todo], _ = _inverse_cdf(exact, [uniform(i, _REDRAWS + 1) for i in todo], True)
     return cols
 
 
