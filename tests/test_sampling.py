@@ -116,15 +116,15 @@ def test_top_p_over_a_wide_flat_row_follows_the_exact_distribution(device):
 
 
 @pytest.mark.parametrize("rounds", [0, 1])
-def test_top_p_exact_cut_after_the_redraws_follows_the_distribution(rounds, device, monkeypatch):
+def test_exact_cut_after_the_redraws_follows_the_distribution(rounds, device, monkeypatch):
     """The sort that ends a long run of rejected draws keeps the same distribution."""
     import cold_ray.engine.sampling as sampling
 
     monkeypatch.setattr(sampling, "_REDRAWS", rounds)
     g = torch.Generator().manual_seed(9)
     row = torch.randn(300, generator=g) * 2
-    for q in (0.3, 0.9):
-        p = SamplingParams(temperature=1.0, top_p=q)
+    for p in (SamplingParams(top_p=0.3), SamplingParams(top_p=0.9), SamplingParams(top_k=7),
+              SamplingParams(top_k=40, top_p=0.8, temperature=0.7)):  # fmt: skip
         probs = exact_probs(row, p)
         tokens = draw_many(row, p, 20_000, device)
         order = probs.argsort(descending=True)
