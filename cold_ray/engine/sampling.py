@@ -16,8 +16,8 @@ depends only on its own scores and its own (seed, step), a seeded request's toke
 depend on its row position or on the other rows of the batch.
 The draw is an inverse-CDF lookup on the row's cumulative weights in token order (one
 `cumsum` + `searchsorted`), so a batch of 32 rows over a 49k vocabulary costs a few passes
-over [rows, V] and no sort: top-k takes a `topk` of the largest k asked for, and top-p keeps
-a draw only if it lies in the top-p set (one masked sum), redrawing the few that do not.
+over [rows, V] and no sort: top-k and top-p keep a draw only if it lies in their set (one
+pass counts and sums the likelier tokens), redrawing the few that do not.
 """
 
 from __future__ import annotations
