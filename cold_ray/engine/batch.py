@@ -60,9 +60,9 @@ def additive(mask: torch.Tensor, device, dtype) -> torch.Tensor:
 
 
 def _decode(rows: list[Row], device, dtype) -> DecodeAttention:
-    """Rows are sorted by slot. Slots in [0, S) without a decoding row attend position 0."""
+    """Slots in [0, S) without a decoding row attend position 0 (their output is dropped)."""
     slot_ids = [r.slot for r in rows]
-    span_rows = slot_ids[-1] + 1
+    span_rows = max(slot_ids) + 1
     lengths = torch.zeros(span_rows, dtype=torch.int64)
     lengths[slot_ids] = torch.tensor([r.length for r in rows])
     span = int(lengths.max()) + 1

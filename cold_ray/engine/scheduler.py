@@ -137,5 +137,7 @@ class Scheduler:
             budget -= sum(sizes)
             if all(n == r.prompt_left for r, n in zip(req.rows, sizes)):
                 plan.ready.append(req)
-        plan.decode.sort(key=lambda r: r.slot)  # slots [0, D) in order: attention reads a view
+        # Rows of one adapter side by side: each adapter's LoRA delta is one GEMM pair over a
+        # contiguous run, with no gather (base rows, the amateurs among them, go last).
+        plan.decode.sort(key=lambda r: (r.adapter_slot < 0, r.adapter_slot, r.slot))
         return plan
