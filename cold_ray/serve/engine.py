@@ -12,6 +12,11 @@ batches by model id) is not used.
 first output carrying the request's metadata (decoding, alpha/beta, replica), then one dict per
 engine output. Errors travel as data, not exceptions, so the ingress can answer with the
 right status before it sends any byte of a stream.
+
+Nothing slow runs on the replica's event loop: registry lookups and tokenisation (chat
+templates included) run in threads, so one slow disk or long template never stalls the other
+streams. Tokenisation has one thread of its own: a fast tokenizer is not made for concurrent
+use from several threads, and one thread keeps requests in arrival order.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +111,7 @@ class ColdEngine:
         self.tokenizer = self.core.tokenizer
         self.chat_template = load_chat_template(self.args.chat_template)
         self.device = str(self.core.device)
+        self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
         async def lease(name: str) -> AdapterLease:  # Serve keeps its LRU state on a function
             return await self._lease(name)
@@ -127,7 +134,8 @@ class ColdEngine:
         return device, info
 
     async def _lease(self, name: str) -> AdapterLease:
-        source = self.core.adapter_source(name)  # UnknownAdapterError -> 404
+        # UnknownAdapterError -> 404; the resolver may ask the registry: off the loop
+        source = await asyncio.to_thread(self.core.adapter_source, name)
         return AdapterLease(name, source.sha256)
 
     # ---- requests -------------------------------------------------------------------------
@@ -174,11 +182,15 @@ class ColdEngine:
     async def _submit(self, req: dict):
         adapter = req.get("adapter")
         if adapter is not None:
-            await self._adapter(adapter)
-        if req.get("messages") is not None or len(req.get("prompt") or "") > 4096:
-            ids = await asyncio.to_thread(self._prompt_ids, req)  # keep the loop responsive
+            await self._adapter(adapter)  # Serve's multiplex LRU; a miss runs _lease
+            # `engine.submit` checks the adapter again on this loop; resolved here in a thread,
+            # that check is a hit in the resolver's cache instead of a registry query
+            await asyncio.to_thread(self.core.adapter_source, adapter)
+        if req.get("messages") is not None or isinstance(req.get("prompt"), str):
+            loop = asyncio.get_running_loop()
+            ids = await loop.run_in_executor(self._tokenize, self._prompt_ids, req)
         else:
-            ids = self._prompt_ids(req)
+            ids = self._prompt_ids(req)  # token ids: nothing to do
         s = req["sampling"]
         params = SamplingParams(
             max_tokens=self._max_tokens(req, len(ids)),
@@ -257,3 +269,6 @@ class ColdEngine:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        pool = getattr(self, "_tokenize", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
