@@ -132,3 +132,25 @@ def test_batch_invariance_on_smollm2(smol, random_adapter):
     while smol.has_work():
         smol.step()
     assert [r.output_ids for r in reqs] == alone
+
+
+def test_hub_id_adapter_on_a_renamed_model_folder(smol, tmp_path, capsys):
+    """The demo adapter declares `HuggingFaceTB/SmolLM2-135M-Instruct`; the same model copied
+    to a folder named `smollm2` serves it in `adapters add` and `eval` with no flags."""
+    import shutil
+
+    from cold_ray.cli import main
+
+    model = tmp_path / "x" / "smollm2"
+    shutil.copytree(smol.model_path, model)
+    reg = ["--registry", str(tmp_path / "reg.sqlite")]
+    rc = main(["adapters", "add", "demo", str(DEMO), "--model", str(model), "--json", *reg])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert json.loads(out.out)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    rc = main(["eval", "--model", str(model), "--adapter", str(DEMO), "--data", "demo:test",
+               "--n", "2", "--max-tokens", "8", "--max-model-len", "256", "--json",
+               "--no-progress"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert [r["n"] for r in json.loads(out.out)["results"]] == [2, 2, 2]
