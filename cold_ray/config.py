@@ -18,19 +18,26 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_rows: int = 32  # batch rows; a CoLD request takes two (expert + amateur)
     max_model_len: int = 1024  # prompt + generated tokens per request (KV cache per row)
-    # Prompt tokens prefilled per step (a CoLD prompt counts twice); at least one request is
-    # always admitted. Bounds the stall that new requests put on running streams.
-    max_prefill_tokens: int = 1024
-    host_cache_adapters: int = 16  # validated adapters kept in host memory for fast reloads
+    # Prompt tokens prefilled per step (a CoLD prompt counts twice); longer prompts are
+    # chunked across steps. Bounds the stall that new prompts put on decoding streams.
+    max_prefill_tokens: int = 256
+    # Prompt-prefix KV kept for reuse across requests (0 = off), in blocks of this many tokens.
+    prefix_cache_bytes: int = 256 << 20
+    prefix_block_size: int = 16
+    # A request that waits this long without getting a row fails with a timeout (None = never).
+    request_timeout_s: float | None = 600.0
+    # Validated adapters kept in host memory for fast reloads, bounded in bytes (0: none).
+    host_cache_bytes: int = 1 << 30
     max_adapter_bytes: int = 1 << 30
     lora_backend: str = "auto"  # auto | reference | grouped | triton | ...
     num_threads: int | None = 1  # intra-op threads; 1 avoids OpenMP spin-wait collapse
+    packed_weights: bool = True  # CPU: base GEMM weights in oneDNN's packed layout
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("max_loras", "max_lora_rank", "max_rows", "max_model_len",
-                     "max_prefill_tokens"):  # fmt: skip
+                     "max_prefill_tokens", "prefix_block_size"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -38,6 +45,15 @@ class EngineConfig:
             raise ValueError(
                 f"max_rows must be >= 2 (a CoLD request needs two), got {self.max_rows}"
             )
+        if not isinstance(self.prefix_cache_bytes, int) or self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be an integer >= 0, got "
+                             f"{self.prefix_cache_bytes!r}")  # fmt: skip
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(
+                f"request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}"
+            )
+        if not isinstance(self.host_cache_bytes, int) or self.host_cache_bytes < 0:
+            raise ValueError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
 

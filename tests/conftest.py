@@ -27,3 +27,8 @@ def tiny_adapters(tiny_root, tiny_llama):
         make_peft_adapter(tiny_llama, tiny_root / f"adapter{i}", rank=8, seed=10 + i)
         for i in range(3)
     ]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-seeds", type=int, default=None,
+                     help="seeds per randomized differential test (default: the CI slice)")  # fmt: skip

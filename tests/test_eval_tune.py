@@ -30,9 +30,8 @@ def reg(tmp_path, tiny_llama, tiny_adapters):
 
 @pytest.fixture
 def core(reg, tiny_llama):
-    # ttl=0: every request asks the registry, as a replica does once its ttl has passed
     config = EngineConfig(model=str(tiny_llama), max_rows=8, max_model_len=64)
-    return EngineCore(config, resolver=reg.resolver(ttl=0))
+    return EngineCore(config, resolver=reg.resolver())
 
 
 def _outputs(core, cold):

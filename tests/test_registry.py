@@ -1,9 +1,10 @@
-"""The adapter registry: durable, concurrent-safe, validates before listing, refuses bad input."""
+"""The adapter registry's contract, on both backends (SQLite and a real PostgreSQL): durable,
+validates before listing, refuses bad input, and replicas see every change from memory."""
 
 import json
-import multiprocessing
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import fsspec
@@ -11,11 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cold_ray.adapters.peft import AdapterError, weights_sha256
-from cold_ray.adapters.registry import AdapterNotFound, Registry, RegistryError
+from cold_ray.adapters.peft import AdapterError, files_checksum, weights_sha256
+from cold_ray.adapters.registry import AdapterNotFound, RegistryError, open_registry
 from cold_ray.config import EngineConfig
 from cold_ray.engine import ColdParams, EngineCore, SamplingParams
 from cold_ray.model.loader import read_model_args
+from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
+from tests.serve_util import wait_for
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -26,16 +29,39 @@ def args(tiny_llama):
     return read_model_args(tiny_llama)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path):
+    """Where the catalog lives: a SQLite file, or a fresh database on a real server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "reg" / "registry.sqlite")
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
-def reg(tmp_path):
-    return Registry(tmp_path / "reg" / "registry.sqlite", allowed_schemes=("file", "memory"))
+def make_reg(target, tmp_path):
+    """Open the catalog (again: a second instance is what another replica holds)."""
+    opened = []
+
+    def make(**kw):
+        kw.setdefault("cache_dir", tmp_path / "blobs")
+        opened.append(open_registry(target, **kw))
+        return opened[-1]
+
+    yield make
+    for r in opened:
+        r.close()
+
+
+@pytest.fixture
+def reg(make_reg):
+    return make_reg(allowed_schemes=("file", "memory"))
 
 
 def add(reg, name, source, args, **kw):
     return reg.add(name, source, args=args, max_rank=kw.pop("max_rank", 8), **kw)
 
 
-def test_add_get_list_survives_restart(reg, args, tiny_adapters):
+def test_add_get_list_survives_restart(make_reg, reg, args, tiny_adapters):
     rec = add(reg, "a0", tiny_adapters[0], args, alpha=0.2)
     add(reg, "a1", str(tiny_adapters[1]), args)
     assert rec.rank == 8 and rec.sha256 == weights_sha256(tiny_adapters[0])
@@ -44,35 +70,11 @@ def test_add_get_list_survives_restart(reg, args, tiny_adapters):
     assert rec.nbytes == (tiny_adapters[0] / WEIGHTS).stat().st_size
     assert rec.cold == ColdParams(alpha=0.2, beta=0.5) and rec.cold_enabled
     assert Path(rec.base_model).name == "tiny-llama" and rec.created_at > 0
+    assert rec.checksum == files_checksum(tiny_adapters[0]) != rec.sha256
     reg.close()
-    again = Registry(reg.path)  # a new process would see the same
+    again = make_reg()  # a new process would see the same
     assert [r.name for r in again.list()] == ["a0", "a1"]
     assert again.get("a0") == rec and "a1" in again and "nope" not in again
-
-
-def _register_many(path: str, model: str, adapter: str, prefix: str, n: int) -> None:
-    torch.set_num_threads(1)
-    reg = Registry(path)
-    a = read_model_args(Path(model))
-    for i in range(n):
-        reg.add(f"{prefix}{i}", adapter, args=a, max_rank=8)
-
-
-def test_two_processes_registering_at_once_lose_nothing(tmp_path, tiny_llama, tiny_adapters):
-    path = str(tmp_path / "registry.sqlite")
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_register_many,
-                    args=(path, str(tiny_llama), str(tiny_adapters[i]), f"p{i}-", 6))
-        for i in range(2)
-    ]  # fmt: skip
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    names = [r.name for r in Registry(path).list()]
-    assert names == sorted(f"p{i}-{j}" for i in range(2) for j in range(6))
 
 
 def test_duplicate_replace_remove(reg, args, tiny_adapters):
@@ -92,9 +94,9 @@ def test_duplicate_replace_remove(reg, args, tiny_adapters):
 
 def test_set_tuned_and_resolver(reg, args, tiny_adapters):
     add(reg, "t", tiny_adapters[0], args)
-    resolve = reg.resolver(ttl=0.0)
+    resolve = reg.resolver()
     src = resolve("t")
-    assert src.sha256 == weights_sha256(tiny_adapters[0]) and src.cold is None
+    assert src.sha256 == files_checksum(tiny_adapters[0]) and src.cold is None
     assert Path(src.path) == tiny_adapters[0].resolve() and src.prepare is None
     reg.set_tuned("t", 0.3, 1.5, cold_enabled=False)
     src = resolve("t")
@@ -224,11 +226,11 @@ def test_bad_names_are_refused(reg, args, tiny_adapters, name):
     assert reg.list() == []
 
 
-def test_source_policy(tmp_path, args, tiny_adapters):
+def test_source_policy(make_reg, tmp_path, args, tiny_adapters):
     root = tmp_path / "allowed"
     inside = _copy(tiny_adapters[0], root / "ok")
     outside = _copy(tiny_adapters[1], tmp_path / "elsewhere")
-    reg = Registry(tmp_path / "r.sqlite", allowed_roots=[str(root)], allowed_schemes=["file"])
+    reg = make_reg(allowed_roots=[str(root)], allowed_schemes=["file"])
     assert add(reg, "ok", inside, args).path == str(inside.resolve())
     assert add(reg, "ok2", f"file://{inside}", args).source == str(inside.resolve())
     bad = {
@@ -277,6 +279,11 @@ def test_remote_source_is_fetched_into_a_content_addressed_cache(reg, args, tiny
     shutil.rmtree(rec.path)
     with pytest.raises(AdapterError, match="changed at its source"):
         reg.resolver()("remote").prepare()
+    fs.pipe(f"{root}/{WEIGHTS}", (tiny_adapters[0] / WEIGHTS).read_bytes())
+    cfg = json.loads((tiny_adapters[0] / CONFIG).read_bytes())  # so does its config
+    fs.pipe(f"{root}/{CONFIG}", json.dumps(cfg | {"lora_alpha": 3}).encode())
+    with pytest.raises(AdapterError, match="changed at its source"):
+        reg.resolver()("remote").prepare()
 
     reg.remove("remote")
     reg.remove("remote2")
@@ -306,15 +313,91 @@ def test_bad_remote_sources_leave_no_trace(reg, args, tiny_adapters, tmp_path):
     assert not reg.cache_dir.exists() or list(reg.cache_dir.iterdir()) == []
 
 
+def _other_weights(d: Path, src: Path) -> None:
+    shutil.copy(src / WEIGHTS, d / WEIGHTS)  # same shapes, other weights
+
+
+def _other_scaling(d: Path, src: Path) -> None:
+    cfg = json.loads((d / CONFIG).read_text())
+    (d / CONFIG).write_text(json.dumps(cfg | {"lora_alpha": cfg["lora_alpha"] * 4}))
+
+
+@pytest.mark.parametrize("change", [_other_weights, _other_scaling], ids=["weights", "config"])
 def test_checksum_changed_after_registration_is_reported_by_the_engine(
-    reg, args, tiny_llama, tiny_adapters, tmp_path
+    reg, args, tiny_llama, tiny_adapters, tmp_path, change
 ):
+    """The checksum covers the weights and adapter_config.json: new scaling or targets are a
+    new adapter, like new weights."""
     d = _copy(tiny_adapters[0], tmp_path / "mut")
-    add(reg, "mut", d, args)
+    rec = add(reg, "mut", d, args)
     core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=4, max_model_len=64,
                                    max_lora_rank=8), resolver=reg.resolver())  # fmt: skip
-    shutil.copy(tiny_adapters[1] / WEIGHTS, d / WEIGHTS)  # same shapes, other weights
+    change(d, tiny_adapters[1])
+    assert not reg.files_match(rec)
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     with pytest.raises(AdapterError, match="changed since registration"):
         core.generate([[5, 6, 7]], params, adapter="mut")
     assert core.generate([[5, 6, 7]], params)[0]["completion_tokens"] == 3  # still serving
+    again = add(reg, "mut", d, args, replace=True)  # registered again: served
+    assert again.checksum != rec.checksum and reg.files_match(again)
+    assert core.generate([[5, 6, 7]], params, adapter="mut")[0]["completion_tokens"] == 3
+    core.shutdown()
+
+
+# ---- replicas: a snapshot in memory, kept current by the change feed -------------------------
+
+
+def test_a_replica_sees_adds_replacements_tunings_and_removals(make_reg, args, tiny_adapters):
+    writer, replica = make_reg(), make_reg()
+    resolve = replica.resolver()  # loads the snapshot and starts the watcher
+    with pytest.raises(KeyError):
+        resolve("x")
+    add(writer, "x", tiny_adapters[0], args)
+    first = wait_for(lambda: replica.snapshot().sources.get("x"), what="the add to arrive")
+    assert first.sha256 == files_checksum(tiny_adapters[0]) and resolve("x") == first
+    add(writer, "x", tiny_adapters[1], args, replace=True)
+    wait_for(lambda: resolve("x").sha256 == files_checksum(tiny_adapters[1]), what="replace")
+    writer.set_tuned("x", 0.2, 2.0, cold_enabled=False)
+    wait_for(lambda: resolve("x").cold == ColdParams(0.2, 2.0), what="the tuning to arrive")
+    assert resolve("x").cold_enabled is False and replica.lookup("x").alpha == 0.2
+    writer.remove("x")
+    wait_for(lambda: "x" not in replica.snapshot().sources, what="the removal to arrive")
+    with pytest.raises(KeyError, match="does not exist"):
+        resolve("x")
+
+
+def _lock_postgres_catalog(url: str):
+    """Lock the catalog's tables against every reader and writer; returns the release."""
+    import psycopg
+
+    conn = psycopg.connect(url, password=os.environ["COLD_RAY_REGISTRY_PASSWORD"])
+    conn.execute("LOCK TABLE adapters, registry_meta IN ACCESS EXCLUSIVE MODE")
+    return lambda: (conn.rollback(), conn.close())
+
+
+def test_resolver_answers_from_memory_never_from_the_database(
+    make_reg, target, args, tiny_adapters
+):
+    """The request path never reads the database: the resolving thread makes no backend call,
+    and on PostgreSQL lookups still answer while another session locks the catalog (a
+    database read would wait for the lock)."""
+    reg = make_reg()
+    add(reg, "m", tiny_adapters[0], args)
+    resolve = reg.resolver()
+    callers = []
+    for attr in ("_read", "_read_all"):
+        real = getattr(reg, attr)
+        setattr(reg, attr, lambda *a, _real=real: callers.append(threading.current_thread()) or
+                _real(*a))  # fmt: skip
+    release = _lock_postgres_catalog(target) if "://" in target else lambda: None
+    answers = []
+    try:
+        t = threading.Thread(target=lambda: answers.extend(resolve("m") for _ in range(1000)))
+        t.start()
+        t.join(30)
+        assert not t.is_alive() and len(answers) == 1000
+        with pytest.raises(KeyError):
+            resolve("unknown")
+    finally:
+        release()
+    assert t not in callers and threading.current_thread() not in callers

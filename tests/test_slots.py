@@ -2,15 +2,20 @@
 instead of failing, one load per adapter, host-cache reloads, hot-load without restart."""
 
 import dataclasses
+import json
+import shutil
 import threading
 import time
 
 import pytest
+import torch
 
 from cold_ray.adapters.registry import Registry
 from cold_ray.config import EngineConfig
 from cold_ray.engine import ColdParams, EngineCore, SamplingParams
+from cold_ray.model.config import FUSED_SITES
 from cold_ray.model.loader import read_model_args
+from tests.helpers import make_peft_adapter
 
 PROMPTS = [[5, 17, 42, 99, 3], [250, 7, 8, 120, 64, 33], [11, 12, 13]]
 SHORT = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -66,14 +71,14 @@ def ref(tiny_llama, tiny_adapters):
 
 @pytest.fixture
 def core(tiny_llama, tiny_adapters, request):
-    core = make_core(tiny_llama, host_cache_adapters=getattr(request, "param", 16))
+    core = make_core(tiny_llama, host_cache_bytes=getattr(request, "param", 1 << 30))
     for i, a in enumerate(tiny_adapters):
         core.register_adapter(f"a{i}", a)
     yield core
     core.shutdown()
 
 
-@pytest.mark.parametrize("core", [16, 0], indirect=True, ids=["host-cache", "no-host-cache"])
+@pytest.mark.parametrize("core", [1 << 30, 0], indirect=True, ids=["host-cache", "no-host-cache"])
 def test_lru_evicts_least_recently_used_idle_and_reload_is_exact(core, ref):
     p = PROMPTS[0]
     assert tokens(core, p, "a0") == ref[(tuple(p), "a0")]
@@ -84,7 +89,7 @@ def test_lru_evicts_least_recently_used_idle_and_reload_is_exact(core, ref):
     assert list(core.slots.resident) == ["a0", "a2"] and core.slots.evictions == 1
     assert tokens(core, p, "a1") == ref[(tuple(p), "a1")]  # reloaded after its eviction
     assert set(core.slots.resident) == {"a2", "a1"}
-    if core.config.host_cache_adapters:
+    if core.config.host_cache_bytes:
         assert core.reads == ["a0", "a1", "a2"]  # the reload came from host memory
     else:
         assert core.reads == ["a0", "a1", "a2", "a1"]
@@ -139,7 +144,7 @@ def test_hot_load_from_registry_while_decoding_for_others(tmp_path, tiny_llama, 
     args = read_model_args(tiny_llama)
     reg.add("a0", tiny_adapters[0], args=args, max_rank=8)
     gate = threading.Event()  # holds the new adapter's load open while we watch the others
-    resolve = reg.resolver(ttl=0.0)
+    resolve = reg.resolver()
 
     def gated(name):
         src = resolve(name)
@@ -179,7 +184,7 @@ def test_adapter_replaced_in_registry_is_reloaded_not_served_stale(tmp_path, tin
     reg = Registry(tmp_path / "registry.sqlite")
     args = read_model_args(tiny_llama)
     reg.add("v", tiny_adapters[0], args=args, max_rank=8)
-    core = make_core(tiny_llama, resolver=reg.resolver(ttl=0.0))
+    core = make_core(tiny_llama, resolver=reg.resolver())
     p = PROMPTS[0]
     assert tokens(core, p, "v") == ref[(tuple(p), "a0")]
     running = core.make_request(PROMPTS[1], LONG, "v")
@@ -197,3 +202,71 @@ def test_adapter_replaced_in_registry_is_reloaded_not_served_stale(tmp_path, tin
     assert running.output_ids[:6] == ref[(tuple(PROMPTS[1]), "a0")]
     assert new.output_ids == ref[(tuple(p), "a1")]
     assert core.reads == ["v", "v"]
+
+
+def test_a_new_adapter_config_is_a_new_version(tmp_path, tiny_llama, tiny_adapters, ref):
+    """Same weights, other scaling in adapter_config.json: registered again, the replica
+    reloads it (the checksum covers the config) and decodes with the new scaling."""
+    folder = tmp_path / "scaled"
+    shutil.copytree(tiny_adapters[0], folder)
+    reg = Registry(tmp_path / "registry.sqlite")
+    args = read_model_args(tiny_llama)
+    reg.add("s", folder, args=args, max_rank=8)
+    core = make_core(tiny_llama, resolver=reg.resolver())
+    p = PROMPTS[0]
+    assert tokens(core, p, "s") == ref[(tuple(p), "a0")]
+    scale = core.model.layers[0].self_attn.qkv_proj.lora_scale[core.slots.lookup("s")].item()
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(cfg | {"lora_alpha": 0}))
+    reg.add("s", folder, args=args, max_rank=8, replace=True)
+    zero = make_core(tiny_llama)  # lora_alpha 0: the adapter adds nothing, as the base model
+    assert tokens(core, p, "s") == tokens(zero, p, None) != ref[(tuple(p), "a0")]
+    assert core.reads == ["s", "s"] and scale != 0.0
+    assert core.model.layers[0].self_attn.qkv_proj.lora_scale[core.slots.lookup("s")] == 0.0
+    core.shutdown()
+
+
+def test_host_cache_is_bounded_in_bytes_least_recently_used_first(tiny_llama, tiny_adapters):
+    probe = make_core(tiny_llama)
+    probe.register_adapter("a0", tiny_adapters[0])
+    size = probe.slots.pack(probe._read_adapter("a0", probe.resolver("a0"))).nbytes
+    core = make_core(tiny_llama, max_loras=1, host_cache_bytes=2 * size + size // 2)
+    for i, a in enumerate(tiny_adapters):
+        core.register_adapter(f"a{i}", a)
+    for name in ("a0", "a1", "a2"):
+        tokens(core, PROMPTS[0], name)
+        assert core.slots.host_bytes <= core.slots.host_cache_bytes
+    assert list(core.slots.host) == ["a1", "a2"] and core.slots.host_bytes == 2 * size
+    tokens(core, PROMPTS[0], "a1")  # from host memory; a1 becomes the most recent
+    tokens(core, PROMPTS[0], "a0")  # read again: the least recent (a2) makes room
+    assert core.reads == ["a0", "a1", "a2", "a0"] and list(core.slots.host) == ["a1", "a0"]
+
+    tight = make_core(tiny_llama, max_loras=1, host_cache_bytes=size - 1)
+    tight.register_adapter("a0", tiny_adapters[0])
+    tokens(tight, PROMPTS[0], "a0")  # served, but larger than the whole cache: not kept
+    assert tight.slots.resident and not tight.slots.host and tight.slots.host_bytes == 0
+    for c in (probe, core, tight):
+        c.shutdown()
+
+
+def test_host_copies_are_compact_and_install_the_padded_slot_layout(tmp_path, tiny_llama):
+    """A rank-4 adapter on q/v only, in an engine with max_lora_rank 8: the host copy holds
+    just its own weights, and the slot it fills equals LoraLinear's padded layout."""
+    small = make_peft_adapter(tiny_llama, tmp_path / "small", rank=4, targets=("q_proj", "v_proj"))
+    core = make_core(tiny_llama)
+    core.register_adapter("small", small)
+    adapter = core._read_adapter("small", core.resolver("small"))
+    args = core.args
+    fan_in = args.hidden_size  # q and v read the hidden state; A [4, in], B [out, 4] each
+    per_layer = 4 * fan_in * 2 + 4 * (args.num_heads + args.num_kv_heads) * args.head_dim
+    assert adapter.nbytes == args.num_layers * per_layer * 4  # float32, no padding
+    slot = core.slots.install("small", adapter)
+    from cold_ray.adapters.peft import load_peft_adapter
+
+    peft = load_peft_adapter(small, args, 8)
+    for i, layer in enumerate(core.model.layers):
+        for site_name, site in layer.lora_sites().items():
+            parts = [peft.weights.get((i, m)) for m in FUSED_SITES[site_name]]
+            a, b = site.pack(parts)
+            assert torch.equal(site.lora_A[slot], a) and torch.equal(site.lora_B[slot], b)
+    core.shutdown()

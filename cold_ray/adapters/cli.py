@@ -5,8 +5,8 @@
     cold-ray adapters show math
     cold-ray adapters rm math
 
-Every command takes `--registry PATH` (default: $COLD_RAY_REGISTRY, else registry.sqlite in
-the cold-ray cache folder).
+Every command takes `--registry PATH_OR_URL`: a SQLite file or a postgresql:// URL (default:
+$COLD_RAY_REGISTRY, else registry.sqlite in the cold-ray cache folder).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from cold_ray.adapters.peft import AdapterError
 
 
 def _registry(args: argparse.Namespace):
-    from cold_ray.adapters.registry import Registry, default_registry_path
+    from cold_ray.adapters.registry import open_registry
 
     # The CLI runs with its user's own rights, so any path or fsspec scheme may be read.
-    return Registry(args.registry or default_registry_path(), allowed_schemes=None)
+    return open_registry(args.registry, allowed_schemes=None)
 
 
 def _when(ts: float) -> str:
@@ -119,7 +119,8 @@ def add_parser(subparsers) -> None:
 
     def cmd(name: str, func, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
-        c.add_argument("--registry", help="registry file (default: $COLD_RAY_REGISTRY or cache)")
+        c.add_argument("--registry", help="registry file or postgresql:// URL "
+                                         "(default: $COLD_RAY_REGISTRY or cache)")  # fmt: skip
         c.add_argument("--json", action="store_true", help="print JSON")
         c.set_defaults(func=_run(func))
         return c

@@ -48,11 +48,33 @@ class PeftAdapter:
     target_modules: tuple[str, ...]
     base_model: str | None
     nbytes: int
-    sha256: str
+    sha256: str  # of adapter_model.safetensors
+    config_sha256: str  # of adapter_config.json (scaling, targets: part of the adapter too)
     warnings: tuple[str, ...]  # served anyway, but worth telling the operator (recorded)
     # (layer, module) -> (A [r, in], B [out, r] with any module-specific scale folded in),
     # in the dtype they were stored in (the slots cast them to the model's dtype)
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    # The checksum this copy was verified against (the registry's); slots compare it.
+    version: str = ""
+
+    @property
+    def checksum(self) -> str:
+        return adapter_checksum(self.sha256, self.config_sha256)
+
+
+def adapter_checksum(weights_sha256: str, config_sha256: str) -> str:
+    """One checksum over both files: a changed config (scaling, targets) is a changed adapter,
+    like changed weights. A catalog entry whose config was never hashed (`config_sha256` "",
+    written before configs were checksummed) is identified by its weights alone."""
+    if not config_sha256:
+        return weights_sha256
+    return hashlib.sha256(f"{weights_sha256}:{config_sha256}".encode()).hexdigest()
+
+
+def files_checksum(path: str | Path) -> str:
+    """`adapter_checksum` of the adapter folder at `path` as it is on disk now."""
+    config = hashlib.sha256((Path(path) / CONFIG_FILE).read_bytes()).hexdigest()
+    return adapter_checksum(weights_sha256(path), config)
 
 
 def weights_sha256(path: Path) -> str:
@@ -88,14 +110,20 @@ def _check_finite(weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tenso
             raise AdapterError(f"layer {layer} {module}: weights contain NaN or inf")
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path) -> tuple[dict, str]:
+    """The adapter's config, checked, and the sha256 of its bytes."""
     if not path.is_dir():
         raise AdapterError(f"adapter path {str(path)!r} is not a directory")
     cfg_file = path / CONFIG_FILE
     if not cfg_file.exists():
         raise AdapterError(f"adapter {str(path)!r} has no {CONFIG_FILE} (not a PEFT adapter)")
     try:
-        cfg = json.loads(cfg_file.read_text())
+        raw = cfg_file.read_bytes()
+        if len(raw) > 1 << 20:
+            raise AdapterError(f"{CONFIG_FILE} in {str(path)!r} is over the limit of 1 MiB")
+        cfg = json.loads(raw)
+    except OSError as e:
+        raise AdapterError(f"cannot read {str(cfg_file)!r}: {e}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{CONFIG_FILE} in {str(path)!r} is not valid JSON: {e}") from e
     if not isinstance(cfg, dict):
@@ -113,7 +141,7 @@ def _read_config(path: Path) -> dict:
     for key, why in _UNSUPPORTED_OPTIONS.items():
         if cfg.get(key):
             raise AdapterError(f"{key}={cfg[key]!r} is not supported: {why}")
-    return cfg
+    return cfg, hashlib.sha256(raw).hexdigest()
 
 
 def _module_scale(cfg: dict, module: str, rank: int) -> float:
@@ -145,9 +173,13 @@ def load_peft_adapter(
     max_bytes: int = DEFAULT_MAX_BYTES,
     expected_sha256: str | None = None,
 ) -> PeftAdapter:
-    """Read a PEFT adapter and check it fits `args`; raise AdapterError naming any problem."""
+    """Read a PEFT adapter and check it fits `args`; raise AdapterError naming any problem.
+
+    `expected_sha256`: the checksum the registry recorded — `adapter_checksum` of weights and
+    config, or (for a catalog entry written before configs were checksummed) the weights' own
+    sha256; a differing file is reported rather than served."""
     path = Path(path)
-    cfg = _read_config(path)
+    cfg, config_sha = _read_config(path)
     weights_file = path / WEIGHTS_FILE
     if not weights_file.exists():
         pickles = [p for p in PICKLE_FILES if (path / p).exists()]
@@ -166,10 +198,11 @@ def load_peft_adapter(
     warning = base_warning(base, args)
     data = _read_weights(weights_file, max_bytes)
     sha = hashlib.sha256(data).hexdigest()
-    if expected_sha256 is not None and sha != expected_sha256:
+    checksum = adapter_checksum(sha, config_sha)
+    if expected_sha256 is not None and expected_sha256 not in (checksum, sha):
         raise AdapterError(
-            f"adapter weights changed since registration: sha256 {sha[:12]}… "
-            f"!= registered {expected_sha256[:12]}…"
+            f"adapter files changed since registration: sha256 {checksum[:12]}… of "
+            f"{WEIGHTS_FILE} and {CONFIG_FILE} != registered {expected_sha256[:12]}…"
         )
 
     shapes = args.module_shapes()
@@ -235,6 +268,8 @@ def load_peft_adapter(
         base_model=base,
         nbytes=nbytes,
         sha256=sha,
+        config_sha256=config_sha,
         warnings=(warning,) if warning else (),
         weights=weights,
+        version=expected_sha256 or checksum,
     )

@@ -1,9 +1,12 @@
 """Per-replica adapter slots: LRU over idle adapters, refcounted so a running row's adapter is
-never evicted, with a host-memory cache of validated adapters for fast reloads.
+never evicted, with a host-memory cache of validated adapters for fast reloads, bounded in
+bytes.
 
 Only the engine thread touches an `AdapterSlots`; adapter files are read elsewhere. Each
-resident or cached copy remembers the sha256 it was read with, so an adapter replaced in the
-registry under the same name is reloaded rather than served stale (see `current`).
+resident or cached copy remembers the checksum it was read with (weights and config), so an
+adapter replaced in the registry under the same name is reloaded rather than served stale
+(see `current`). Host copies are kept compact — each module at its own rank, in the model's
+dtype — and laid into the rank-padded slot only when installed.
 """
 
 from __future__ import annotations
@@ -22,15 +25,15 @@ from cold_ray.model.llama import LlamaModel
 
 @dataclass
 class PackedAdapter:
-    """A validated adapter already laid out as the model's slots hold it (see `pack`): an
-    install is two copies per LoRA site, cheap enough to do between decode steps."""
+    """A validated adapter in the model's dtype, grouped by the model's LoRA sites (see
+    `pack`): an install is a few copies per site, cheap enough to do between decode steps."""
 
-    sha256: str
+    checksum: str  # the registry's checksum this copy was verified against
     rank: int
     scale: float
     nbytes: int  # host memory it holds
-    # per layer: site name -> (A [parts * r_max, in], B [out, parts * r_max])
-    sites: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(repr=False)
+    # per layer: site name -> per fused part, (A [r, in], B [out_part, r]) or None
+    sites: list[dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]]] = field(repr=False)
 
 
 def background_priority() -> None:
@@ -43,14 +46,15 @@ def background_priority() -> None:
 
 
 class AdapterSlots:
-    def __init__(self, model: LlamaModel, max_loras: int, host_cache_size: int):
+    def __init__(self, model: LlamaModel, max_loras: int, host_cache_bytes: int):
         self.model = model
         self.max_loras = max_loras
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU first
-        self.versions: dict[str, str] = {}  # resident name -> sha256 of its weights
+        self.versions: dict[str, str] = {}  # resident name -> checksum of its files
         self.refs: dict[str, int] = {}
-        self.host: OrderedDict[str, PackedAdapter] = OrderedDict()
-        self.host_cache_size = host_cache_size
+        self.host: OrderedDict[str, PackedAdapter] = OrderedDict()  # LRU first
+        self.host_cache_bytes = host_cache_bytes
+        self.host_bytes = 0  # what the host copies hold now, <= host_cache_bytes
         self.loads = 0
         self.evictions = 0
 
@@ -61,23 +65,31 @@ class AdapterSlots:
         return slot
 
     def pack(self, adapter: PeftAdapter) -> PackedAdapter:
-        """Lay an adapter out in slot format. Touches no slot state: the load thread calls it,
-        so the engine thread only copies."""
+        """Cast an adapter to the model's dtype and group it by LoRA site, unpadded. Touches no
+        slot state: the load thread calls it, so the engine thread only copies."""
         if isinstance(adapter, PackedAdapter):
             return adapter
-        sites = []
+        dtype = next(iter(self.model.layers[0].lora_sites().values())).lora_A.dtype
+        sites, tensors = [], []
         for i, layer in enumerate(self.model.layers):
             packed = {}
-            for site_name, site in layer.lora_sites().items():
-                parts = [adapter.weights.get((i, m)) for m in FUSED_SITES[site_name]]
-                packed[site_name] = site.pack(parts)
+            for site_name in layer.lora_sites():
+                parts = []
+                for m in FUSED_SITES[site_name]:
+                    ab = adapter.weights.get((i, m))
+                    if ab is not None:
+                        ab = (ab[0].to(dtype).contiguous(), ab[1].to(dtype).contiguous())
+                        tensors += ab
+                    parts.append(ab)
+                packed[site_name] = parts
             sites.append(packed)
-        lossy = sites[0]["qkv_proj"][0].dtype not in (torch.float32, torch.float64)
-        if lossy and not all(torch.isfinite(t.sum()) or torch.isfinite(t).all()
-                             for layer in sites for ab in layer.values() for t in ab):  # fmt: skip
-            raise AdapterError(f"adapter weights overflow the model dtype {self.model.norm.dtype}")
-        nbytes = sum(t.nbytes for layer in sites for ab in layer.values() for t in ab)
-        return PackedAdapter(adapter.sha256, adapter.rank, adapter.scale, nbytes, sites)
+        if dtype not in (torch.float32, torch.float64) and not all(
+            torch.isfinite(t.sum()) or torch.isfinite(t).all() for t in tensors
+        ):
+            raise AdapterError(f"adapter weights overflow the model dtype {dtype}")
+        nbytes = sum(t.nbytes for t in tensors)
+        version = adapter.version or adapter.checksum
+        return PackedAdapter(version, adapter.rank, adapter.scale, nbytes, sites)
 
     def cached(self, name: str) -> PackedAdapter | None:
         adapter = self.host.get(name)
@@ -94,17 +106,18 @@ class AdapterSlots:
         if self.refs[name] == 0:
             del self.refs[name]
 
-    def current(self, name: str, sha256: str | None) -> bool:
-        """Drop copies of `name` whose weights differ from `sha256` (the registry's).
+    def current(self, name: str, checksum: str | None) -> bool:
+        """Drop copies of `name` whose checksum differs from `checksum` (the registry's, over
+        weights and config).
 
         False when an outdated copy is still pinned by running rows: the caller waits.
         """
-        if sha256 is None:
+        if checksum is None:
             return True
         cached = self.host.get(name)
-        if cached is not None and cached.sha256 != sha256:
-            del self.host[name]
-        if name in self.resident and self.versions.get(name) != sha256:
+        if cached is not None and cached.checksum != checksum:
+            self._uncache(name)
+        if name in self.resident and self.versions.get(name) != checksum:
             if name in self.refs:
                 return False
             self._evict(name)
@@ -127,17 +140,33 @@ class AdapterSlots:
             slot = self._evict(victim, clear=False)  # overwritten next
         self._write(slot, adapter)
         self.resident[name] = slot
-        self.versions[name] = adapter.sha256
+        self.versions[name] = adapter.checksum
         self.loads += 1
-        self.host[name] = adapter
-        self.host.move_to_end(name)
-        while len(self.host) > self.host_cache_size:
-            self.host.popitem(last=False)
+        self._cache(name, adapter)
         return slot
+
+    def _cache(self, name: str, adapter: PackedAdapter) -> None:
+        """Keep a host copy, dropping the least recently used ones to stay within the bound;
+        an adapter larger than the whole bound is not kept."""
+        if self.host.get(name) is adapter:
+            self.host.move_to_end(name)
+            return
+        self._uncache(name)
+        if adapter.nbytes > self.host_cache_bytes:
+            return
+        while self.host and self.host_bytes + adapter.nbytes > self.host_cache_bytes:
+            self._uncache(next(iter(self.host)))
+        self.host[name] = adapter
+        self.host_bytes += adapter.nbytes
+
+    def _uncache(self, name: str) -> None:
+        adapter = self.host.pop(name, None)
+        if adapter is not None:
+            self.host_bytes -= adapter.nbytes
 
     def forget(self, name: str) -> None:
         """Drop an adapter from the host cache (and its slot, if idle): its source changed."""
-        self.host.pop(name, None)
+        self._uncache(name)
         if name in self.resident and name not in self.refs:
             self._evict(name)
 
@@ -152,7 +181,21 @@ class AdapterSlots:
                     site.clear_slot(slot)
         return slot
 
+    @torch.no_grad()
     def _write(self, slot: int, adapter: PackedAdapter) -> None:
+        """Lay a compact adapter into the slot: part j of a fused site takes rank band j
+        (A rows, B columns) and its own output rows of B, as `LoraLinear` lays it out."""
         for layer, packed in zip(self.model.layers, adapter.sites):
             for site_name, site in layer.lora_sites().items():
-                site.write_packed(slot, *packed[site_name], adapter.scale)
+                a_slot, b_slot = site.lora_A[slot], site.lora_B[slot]
+                a_slot.zero_()
+                b_slot.zero_()
+                offset = 0
+                for j, (out, part) in enumerate(zip(site.part_out, packed[site_name])):
+                    if part is not None:
+                        a, b = part
+                        band = slice(j * site.max_rank, j * site.max_rank + a.shape[0])
+                        a_slot[band].copy_(a)
+                        b_slot[offset : offset + out, band].copy_(b)
+                    offset += out
+                site.lora_scale[slot] = adapter.scale

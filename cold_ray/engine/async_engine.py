@@ -83,13 +83,21 @@ class AsyncEngine:
                 out = self.core.abort(arg)
                 if out is not None:
                     self._deliver(out)
+                self._sinks.pop(arg, None)
 
     def _deliver(self, out: RequestOutput) -> None:
         sink = self._sinks.get(out.request_id)
         if out.finished:
             self._sinks.pop(out.request_id, None)
-        if sink is not None:
+        if sink is None:
+            return
+        try:
             sink(out)
+        except Exception:  # e.g. the caller's event loop is closed: drop this stream only
+            log.exception("could not deliver an output of %s; aborting it", out.request_id)
+            self._sinks.pop(out.request_id, None)
+            if not out.finished:
+                self.core.abort(out.request_id)
 
     def _loop(self) -> None:
         # Intra-op thread settings are per thread: apply the configured count here too, or the
@@ -98,28 +106,34 @@ class AsyncEngine:
         if self.core.config.num_threads is not None:
             torch.set_num_threads(self.core.config.num_threads)
         while not self._stopped:
-            self._drain()
-            if not self.core.has_work():
-                self._wake.wait(timeout=0.1)
-                self._wake.clear()
-                continue
             try:
-                outputs = self.core.step()
-            except Exception as e:  # a bug must not wedge the replica: fail what is in flight
-                log.exception("engine step failed; failing in-flight requests")
-                outputs = self.core.fail_all(e)
-            for out in outputs:
-                self._deliver(out)
-            if not outputs and not self.core.running:
-                self._wake.wait(timeout=0.002)  # waiting only on an adapter load
-                self._wake.clear()
+                self._iterate()
+            except Exception:  # the step thread outlives any error: it is the replica's heart
+                log.exception("engine loop error")
+
+    def _iterate(self) -> None:
+        self._drain()
+        if not self.core.has_work():
+            self._wake.wait(timeout=0.1)
+            self._wake.clear()
+            return
+        try:
+            outputs = self.core.step()
+        except Exception as e:  # a bug outside any one request: the running ones end
+            log.exception("engine step failed; failing the running requests")
+            outputs = self.core.fail_running(e)
+        for out in outputs:
+            self._deliver(out)
+        if not outputs and not self.core.running:
+            self._wake.wait(timeout=0.002)  # waiting only on an adapter load
+            self._wake.clear()
 
     def stats(self) -> dict:
         core = self.core
         return {
             **core.stats,
             "running_requests": len(core.running),
-            "running_rows": len(core.rows),
+            "running_rows": len(core.cache.rows),
             "waiting_requests": len(core.waiting),
             "kv_cache_usage": core.kv_usage(),
             "resident_adapters": list(core.slots.resident),

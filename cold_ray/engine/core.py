@@ -1,16 +1,19 @@
 """The engine: one base model, adapter slots, a KV cache, and iteration-level batching.
 
-Each `step()` admits waiting requests (prefill), then decodes one token for every running
-request in a single forward pass over all rows. A CoLD request holds two rows — expert
-(its adapter) and amateur (adapter -1) — that share one token stream. Rows always occupy
-cache slots 0..n-1, so decode attention reads the cache through a view, with no gather.
+`step()` reads as the algorithm: admit waiting requests into rows → plan the step (every
+prefilled request decodes one token; prompts are prefilled in chunks under a token budget,
+reusing cached prefixes) → one forward pass over all of it → select each ready request's
+token (CoLD pairs contrast their expert and amateur rows) → append, stop, free.
+
+A CoLD request holds two rows — expert (its adapter) and amateur (adapter -1) — that share one
+token stream. Rows are found by identity, never by slot arithmetic; slots move only between
+steps. Whatever goes wrong for one request fails that request alone (docs/design.md §8).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,17 +25,22 @@ from cold_ray.adapters.slots import AdapterSlots, PackedAdapter, background_prio
 from cold_ray.adapters.sources import AdapterResolver, AdapterSource
 from cold_ray.config import EngineConfig
 from cold_ray.decoding import ColdParams, SamplingParams, request_cold
+from cold_ray.engine import batch as step_batch
 from cold_ray.engine.detok import IncrementalDetokenizer
+from cold_ray.engine.kv_cache import KVCache, Row
+from cold_ray.engine.prefix_cache import BASE, PrefixCache
 from cold_ray.engine.request import (
     EngineError,
     Request,
+    RequestFailed,
     RequestOutput,
-    Row,
+    RequestTimeout,
     UnknownAdapterError,
 )
 from cold_ray.engine.sampling import cold_select, sample_rows
+from cold_ray.engine.scheduler import Scheduler, StepPlan
 from cold_ray.kernels import select_backend
-from cold_ray.model.llama import ForwardBatch, KVCache, LlamaModel
+from cold_ray.model.llama import ForwardBatch, LlamaModel, PrefillAttention
 from cold_ray.model.loader import load_weights, read_model_args, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -63,28 +71,52 @@ class EngineCore:
         model = LlamaModel(self.args, config.max_loras, config.max_lora_rank, config.max_model_len)
         load_weights(model, path)
         self.model = model.to(device=self.device, dtype=config.torch_dtype).eval()
+        self.dtype = config.torch_dtype
+        if config.packed_weights:
+            self.model.pack_cpu_weights()
         self.model.init_rope()
         self.backend = select_backend(config.lora_backend, self.device)
         self.model.set_backend(self.backend)
         self.cache = KVCache.allocate(
             self.args, config.max_rows, config.max_model_len, config.torch_dtype, self.device
         )
-        self.slots = AdapterSlots(self.model, config.max_loras, config.host_cache_adapters)
+        self.prefix_cache = (
+            PrefixCache(self.cache, config.prefix_cache_bytes, config.prefix_block_size)
+            if config.prefix_cache_bytes
+            else None
+        )
+        self.slots = AdapterSlots(self.model, config.max_loras, config.host_cache_bytes)
         self.eos_ids = set(self.args.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
         self._sources: dict[str, AdapterSource] = {}
         self.resolver = resolver or self._sources.__getitem__
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self.rows: list[Row] = []
+        self.scheduler = Scheduler(config.max_prefill_tokens, config.request_timeout_s)
         self.driven_by_thread = False  # set by AsyncEngine: only its thread may step()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load",
                                           initializer=background_priority)  # fmt: skip
         self._loading: dict[str, tuple[Future, float]] = {}  # name -> (read, started)
         self.stats = {"generated_tokens": 0, "steps": 0, "cold_requests": 0, "plain_requests": 0,
-                      "adapter_load_seconds": 0.0, "finished_requests": 0}  # fmt: skip
+                      "adapter_load_seconds": 0.0, "finished_requests": 0,
+                      "failed_requests": 0, "prefill_tokens": 0}  # fmt: skip
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Request]:
+        return self.scheduler.running
+
+    @property
+    def rows(self) -> list[Row]:
+        """Rows holding a KV slot, in slot order."""
+        return sorted(self.cache.rows, key=lambda r: r.slot)
+
+    @property
+    def free_rows(self) -> int:
+        return self.cache.free_slots
 
     # ---- adapters -------------------------------------------------------------------------
 
@@ -174,80 +206,185 @@ class EngineCore:
         return req
 
     def add(self, req: Request) -> None:
-        self.waiting.append(req)
+        req.arrived = time.monotonic()
+        self.scheduler.add(req)
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        for req in self.waiting:
+        for req in list(self.waiting) + self.running:
             if req.request_id == request_id:
-                self.waiting.remove(req)
-                return self._finish_output(req, "abort")
-        for req in self.running:
-            if req.request_id == request_id:
-                self._free(req)
-                return self._finish_output(req, "abort")
+                return self._finish(req, "abort")
         return None
 
-    def fail_all(self, error: Exception) -> list[RequestOutput]:
-        """Finish every request with `error` and free all rows (after an unexpected failure)."""
-        outputs = []
-        for req in list(self.running) + list(self.waiting):
-            if req in self.waiting:
-                self.waiting.remove(req)
-            self._free(req)
-            out = self._finish_output(req, "error")
-            out.error = error
-            outputs.append(out)
-        return outputs
+    def fail_running(self, error: Exception) -> list[RequestOutput]:
+        """Fail every running request (their rows' state is unknown after an unexpected error
+        in the step); waiting requests keep waiting."""
+        return [self._finish(req, "error", error) for req in list(self.running)]
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
-    @property
-    def free_rows(self) -> int:
-        return self.config.max_rows - len(self.rows)
+        return self.scheduler.has_work()
 
     # ---- the step -------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
-        for req in self._admit(outputs):
-            outputs += self._prefill(req)
-        if self.running:  # every row, the just-prefilled ones too, decodes one token
-            outputs += self._decode(list(self.running))
+        self.cache.compact()  # between steps: rows move only here
+        for req in self.scheduler.expired():
+            error = RequestTimeout(
+                f"request waited {time.monotonic() - req.arrived:.0f} s without being scheduled "
+                f"(request_timeout_s is {self.config.request_timeout_s:g})"
+            )
+            outputs.append(self._finish(req, "error", error))
+        self.scheduler.admit(self.free_rows, lambda r: self._place(r, outputs))
+        plan = self.scheduler.plan(self._reuse_prefix)
+        if plan:
+            outputs += self._run(plan)
         self.stats["steps"] += 1
         return outputs
 
-    def _admit(self, outputs: list[RequestOutput]) -> list[Request]:
-        """Move waiting requests into rows while rows and adapter slots allow (FIFO)."""
-        admitted = []
-        budget = self.config.max_prefill_tokens
-        for req in list(self.waiting):
-            if req.finish_reason is not None:
-                continue  # failed earlier in this pass (its adapter did not load)
-            if req.num_rows > self.free_rows:
-                break  # head-of-line: later requests must not starve a CoLD pair
-            cost = req.num_rows * len(req.prompt_ids)
-            if admitted and cost > budget:
-                break  # prefill budget spent: running rows decode now, the rest next step
-            if req.adapter is not None and not self._ensure_adapter(req, outputs):
+    def _place(self, req: Request, outputs: list[RequestOutput]) -> bool:
+        """Give a request its rows — expert (or plain) first, then the amateur — once its
+        adapter is resident; False while it is not (a load may have started)."""
+        if req.adapter is not None and not self._ensure_adapter(req, outputs):
+            return False
+        adapter_slot = -1
+        if req.adapter is not None:
+            adapter_slot = self.slots.acquire(req.adapter)
+            req.adapter_pinned = True
+        identity = BASE if adapter_slot < 0 else (req.adapter, self.slots.versions[req.adapter])
+        for a, key in [(adapter_slot, identity)] + ([(-1, BASE)] if req.cold else []):
+            row = Row(req, a, prefix_key=key)
+            self.cache.add(row)
+            req.rows.append(row)
+        self.stats["cold_requests" if req.cold else "plain_requests"] += 1
+        return True
+
+    def _reuse_prefix(self, req: Request) -> None:
+        """Copy each row's longest cached prompt prefix into its slot (at least the last prompt
+        token is always computed: its hidden state gives the first token)."""
+        if self.prefix_cache is None:
+            return
+        for row in req.rows:
+            limit = len(req.prompt_ids) - 1
+            row.length = self.prefix_cache.load(row.prefix_key, req.prompt_ids, row.slot, limit)
+
+    def _run(self, plan: StepPlan) -> list[RequestOutput]:
+        """Forward, select, append. A failure of the forward or of a batched selection fails
+        the requests it involves, and only those."""
+        try:
+            tokens, fb, out_rows = step_batch.build(plan, self.backend, self.device, self.dtype)
+            hidden = self.model(tokens, self.cache, fb)
+        except Exception as e:
+            log.exception("forward pass failed; failing the %d requests in it", len(plan.requests))
+            error = RequestFailed(f"the engine's forward pass failed: {type(e).__name__}: {e}")
+            return [self._finish(req, "error", error) for req in plan.requests]
+        for row in plan.decode:
+            row.length += 1
+        for chunk in plan.prefill:
+            chunk.row.length += len(chunk.tokens)
+            if chunk.ends_prompt and self.prefix_cache is not None:
+                self._store_prefix(chunk.row)
+        self.stats["prefill_tokens"] += sum(len(c.tokens) for c in plan.prefill)
+        return self._select(plan.ready, hidden, out_rows)
+
+    def _store_prefix(self, row: Row) -> None:
+        try:
+            self.prefix_cache.store(row.prefix_key, row.request.prompt_ids, row.slot, row.length)
+        except Exception:  # the cache is an optimisation: never fail a request over it
+            log.exception("could not store a prompt prefix; clearing the prefix cache")
+            self.prefix_cache.clear()
+
+    def _select(self, ready: list[Request], hidden, out_rows: dict) -> list[RequestOutput]:
+        """Each ready request's next token from its rows' final hidden states (by row)."""
+        outputs: list[RequestOutput] = []
+        plain = [q for q in ready if q.cold is None]
+        cold = [q for q in ready if q.cold is not None]
+        picks: dict[Request, int] = {}
+        for group, pick in ((plain, self._pick_plain), (cold, self._pick_cold)):
+            if not group:
                 continue
-            self.waiting.remove(req)
-            admitted.append(req)
-            budget -= cost
-            if req.adapter is not None:
-                self.slots.acquire(req.adapter)
-                req.adapter_pinned = True
-            adapter_slot = self.slots.lookup(req.adapter) if req.adapter is not None else -1
-            # expert row (or the plain row) first; the amateur row has no adapter
-            slots = [adapter_slot] + ([-1] if req.cold is not None else [])
-            for a in slots:
-                row = Row(req, a, slot=len(self.rows))
-                self.rows.append(row)
-                req.rows.append(row)
-            self.running.append(req)
-            self.stats["cold_requests" if req.cold else "plain_requests"] += 1
-        return admitted
+            try:
+                picks.update(zip(group, pick(group, hidden, out_rows)))
+            except Exception as e:
+                log.exception("token selection failed for %d requests", len(group))
+                error = RequestFailed(f"token selection failed: {type(e).__name__}: {e}")
+                outputs += [self._finish(q, "error", error) for q in group]
+        for req, token in picks.items():
+            if token < 0:
+                error = RequestFailed(
+                    "sampling failed: this request's scores are not finite (NaN or inf)"
+                )
+                outputs.append(self._finish(req, "error", error))
+                continue
+            try:
+                outputs.append(self._append(req, token))
+            except Exception as e:  # e.g. its detokenisation or stop strings
+                log.exception("request %s failed after its token", req.request_id)
+                error = RequestFailed(f"could not finish the step: {type(e).__name__}: {e}")
+                outputs.append(self._finish(req, "error", error))
+        return outputs
+
+    def _pick_plain(self, reqs: list[Request], hidden, out_rows: dict) -> list[int]:
+        h = hidden[[out_rows[q.rows[0]] for q in reqs]]
+        return _ints(sample_rows(self.model.logits(h), None, [q.params for q in reqs],
+                                 [q.generator for q in reqs]))  # fmt: skip
+
+    def _pick_cold(self, reqs: list[Request], hidden, out_rows: dict) -> list[int]:
+        expert = hidden[[out_rows[q.rows[0]] for q in reqs]]
+        amateur = hidden[[out_rows[q.rows[1]] for q in reqs]]
+        return _ints(cold_select(self.backend, self.model.lm_weight, self.model.logits(expert),
+                                 amateur, [q.cold for q in reqs], [q.params for q in reqs],
+                                 [q.generator for q in reqs]))  # fmt: skip
+
+    def _append(self, req: Request, token: int) -> RequestOutput:
+        p = req.params
+        req.output_ids.append(token)
+        self.stats["generated_tokens"] += 1
+        reason = None
+        text = ""
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        else:
+            text = req.detok.add(token)
+            if req.detok.stopped:
+                reason = "stop"
+            elif len(req.output_ids) >= p.max_tokens:
+                reason = "length"
+            elif len(req.prompt_ids) + len(req.output_ids) >= self.config.max_model_len:
+                reason = "length"
+        if reason is None:
+            return RequestOutput(req.request_id, text, [token],
+                                 prompt_tokens=len(req.prompt_ids),
+                                 completion_tokens=len(req.output_ids))  # fmt: skip
+        out = self._finish(req, reason)
+        out.text = text + out.text
+        out.token_ids = [token]
+        return out
+
+    def _finish(self, req: Request, reason: str, error: Exception | None = None) -> RequestOutput:
+        """End a request (stop, length, abort, error): free its rows and slot pin at once."""
+        if req in self.scheduler.waiting:
+            self.scheduler.waiting.remove(req)
+        if req in self.scheduler.running:
+            self.scheduler.running.remove(req)
+        for row in req.rows:
+            self.cache.remove(row)
+        req.rows = []
+        if req.adapter_pinned:
+            self.slots.release(req.adapter)
+            req.adapter_pinned = False
+        req.finish_reason = reason
+        self.stats["finished_requests"] += 1
+        tail = ""
+        if error is None and req.detok is not None:
+            tail = req.detok.flush()
+        else:
+            self.stats["failed_requests"] += error is not None
+        return RequestOutput(req.request_id, tail, [], finished=True, finish_reason=reason,
+                             prompt_tokens=len(req.prompt_ids),
+                             completion_tokens=len(req.output_ids), error=error)  # fmt: skip
+
+    # ---- adapter residency ----------------------------------------------------------------
 
     def _ensure_adapter(self, req: Request, outputs: list[RequestOutput]) -> bool:
         """True when req's adapter is resident; otherwise start or finish its load off-thread."""
@@ -255,7 +392,7 @@ class EngineCore:
         try:
             source = self.adapter_source(name)
         except UnknownAdapterError as e:  # removed from the registry while the request waited
-            self._fail(req, e, outputs)
+            outputs.append(self._finish(req, "error", e))
             return False
         if not self.slots.current(name, source.sha256):
             return False  # replaced in the registry; rows still run the old version: wait
@@ -280,128 +417,11 @@ class EngineCore:
             adapter = fut.result()
         except Exception as e:  # a bad adapter fails its own requests only
             for other in [r for r in self.waiting if r.adapter == name]:
-                self._fail(other, e, outputs)
+                outputs.append(self._finish(other, "error", e))
             return False
         self.slots.install(name, adapter)
         self.stats["adapter_load_seconds"] += time.perf_counter() - started
         return True
-
-    def _fail(self, req: Request, error: Exception, outputs: list[RequestOutput]) -> None:
-        self.waiting.remove(req)
-        out = self._finish_output(req, "error")
-        out.error = error
-        outputs.append(out)
-
-    def _prefill(self, req: Request) -> list[RequestOutput]:
-        n, t = len(req.rows), len(req.prompt_ids)
-        tokens = torch.tensor([req.prompt_ids] * n, device=self.device)
-        idx = torch.tensor([r.adapter_slot for r in req.rows], device=self.device)
-        fb = ForwardBatch(
-            positions=torch.arange(t, device=self.device).expand(n, t),
-            slots=torch.tensor([r.slot for r in req.rows], device=self.device),
-            lora=self._lora_batch(idx.repeat_interleave(t)),
-            prefill=True,
-        )
-        hidden = self.model(tokens, self.cache, fb)[:, -1]
-        for row in req.rows:
-            row.length = t
-        return self._select([req], hidden, base=req.rows[0].slot)
-
-    def _decode(self, reqs: list[Request]) -> list[RequestOutput]:
-        rows = self.rows  # every running row, in slot order 0..n-1
-        n = len(rows)
-        lengths = [r.length for r in rows]
-        pos = torch.tensor(lengths, device=self.device)
-        span = max(lengths) + 1
-        fb = ForwardBatch(
-            positions=pos.unsqueeze(1),
-            slots=torch.arange(n, device=self.device),
-            lora=self._lora_batch(torch.tensor([r.adapter_slot for r in rows], device=self.device)),
-            prefill=False,
-            attn_mask=(torch.arange(span, device=self.device) <= pos.unsqueeze(1)).view(
-                n, 1, 1, span
-            ),
-            contiguous_slots=True,
-        )
-        tokens = torch.tensor([[r.request.output_ids[-1]] for r in rows], device=self.device)
-        hidden = self.model(tokens, self.cache, fb)[:, 0]
-        for r in rows:
-            r.length += 1
-        return self._select(reqs, hidden, base=0)
-
-    def _lora_batch(self, idx: torch.Tensor):
-        return self.backend.prepare(idx) if bool((idx >= 0).any()) else None
-
-    def _select(self, reqs: list[Request], hidden: torch.Tensor, base: int) -> list[RequestOutput]:
-        """Pick each request's next token from its rows' final hidden states.
-
-        hidden: [rows, hidden], where a row in cache slot s is hidden[s - base].
-        """
-        plain = [q for q in reqs if q.cold is None]
-        cold = [q for q in reqs if q.cold is not None]
-        chosen: dict[str, int] = {}
-        if plain:
-            h = hidden[[q.rows[0].slot - base for q in plain]]
-            picks = sample_rows(self.model.logits(h), None, [q.params for q in plain],
-                                [q.generator for q in plain])  # fmt: skip
-            chosen.update(zip((q.request_id for q in plain), picks))
-        if cold:
-            expert = hidden[[q.rows[0].slot - base for q in cold]]
-            amateur = hidden[[q.rows[1].slot - base for q in cold]]
-            picks = cold_select(self.backend, self.model.lm_weight, self.model.logits(expert),
-                                amateur, [q.cold for q in cold], [q.params for q in cold],
-                                [q.generator for q in cold])  # fmt: skip
-            chosen.update(zip((q.request_id for q in cold), picks))
-        return [self._append(q, chosen[q.request_id]) for q in reqs]
-
-    def _append(self, req: Request, token: int) -> RequestOutput:
-        p = req.params
-        req.output_ids.append(token)
-        self.stats["generated_tokens"] += 1
-        reason = None
-        text = ""
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            reason = "stop"
-        else:
-            text = req.detok.add(token)
-            if req.detok.stopped:
-                reason = "stop"
-            elif len(req.output_ids) >= p.max_tokens:
-                reason = "length"
-            elif len(req.prompt_ids) + len(req.output_ids) >= self.config.max_model_len:
-                reason = "length"
-        if reason is None:
-            return RequestOutput(req.request_id, text, [token],
-                                 prompt_tokens=len(req.prompt_ids),
-                                 completion_tokens=len(req.output_ids))  # fmt: skip
-        self._free(req)
-        out = self._finish_output(req, reason)
-        out.text = text + out.text
-        out.token_ids = [token]
-        return out
-
-    def _finish_output(self, req: Request, reason: str) -> RequestOutput:
-        req.finish_reason = reason
-        self.stats["finished_requests"] += 1
-        tail = req.detok.flush() if req.detok is not None and reason != "error" else ""
-        return RequestOutput(req.request_id, tail, [], finished=True, finish_reason=reason,
-                             prompt_tokens=len(req.prompt_ids),
-                             completion_tokens=len(req.output_ids))  # fmt: skip
-
-    def _free(self, req: Request) -> None:
-        """Release a request's rows and cache at once, keeping rows contiguous."""
-        if req in self.running:
-            self.running.remove(req)
-        for row in sorted(req.rows, key=lambda r: r.slot, reverse=True):
-            last = self.rows.pop()
-            if last is not row:  # move the last row into the hole
-                self.cache.move_slot(last.slot, row.slot, last.length)
-                last.slot = row.slot
-                self.rows[row.slot] = last
-        req.rows = []
-        if req.adapter_pinned:
-            self.slots.release(req.adapter)
-            req.adapter_pinned = False
 
     # ---- convenience ----------------------------------------------------------------------
 
@@ -416,7 +436,7 @@ class EngineCore:
         if self.driven_by_thread:
             raise EngineError("this engine is driven by an AsyncEngine's thread; use submit()")
         reqs = [self.make_request(p, params, adapter, cold) for p in prompts]
-        done: dict[str, dict] = {}
+        done: dict[str, RequestOutput] = {}
         texts = {r.request_id: [] for r in reqs}
         for r in reqs:
             self.add(r)
@@ -447,22 +467,32 @@ class EngineCore:
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], adapter: str | None = None) -> torch.Tensor:
-        """Logits at every position of a sequence, [T, V] (scoring, tests); uses a free row."""
+        """Logits at every position of a sequence, [T, V] (scoring, tests); uses a free slot's
+        cache as scratch space between steps."""
         if self.free_rows < 1:
             raise EngineError("no free row to score a sequence")
         t = len(token_ids)
-        slot = self.load_adapter(adapter) if adapter is not None else -1
+        slot = self.cache.peek_free()
+        adapter_slot = self.load_adapter(adapter) if adapter is not None else -1
+        positions = torch.arange(t, device=self.device)
+        idx = torch.full((t,), adapter_slot, device=self.device)
         fb = ForwardBatch(
-            positions=torch.arange(t, device=self.device).unsqueeze(0),
-            slots=torch.tensor([len(self.rows)], device=self.device),
-            lora=self._lora_batch(torch.full((t,), slot, device=self.device)),
-            prefill=True,
+            positions=positions,
+            slots=torch.full((t,), slot, device=self.device),
+            lora=self.backend.prepare(idx) if adapter_slot >= 0 else None,
+            decode=None,
+            prefill=PrefillAttention(0, None, None, None, None, fresh=True),
+            out_index=positions,
         )
-        tokens = torch.tensor([token_ids], device=self.device)
-        return self.model.logits(self.model(tokens, self.cache, fb)[0])
+        tokens = torch.tensor(token_ids, device=self.device)
+        return self.model.logits(self.model(tokens, self.cache, fb))
 
     def kv_usage(self) -> float:
-        return len(self.rows) / self.config.max_rows
+        return self.cache.usage()
 
     def shutdown(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def _ints(tokens) -> list[int]:
+    return tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from cold_ray.decoding import ColdParams, SamplingParams
 from cold_ray.engine.detok import IncrementalDetokenizer
+from cold_ray.engine.kv_cache import Row
 
 _ids = itertools.count()
 
@@ -20,6 +22,15 @@ class EngineError(ValueError):
 class UnknownAdapterError(EngineError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
+
+
+class RequestTimeout(EngineError):
+    """A request waited longer than `request_timeout_s` without being scheduled."""
+
+
+class RequestFailed(RuntimeError):
+    """The engine could not finish this request (its forward pass or its sampling failed);
+    other requests are unaffected. The message says what went wrong."""
 
 
 @dataclass
@@ -34,17 +45,7 @@ class RequestOutput:
     error: Exception | None = None
 
 
-@dataclass
-class Row:
-    """One batch row: a slot in the KV cache holding one decoding stream of a request."""
-
-    request: Request
-    adapter_slot: int  # -1 = base model
-    slot: int = -1  # cache slot == batch row index (rows are kept contiguous)
-    length: int = 0  # tokens in this row's cache
-
-
-@dataclass
+@dataclass(eq=False)  # requests are found by identity
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
@@ -57,10 +58,17 @@ class Request:
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     adapter_pinned: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+    prefix_checked: bool = False  # the prefix cache was asked for its rows' prompt K/V
 
     @property
     def num_rows(self) -> int:
         return 2 if self.cold is not None else 1
+
+    @property
+    def prefilled(self) -> bool:
+        """Every row holds the whole prompt's K/V (the request decodes from now on)."""
+        return all(r.prompt_left <= 0 for r in self.rows)
 
     @property
     def decoding(self) -> str:

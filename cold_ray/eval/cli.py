@@ -10,8 +10,8 @@ from pathlib import Path
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", default=None,
-                   help="registry file (default: $COLD_RAY_REGISTRY or ~/.cache/cold-ray/"
-                        "registry.sqlite)")  # fmt: skip
+                   help="registry file or postgresql:// URL (default: $COLD_RAY_REGISTRY or "
+                        "~/.cache/cold-ray/registry.sqlite)")  # fmt: skip
     p.add_argument("--model", help="HF safetensors folder or .gguf (default: SmolLM2)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -45,9 +45,9 @@ def _setup(args: argparse.Namespace, adapter_from_registry: bool):
     registry, name = None, args.adapter
     folder = Path(args.adapter).expanduser()
     if adapter_from_registry or not folder.is_dir():
-        from cold_ray.adapters.registry import Registry, default_registry_path
+        from cold_ray.adapters.registry import open_registry
 
-        registry = Registry(args.registry or default_registry_path())
+        registry = open_registry(args.registry)
         warnings = registry.get(name).warnings  # AdapterNotFound names the problem
         core = EngineCore(config, resolver=registry.resolver())
     else:

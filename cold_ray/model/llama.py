@@ -15,37 +15,52 @@ from torch.nn import functional as F
 
 from cold_ray.kernels import LoraBackend, LoraBatch
 from cold_ray.model.config import ModelArgs
-from cold_ray.model.lora import LoraLinear, linear
+from cold_ray.model.lora import LoraLinear, linear, pack_weight, packed_linear
 
 
 @dataclass
-class KVCache:
-    k: torch.Tensor  # [layers, slots, kv_heads, max_len, head_dim]
-    v: torch.Tensor  # [layers, slots, kv_heads, max_len, head_dim]
+class DecodeAttention:
+    """Decode tokens (one per row) sit first in the step's flat token list, at [0, num).
 
-    @classmethod
-    def allocate(cls, args: ModelArgs, slots: int, max_len: int, dtype, device) -> KVCache:
-        shape = (args.num_layers, slots, args.num_kv_heads, max_len, args.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device),
-                   torch.zeros(shape, dtype=dtype, device=device))  # fmt: skip
+    Attention runs over the cache slots [0, span_rows) as a view (no gather): a decode row's
+    query goes to its own slot; slots in that range without a decoding row get a dummy query
+    that attends position 0 only, and their output is dropped.
+    """
 
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy one row's cache to another slot (used to keep running rows contiguous)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+    num: int  # decode tokens D
+    span_rows: int  # S >= D: cache slots [0, S) attended
+    slots: torch.Tensor | None  # [D] slot of each decode token; None when it is [0, D) in order
+    mask: torch.Tensor  # [S, 1, 1, L] additive (0 = attend, -inf = not)
+
+
+@dataclass
+class PrefillAttention:
+    """Prefill chunks follow the decode tokens in the flat list, at [start, N).
+
+    Each chunk attends causally to its row's cache up to itself (earlier chunks and reused
+    prefix blocks included); chunks are padded to one [P, C] block for a single SDPA call.
+    """
+
+    start: int  # first flat index of prefill tokens (= D)
+    slots: torch.Tensor  # [P] cache slot of each chunk
+    pad_index: torch.Tensor  # [P, C] flat index of each padded query (padding repeats one)
+    unpad_index: torch.Tensor  # [N - start] position in the flattened [P * C] block
+    mask: torch.Tensor  # [P, 1, C, L] additive (0 = attend, -inf = not)
+    fresh: bool  # one chunk starting at position 0: attend to its own K/V, causally
+    gqa_mask: torch.Tensor | None = None  # `mask` tiled for grouped queries, made once
 
 
 @dataclass
 class ForwardBatch:
-    """What one forward pass needs besides token ids; built once per step by the engine."""
+    """One step's tokens flattened to [N] (decode tokens first, then prefill chunks), built
+    once per step by the engine."""
 
-    positions: torch.Tensor  # [rows, T] int64, absolute position of each token
-    slots: torch.Tensor  # [rows] int64, cache slot of each row
-    lora: LoraBatch | None  # adapter metadata per token (rows * T)
-    prefill: bool  # True: T prompt tokens per row into empty slots; False: T == 1 decode
-    # decode only: attention mask over cache positions [rows, 1, 1, L] (True = attend)
-    attn_mask: torch.Tensor | None = None
-    contiguous_slots: bool = False  # decode rows are exactly slots 0..rows-1
+    positions: torch.Tensor  # [N] int64, absolute position of each token
+    slots: torch.Tensor  # [N] int64, cache slot of each token (where its K/V are written)
+    lora: LoraBatch | None  # adapter metadata per token
+    decode: DecodeAttention | None
+    prefill: PrefillAttention | None
+    out_index: torch.Tensor  # [R] flat indices whose final hidden states are returned
 
 
 def rope_tables(args: ModelArgs, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,10 +81,18 @@ def rope_tables(args: ModelArgs, max_len: int, device) -> tuple[torch.Tensor, to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [rows, heads, T, D]; cos/sin: [rows, 1, T, D]
+    # x: [N, heads, D]; cos/sin: [N, 1, D]
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def _gqa_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, heads, T, D] -> [B, kv_heads, groups * T, D]: the queries sharing a K/V head become
+    extra query rows, so SDPA needs neither `enable_gqa` nor repeated K/V (with a mask,
+    `enable_gqa` sends CUDA to its math fallback)."""
+    b, h, t, d = q.shape
+    return q.reshape(b, kv_heads, (h // kv_heads) * t, d)
 
 
 class Attention(nn.Module):
@@ -82,34 +105,56 @@ class Attention(nn.Module):
         )
         self.o_proj = LoraLinear(q, (args.hidden_size,), False, max_loras, max_rank)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, fb: ForwardBatch):
-        rows, t, _ = x.shape
-        qkv = self.qkv_proj(x.view(rows * t, -1), fb.lora).view(rows, t, -1)
-        q, k, v = qkv.split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
-        q = apply_rope(q.view(rows, t, self.h, self.d).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(rows, t, self.kvh, self.d).transpose(1, 2), cos, sin)
-        v = v.view(rows, t, self.kvh, self.d).transpose(1, 2)
-        if fb.prefill:
-            # New rows start at position 0 in empty slots: attend causally within the prompt.
-            cache.k[layer, fb.slots, :, :t] = k
-            cache.v[layer, fb.slots, :, :t] = v
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            pos = fb.positions[:, 0]
-            cache.k[layer, fb.slots, :, pos] = k[:, :, 0]
-            cache.v[layer, fb.slots, :, pos] = v[:, :, 0]
-            length = fb.attn_mask.shape[-1]
-            if fb.contiguous_slots:  # a view: no gather of the cache
-                keys = cache.k[layer, :rows, :, :length]
-                values = cache.v[layer, :rows, :, :length]
-            else:
-                keys = cache.k[layer, fb.slots, :, :length]
-                values = cache.v[layer, fb.slots, :, :length]
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=fb.attn_mask, enable_gqa=True
-            )
-        out = out.transpose(1, 2).reshape(rows * t, self.h * self.d)
-        return self.o_proj(out, fb.lora).view(rows, t, -1)
+    def forward(self, x, cos, sin, cache, layer: int, fb: ForwardBatch):
+        # x: [N, hidden]; cos/sin: [N, 1, head_dim]
+        n = x.shape[0]
+        heads = self.qkv_proj(x, fb.lora).view(n, self.h + 2 * self.kvh, self.d)
+        qk = apply_rope(heads[:, : self.h + self.kvh], cos, sin)  # q and k heads in one go
+        q, k, v = qk[:, : self.h], qk[:, self.h :], heads[:, self.h + self.kvh :]
+        cache.k[layer, fb.slots, :, fb.positions] = k
+        cache.v[layer, fb.slots, :, fb.positions] = v
+        out = q.new_empty(n, self.h, self.d)
+        if fb.decode is not None:
+            out[: fb.decode.num] = self._decode(q[: fb.decode.num], cache, layer, fb.decode)
+        if fb.prefill is not None:
+            p = fb.prefill
+            out[p.start :] = self._prefill(q, k, v, cache, layer, p)
+        return self.o_proj(out.view(n, self.h * self.d), fb.lora)
+
+    def _decode(self, q, cache, layer: int, d: DecodeAttention) -> torch.Tensor:
+        # q: [D, heads, head_dim] -> [D, heads, head_dim]
+        span = d.mask.shape[-1]
+        keys = cache.k[layer, : d.span_rows, :, :span]  # views: no gather of the cache
+        values = cache.v[layer, : d.span_rows, :, :span]
+        if d.slots is not None:  # decode rows are not exactly slots [0, D) in order
+            full = q.new_zeros(d.span_rows, self.h, self.d)
+            full[d.slots] = q
+            q = full
+        groups = self.h // self.kvh
+        out = F.scaled_dot_product_attention(
+            q.view(-1, self.kvh, groups, self.d), keys, values, attn_mask=d.mask
+        )  # [S, kv_heads, groups, head_dim]
+        out = out.reshape(-1, self.h, self.d)
+        return out if d.slots is None else out[d.slots]
+
+    def _prefill(self, q, k, v, cache, layer: int, p: PrefillAttention) -> torch.Tensor:
+        # -> [N - start, heads, head_dim]
+        if p.fresh:  # one chunk from position 0: its own K/V, plain causal attention
+            qs, ks, vs = (t[p.start :].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+            return out[0].transpose(0, 1)
+        rows, width = p.pad_index.shape
+        span = p.mask.shape[-1]
+        qp = q[p.pad_index].transpose(1, 2)  # [P, heads, C, head_dim]
+        keys = cache.k[layer, p.slots, :, :span]  # [P, kv_heads, L, head_dim]
+        values = cache.v[layer, p.slots, :, :span]
+        if p.gqa_mask is None:  # row g*C + c of a K/V head is query c: tile the mask once
+            p.gqa_mask = p.mask.repeat(1, 1, self.h // self.kvh, 1)
+        out = F.scaled_dot_product_attention(
+            _gqa_queries(qp, self.kvh), keys, values, attn_mask=p.gqa_mask
+        )  # [P, kv_heads, groups * C, head_dim]
+        out = out.view(rows, self.h, width, self.d).transpose(1, 2).reshape(-1, self.h, self.d)
+        return out[p.unpad_index]
 
 
 class MLP(nn.Module):
@@ -145,11 +190,12 @@ class Block(nn.Module):
         }
 
     def forward(self, x, cos, sin, cache, layer, fb: ForwardBatch):
-        rows, t, hidden = x.shape
+        # x: [N, hidden]
+        hidden = x.shape[-1]
         h = F.rms_norm(x, (hidden,), self.input_layernorm, self.eps)
         x = x + self.self_attn(h, cos, sin, cache, layer, fb)
         h = F.rms_norm(x, (hidden,), self.post_attention_layernorm, self.eps)
-        return x + self.mlp(h.view(rows * t, hidden), fb.lora).view(rows, t, hidden)
+        return x + self.mlp(h, fb.lora)
 
 
 class LlamaModel(nn.Module):
@@ -169,6 +215,7 @@ class LlamaModel(nn.Module):
             else nn.Parameter(torch.empty(args.vocab_size, args.hidden_size), requires_grad=False)
         )
         self.max_len = max_len
+        self.lm_packed: torch.Tensor | None = None
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
@@ -179,6 +226,22 @@ class LlamaModel(nn.Module):
     def lora_linears(self) -> list[LoraLinear]:
         return [m for m in self.modules() if isinstance(m, LoraLinear)]
 
+    def step_weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads: every base projection and the LM head
+        (packing keeps the sizes)."""
+        size = self.norm.element_size()
+        linears = sum(m.in_features * m.out_features for m in self.lora_linears())
+        return (linears + self.lm_weight.numel()) * size
+
+    def pack_cpu_weights(self, lm_head: bool = True) -> bool:
+        """Lay the base GEMM weights out for oneDNN once (CPU, fp32); the LM head gets a packed
+        copy beside the embedding it is tied to. False where packing is unavailable."""
+        if not all([m.pack_base() for m in self.lora_linears()]):
+            return False
+        if lm_head:
+            self.lm_packed = pack_weight(self.lm_weight)
+        return True
+
     def set_backend(self, backend: LoraBackend) -> None:
         for m in self.lora_linears():
             m.backend = backend
@@ -188,15 +251,22 @@ class LlamaModel(nn.Module):
         self.rope_cos = self.rope_cos.to(self.norm.dtype)
         self.rope_sin = self.rope_sin.to(self.norm.dtype)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, fb: ForwardBatch) -> torch.Tensor:
-        """tokens: [rows, T] -> final normed hidden states [rows, T, hidden]."""
+    def forward(self, tokens: torch.Tensor, cache, fb: ForwardBatch) -> torch.Tensor:
+        """tokens: [N] -> final normed hidden states at `fb.out_index`, [R, hidden].
+
+        `cache` holds k/v tensors [layers, slots, kv_heads, max_len, head_dim]; each token's
+        K/V are written at (its slot, its position) before attention reads them.
+        """
         x = F.embedding(tokens, self.embed_tokens)
-        cos = self.rope_cos[fb.positions].unsqueeze(1)  # [rows, 1, T, D]
+        cos = self.rope_cos[fb.positions].unsqueeze(1)  # [N, 1, head_dim]
         sin = self.rope_sin[fb.positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, fb)
+        x = x[fb.out_index]
         return F.rms_norm(x, (x.shape[-1],), self.norm, self.args.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, hidden] -> full-vocabulary logits [rows, V]."""
+        if self.lm_packed is not None:
+            return packed_linear(hidden, self.lm_packed, None)
         return linear(hidden, self.lm_weight)

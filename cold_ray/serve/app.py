@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from ray.serve import Application
 
@@ -62,6 +61,9 @@ def compose(cfg: AppArgs, engine_options: dict | None = None, ingress_options: d
 
 def prepare(cfg: AppArgs) -> None:
     """Fetch the model once (before replicas race to) and register the config's adapters."""
+    from cold_ray.adapters.registry import refuse_local_in_cluster
+
+    refuse_local_in_cluster(cfg.registry_target())  # a SQLite file cannot serve several nodes
     model_args = cfg.model_args()
     if cfg.adapters:
         register_startup_adapters(cfg, model_args)
@@ -72,16 +74,13 @@ def register_startup_adapters(cfg: AppArgs, model_args) -> None:
 
     Config values for alpha/beta/cold_enabled win; otherwise tuned values already in the
     registry (e.g. from `cold-ray eval tune`) are kept across restarts."""
-    from cold_ray.adapters.peft import weights_sha256
-    from cold_ray.adapters.registry import Registry
-
-    registry = Registry(cfg.registry_path())  # config is trusted: no source roots
+    registry = cfg.open_registry()  # config is trusted: no source roots
     for a in cfg.adapters:
         source = a.resolved_source()
         try:
             old = registry.get(a.name) if a.name in registry else None
             uri = registry.policy.parse(source).uri
-            if old is not None and old.source == uri and _unchanged(old, weights_sha256):
+            if old is not None and old.source == uri and registry.files_match(old):
                 fields = a.model_fields_set & {"alpha", "beta", "cold_enabled"}
                 if fields:
                     registry.set_tuned(a.name, a.alpha if "alpha" in fields else old.alpha,
@@ -104,10 +103,3 @@ def register_startup_adapters(cfg: AppArgs, model_args) -> None:
             if a.required:
                 raise RuntimeError(f"startup adapter {a.name!r} ({source}): {e}") from e
             log.warning("startup adapter %s (%s) not registered: %s", a.name, source, e)
-
-
-def _unchanged(record, weights_sha256) -> bool:
-    try:
-        return weights_sha256(Path(record.path)) == record.sha256
-    except OSError:
-        return False

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cold_ray.config import EngineConfig
 from cold_ray.decoding import DEFAULT_MAX_TOKENS
@@ -89,7 +89,10 @@ class AppArgs(BaseModel):
     max_prefill_tokens: int = Field(
         1024, ge=1, description="Prompt tokens prefilled per engine step (CoLD counts twice)."
     )
-    host_cache_adapters: int = Field(16, ge=0, description="Validated adapters kept in RAM.")
+    host_cache_bytes: int = Field(
+        1 << 30, ge=0, description="Host memory (bytes) for validated adapters kept for fast "
+        "reloads, per replica; least recently used go first. 0: no host cache.",
+    )  # fmt: skip
     max_adapter_bytes: int = Field(1 << 30, ge=1, description="Largest adapter weights file.")
     lora_backend: str = Field("auto", description="BGMV backend: auto, reference, grouped, ...")
     num_threads: int | None = Field(
@@ -103,8 +106,20 @@ class AppArgs(BaseModel):
     # ---- adapters and the registry --------------------------------------------------------
     registry: str | None = Field(
         None,
-        description="SQLite registry file shared by every replica (local or shared block "
-        "storage, not NFS); default ~/.cache/cold-ray/registry.sqlite.",
+        description="The adapter catalog every replica reads: a SQLite file (one machine; not "
+        "on NFS) or postgresql://USER@HOST:PORT/DB (a cluster; the password comes from the "
+        "environment, never the config). Default: $COLD_RAY_REGISTRY, else "
+        "~/.cache/cold-ray/registry.sqlite.",
+    )
+    registry_password_env: str = Field(
+        "COLD_RAY_REGISTRY_PASSWORD",
+        description="Environment variable holding the PostgreSQL registry's password (libpq's "
+        "PGPASSWORD and ~/.pgpass work too).",
+    )
+    adapter_schemes: list[str] | None = Field(
+        None,
+        description="URI schemes adapter sources may use; default file, s3, gs, gcs, az, abfs. "
+        "http(s) only when listed: a fetch by the server is an SSRF vector.",
     )
     adapters: list[StartupAdapter] = Field(
         default_factory=list,
@@ -152,6 +167,25 @@ class AppArgs(BaseModel):
     )
     debug_headers: bool = Field(True, description="Send x-cold-replica (routing debug).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "host_cache_adapters" in data:
+            raise ValueError(
+                "host_cache_adapters was replaced by host_cache_bytes (the host adapter cache "
+                "is bounded in bytes): e.g. host_cache_bytes: 1073741824"
+            )
+        return data
+
+    @field_validator("registry")
+    @classmethod
+    def _registry_target(cls, value: str | None) -> str | None:
+        from cold_ray.adapters.registry import parse_target
+
+        if value is not None:
+            parse_target(value, from_config=True)  # RegistryError is a ValueError
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> AppArgs:
         if self.max_tokens_limit is not None and self.max_tokens_limit >= self.max_model_len:
@@ -189,12 +223,31 @@ class AppArgs(BaseModel):
     def tokens_limit(self) -> int:
         return self.max_tokens_limit or self.max_model_len - 1
 
-    def registry_path(self) -> Path:
-        from cold_ray.model.loader import cache_dir
+    def registry_target(self) -> str:
+        """`registry`, else $COLD_RAY_REGISTRY, else the default SQLite file."""
+        from cold_ray.adapters.registry import default_target
 
-        return (
-            Path(self.registry).expanduser() if self.registry else cache_dir() / "registry.sqlite"
-        )
+        return self.registry or default_target()
+
+    def registry_path(self) -> Path:
+        """The SQLite file of a SQLite registry."""
+        from cold_ray.adapters.registry import parse_target
+
+        kind, where = parse_target(self.registry_target())
+        if kind != "sqlite":
+            raise ValueError(f"the registry is {kind}, not a SQLite file")
+        return Path(where).expanduser()
+
+    def open_registry(self, **kw):
+        """Open the configured registry; refuse a one-machine (SQLite) catalog in a Ray cluster
+        of several nodes. `kw`: `open_registry` options (allowed_roots, ...)."""
+        from cold_ray.adapters.registry import open_registry, refuse_local_in_cluster
+
+        refuse_local_in_cluster(self.registry_target())
+        if self.adapter_schemes is not None:
+            kw.setdefault("allowed_schemes", self.adapter_schemes)
+        return open_registry(self.registry_target(), password_env=self.registry_password_env,
+                             **kw)  # fmt: skip
 
     def roots(self) -> list[str]:
         from cold_ray.model.loader import cache_dir
@@ -213,7 +266,7 @@ class AppArgs(BaseModel):
             max_rows=self.max_rows,
             max_model_len=self.max_model_len,
             max_prefill_tokens=self.max_prefill_tokens,
-            host_cache_adapters=self.host_cache_adapters,
+            host_cache_bytes=self.host_cache_bytes,
             max_adapter_bytes=self.max_adapter_bytes,
             lora_backend=self.lora_backend,
             num_threads=self.num_threads,

@@ -13,8 +13,9 @@ first output carrying the request's metadata (decoding, alpha/beta, replica), th
 engine output. Errors travel as data, not exceptions, so the ingress can answer with the
 right status before it sends any byte of a stream.
 
-Nothing slow runs on the replica's event loop: registry lookups and tokenisation (chat
-templates included) run in threads, so one slow disk or long template never stalls the other
+Nothing slow runs on the replica's event loop: adapters resolve from the registry's in-memory
+snapshot (a catalog read, when one is needed, runs in a thread) and tokenisation (chat
+templates included) runs in a thread, so one slow disk or long template never stalls the other
 streams. Tokenisation has one thread of its own: a fast tokenizer is not made for concurrent
 use from several threads, and one thread keeps requests in arrival order.
 """
@@ -33,7 +34,6 @@ from ray import serve
 
 from cold_ray import device as devices
 from cold_ray.adapters.peft import AdapterError
-from cold_ray.adapters.registry import Registry
 from cold_ray.engine import (
     AsyncEngine,
     ColdParams,
@@ -104,9 +104,9 @@ class ColdEngine:
         self.args = AppArgs.model_validate(args)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         device, self.assignment = self._pin(self.args.device)
-        registry = Registry(self.args.registry_path())
+        self.registry = self.args.open_registry()
         config = self.args.engine_config(device)
-        self.engine = AsyncEngine(config, resolver=registry.resolver())
+        self.engine = AsyncEngine(config, resolver=self.registry.resolver())
         self.core = self.engine.core
         self.tokenizer = self.core.tokenizer
         self.chat_template = load_chat_template(self.args.chat_template)
@@ -134,8 +134,11 @@ class ColdEngine:
         return device, info
 
     async def _lease(self, name: str) -> AdapterLease:
-        # UnknownAdapterError -> 404; the resolver may ask the registry: off the loop
-        source = await asyncio.to_thread(self.core.adapter_source, name)
+        try:
+            source = self.core.adapter_source(name)  # the in-memory snapshot
+        except UnknownAdapterError:  # registered a moment ago elsewhere? read the catalog once
+            await asyncio.to_thread(self.registry.refresh)
+            source = self.core.adapter_source(name)  # UnknownAdapterError -> 404
         return AdapterLease(name, source.sha256)
 
     # ---- requests -------------------------------------------------------------------------
@@ -183,9 +186,6 @@ class ColdEngine:
         adapter = req.get("adapter")
         if adapter is not None:
             await self._adapter(adapter)  # Serve's multiplex LRU; a miss runs _lease
-            # `engine.submit` checks the adapter again on this loop; resolved here in a thread,
-            # that check is a hit in the resolver's cache instead of a registry query
-            await asyncio.to_thread(self.core.adapter_source, adapter)
         if req.get("messages") is not None or isinstance(req.get("prompt"), str):
             loop = asyncio.get_running_loop()
             ids = await loop.run_in_executor(self._tokenize, self._prompt_ids, req)

@@ -32,7 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cold_ray.adapters.peft import AdapterError
-from cold_ray.adapters.registry import AdapterNotFound, AdapterRecord, Registry, RegistryError
+from cold_ray.adapters.registry import AdapterNotFound, AdapterRecord, RegistryError
 from cold_ray.decoding import ColdOnBaseModel, ColdParams, request_cold
 from cold_ray.serve.auth import Tokens, exposure_problem, serve_http_host
 from cold_ray.serve.config import AppArgs
@@ -118,7 +118,7 @@ class ColdIngress:
         if problem is not None:
             raise RuntimeError(f"cold-ray cannot start: {problem}")
         self.base_id = self.args.base_id
-        self.registry = Registry(self.args.registry_path(), allowed_roots=self.args.roots())
+        self.registry = self.args.open_registry(allowed_roots=self.args.roots())
         self.metrics = IngressMetrics()
         self.created = int(time.time())
         self._model_args = None

@@ -1,0 +1,225 @@
+"""The embedded registry: one SQLite file, for one machine.
+
+WAL mode with a busy timeout lets several processes on that machine (replicas, the CLI, the
+admin API) read and write the file at once. WAL needs shared memory on one host, so the file
+must not be shared between machines (nor put on NFS); clusters use PostgreSQL. Replicas notice
+changes by polling one row, the catalog's generation, every `poll_s` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+from cold_ray.adapters.registry.base import (
+    COLUMNS,
+    SCHEMA_VERSION,
+    AdapterRecord,
+    AdapterRegistry,
+    RegistryError,
+    config_checksums,
+)
+from cold_ray.adapters.sources import DEFAULT_SCHEMES
+
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE adapters (
+            name TEXT PRIMARY KEY,
+            source TEXT NOT NULL,
+            path TEXT NOT NULL,
+            base_model TEXT NOT NULL,
+            rank INTEGER NOT NULL,
+            target_modules TEXT NOT NULL,  -- JSON list
+            nbytes INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            alpha REAL,
+            beta REAL,
+            cold_enabled INTEGER NOT NULL DEFAULT 1,
+            created_at REAL NOT NULL
+        )"""
+    ],
+    2: ["ALTER TABLE adapters ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'"],
+    3: ["ALTER TABLE adapters ADD COLUMN config_sha256 TEXT NOT NULL DEFAULT ''"],
+}
+
+
+class _NoChange(Exception):
+    """Roll a change back: there was nothing to change."""
+
+
+_META = "CREATE TABLE IF NOT EXISTS registry_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+
+
+class SQLiteRegistry(AdapterRegistry):
+    backend = "sqlite"
+    is_local = True
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        cache_dir: str | Path | None = None,
+        allowed_roots: Iterable[str] | None = None,
+        allowed_schemes: Iterable[str] | None = DEFAULT_SCHEMES,
+        timeout: float = 30.0,
+        poll_s: float = 0.25,
+    ):
+        """`cache_dir` holds local copies of remote sources (default: `blobs/` beside the file);
+        `poll_s`: how often a replica's watcher checks for changes."""
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(cache_dir=cache_dir or self.path.parent / "blobs",
+                         allowed_roots=allowed_roots, allowed_schemes=allowed_schemes)  # fmt: skip
+        self.target = str(self.path)
+        self.timeout = timeout
+        self.poll_s = poll_s
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._migrate()
+
+    # ---- connection -----------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        """One connection per thread and process (sqlite3 connections are neither)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._local.pid != os.getpid():
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                                   check_same_thread=False)  # fmt: skip
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            for _ in range(50):  # switching to WAL needs a moment of exclusive access
+                try:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    break
+                except sqlite3.OperationalError:
+                    time.sleep(0.1)
+            conn.execute("PRAGMA synchronous = NORMAL")  # durable in WAL mode at commit
+            self._local.conn, self._local.pid = conn, os.getpid()
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _tx(self, write: bool):
+        """A transaction: IMMEDIATE takes the write lock at once (no upgrade deadlock); a
+        deferred one gives its reads one consistent snapshot."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    @contextmanager
+    def _change(self):
+        """A write transaction that moves the catalog's generation."""
+        with self._tx(write=True) as db:
+            db.execute("UPDATE registry_meta SET value = value + 1 WHERE key = 'generation'")
+            yield db
+
+    def _close_backend(self) -> None:
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
+
+    # ---- schema ---------------------------------------------------------------------------
+
+    def _version(self, db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT value FROM registry_meta WHERE key = 'schema_version'").fetchone()
+        if row is not None:
+            return row[0]
+        # a catalog written before versions were recorded: tell its version by its columns
+        columns = {r["name"] for r in db.execute("PRAGMA table_info(adapters)")}
+        return 0 if not columns else 2 if "warnings" in columns else 1
+
+    def _migrate(self) -> None:
+        with self._tx(write=True) as db:
+            db.execute(_META)
+            version = self._version(db)
+            if version > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"registry {self.path} has schema version {version}; this cold-ray reads up "
+                    f"to {SCHEMA_VERSION}: upgrade cold-ray"
+                )
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[v]:
+                    db.execute(statement)
+                if v == 3:
+                    rows = db.execute("SELECT name, path FROM adapters").fetchall()
+                    db.executemany("UPDATE adapters SET config_sha256 = ? WHERE name = ?",
+                                   config_checksums((r[0], r[1]) for r in rows))  # fmt: skip
+            db.execute("INSERT OR REPLACE INTO registry_meta VALUES ('schema_version', ?)",
+                       (SCHEMA_VERSION,))  # fmt: skip
+            db.execute("INSERT OR IGNORE INTO registry_meta VALUES ('generation', 0)")
+
+    # ---- primitives -----------------------------------------------------------------------
+
+    def _select(self, db: sqlite3.Connection, name: str) -> AdapterRecord | None:
+        row = db.execute("SELECT * FROM adapters WHERE name = ?", (name,)).fetchone()
+        return None if row is None else AdapterRecord.from_row(row)
+
+    def _read(self, name: str) -> AdapterRecord | None:
+        return self._select(self._db(), name)
+
+    def _read_all(self) -> tuple[int, list[AdapterRecord]]:
+        with self._tx(write=False) as db:
+            (generation,) = db.execute(
+                "SELECT value FROM registry_meta WHERE key = 'generation'"
+            ).fetchone()
+            rows = db.execute("SELECT * FROM adapters").fetchall()
+        return generation, [AdapterRecord.from_row(r) for r in rows]
+
+    def _put(self, record: AdapterRecord, replace: bool) -> AdapterRecord | None:
+        row = record.to_row()
+        row["cold_enabled"] = int(record.cold_enabled)
+        marks = ", ".join(f":{c}" for c in COLUMNS)
+        with self._change() as db:
+            old = self._select(db, record.name)
+            if old is not None and not replace:
+                raise RegistryError(f"adapter {record.name!r} already exists; remove it first")
+            db.execute(f"INSERT OR REPLACE INTO adapters ({', '.join(COLUMNS)}) VALUES ({marks})",
+                       row)  # fmt: skip
+        return old
+
+    def _delete(self, name: str) -> AdapterRecord | None:
+        try:
+            with self._change() as db:
+                old = self._select(db, name)
+                if old is None:
+                    raise _NoChange  # roll back: the generation stays
+                db.execute("DELETE FROM adapters WHERE name = ?", (name,))
+            return old
+        except _NoChange:
+            return None
+
+    def _tune(self, name: str, alpha, beta, cold_enabled: bool) -> AdapterRecord | None:
+        try:
+            with self._change() as db:
+                cur = db.execute(
+                    "UPDATE adapters SET alpha = ?, beta = ?, cold_enabled = ? WHERE name = ?",
+                    (alpha, beta, int(cold_enabled), name),
+                )
+                if cur.rowcount == 0:
+                    raise _NoChange
+                return self._select(db, name)
+        except _NoChange:
+            return None
+
+    def _watch(self) -> None:
+        db = self._db()  # this thread's own connection
+        while not self._stop.wait(self.poll_s):
+            (generation,) = db.execute(
+                "SELECT value FROM registry_meta WHERE key = 'generation'"
+            ).fetchone()
+            if generation != self._snapshot.generation:
+                self._refresh()
