@@ -21,6 +21,8 @@ GREEDY_TEMPERATURE = 1e-5
 # CoLD knobs (O'Brien & Lewis 2023) when neither the request nor the registry sets them.
 DEFAULT_ALPHA = 0.1
 DEFAULT_BETA = 0.5
+# Beyond this the contrastive score (1+beta)*expert - beta*amateur can overflow fp32.
+MAX_BETA = 1e6
 
 
 def _finite(name: str, value: float) -> None:
@@ -40,8 +42,8 @@ class ColdParams:
         _finite("beta", self.beta)
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
-        if self.beta < 0.0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not 0.0 <= self.beta <= MAX_BETA:
+            raise ValueError(f"beta must be in [0, {MAX_BETA:g}], got {self.beta}")
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,9 @@ def plausible_candidates(
     expert_logits: [rows, V], alpha: [rows] -> ids: [rows, K] int64, mask: [rows, K] bool
     """
     logits = expert_logits.float()
-    threshold = logits.amax(dim=-1, keepdim=True) + torch.log(alpha.float()).unsqueeze(-1)
+    threshold = logits.amax(dim=-1, keepdim=True) + reference.log_alpha(alpha).unsqueeze(-1)
     counts = (logits >= threshold).sum(dim=-1, dtype=torch.int32)  # [rows]
-    k = int(counts.max())
+    k = reference.candidate_width(counts)
     ids = logits.topk(k, dim=-1).indices
     mask = torch.arange(k, device=logits.device).unsqueeze(0) < counts.unsqueeze(-1)
     return ids, mask
@@ -66,7 +66,7 @@ def full_torch(
     check_contrastive(expert_logits, alpha, beta)
     check_amateur_full(expert_logits, amateur_logits)
     e = expert_logits.float()
-    threshold = e.amax(dim=-1, keepdim=True) + torch.log(alpha.float()).unsqueeze(-1)
+    threshold = e.amax(dim=-1, keepdim=True) + reference.log_alpha(alpha).unsqueeze(-1)
     b = beta.float().unsqueeze(-1)
     valid = e >= threshold  # on the EXPERT logits, never on the score
     score = ((1.0 + b) * e - b * amateur_logits.float()).masked_fill(~valid, -math.inf)

@@ -56,23 +56,42 @@ def lora_delta(
     expand(shrink(x, A, idx), B, idx, scale, y)
 
 
+def log_alpha(alpha: torch.Tensor) -> torch.Tensor:
+    """ln(alpha) in fp32, never -inf.
+
+    An alpha too small for fp32 (1e-300 rounds to 0, whose log is -inf) gives the lowest
+    finite fp32 instead: max + ln(alpha) then stays below every finite logit, so every token
+    with a finite logit is plausible (the limit alpha -> 0), -inf logits stay implausible,
+    and a +inf maximum cannot turn the threshold into inf - inf = NaN.
+
+    alpha: [rows] -> [rows] fp32
+    """
+    return torch.log(alpha.float()).clamp_min(torch.finfo(torch.float32).min)
+
+
+def candidate_width(counts: torch.Tensor) -> int:
+    """K, the padded candidate count: the widest row's, at least 1 (a row whose logits are
+    NaN has no valid token; it gets one padding column and all -inf scores, not an error)."""
+    return max(int(counts.max()), 1) if counts.numel() else 1
+
+
 def plausible_candidates(
     expert_logits: torch.Tensor, alpha: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens the expert finds plausible, as a padded candidate list per row.
 
     Semantics:
-        valid[i, v] = expert_logits[i, v] >= max(expert_logits[i]) + ln(alpha[i])
-        ids[i]      = the valid token ids of row i, padded to the widest row
+        valid[i, v] = expert_logits[i, v] >= max(expert_logits[i]) + log_alpha(alpha[i])
+        ids[i]      = the valid token ids of row i, padded to the widest row (K >= 1)
         mask[i, j]  = ids[i, j] is a real (not padding) candidate
 
     expert_logits: [rows, V], alpha: [rows] -> ids: [rows, K] int64, mask: [rows, K] bool
     """
     logits = expert_logits.float()
-    threshold = logits.max(dim=-1, keepdim=True).values + torch.log(alpha.float()).unsqueeze(-1)
+    threshold = logits.max(dim=-1, keepdim=True).values + log_alpha(alpha).unsqueeze(-1)
     valid = logits >= threshold
     counts = valid.sum(dim=-1)
-    k = int(counts.max())
+    k = candidate_width(counts)
     # Exactly counts[i] logits of row i are >= its threshold, so its top-counts[i] are the valid set.
     ids = logits.topk(k, dim=-1).indices
     mask = torch.arange(k, device=logits.device).unsqueeze(0) < counts.unsqueeze(-1)
@@ -109,11 +128,12 @@ def contrastive_greedy(
     Semantics:
         valid = expert >= max(expert) + ln(alpha)                  # mask on EXPERT logits
         next  = argmax((1 + beta) * expert - beta * amateur  on valid, -inf elsewhere)
+    (ln(alpha) as `log_alpha`: finite even where fp32 rounds alpha to 0.)
 
     expert_logits, amateur_logits: [rows, V]; alpha, beta: [rows] -> tokens [rows] int64
     """
     e = expert_logits.float()
-    threshold = e.max(dim=-1, keepdim=True).values + torch.log(alpha.float()).unsqueeze(-1)
+    threshold = e.max(dim=-1, keepdim=True).values + log_alpha(alpha).unsqueeze(-1)
     valid = e >= threshold
     b = beta.float().unsqueeze(-1)
     score = ((1.0 + b) * e - b * amateur_logits.float()).masked_fill(~valid, -math.inf)

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from cold_ray.kernels import reference
 from cold_ray.kernels.checks import (
     check_amateur_full,
     check_amateur_head,
@@ -187,7 +188,7 @@ class TritonBackend(LoraBackend):
 
         Semantics:
             e, a = expert_logits.float(), amateur_logits.float()
-            valid = e >= e.max(-1, keepdim=True).values + torch.log(alpha.float())[:, None]
+            valid = e >= e.max(-1, keepdim=True).values + reference.log_alpha(alpha)[:, None]
             scores = torch.where(valid, (1 + beta[:, None]) * e - beta[:, None] * a, -inf)
             tokens = scores.argmax(-1)          # first index on ties
         """
@@ -196,7 +197,7 @@ class TritonBackend(LoraBackend):
         self._check_device(expert_logits=expert_logits, amateur_logits=amateur_logits)
         e, a = _unit_stride(expert_logits), _unit_stride(amateur_logits)
         rows, vocab = e.shape
-        log_alpha = torch.log(alpha.float()).contiguous()  # torch's log: threshold bit-equal
+        log_alpha = reference.log_alpha(alpha).contiguous()  # torch's log: threshold bit-equal
         beta = beta.float().contiguous()
         tokens = torch.empty(rows, dtype=torch.int64, device=e.device)
         scores = torch.empty(

@@ -3,7 +3,8 @@ admitted, chunked, cached, queued, stopped or aborted around it, decodes exactly
 and text it decodes alone — and nothing (rows, KV slots, adapter pins, queue entries,
 prefix blocks' parents) leaks.
 
-The generator mixes plain and CoLD requests on several adapters and the base model, prompts
+The generator mixes plain and CoLD requests, greedy and seeded-sampled, on several adapters
+and the base model, prompts
 that share prefixes (prefix cache hits and evictions), `max_tokens` from 1, stop strings and
 stop tokens that fire on the first token, aborts mid-flight and arrivals spread over steps,
 with `max_rows`, the prefill budget, the adapter slots and the prefix cache all small enough
@@ -39,14 +40,17 @@ class Spec:
     abort_after: int | None  # steps after arrival at which it is aborted
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    temperature: float = 0.0  # > 0: seeded sampling, which must be batch-invariant too
+    seed: int | None = None
 
     def params(self) -> SamplingParams:
-        return SamplingParams(temperature=0.0, max_tokens=self.max_tokens, stop=self.stop,
+        return SamplingParams(temperature=self.temperature, seed=self.seed, top_p=0.9,
+                              max_tokens=self.max_tokens, stop=self.stop,
                               stop_token_ids=self.stop_token_ids)  # fmt: skip
 
     def key(self) -> tuple:
         return (tuple(self.prompt), self.adapter, self.cold, self.max_tokens, self.stop,
-                self.stop_token_ids)  # fmt: skip
+                self.stop_token_ids, self.temperature, self.seed)  # fmt: skip
 
 
 class Alone:
@@ -75,6 +79,8 @@ def random_specs(rng: random.Random, vocab: int, alone: Alone, tokenizer) -> lis
         max_tokens = rng.choice([1, 1, 2, 3, 5, 8, 13])
         abort = rng.choice([None] * 5 + [0, 1, 2, 4])
         spec = Spec(prompt, adapter, cold, max_tokens, rng.randint(0, 8), abort)
+        if rng.random() < 0.3:
+            spec.temperature, spec.seed = rng.choice([0.7, 1.0, 1.5]), rng.randrange(1 << 32)
         roll = rng.random()
         if roll < 0.35:  # stops that fire early: taken from what the request decodes alone
             probe = alone(spec)["token_ids"]

@@ -104,7 +104,7 @@ def test_cli_generate_json(random_adapter):
     "args,message",
     [
         (["--alpha", "0"], "alpha must be in (0, 1]"),
-        (["--beta", "-1"], "beta must be >= 0"),
+        (["--beta", "-1"], "beta must be in [0, 1e+06]"),
         (["--max-tokens", "0"], "must be a positive integer"),
     ],
 )

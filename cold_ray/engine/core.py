@@ -26,7 +26,7 @@ from cold_ray.adapters.sources import AdapterResolver, AdapterSource
 from cold_ray.config import EngineConfig
 from cold_ray.decoding import ColdParams, SamplingParams, request_cold
 from cold_ray.engine import batch as step_batch
-from cold_ray.engine.detok import IncrementalDetokenizer
+from cold_ray.engine.detok import IncrementalDetokenizer, byte_fallback_ids
 from cold_ray.engine.kv_cache import KVCache, Row
 from cold_ray.engine.prefix_cache import BASE, PrefixCache
 from cold_ray.engine.request import (
@@ -37,7 +37,13 @@ from cold_ray.engine.request import (
     RequestTimeout,
     UnknownAdapterError,
 )
-from cold_ray.engine.sampling import cold_select, sample_rows
+from cold_ray.engine.sampling import (
+    FAILED,
+    SamplingError,
+    cold_select,
+    new_sampler_state,
+    sample_rows,
+)
 from cold_ray.engine.scheduler import Scheduler, StepPlan
 from cold_ray.kernels import select_backend
 from cold_ray.model.llama import ForwardBatch, LlamaModel, PrefillAttention
@@ -86,6 +92,7 @@ class EngineCore:
             else None
         )
         self.slots = AdapterSlots(self.model, config.max_loras, config.host_cache_bytes)
+        byte_fallback_ids(self.tokenizer)  # scanned once here, not on the first request
         self.eos_ids = set(self.args.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -198,11 +205,7 @@ class EngineCore:
         if request_id is not None:
             req.request_id = request_id
         req.detok = IncrementalDetokenizer(self.tokenizer, params.stop)
-        if not params.greedy:
-            req.generator = torch.Generator(device="cpu")
-            req.generator.manual_seed(
-                params.seed if params.seed is not None else torch.seed() & 0xFFFF_FFFF
-            )
+        req.sampler = new_sampler_state(params)
         return req
 
     def add(self, req: Request) -> None:
@@ -310,11 +313,8 @@ class EngineCore:
                 error = RequestFailed(f"token selection failed: {type(e).__name__}: {e}")
                 outputs += [self._finish(q, "error", error) for q in group]
         for req, token in picks.items():
-            if token < 0:
-                error = RequestFailed(
-                    "sampling failed: this request's scores are not finite (NaN or inf)"
-                )
-                outputs.append(self._finish(req, "error", error))
+            if token == FAILED:
+                outputs.append(self._finish(req, "error", SamplingError()))
                 continue
             try:
                 outputs.append(self._append(req, token))
@@ -326,15 +326,15 @@ class EngineCore:
 
     def _pick_plain(self, reqs: list[Request], hidden, out_rows: dict) -> list[int]:
         h = hidden[[out_rows[q.rows[0]] for q in reqs]]
-        return _ints(sample_rows(self.model.logits(h), None, [q.params for q in reqs],
-                                 [q.generator for q in reqs]))  # fmt: skip
+        return sample_rows(self.model.logits(h), None, [q.params for q in reqs],
+                           [q.sampler for q in reqs], [len(q.output_ids) for q in reqs])  # fmt: skip
 
     def _pick_cold(self, reqs: list[Request], hidden, out_rows: dict) -> list[int]:
         expert = hidden[[out_rows[q.rows[0]] for q in reqs]]
         amateur = hidden[[out_rows[q.rows[1]] for q in reqs]]
-        return _ints(cold_select(self.backend, self.model.lm_weight, self.model.logits(expert),
-                                 amateur, [q.cold for q in reqs], [q.params for q in reqs],
-                                 [q.generator for q in reqs]))  # fmt: skip
+        return cold_select(self.backend, self.model.lm_weight, self.model.logits(expert),
+                           amateur, [q.cold for q in reqs], [q.params for q in reqs],
+                           [q.sampler for q in reqs], [len(q.output_ids) for q in reqs])  # fmt: skip
 
     def _append(self, req: Request, token: int) -> RequestOutput:
         p = req.params
@@ -492,7 +492,3 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
-
-
-def _ints(tokens) -> list[int]:
-    return tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)

@@ -6,11 +6,10 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from cold_ray.decoding import ColdParams, SamplingParams
 from cold_ray.engine.detok import IncrementalDetokenizer
 from cold_ray.engine.kv_cache import Row
+from cold_ray.engine.sampling import SeedState
 
 _ids = itertools.count()
 
@@ -55,7 +54,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)  # [expert, amateur] for CoLD, else [row]
     detok: IncrementalDetokenizer | None = None
-    generator: torch.Generator | None = None
+    sampler: SeedState | None = None  # None: greedy
     finish_reason: str | None = None
     adapter_pinned: bool = False
     arrived: float = field(default_factory=time.monotonic)

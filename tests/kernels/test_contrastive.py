@@ -110,3 +110,45 @@ def test_flat_distribution_many_candidates(backend) -> None:
     step = backend.contrastive_restricted(c.expert, c.hidden, c.lm_head, alpha, c.beta)
     assert step.ids.shape == (3, 300)
     assert step.tokens.tolist() == full.tolist()
+
+
+def test_alpha_below_fp32_makes_every_finite_token_plausible(backend) -> None:
+    """alpha = 1e-300 rounds to 0 in fp32 (ln = -inf): every finite logit is plausible, an
+    -inf logit is not, and a +inf logit cannot make the threshold NaN."""
+    from cold_ray.kernels.contrastive import plausible_candidates
+
+    c = make_cold_case(3, 300, 16, seed=12)
+    alpha = torch.full((3,), 1e-300)
+    assert alpha[0] == 0.0  # the case under test: fp32 underflow
+    step = backend.contrastive_restricted(c.expert, c.hidden, c.lm_head, alpha, c.beta)
+    assert step.ids.shape == (3, 300) and torch.isfinite(step.scores).all()
+    tiny = reference.contrastive_greedy(c.expert, c.amateur, torch.full((3,), 1e-30), c.beta)
+    assert step.tokens.tolist() == tiny.tolist()  # any alpha below e^-(logit range): same set
+    full = backend.contrastive_full(c.expert, c.amateur, alpha, c.beta, with_scores=True)
+    assert torch.isfinite(full.scores).all() and torch.equal(full.tokens, step.tokens)
+
+    e = c.expert.clone()
+    e[0, 5] = -math.inf
+    e[1, 7] = math.inf
+    ids, mask = plausible_candidates(e, alpha)
+    ref_ids, ref_mask = reference.plausible_candidates(e, alpha)
+    assert torch.equal(ids, ref_ids) and torch.equal(mask, ref_mask)
+    counts = mask.sum(-1).tolist()
+    assert counts == [299, 1, 300]
+    assert 5 not in ids[0][mask[0]].tolist() and ids[1, 0] == 7
+
+
+def test_nan_logits_give_no_candidates_not_an_error(backend) -> None:
+    """A row whose expert logits are NaN has no plausible token (all -inf scores, K >= 1);
+    the other rows decode exactly as without it."""
+    c = make_cold_case(4, 500, 16, seed=13)
+    want = backend.contrastive_restricted(c.expert, c.hidden, c.lm_head, c.alpha, c.beta).tokens
+    e = c.expert.clone()
+    e[2] = math.nan
+    step = backend.contrastive_restricted(e, c.hidden, c.lm_head, c.alpha, c.beta)
+    assert torch.isneginf(step.scores[2]).all()
+    keep = [0, 1, 3]
+    assert step.tokens[keep].tolist() == want[keep].tolist()
+    every = torch.full_like(c.expert, math.nan)  # no row has a candidate: K is still 1
+    step = backend.contrastive_restricted(every, c.hidden, c.lm_head, c.alpha, c.beta)
+    assert step.ids.shape == (4, 1) and torch.isneginf(step.scores).all()
