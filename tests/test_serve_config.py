@@ -79,6 +79,7 @@ BODIES = [
     (b'{"prompt": "x", "cold": {"alpha": 0}}', 422, "cold.alpha"),
     (b'{"prompt": "x", "cold": {"alpha": 1.5}}', 422, "cold.alpha"),
     (b'{"prompt": "x", "cold": {"beta": -1}}', 422, "cold.beta"),
+    (b'{"prompt": "x", "cold": {"beta": 1e300}}', 422, "cold.beta"),  # over decoding.MAX_BETA
     (b'{"prompt": "x", "cold": {"alpha": Infinity}}', 422, "cold.alpha"),
     (b'{"prompt": "x", "cold": {"gamma": 1}}', 422, "cold.gamma"),
     (b'{"prompt": "x", "cold": "yes"}', 422, "cold"),

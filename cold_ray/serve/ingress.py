@@ -168,6 +168,8 @@ class ColdIngress:
             cold = request_cold(record, knob, self.args.cold_by_default)
         except ColdOnBaseModel as e:
             raise APIError(400, str(e), "cold_on_base_model", "cold") from None
+        except ValueError as e:  # a knob out of ColdParams' range (the message names it)
+            raise APIError(422, f"cold: {e}", "invalid_parameter", "cold") from None
         if cold is not None and cold.beta > self.args.max_beta:
             raise APIError(
                 422, f"cold.beta {cold.beta} is over the limit of {self.args.max_beta}",

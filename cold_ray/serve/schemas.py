@@ -28,8 +28,9 @@ class ColdKnobs(BaseModel):
         None, gt=0, le=1, description="Plausibility: keep tokens with p >= alpha * max p."
     )
     beta: float | None = Field(
-        None, ge=0, description="Contrast strength: score = (1+beta)*expert - beta*amateur."
-    )
+        None, ge=0, le=decoding.MAX_BETA,
+        description="Contrast strength: score = (1+beta)*expert - beta*amateur.",
+    )  # fmt: skip
 
 
 class StreamOptions(BaseModel):
@@ -169,7 +170,7 @@ class AdapterCreate(BaseModel):
     name: str = Field(max_length=64, description="Adapter name ([A-Za-z0-9._-]{1,64}).")
     source: str = Field(max_length=4096, description="PEFT folder or fsspec URI (allow-listed).")
     alpha: float | None = Field(None, gt=0, le=1, description="Tuned CoLD alpha.")
-    beta: float | None = Field(None, ge=0, description="Tuned CoLD beta.")
+    beta: float | None = Field(None, ge=0, le=decoding.MAX_BETA, description="Tuned CoLD beta.")
     cold_enabled: StrictBool = Field(True, description="False: plain unless a request asks.")
     replace: StrictBool = Field(False, description="Replace an existing adapter of this name.")
 
