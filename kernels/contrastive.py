@@ -1,6 +1,6 @@
 """The CoLD contrastive step in plain torch (any device): full and candidate-restricted amateur.
 
-DESIGN §1: the plausibility mask comes from the EXPERT logits; the amateur is only needed at
+docs/design.md §1: the plausibility mask comes from the EXPERT logits; the amateur is only needed at
 the valid tokens, so the restricted step computes `amateur_hidden · lm_head[valid]` (K dots)
 instead of the full `amateur_hidden @ lm_head.T` (V dots) and picks the same token.
 """

@@ -95,10 +95,10 @@ def build_batch(idx: torch.Tensor | Sequence[int], device: torch.device | str) -
 class LoraBackend:
     """Interface of every implementation; this base class is the reference (plain torch, fp32).
 
-    LoRA contract (DESIGN §2), rows with idx -1 are never touched:
+    LoRA contract (docs/design.md §2), rows with idx -1 are never touched:
         t[i]  = x[i] @ A[k].T                      shrink, k = idx[i] >= 0
         y[i] += scale[k] * t[i] @ B[k].T           expand, in place
-    Contrastive contract (DESIGN §1): see `contrastive_full` / `contrastive_restricted`.
+    Contrastive contract (docs/design.md §1): see `contrastive_full` / `contrastive_restricted`.
     """
 
     name = "reference"

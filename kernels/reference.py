@@ -123,7 +123,7 @@ def contrastive_greedy(
     alpha: torch.Tensor,
     beta: torch.Tensor,
 ) -> torch.Tensor:
-    """Greedy CoLD token from full expert and amateur logits (DESIGN §1, the definition).
+    """Greedy CoLD token from full expert and amateur logits (docs/design.md §1, the definition).
 
     Semantics:
         valid = expert >= max(expert) + ln(alpha)                  # mask on EXPERT logits

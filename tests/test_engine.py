@@ -14,7 +14,7 @@ N_NEW = 12
 
 
 def naive_cold(expert, amateur, prompt, alpha, beta, n=N_NEW):
-    """DESIGN §1 with two separate models, recomputing the whole prefix each step."""
+    """docs/design.md §1 with two separate models, recomputing the whole prefix each step."""
     ids = list(prompt)
     a, b = torch.tensor([alpha]), torch.tensor([beta])
     with torch.no_grad():

@@ -191,7 +191,7 @@ def test_harness_outputs_equal_plain_engine_generation(core):
         assert r.texts == [w["text"] for w in want], r.mode.label
         assert r.completion_tokens == sum(w["completion_tokens"] for w in want)
         assert r.wall_s > 0
-    # alpha = 1 keeps only the expert's argmax: CoLD-greedy equals expert greedy (DESIGN §1)
+    # alpha = 1 keeps only the expert's argmax: CoLD-greedy equals expert greedy (docs/design.md §1)
     assert report.results[2].texts == report.results[0].texts
     # scoring items with gold = the greedy output: greedy is right on every item
     gold_items = [{"question": q, "answer": t} for q, t in zip(QUESTIONS, report.results[0].texts)

@@ -41,6 +41,7 @@ def test_sqlite_on_one_node_is_not_seen_elsewhere_and_the_app_refuses_it(
     caches, tiny_llama, tiny_adapters
 ):
     import ray
+    from ray.serve.exceptions import RayServeException
 
     from cold_ray.serve.app import build_app
     from cold_ray.serve.config import AppArgs
@@ -60,8 +61,9 @@ def test_sqlite_on_one_node_is_not_seen_elsewhere_and_the_app_refuses_it(
         assert names_b == []  # the replica on node B would answer 404 for a0
 
         cfg = AppArgs(model=str(tiny_llama), max_lora_rank=8)
-        with pytest.raises(RegistryError, match="is a SQLite file.*cluster has 2 nodes.*Post"):
-            build_app(cfg)
+        with pytest.raises(RayServeException, match="SQLite file.*cluster has 2 nodes.*Post") as e:
+            build_app(cfg)  # (a failed build is reported to Serve at once, not retried)
+        assert isinstance(e.value.__cause__, RegistryError)
 
         @ray.remote(num_cpus=0, resources={"node_b": 1})
         def replica_start(data):  # the registry line of every replica's constructor

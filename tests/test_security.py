@@ -156,6 +156,20 @@ def test_model_and_adapter_loads_never_unpickle(no_unpickling, tmp_path, tiny_ll
     core.shutdown()
 
 
+def test_gguf_conversion_never_unpickles(no_unpickling, tmp_path, tiny_llama, monkeypatch):
+    """A GGUF model (the default model is one) is read, dequantized and converted, tokenizer
+    included, with unpickling disabled, and the converted folder then loads the same way."""
+    from cold_ray.config import EngineConfig
+    from tests.test_gguf import write_gguf
+
+    monkeypatch.setenv("COLD_RAY_CACHE", str(tmp_path / "cache"))
+    gguf = write_gguf(tiny_llama, tmp_path / "tiny.Q8_0.gguf", "Q8_0")
+    core = EngineCore(EngineConfig(model=str(gguf), max_rows=2, max_model_len=64))
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    assert core.generate(["the quick brown fox"], params)[0]["completion_tokens"] == 3
+    core.shutdown()
+
+
 class _Payload:
     """Unpickling this creates `marker`: stands for any code a pickle may run."""
 

@@ -231,6 +231,57 @@ def test_admin_registers_serves_and_removes(stack):
     assert_openai_error(c.delete("/v1/adapters/a2", headers=ADMIN), 404)
 
 
+def test_listings_use_the_served_name_and_show_warnings(stack):
+    """served_model_name ("tiny") is the base model's id and every adapter's parent; the tiny
+    adapters declare the model's folder as their base, a name that differs from "tiny", which
+    validation recorded as a warning that every view shows."""
+    c = stack["client"]
+    data = c.get("/v1/models", headers=CLIENT).json()["data"]
+    assert (data[0]["id"], data[0]["parent"]) == ("tiny", None)
+    a0 = next(m for m in data if m["id"] == "a0")
+    assert a0["parent"] == "tiny" and a0["base_model"].endswith("tiny-llama")
+    (warning,) = a0["warnings"]
+    assert "tiny-llama" in warning and "'tiny'" in warning
+    listed = c.get("/v1/adapters", headers=CLIENT).json()["data"]
+    assert next(m for m in listed if m["id"] == "a0")["warnings"] == [warning]
+    assert c.get("/v1/adapters/a0", headers=CLIENT).json()["warnings"] == [warning]
+    assert complete(stack, model="tiny").json()["model"] == "tiny"
+
+
+def test_openapi_and_docs_describe_the_api_without_a_token(stack):
+    c = stack["client"]
+    doc = c.get("/openapi.json")
+    assert doc.status_code == 200
+    body = doc.json()["paths"]["/v1/chat/completions"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"]["$ref"].endswith("ChatCompletionRequest")
+    docs = c.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_eval_cli_default_decoding_equals_the_server(stack, tmp_path, capsys):
+    """`cold-ray eval` without --alpha/--beta evaluates the decoding the server gives a request
+    that omits `cold`: CoLD at the tuned knobs for a0, plain for a1 (cold_enabled=false)."""
+    from cold_ray.cli import main
+
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i} + 1 =", "answer": f"#### {i + 1}"})
+                            + "\n" for i in range(2)))  # fmt: skip
+    seen = set()
+    for name in ("a0", "a1"):
+        served = complete(stack, model=name).json()["cold"]
+        rc = main(["eval", "--adapter", name, "--registry", stack["cfg"].registry, "--model",
+                   str(stack["model"]), "--data", str(data), "--max-model-len", "200",
+                   "--max-rows", "4", "--max-tokens", "2", "--no-base", "--json",
+                   "--no-progress"])  # fmt: skip
+        assert rc == 0
+        out = json.loads(capsys.readouterr().out)
+        evaluated = [(r["alpha"], r["beta"]) for r in out["results"] if r["mode"] == "cold"]
+        want = [] if served["decoding"] == "plain" else [(served["alpha"], served["beta"])]
+        assert evaluated == want, (name, served, out["results"])
+        seen.add(served["decoding"])
+    assert seen == {"cold", "plain"}  # both branches of the rule were compared
+
+
 # ---- hostile input ------------------------------------------------------------------------
 
 BIG = "x " * 20000  # > CTX tokens of the tiny tokenizer, < the 64 KiB body limit

@@ -1,5 +1,6 @@
 """Serve configs, argument validation, body parsing and startup registration — no Ray needed."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,7 @@ BODIES = [
     (b'{"prompt": "x", "cold": {"alpha": 0}}', 422, "cold.alpha"),
     (b'{"prompt": "x", "cold": {"alpha": 1.5}}', 422, "cold.alpha"),
     (b'{"prompt": "x", "cold": {"beta": -1}}', 422, "cold.beta"),
+    (b'{"prompt": "x", "cold": {"beta": 1e300}}', 422, "cold.beta"),  # over decoding.MAX_BETA
     (b'{"prompt": "x", "cold": {"alpha": Infinity}}', 422, "cold.alpha"),
     (b'{"prompt": "x", "cold": {"gamma": 1}}', 422, "cold.gamma"),
     (b'{"prompt": "x", "cold": "yes"}', 422, "cold"),
@@ -172,9 +174,99 @@ def test_tokens(monkeypatch):
     assert status(both, "", admin=True) == 401
     open_ = Tokens("T_UNSET", "T_UNSET2")
     assert status(open_, "") == 200 and status(open_, "", admin=True) == 200
-    client_only = Tokens("T_API", "T_UNSET")
-    assert status(client_only, "Bearer c-secret", admin=True) == 200
-    assert status(client_only, "", admin=True) == 401
+    client_only = Tokens("T_API", "T_UNSET")  # a client token never opens registry writes
+    assert status(client_only, "Bearer c-secret", admin=True) == 403
+    assert status(client_only, "", admin=True) == 403
+    assert status(client_only, "Bearer c-secret") == 200
+    admin_only = Tokens("T_UNSET", "T_ADMIN")
+    assert status(admin_only, "") == 200 and status(admin_only, "", admin=True) == 401
+    assert status(admin_only, "Bearer a-secret", admin=True) == 200
+
+
+@pytest.mark.parametrize(
+    "host,args,env,refused",
+    [
+        ("127.0.0.1", {}, {}, False),
+        ("localhost", {}, {}, False),
+        ("::1", {}, {}, False),
+        (None, {}, {}, False),  # no HTTP proxy at all
+        ("0.0.0.0", {}, {}, True),
+        ("::", {}, {}, True),
+        ("10.1.2.3", {}, {}, True),
+        ("my-host.example", {}, {}, True),  # a name may resolve to any interface
+        ("0.0.0.0", {}, {"T_API": "c"}, True),  # a client token does not guard writes
+        ("0.0.0.0", {}, {"T_ADMIN": "a"}, False),
+        ("0.0.0.0", {"allow_unauthenticated_admin": True}, {}, False),
+        ("0.0.0.0", {"admin_api": False}, {}, False),
+    ],
+)
+def test_exposure_rule(monkeypatch, host, args, env, refused):
+    from cold_ray.serve.app import check_exposure
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = AppArgs(api_key_env="T_API", admin_key_env="T_ADMIN", **args)
+    if not refused:
+        check_exposure(cfg, host)
+        return
+    with pytest.raises(RuntimeError) as err:
+        check_exposure(cfg, host)
+    assert repr(host) in str(err.value) and "Set T_ADMIN" in str(err.value)
+    assert "allow_unauthenticated_admin: true" in str(err.value)
+
+
+def test_validate_notes_exposed_configs(tmp_path):
+    notes: list[str] = []
+    assert validate_file(str(ROOT / "deployments" / "cold-gpu.yaml"), notes) == []
+    assert len(notes) == 1 and "'0.0.0.0'" in notes[0] and "COLD_RAY_ADMIN_KEY" in notes[0]
+    notes.clear()
+    assert validate_file(str(ROOT / "deployments" / "cold.yaml"), notes) == [] and notes == []
+
+
+def _resolve(doc: dict, ref: str) -> dict:
+    node = doc
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def test_openapi_describes_the_request_bodies():
+    """/openapi.json declares the bodies the routes parse by hand, every reference resolves,
+    and the schemas accept what the API accepts and refuse what it refuses with a 422."""
+    import json
+
+    import jsonschema
+
+    from cold_ray.serve.ingress import app
+
+    doc = app.openapi()
+    refs = re.findall(r'"\$ref": "([^"]+)"', json.dumps(doc))
+    assert refs and all(_resolve(doc, r) for r in refs)
+    bodies = {}
+    for path, model in [("/v1/completions", "CompletionRequest"),
+                        ("/v1/chat/completions", "ChatCompletionRequest"),
+                        ("/v1/adapters", "AdapterCreate")]:  # fmt: skip
+        op = doc["paths"][path]["post"]
+        schema = op["requestBody"]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": f"#/components/schemas/{model}"} and op["security"]
+        assert "ErrorResponse" in json.dumps(op["responses"]["4XX"])
+        bodies[path] = {**_resolve(doc, schema["$ref"]), "components": doc["components"]}
+    assert "prompt" in bodies["/v1/completions"]["required"]
+    assert "cold" in bodies["/v1/completions"]["properties"]
+    assert "messages" in bodies["/v1/chat/completions"]["required"]
+    assert {"name", "source"} <= set(bodies["/v1/adapters"]["required"])
+    ok = [("/v1/completions", {"prompt": "x", "cold": {"alpha": 0.2}, "max_tokens": 4}),
+          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+          ("/v1/adapters", {"name": "a", "source": "/x", "beta": 0.5})]  # fmt: skip
+    bad = [("/v1/completions", {"prompt": "x", "max_tokens": 0}),
+           ("/v1/completions", {"prompt": "x", "cold": {"alpha": 2}}),
+           ("/v1/chat/completions", {"messages": []}),
+           ("/v1/adapters", {"name": "a"})]  # fmt: skip
+    for path, body in ok:
+        jsonschema.validate(body, bodies[path])
+    for path, body in bad:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(body, bodies[path])
 
 
 def test_sse_stream_shape():

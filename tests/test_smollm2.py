@@ -55,6 +55,39 @@ def test_cold_equals_two_model_definition_on_smollm2(smol, random_adapter):
             assert plain[0]["token_ids"] == greedy(expert, ids, n=N)
 
 
+def test_gguf_reader_equals_the_transformers_gguf_path(smol):
+    """The default model read with `gguf` alone is the model transformers reads from the same
+    GGUF file (its GGUF path needs accelerate, which only the test extra brings): every
+    tensor bit for bit, the tokenizer and chat template, and the engine's logits."""
+    pytest.importorskip("accelerate")
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cold_ray.model.loader import default_gguf
+
+    gguf = default_gguf()
+    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                               dtype=torch.float32).eval()  # fmt: skip
+    ours = load_file(str(smol.model_path / "model.safetensors"))
+    want = {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}  # tied
+    assert ref.config.tie_word_embeddings and sorted(ours) == sorted(want)
+    assert all(torch.equal(ours[k], want[k]) for k in want)
+    ref_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    text = "Question: 17 * 3 = ?\nAnswer: <|im_end|> é 漢字"
+    assert smol.tokenizer.encode(text) == ref_tok.encode(text)
+    chat = [{"role": "user", "content": "What is 2 + 3?"}]
+    assert smol.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) \
+        == ref_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)  # fmt: skip
+    ids = smol.tokenizer.encode(text)
+    with torch.no_grad():
+        want_logits = ref(torch.tensor([ids])).logits[0, -1]
+    got = smol.generate([ids], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    assert got[0]["token_ids"] == [int(want_logits.argmax())]
+    # our decoder vs transformers' on the same weights: fp32 sums in another order
+    torch.testing.assert_close(smol.prompt_logits(ids)[-1], want_logits, rtol=0, atol=2e-3)
+
+
 def test_cli_generate_json(random_adapter):
     cmd = [sys.executable, "-m", "cold_ray.cli", "generate", "--adapter", str(random_adapter),
            "--prompt", "Name a colour:", "--max-tokens", "8", "--alpha", "0.2", "--beta", "0.3",
@@ -99,3 +132,25 @@ def test_batch_invariance_on_smollm2(smol, random_adapter):
     while smol.has_work():
         smol.step()
     assert [r.output_ids for r in reqs] == alone
+
+
+def test_hub_id_adapter_on_a_renamed_model_folder(smol, tmp_path, capsys):
+    """The demo adapter declares `HuggingFaceTB/SmolLM2-135M-Instruct`; the same model copied
+    to a folder named `smollm2` serves it in `adapters add` and `eval` with no flags."""
+    import shutil
+
+    from cold_ray.cli import main
+
+    model = tmp_path / "x" / "smollm2"
+    shutil.copytree(smol.model_path, model)
+    reg = ["--registry", str(tmp_path / "reg.sqlite")]
+    rc = main(["adapters", "add", "demo", str(DEMO), "--model", str(model), "--json", *reg])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert json.loads(out.out)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    rc = main(["eval", "--model", str(model), "--adapter", str(DEMO), "--data", "demo:test",
+               "--n", "2", "--max-tokens", "8", "--max-model-len", "256", "--json",
+               "--no-progress"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert [r["n"] for r in json.loads(out.out)["results"]] == [2, 2, 2]

@@ -37,14 +37,18 @@ def _show(record, as_json: bool) -> None:
         return
     d["created_at"] = _when(record.created_at)
     d["target_modules"] = ",".join(record.target_modules)
+    d["warnings"] = "\n".join(record.warnings) or None
     width = max(map(len, d))
     for k, v in d.items():
-        print(f"{k:<{width}}  {'-' if v is None else v}")
+        v = "-" if v is None else str(v).replace("\n", "\n" + " " * (width + 2))
+        print(f"{k:<{width}}  {v}")
 
 
 def _add(args: argparse.Namespace) -> int:
     from cold_ray.model.loader import read_model_args, resolve_model_path
 
+    # A declared base model that differs from --model's name is served with a recorded warning
+    # (names differ: hub id, folder, GGUF stem); shapes, layers and vocabulary are the guard.
     model_args = read_model_args(resolve_model_path(args.model))
     record = _registry(args).add(
         args.name,

@@ -1,4 +1,4 @@
-"""Read and validate a PEFT LoRA adapter folder against a base model (DESIGN §4).
+"""Read and validate a PEFT LoRA adapter folder against a base model (docs/design.md §4).
 
 Validation happens before anything touches a slot, and every failure is an `AdapterError`
 whose message names the problem and the expected value.

@@ -1,5 +1,5 @@
 """Token selection for one step: plain rows from full logits, CoLD pairs from the expert's
-full logits and the amateur's logits at the expert's plausible tokens only (DESIGN §1).
+full logits and the amateur's logits at the expert's plausible tokens only (docs/design.md §1).
 
 Sampling is one batched pass over the sampled rows ([rows, K] tensor ops, no loop per row)
 that cannot be poisoned by a request's values:

@@ -48,12 +48,19 @@ def _setup(args: argparse.Namespace, adapter_from_registry: bool):
         from cold_ray.adapters.registry import open_registry
 
         registry = open_registry(args.registry)
-        registry.get(name)  # AdapterNotFound names the problem
+        warnings = registry.get(name).warnings  # AdapterNotFound names the problem
         core = EngineCore(config, resolver=registry.resolver())
     else:
+        from cold_ray.adapters.peft import load_peft_adapter
+
         core = EngineCore(config)
         name = folder.name if folder.name else "adapter"
+        # Validated now, before minutes of evaluation: a misfit (shapes, layers, vocabulary)
+        # is an error naming the layer; a declared base model of another name only a warning.
+        warnings = load_peft_adapter(folder, core.args, args.max_lora_rank).warnings
         core.register_adapter(name, folder)
+    for warning in warnings:
+        print(f"warning: {name}: {warning}", file=sys.stderr)
     return core, registry, name, task, items, str(path)
 
 
@@ -85,7 +92,7 @@ def _eval(args: argparse.Namespace) -> int:
         harness.warm_up(core, items, name, modes, task)
         report = harness.evaluate(core, items, name, modes, task, max_tokens=args.max_tokens,
                                   progress=not args.no_progress, rounds=args.rounds)  # fmt: skip
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:  # AdapterError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = report.to_dict()

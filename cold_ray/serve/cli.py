@@ -7,8 +7,9 @@ import argparse
 import sys
 
 
-def validate_file(path: str) -> list[str]:
-    """Problems found in one Serve config file (YAML, or a RayService embedding one)."""
+def validate_file(path: str, notes: list[str] | None = None) -> list[str]:
+    """Problems found in one Serve config file (YAML, or a RayService embedding one). What the
+    file cannot settle alone (tokens come from the environment) is appended to `notes`."""
     import yaml
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
@@ -26,24 +27,39 @@ def validate_file(path: str) -> list[str]:
         config = ServeDeploySchema.model_validate(doc)
     except ValidationError as e:
         return [f"not a Serve config: {e}"]
+    from cold_ray.serve.auth import is_loopback
+
     problems = []
+    host = config.http_options.host
     for app in config.applications:
         if not app.import_path.startswith("cold_ray.serve"):
             continue
         try:
-            AppArgs.model_validate(app.args or {})
+            args = AppArgs.model_validate(app.args or {})
         except ValidationError as e:
             problems.append(f"application {app.name!r}: {e}")
+            continue
+        if host is not None and not is_loopback(host) and args.admin_api \
+                and not args.allow_unauthenticated_admin and notes is not None:  # fmt: skip
+            notes.append(
+                f"application {app.name!r} listens on {host!r}: it starts only with "
+                f"{args.admin_key_env} set in the environment of `serve run` (the admin token "
+                "for registry writes; set the client token too), or with "
+                "allow_unauthenticated_admin: true on a trusted network"
+            )
     return problems
 
 
 def _validate(args: argparse.Namespace) -> int:
     failed = False
     for path in args.files:
-        problems = validate_file(path)
+        notes: list[str] = []
+        problems = validate_file(path, notes)
         print(f"{path}: {'ok' if not problems else 'INVALID'}")
         for p in problems:
             print(f"  {p}", file=sys.stderr)
+        for n in notes:
+            print(f"  note: {n}", file=sys.stderr)
         failed |= bool(problems)
     return 1 if failed else 0
 

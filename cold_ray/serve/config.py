@@ -54,9 +54,10 @@ class AppArgs(BaseModel):
     )
     served_model_name: str | None = Field(
         None,
+        min_length=1,
         max_length=128,
-        description="The base model's id in the API (`model` field, /v1/models); "
-        "default: the model folder's name.",
+        description="The base model's id in the API (`model` field, /v1/models, adapters' "
+        "`parent`), e.g. its hub id; default: the model folder's or GGUF file's name.",
     )
     device: str = Field(
         "cpu",
@@ -131,6 +132,12 @@ class AppArgs(BaseModel):
         "default: ~/.cache/cold-ray/adapters only. Startup adapters are trusted config.",
     )
     admin_api: bool = Field(True, description="Serve POST/DELETE /v1/adapters.")
+    allow_unauthenticated_admin: bool = Field(
+        False,
+        description="Trusted networks only: start even though the HTTP host is not loopback "
+        "and no admin token is set, leaving registry writes open to anyone who reaches the "
+        "port. Without it such a server refuses to start.",
+    )
 
     # ---- HTTP API -------------------------------------------------------------------------
     api_key_env: str = Field(
@@ -188,6 +195,29 @@ class AppArgs(BaseModel):
             )
         self.engine_config()  # the engine's own checks, at build time
         return self
+
+    @property
+    def base_id(self) -> str:
+        """The base model's id in the API: served_model_name, else the model's folder or GGUF
+        file name, else the default model's name."""
+        from cold_ray.model.loader import DEFAULT_MODEL_NAME
+
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model is None:
+            return DEFAULT_MODEL_NAME
+        path = Path(self.model.rstrip("/"))
+        return path.stem if path.suffix == ".gguf" else path.name
+
+    def model_args(self):
+        """The base model's architecture (`ModelArgs`; fetches the default model once), named
+        as it is served, so adapter validation speaks of the name users know."""
+        from dataclasses import replace
+
+        from cold_ray.model.loader import read_model_args, resolve_model_path
+
+        args = read_model_args(resolve_model_path(self.model))
+        return replace(args, name=self.served_model_name) if self.served_model_name else args
 
     @property
     def tokens_limit(self) -> int:

@@ -12,6 +12,12 @@ batches by model id) is not used.
 first output carrying the request's metadata (decoding, alpha/beta, replica), then one dict per
 engine output. Errors travel as data, not exceptions, so the ingress can answer with the
 right status before it sends any byte of a stream.
+
+Nothing slow runs on the replica's event loop: adapters resolve from the registry's in-memory
+snapshot (a catalog read, when one is needed, runs in a thread) and tokenisation (chat
+templates included) runs in a thread, so one slow disk or long template never stalls the other
+streams. Tokenisation has one thread of its own: a fast tokenizer is not made for concurrent
+use from several threads, and one thread keeps requests in arrival order.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +111,7 @@ class ColdEngine:
         self.tokenizer = self.core.tokenizer
         self.chat_template = load_chat_template(self.args.chat_template)
         self.device = str(self.core.device)
+        self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
         async def lease(name: str) -> AdapterLease:  # Serve keeps its LRU state on a function
             return await self._lease(name)
@@ -177,11 +185,12 @@ class ColdEngine:
     async def _submit(self, req: dict):
         adapter = req.get("adapter")
         if adapter is not None:
-            await self._adapter(adapter)
-        if req.get("messages") is not None or len(req.get("prompt") or "") > 4096:
-            ids = await asyncio.to_thread(self._prompt_ids, req)  # keep the loop responsive
+            await self._adapter(adapter)  # Serve's multiplex LRU; a miss runs _lease
+        if req.get("messages") is not None or isinstance(req.get("prompt"), str):
+            loop = asyncio.get_running_loop()
+            ids = await loop.run_in_executor(self._tokenize, self._prompt_ids, req)
         else:
-            ids = self._prompt_ids(req)
+            ids = self._prompt_ids(req)  # token ids: nothing to do
         s = req["sampling"]
         params = SamplingParams(
             max_tokens=self._max_tokens(req, len(ids)),
@@ -260,3 +269,6 @@ class ColdEngine:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        pool = getattr(self, "_tokenize", None)
+        if pool is not None:
+            pool.shutdown(wait=False)

@@ -1,6 +1,6 @@
 """OpenAI-shaped errors: `{"error": {"message", "type", "code", "param"}}` with the right status.
 
-Status policy (DESIGN §6), the one table the HTTP layer and its tests follow:
+Status policy (docs/design.md §6), the one table the HTTP layer and its tests follow:
 
 | status | type                    | when                                                          |
 |--------|-------------------------|---------------------------------------------------------------|

@@ -1,8 +1,14 @@
-"""The ingress deployment: an OpenAI-compatible FastAPI app (DESIGN §6) in front of the engine.
+"""The ingress deployment: an OpenAI-compatible FastAPI app (docs/design.md §6) in front of the
+engine.
 
 It authenticates, bounds and validates the body, resolves `model` (base model or a registered
 adapter) and the decoding (CoLD with the adapter's registry defaults unless the body says
-otherwise), then streams from an engine replica chosen by Serve's model multiplexing.
+otherwise), then streams from an engine replica chosen by Serve's model multiplexing. Registry
+reads run in threads: a slow disk or database never stalls the streams on this replica's loop.
+
+Bodies are read by hand, so that the size limit holds before any parsing and every error keeps
+its OpenAI shape; the request models are declared in the OpenAPI document (`/openapi.json`,
+`/docs`) all the same, so clients and fuzzers see the real bodies.
 
 No `from __future__ import annotations` here: Serve pickles the ingress class by value, and
 FastAPI must see `Request` annotations as objects, not as names to look up in module globals
@@ -28,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cold_ray.adapters.peft import AdapterError
 from cold_ray.adapters.registry import AdapterNotFound, AdapterRecord, RegistryError
 from cold_ray.decoding import ColdOnBaseModel, ColdParams, request_cold
-from cold_ray.serve.auth import Tokens
+from cold_ray.serve.auth import Tokens, exposure_problem, serve_http_host
 from cold_ray.serve.config import AppArgs
 from cold_ray.serve.errors import APIError, error_body, from_validation_error
 from cold_ray.serve.metrics import IngressMetrics
@@ -38,10 +44,23 @@ from cold_ray.serve.schemas import (
     ChatCompletionRequest,
     ColdKnobs,
     CompletionRequest,
+    openapi_document,
 )
 
 log = logging.getLogger(__name__)
-app = FastAPI(title="cold-ray", docs_url=None, redoc_url=None)
+# /docs and /openapi.json need no token: they describe the API's shape, which is public.
+app = FastAPI(
+    title="cold-ray",
+    summary="OpenAI-compatible LLM serving with Contrastive LoRA Decoding (CoLD)",
+    docs_url="/docs",
+    redoc_url=None,
+)
+REQUEST_BODIES = {
+    ("post", "/v1/completions"): CompletionRequest,
+    ("post", "/v1/chat/completions"): ChatCompletionRequest,
+    ("post", "/v1/adapters"): AdapterCreate,
+}
+app.openapi = lambda: openapi_document(app, REQUEST_BODIES)
 
 
 @app.exception_handler(APIError)
@@ -76,17 +95,12 @@ def _cancel(gen) -> None:
         pass
 
 
-def base_model_id(args: AppArgs) -> str:
-    from pathlib import Path
-
-    from cold_ray.model.loader import DEFAULT_MODEL_NAME
-
-    if args.served_model_name:
-        return args.served_model_name
-    if args.model is None:
-        return DEFAULT_MODEL_NAME
-    path = Path(args.model.rstrip("/"))
-    return path.stem if path.suffix == ".gguf" else path.name
+def _http_host() -> str | None:
+    """Serve's HTTP host as this replica sees it; an unreadable one counts as exposed."""
+    try:
+        return serve_http_host()
+    except Exception as e:
+        return f"<unknown: {e}>"
 
 
 @serve.deployment(
@@ -100,7 +114,10 @@ class ColdIngress:
         self.args = AppArgs.model_validate(args)
         self.engine = engine
         self.tokens = Tokens(self.args.api_key_env, self.args.admin_key_env)
-        self.base_id = base_model_id(self.args)
+        problem = exposure_problem(_http_host(), self.tokens, self.args)
+        if problem is not None:
+            raise RuntimeError(f"cold-ray cannot start: {problem}")
+        self.base_id = self.args.base_id
         self.registry = self.args.open_registry(allowed_roots=self.args.roots())
         self.metrics = IngressMetrics()
         self.created = int(time.time())
@@ -131,12 +148,12 @@ class ColdIngress:
         except ValidationError as e:
             raise from_validation_error(e) from None
 
-    def _resolve(self, model: str | None) -> AdapterRecord | None:
+    async def _resolve(self, model: str | None) -> AdapterRecord | None:
         """None for the base model, else the adapter's registry record (404 if unknown)."""
         if model is None or model == self.base_id:
             return None
         try:
-            return self.registry.get(model)
+            return await asyncio.to_thread(self.registry.get, model)
         except (AdapterNotFound, RegistryError):
             raise APIError(
                 404, f"model {model!r} does not exist (see GET /v1/models)", "model_not_found",
@@ -151,6 +168,8 @@ class ColdIngress:
             cold = request_cold(record, knob, self.args.cold_by_default)
         except ColdOnBaseModel as e:
             raise APIError(400, str(e), "cold_on_base_model", "cold") from None
+        except ValueError as e:  # a knob out of ColdParams' range (the message names it)
+            raise APIError(422, f"cold: {e}", "invalid_parameter", "cold") from None
         if cold is not None and cold.beta > self.args.max_beta:
             raise APIError(
                 422, f"cold.beta {cold.beta} is over the limit of {self.args.max_beta}",
@@ -253,7 +272,7 @@ class ColdIngress:
         self._auth(request)
         schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
         body = await self._body(request, schema)
-        record = self._resolve(body.model)
+        record = await self._resolve(body.model)
         cold = self._decoding(body, record)
         if kind == "chat":
             req = self._engine_request(body, record, cold, messages=body.chat())
@@ -307,6 +326,8 @@ class ColdIngress:
             "rank": r.rank,
             "target_modules": list(r.target_modules),
             "sha256": r.sha256,
+            "base_model": r.base_model,  # as the adapter declares it
+            "warnings": list(r.warnings),  # from validation, e.g. another declared base model
             "cold": {"enabled": r.cold_enabled, "alpha": cold.alpha, "beta": cold.beta},
         }
 
@@ -334,11 +355,11 @@ class ColdIngress:
     @app.get("/v1/adapters/{name}")
     async def get_adapter(self, name: str, request: Request):
         self._auth(request)
-        return self._adapter_view(self._resolve_adapter(name))
+        return self._adapter_view(await self._resolve_adapter(name))
 
-    def _resolve_adapter(self, name: str) -> AdapterRecord:
+    async def _resolve_adapter(self, name: str) -> AdapterRecord:
         try:
-            return self.registry.get(name)
+            return await asyncio.to_thread(self.registry.get, name)
         except (AdapterNotFound, RegistryError):
             raise APIError(404, f"adapter {name!r} does not exist", "adapter_not_found") from None
 
@@ -357,7 +378,7 @@ class ColdIngress:
         if body.name == self.base_id:
             raise APIError(409, f"{body.name!r} is the base model's id; choose another name",
                            "adapter_exists", "name")  # fmt: skip
-        if not body.replace and body.name in self.registry:
+        if not body.replace and await asyncio.to_thread(self.registry.__contains__, body.name):
             raise APIError(409, f"adapter {body.name!r} already exists; DELETE it first or "
                            "set replace: true", "adapter_exists", "name")  # fmt: skip
         try:
@@ -371,9 +392,7 @@ class ColdIngress:
 
     def _register(self, body: AdapterCreate) -> AdapterRecord:
         if self._model_args is None:
-            from cold_ray.model.loader import read_model_args, resolve_model_path
-
-            self._model_args = read_model_args(resolve_model_path(self.args.model))
+            self._model_args = self.args.model_args()
         return self.registry.add(
             body.name, body.source, args=self._model_args, max_rank=self.args.max_lora_rank,
             max_bytes=self.args.max_adapter_bytes, alpha=body.alpha, beta=body.beta,

@@ -28,8 +28,9 @@ class ColdKnobs(BaseModel):
         None, gt=0, le=1, description="Plausibility: keep tokens with p >= alpha * max p."
     )
     beta: float | None = Field(
-        None, ge=0, description="Contrast strength: score = (1+beta)*expert - beta*amateur."
-    )
+        None, ge=0, le=decoding.MAX_BETA,
+        description="Contrast strength: score = (1+beta)*expert - beta*amateur.",
+    )  # fmt: skip
 
 
 class StreamOptions(BaseModel):
@@ -169,6 +170,56 @@ class AdapterCreate(BaseModel):
     name: str = Field(max_length=64, description="Adapter name ([A-Za-z0-9._-]{1,64}).")
     source: str = Field(max_length=4096, description="PEFT folder or fsspec URI (allow-listed).")
     alpha: float | None = Field(None, gt=0, le=1, description="Tuned CoLD alpha.")
-    beta: float | None = Field(None, ge=0, description="Tuned CoLD beta.")
+    beta: float | None = Field(None, ge=0, le=decoding.MAX_BETA, description="Tuned CoLD beta.")
     cold_enabled: StrictBool = Field(True, description="False: plain unless a request asks.")
     replace: StrictBool = Field(False, description="Replace an existing adapter of this name.")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, ...")
+    code: str | None = Field(None, description="e.g. model_not_found, body_too_large")
+    param: str | None = Field(None, description="The body field at fault, if one is.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error the API answers (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+def openapi_document(app, request_bodies: dict[tuple[str, str], type[BaseModel]]) -> dict:
+    """The app's OpenAPI document with the request models its routes parse by hand (the body
+    is read under a size limit before parsing, so FastAPI cannot see them in the signatures),
+    the OpenAI error shape, and bearer auth on the /v1 routes. Built once per process."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                      routes=app.routes)  # fmt: skip
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+
+    def ref(model: type[BaseModel]) -> dict:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    error = {"description": "OpenAI-shaped error", "content": {"application/json": {"schema": ref(ErrorResponse)}}}  # fmt: skip
+    for (method, path), model in request_bodies.items():
+        doc["paths"][path][method]["requestBody"] = {
+            "required": True, "content": {"application/json": {"schema": ref(model)}},
+        }  # fmt: skip
+    for path, ops in doc["paths"].items():
+        if path.startswith("/v1/"):
+            for op in ops.values():
+                op["security"] = [{"bearer": []}]
+                op["responses"].pop("422", None)  # FastAPI's own shape; ours is the error's
+                op["responses"].update({"4XX": error, "5XX": error})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    app.openapi_schema = doc
+    return doc

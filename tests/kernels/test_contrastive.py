@@ -1,4 +1,4 @@
-"""The dispatched contrastive step equals reference.contrastive_greedy (DESIGN §1), and the
+"""The dispatched contrastive step equals reference.contrastive_greedy (docs/design.md §1), and the
 candidate-restricted amateur head picks the same tokens as the full one."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Triton kernels under TRITON_INTERPRET=1 (set in conftest) on small shapes, fp32/fp16 only.
 
-The interpreter computes bf16 arithmetic wrongly (ENVIRONMENT.md); the kernels convert every
+The interpreter computes bf16 arithmetic wrongly (docs/design.md §9); the kernels convert every
 load to fp32, and bf16 is left to GPU runs. The last test compiles every kernel for sm_90
 (PTX + cubin via the bundled ptxas, no GPU needed; `python -m tests.kernels.compile_sm90`)
 so codegen errors surface on CPU CI too.
