@@ -119,6 +119,7 @@ class ColdIngress:
             raise RuntimeError(f"cold-ray cannot start: {problem}")
         self.base_id = self.args.base_id
         self.registry = self.args.open_registry(allowed_roots=self.args.roots())
+        self.registry.snapshot()  # loaded here, so request-path lookups never wait on a disk
         self.metrics = IngressMetrics()
         self.created = int(time.time())
         self._model_args = None
@@ -153,12 +154,21 @@ class ColdIngress:
         if model is None or model == self.base_id:
             return None
         try:
-            return await asyncio.to_thread(self.registry.get, model)
+            return await self._record(model)
         except (AdapterNotFound, RegistryError):
             raise APIError(
                 404, f"model {model!r} does not exist (see GET /v1/models)", "model_not_found",
                 "model",
             ) from None  # fmt: skip
+
+    async def _record(self, name: str) -> AdapterRecord:
+        """From the registry's in-memory snapshot (kept current by its change feed); a miss
+        reads the catalog once, off the loop, so an adapter added a moment ago elsewhere is
+        found before the change reaches this process."""
+        try:
+            return self.registry.lookup(name)
+        except AdapterNotFound:
+            return await asyncio.to_thread(self.registry.get, name)
 
     def _decoding(self, body, record: AdapterRecord | None) -> ColdParams | None:
         knob = body.cold
@@ -359,7 +369,7 @@ class ColdIngress:
 
     async def _resolve_adapter(self, name: str) -> AdapterRecord:
         try:
-            return await asyncio.to_thread(self.registry.get, name)
+            return await self._record(name)
         except (AdapterNotFound, RegistryError):
             raise APIError(404, f"adapter {name!r} does not exist", "adapter_not_found") from None
 
