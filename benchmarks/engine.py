@@ -9,6 +9,18 @@ side by side on the same (noisy) machine. Thread settings are fixed and reported
 Modes: cold (adapter, CoLD), greedy (adapter, plain LoRA greedy), base_greedy (no adapter),
 naive_two_model_cold (transformers expert with the merged adapter + a separate transformers
 base, each with its own KV cache, batched), hf_generate_greedy (transformers `generate`).
+With cold in the modes, greedy also runs at 2B for every batch B (`--no-pair-greedy` skips it).
+
+Per cold-ray run: `prefill_s` is the time until every request has its first token (chunked
+prefill spreads the prompts over steps, mixed with early decodes), `step_ms` the median step
+that decodes every request and prefills nothing, `gflop_s` that step's 2 x params touched x
+rows per second (`benchmarks/roofline.py` says what is counted; a CoLD amateur row's head is
+the K candidate tokens the restricted step really computed, measured). Each round also
+measures the machine in a child of its own: the best one-thread fp32 GEMM (packed oneDNN and
+`torch.mm`) and the memory-read bandwidth. The JSON then has, besides one record per
+(mode, batch): `ratios` (CoLD at B ÷ greedy at B and at 2B rows, vs naive, vs transformers),
+`machine` (peak, bandwidth, each mode's fraction of the peak, the batch-1 steps against the
+bandwidth floor) and `settings` (with the load average at start and end).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import time
 from pathlib import Path
 
 MODES = ("cold", "greedy", "base_greedy", "naive_two_model_cold", "hf_generate_greedy")
+ENGINE_MODES = ("cold", "greedy", "base_greedy")  # cold-ray's own engine
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
 
 
@@ -39,16 +52,20 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_cold_ray(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: str) -> dict:
+def run_cold_ray(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: str,
+                 model: str | None = None) -> dict:  # fmt: skip
+    """Time to all first tokens (chunked prefill spreads it over steps, mixed with the first
+    decodes) and the median pure-decode step after it, with the step's arithmetic."""
     import torch
 
+    from cold_ray.benchmarks import roofline
     from cold_ray.config import EngineConfig
     from cold_ray.engine import ColdParams, EngineCore, SamplingParams
 
     rows = 2 * batch if mode == "cold" else batch
-    core = EngineCore(
-        EngineConfig(max_rows=max(rows, 2), max_model_len=prompt_len + new_tokens + 1, max_loras=1)
-    )
+    config = EngineConfig(model=model, max_rows=max(rows, 2),
+                          max_model_len=prompt_len + new_tokens + 1, max_loras=1)  # fmt: skip
+    core = EngineCore(config)
     name = None if mode == "base_greedy" else "adapter"
     if name:
         core.register_adapter(name, adapter)
@@ -56,39 +73,85 @@ def run_cold_ray(mode: str, batch: int, prompt_len: int, new_tokens: int, adapte
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     cold = ColdParams(0.1, 0.5) if mode == "cold" else None
     prompts = _prompts(core.tokenizer, batch, prompt_len)
-    core.generate(
-        prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), name, cold
-    )  # warm
+    warm = list(reversed(prompts[0]))[:16]  # shares no prefix block with the measured prompts
+    core.generate([warm], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), name,
+                  cold)  # fmt: skip
+    candidates = _count_candidates(core)
+    hits_before = _prefix_hits(core)
     reqs = [core.make_request(p, params, name, cold) for p in prompts]
     start = time.perf_counter()
     for r in reqs:
         core.add(r)
-    step_times = []
+    step_times, step_candidates = [], []
     with torch.inference_mode():
-        core.step()  # prefills + first decode
+        while not all(r.output_ids for r in reqs):  # prefill chunks, mixed with early decodes
+            core.step()
         prefill_s = time.perf_counter() - start
         while core.has_work():
+            # Requests that got their first token late finish late, so the last steps run
+            # fewer rows: only steps that decode every request and prefill nothing count.
+            prefilled, calls = core.stats["prefill_tokens"], len(candidates)
+            full = len(core.running) == batch
             t0 = time.perf_counter()
             core.step()
-            step_times.append(time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            if full and core.stats["prefill_tokens"] == prefilled:
+                step_times.append(elapsed)
+                step_candidates += candidates[calls:]
     wall = time.perf_counter() - start
+    if not step_times:
+        raise RuntimeError(f"no step decoded all {batch} requests at once: raise --new-tokens "
+                           f"above the steps prefill takes")  # fmt: skip
+    step_s = statistics.median(step_times)
+    counts = roofline.model_params(core.args, config.max_lora_rank)
+    k = statistics.mean(step_candidates) if step_candidates else None
+    flops = roofline.decode_step_flops(counts, mode, batch, k)
+    context = prompt_len + new_tokens / 2
     return {
         "wall_s": wall,
         "prefill_s": prefill_s,
-        "step_ms": statistics.median(step_times) * 1e3,
+        "step_ms": step_s * 1e3,
+        "decode_steps": len(step_times),
+        "rows": rows,
+        "gflop_per_step": flops / 1e9,
+        "gflop_s": flops / step_s / 1e9,
+        "attention_gflop_per_step": roofline.attention_flops(core.args, rows, context) / 1e9,
+        "amateur_candidates": k,
+        "weight_bytes": roofline.weight_bytes(counts, lora=mode != "base_greedy"),
+        "prefix_hit_tokens": _prefix_hits(core) - hits_before,
         "lora_backend": core.backend.name,
     }
 
 
-def run_transformers(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: str) -> dict:
+def _count_candidates(core) -> list[int]:
+    """Record K (candidate columns per amateur row) of every restricted CoLD step: the amateur
+    head's real size. Wraps the backend's method on this one engine object."""
+    seen: list[int] = []
+    inner = core.backend.contrastive_restricted
+
+    def counted(*args, **kwargs):
+        step = inner(*args, **kwargs)
+        seen.append(int(step.ids.shape[1]) if step.ids is not None else 0)
+        return step
+
+    core.backend.contrastive_restricted = counted
+    return seen
+
+
+def _prefix_hits(core) -> int:
+    return core.prefix_cache.stats["hit_tokens"] if core.prefix_cache is not None else 0
+
+
+def run_transformers(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: str,
+                     model: str | None = None) -> dict:  # fmt: skip
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cold_ray.kernels import reference
-    from cold_ray.model.loader import default_model_path
+    from cold_ray.model.loader import resolve_model_path
 
     torch.set_num_threads(1)
-    path = str(default_model_path())
+    path = str(resolve_model_path(model))
     tok = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     x = torch.tensor(_prompts(tok, batch, prompt_len))
@@ -121,30 +184,22 @@ def run_transformers(mode: str, batch: int, prompt_len: int, new_tokens: int, ad
     return {"wall_s": wall, "step_ms": statistics.median(step_times) * 1e3}
 
 
-def measure_bandwidth_floor() -> dict:
-    """Weight bytes of the default model ÷ measured memory read bandwidth."""
-    import torch
+def measure_machine() -> dict:
+    """The GEMM peak and memory bandwidth, measured in a child like every mode."""
+    from cold_ray.benchmarks import roofline
 
-    from cold_ray.model.loader import default_model_path
-
-    torch.set_num_threads(1)
-    buf = torch.ones(256 * 1024 * 1024 // 4)  # 256 MiB, far larger than the caches
-    best = min(_timed(lambda: buf.sum()) for _ in range(5))
-    bandwidth = buf.numel() * 4 / best
-    weight_bytes = (default_model_path() / "model.safetensors").stat().st_size
-    return {"bandwidth_gib_s": bandwidth / 2**30, "weight_bytes": weight_bytes,
-            "floor_step_ms": weight_bytes / bandwidth * 1e3}  # fmt: skip
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    gemm = roofline.measure_gemm_peak()
+    return {"peak_gflop_s": gemm["peak_gflop_s"], "gemm": gemm["shapes"],
+            "bandwidth_gib_s": roofline.measure_bandwidth() / 2**30}  # fmt: skip
 
 
 def child(args: argparse.Namespace) -> None:
-    runner = run_cold_ray if args.mode in ("cold", "greedy", "base_greedy") else run_transformers
-    rec = runner(args.mode, args.batch, args.prompt_len, args.new_tokens, args.adapter)
+    if args.mode == "machine":
+        print(json.dumps({"mode": "machine", **measure_machine()}))
+        return
+    runner = run_cold_ray if args.mode in ENGINE_MODES else run_transformers
+    rec = runner(args.mode, args.batch, args.prompt_len, args.new_tokens, args.adapter,
+                 args.model)  # fmt: skip
     rec.update(mode=args.mode, batch=args.batch, peak_rss_bytes=_peak_rss(),
                tokens_per_s=args.batch * args.new_tokens / rec["wall_s"])  # fmt: skip
     print(json.dumps(rec))
@@ -173,16 +228,43 @@ def default_adapter(tmp: str) -> str:
     return tmp
 
 
+SUMMED = ("tokens_per_s", "step_ms", "peak_rss_bytes", "wall_s", "prefill_s", "gflop_s")
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """Median over rounds per (mode, batch), plus side-by-side ratios per round."""
+    """Median over rounds per (mode, batch)."""
     out = []
     keys = sorted({(r["mode"], r["batch"]) for r in records}, key=lambda k: (k[1], k[0]))
     for mode, batch in keys:
         rs = [r for r in records if (r["mode"], r["batch"]) == (mode, batch)]
-        med = {k: statistics.median(r[k] for r in rs)
-               for k in ("tokens_per_s", "step_ms", "peak_rss_bytes", "wall_s")}  # fmt: skip
-        out.append({"mode": mode, "batch": batch, "rounds": len(rs), **med,
-                    **({"lora_backend": rs[0]["lora_backend"]} if "lora_backend" in rs[0] else {})})  # fmt: skip
+        med = {k: statistics.median(r[k] for r in rs) for k in SUMMED if k in rs[0]}
+        same = {k: rs[0][k] for k in ("lora_backend", "rows", "gflop_per_step",
+                                      "attention_gflop_per_step", "weight_bytes") if k in rs[0]}  # fmt: skip
+        if rs[0].get("amateur_candidates") is not None:
+            same["amateur_candidates"] = statistics.median(r["amateur_candidates"] for r in rs)
+        out.append({"mode": mode, "batch": batch, "rounds": len(rs), **med, **same})
+    return out
+
+
+def machine_summary(machines: list[dict], summary: list[dict]) -> dict:
+    """Peak and bandwidth (median over rounds), each cold-ray mode's GFLOP/s against the
+    peak, and the batch-1 decode steps against the memory-bandwidth floor."""
+    peak = statistics.median(m["peak_gflop_s"] for m in machines)
+    bandwidth = statistics.median(m["bandwidth_gib_s"] for m in machines) * 2**30
+    out = {"peak_gflop_s": peak, "bandwidth_gib_s": bandwidth / 2**30,
+           "gemm_shapes_by_round": [m["gemm"] for m in machines]}  # fmt: skip
+    out["efficiency"] = [
+        {"mode": r["mode"], "batch": r["batch"], "gflop_s": r["gflop_s"],
+         "fraction_of_peak": r["gflop_s"] / peak}
+        for r in summary if "gflop_s" in r
+    ]  # fmt: skip
+    floor = []
+    for r in summary:
+        if r["batch"] == 1 and "weight_bytes" in r and r["mode"] in ("base_greedy", "greedy"):
+            floor_ms = r["weight_bytes"] / bandwidth * 1e3
+            floor.append({"mode": r["mode"], "step_ms": r["step_ms"], "floor_step_ms": floor_ms,
+                          "fraction_of_floor_speed": floor_ms / r["step_ms"], "goal": 0.7})  # fmt: skip
+    out["bandwidth_floor"] = floor
     return out
 
 
@@ -194,6 +276,11 @@ def ratios(summary: list[dict]) -> list[dict]:
         row = {"batch": batch}
         if get("cold") and get("greedy"):
             row["cold_step_over_greedy"] = get("cold")["step_ms"] / get("greedy")["step_ms"]
+        if get("cold") and get("greedy", 2 * batch):  # the same rows: B pairs vs 2B plain rows
+            row["cold_step_over_greedy_2b_rows"] = (
+                get("cold")["step_ms"] / get("greedy", 2 * batch)["step_ms"]
+            )
+            row["cold_step_over_greedy_2b_rows_goal"] = 0.9
         if get("cold") and get("naive_two_model_cold"):
             naive = get("naive_two_model_cold")
             row["cold_speedup_over_naive"] = get("cold")["tokens_per_s"] / naive["tokens_per_s"]
@@ -201,41 +288,82 @@ def ratios(summary: list[dict]) -> list[dict]:
         if get("base_greedy") and get("hf_generate_greedy"):
             hf = get("hf_generate_greedy")
             row["greedy_speedup_over_hf"] = get("base_greedy")["tokens_per_s"] / hf["tokens_per_s"]
-        out.append(row)
+        if len(row) > 1:
+            out.append(row)
     return out
 
 
-def plot(summary: list[dict], path: str) -> None:
+def runs(modes: list[str], batches: list[int], pair_greedy: bool) -> list[tuple[str, int]]:
+    """(mode, batch) runs of one round; CoLD at B brings greedy at 2B rows for its ratio."""
+    out = [(m, b) for b in batches for m in modes]
+    if pair_greedy and "cold" in modes:
+        out += [("greedy", 2 * b) for b in batches if ("greedy", 2 * b) not in out]
+    return out
+
+
+def plot(summary: list[dict], machine: dict | None, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     for mode in MODES:
         pts = sorted((r["batch"], r["tokens_per_s"]) for r in summary if r["mode"] == mode)
         if pts:
             ax.plot(*zip(*pts), marker="o", label=mode)
-    ax.set_xlabel("concurrent requests")
-    ax.set_ylabel("generated tokens / s")
-    ax.set_xscale("log", base=2)
-    ax.legend()
-    ax.grid(alpha=0.3)
+        pts = sorted((r["rows"], r["gflop_s"]) for r in summary
+                     if r["mode"] == mode and "gflop_s" in r)  # fmt: skip
+        if pts:
+            ax2.plot(*zip(*pts), marker="o", label=mode)
+    ax.set(xlabel="concurrent requests", ylabel="generated tokens / s (prefill included)")
+    ax2.set(xlabel="rows in the decode step", ylabel="effective GFLOP/s (2 x params x rows)")
+    if machine:
+        ax2.axhline(machine["peak_gflop_s"], color="black", lw=1, ls="--",
+                    label=f"measured GEMM peak {machine['peak_gflop_s']:.0f}")  # fmt: skip
+    for a in (ax, ax2):
+        a.set_xscale("log", base=2)
+        a.legend(fontsize=7)
+        a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _run_child(kind: str, batch: int, args, adapter: str) -> dict:
+    cmd = [sys.executable, "-m", "cold_ray.benchmarks.engine", "--child", "--mode", kind,
+           "--batch", str(batch), "--adapter", adapter, "--prompt-len", str(args.prompt_len),
+           "--new-tokens", str(args.new_tokens)] + (["--model", args.model] if args.model else [])  # fmt: skip
+    res = subprocess.run(cmd, env={**os.environ, **THREAD_ENV}, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{kind} B={batch} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cold-ray bench engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--batches", default="1,4,8,16")
+    p.add_argument("--batches", type=_positive_ints, default=[1, 4, 8, 16])
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--adapter", help="PEFT adapter (default: demo adapter, else random r16)")
+    p.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--no-pair-greedy", action="store_true",
+                   help="skip the greedy runs at 2B rows that CoLD at B is compared with")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the records as one JSON list")
-    p.add_argument("--plot", help="write a PNG of tokens/s vs batch")
+    p.add_argument("--plot", help="write a PNG of tokens/s and GFLOP/s vs batch")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -245,43 +373,44 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
-    if unknown:
+    if unknown or not modes:
         p.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
-    batches = [int(b) for b in args.batches.split(",")]
-    records = []
+    for name in ("prompt_len", "new_tokens", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from cold_ray.loadtest.runner import machine
+
+    plan = runs(modes, args.batches, not args.no_pair_greedy)
+    records, machines, host = [], [], machine()
     with tempfile.TemporaryDirectory() as tmp:
         adapter = args.adapter or default_adapter(tmp)
-        env = {**os.environ, **THREAD_ENV}
         for rnd in range(args.rounds):
-            for batch in batches:
-                order = modes if rnd % 2 == 0 else modes[::-1]
-                for mode in order:
-                    cmd = [sys.executable, "-m", "cold_ray.benchmarks.engine", "--child",
-                           "--mode", mode, "--batch", str(batch), "--adapter", adapter,
-                           "--prompt-len", str(args.prompt_len),
-                           "--new-tokens", str(args.new_tokens)]  # fmt: skip
-                    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                    if res.returncode != 0:
-                        print(res.stderr[-2000:], file=sys.stderr)
-                        return 1
-                    rec = json.loads(res.stdout.strip().splitlines()[-1])
-                    rec["round"] = rnd
-                    records.append(rec)
-                    print(f"# {mode} B={batch}: {rec['tokens_per_s']:.1f} tok/s, "
-                          f"{rec['step_ms']:.1f} ms/step", file=sys.stderr)  # fmt: skip
+            order = [("machine", 0)] + plan
+            for kind, batch in order if rnd % 2 == 0 else order[::-1]:
+                try:
+                    rec = _run_child(kind, batch, args, adapter)
+                except RuntimeError as e:
+                    print(e, file=sys.stderr)
+                    return 1
+                rec["round"] = rnd
+                if kind == "machine":
+                    machines.append(rec)
+                    print(f"# machine: GEMM peak {rec['peak_gflop_s']:.1f} GFLOP/s, "
+                          f"{rec['bandwidth_gib_s']:.1f} GiB/s", file=sys.stderr)  # fmt: skip
+                    continue
+                records.append(rec)
+                print(f"# {kind} B={batch}: {rec['tokens_per_s']:.1f} tok/s, "
+                      f"{rec['step_ms']:.1f} ms/step", file=sys.stderr)  # fmt: skip
     summary = summarize(records)
-    floor = measure_bandwidth_floor()
-    b1 = next((r for r in summary if r["mode"] == "base_greedy" and r["batch"] == 1), None)
-    if b1:
-        floor["base_greedy_b1_step_ms"] = b1["step_ms"]
-        floor["fraction_of_floor_speed"] = floor["floor_step_ms"] / b1["step_ms"]
+    mach = machine_summary(machines, summary)
     result = summary + [{"mode": "ratios", "rows": ratios(summary)},
-                        {"mode": "bandwidth_floor", **floor},
+                        {"mode": "machine", **mach},
                         {"mode": "settings", "threads": THREAD_ENV,
                          "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                         "adapter": adapter}]  # fmt: skip
+                         "rounds": args.rounds, "adapter": adapter, "model": args.model,
+                         "host_at_start": host, "host_at_end": machine()}]  # fmt: skip
     if args.plot:
-        plot(summary, args.plot)
+        plot(summary, mach, args.plot)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

@@ -20,7 +20,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from cold_ray.loadtest.stats import THRESHOLDS, check_thresholds
+from cold_ray.loadtest.stats import PROMPT_MODES, THRESHOLDS, check_thresholds
 from cold_ray.workloads import MIX_KINDS
 
 DEFAULT_DEPLOYMENT = "deployments/cold.yaml"
@@ -34,6 +34,16 @@ def _int_list(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from e
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def add_target_args(p: argparse.ArgumentParser) -> None:
@@ -62,7 +72,14 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta", type=float, default=0.5)
     g.add_argument("--chat-fraction", type=float, default=0.5)
     g.add_argument("--stream-fraction", type=float, default=0.5)
-    g.add_argument("--prompt-tokens", default="uniform:48:160")
+    g.add_argument("--prompt-tokens", default="uniform:48:160",
+                   help="prompt length distribution (--prompt-mode random)")  # fmt: skip
+    g.add_argument("--prompt-mode", choices=PROMPT_MODES, default="random",
+                   help="random: prompts of --prompt-tokens; fewshot: one shared few-shot "
+                        "prefix + a different question; system: chat with one shared system "
+                        "prompt (the prefix cache's workloads)")  # fmt: skip
+    g.add_argument("--shots", type=_non_negative, default=8,
+                   help="worked examples in the fewshot prefix")  # fmt: skip
     g.add_argument("--max-tokens", default="fixed:64")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--think-time", type=float, default=0.0)

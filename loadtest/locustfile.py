@@ -5,6 +5,10 @@ Each simulated user sends one request after another (closed loop; `--think-time`
 on an adapter drawn from the shared workload generator (`cold_ray.workloads.adapter_mix`), with
 prompt and output lengths drawn from `--prompt-tokens` / `--max-tokens` distributions
 (`fixed:N`, `uniform:LO:HI`, `normal:MEAN:STD`, `lognormal:MEDIAN:SIGMA`, `choice:A,B`).
+`--prompt-mode fewshot` sends prompts that share one few-shot prefix (`--shots` worked
+examples, then a different question each), `--prompt-mode system` chat requests that share one
+long system prompt: the mixes a prefix cache is for (`cold-ray bench prefix` measures the same
+prompts in-process).
 
 Besides Locust's request time it reports two custom metrics through request events:
 `TTFT` (time to the first streamed token) and `ITL` (each gap between streamed chunks). With
@@ -30,7 +34,7 @@ import time
 import requests
 from locust import User, constant_throughput, events, task
 
-from cold_ray.loadtest.stats import LengthDist, make_prompt
+from cold_ray.loadtest.stats import PROMPT_MODES, LengthDist, request_prompt
 from cold_ray.workloads import MIX_KINDS, adapter_mix
 
 
@@ -47,7 +51,12 @@ def _options(parser):
     g.add_argument("--beta", type=float, default=0.5)
     g.add_argument("--chat-fraction", type=float, default=0.5)
     g.add_argument("--stream-fraction", type=float, default=0.5)
-    g.add_argument("--prompt-tokens", default="uniform:48:160")
+    g.add_argument("--prompt-tokens", default="uniform:48:160",
+                   help="prompt length (--prompt-mode random only)")  # fmt: skip
+    g.add_argument("--prompt-mode", choices=PROMPT_MODES, default="random",
+                   help="random lengths; fewshot = one shared few-shot prefix; system = chat "
+                        "with one shared system prompt")  # fmt: skip
+    g.add_argument("--shots", type=int, default=8, help="worked examples (--prompt-mode fewshot)")
     g.add_argument("--max-tokens", default="fixed:64")
     g.add_argument("--ignore-eos", action="store_true",
                    help="send ignore_eos (vLLM extension) so every request generates max_tokens")  # fmt: skip
@@ -131,15 +140,12 @@ class LLMUser(User):
             decoding = "base"
         else:
             decoding = "cold" if rng.random() < opts.cold_fraction else "plain"
-        chat = rng.random() < opts.chat_fraction
+        chat = rng.random() < opts.chat_fraction or opts.prompt_mode == "system"
         stream = rng.random() < opts.stream_fraction
-        prompt = make_prompt(rng, self.prompt_len.sample(rng))
+        length = self.prompt_len.sample(rng) if opts.prompt_mode == "random" else 0
+        prompt = request_prompt(opts.prompt_mode, rng, length, chat, opts.shots)
         body: dict = {"model": model, "max_tokens": self.max_tokens.sample(rng),
-                      "temperature": 0.0, "stream": stream}  # fmt: skip
-        if chat:
-            body["messages"] = [{"role": "user", "content": prompt}]
-        else:
-            body["prompt"] = prompt
+                      "temperature": 0.0, "stream": stream, **prompt}  # fmt: skip
         if stream:
             body["stream_options"] = {"include_usage": True}
         if decoding == "cold":

@@ -33,6 +33,8 @@ class Workload:
     chat_fraction: float = 0.5
     stream_fraction: float = 0.5
     prompt_tokens: str = "uniform:48:160"
+    prompt_mode: str = "random"  # random | fewshot | system (shared prefixes)
+    shots: int = 8
     max_tokens: str = "fixed:64"
     ignore_eos: bool = False
     think_time: float = 0.0

@@ -108,6 +108,34 @@ def make_prompt(rng: random.Random, target_tokens: int) -> str:
     return "".join(examples) + question
 
 
+PROMPT_MODES = ("random", "fewshot", "system")
+
+
+def request_prompt(mode: str, rng: random.Random, target_tokens: int, chat: bool,
+                   shots: int = 8) -> dict:  # fmt: skip
+    """The prompt part of a request body: `{"prompt": str}` or `{"messages": [...]}`.
+
+    `random`: `make_prompt` of about `target_tokens`; `fewshot`: one shared prefix of `shots`
+    worked examples + a question drawn from the demo task's test split; a chat request carries
+    either as its user turn. `system`: always chat — one shared long system prompt and a drawn
+    question as the user turn. The shared modes build what `cold-ray bench prefix` measures
+    (`cold_ray.workloads`), so a prefix cache sees the same reuse in both.
+    """
+    from cold_ray import workloads
+
+    if mode == "random":
+        text = make_prompt(rng, target_tokens)
+    elif mode == "fewshot":
+        prefix, question = workloads.fewshot_prefix(shots), rng.choice(workloads.question_pool())
+        text = workloads.shared_prefix_request("fewshot", question, prefix)["prompt"]
+    elif mode == "system":
+        question = rng.choice(workloads.question_pool())
+        return workloads.shared_prefix_request("chat", question, workloads.SYSTEM_PROMPT)
+    else:
+        raise ValueError(f"unknown prompt mode {mode!r}; expected one of {PROMPT_MODES}")
+    return {"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text}
+
+
 # ---- summary --------------------------------------------------------------------------------
 
 

@@ -181,6 +181,7 @@ class _Stub(BaseHTTPRequestHandler):
     """Just enough of the OpenAI API: /health, /v1/models, completions + chat, SSE streams."""
 
     protocol_version = "HTTP/1.1"
+    bodies: list[dict] = []  # every request body received, in order
 
     def log_message(self, *args):
         pass
@@ -203,6 +204,7 @@ class _Stub(BaseHTTPRequestHandler):
 
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.bodies.append(req)
         n, chat = req["max_tokens"], "messages" in req
         assert req["model"] in ("a0", "a1", "a2") and req["cold"] in (
             False,
@@ -231,6 +233,7 @@ class _Stub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stub_url():
+    _Stub.bodies.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -273,6 +276,38 @@ def test_headless_locust_run_against_stub(stub_url, tmp_path):
                      "fixed:4", "--max-p95-ttft-ms", "0.0001")  # fmt: skip
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "THRESHOLD MISSED: p95 time to first token" in proc.stderr
+
+
+def test_shared_prefix_prompt_modes(stub_url, tmp_path):
+    """fewshot: every prompt (or chat user turn) is the one few-shot prefix + a question of
+    the test split; system: every request is chat with the one system prompt."""
+    from cold_ray.workloads import SYSTEM_PROMPT, fewshot_prefix, question_pool
+
+    prefix, pool = fewshot_prefix(3), set(question_pool())
+    proc = _loadtest("--host", stub_url, "--users", "2", "--duration", "4s", "--out",
+                     str(tmp_path / "fewshot"), "--prompt-mode", "fewshot", "--shots", "3",
+                     "--max-tokens", "fixed:2", "--mix", "uniform", "--locust-nice", "0")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    texts = [b["prompt"] if "prompt" in b else b["messages"][-1]["content"] for b in _Stub.bodies]
+    assert len(texts) > 2 and {"prompt", "messages"} <= {k for b in _Stub.bodies for k in b}
+    assert all(t.startswith(prefix) and t.endswith("\nAnswer:") for t in texts)
+    questions = [t[len(prefix) :].removeprefix("Question: ").removesuffix("\nAnswer:")
+                 for t in texts]  # fmt: skip
+    assert set(questions) <= pool and len(set(questions)) > 1
+    assert prefix.count("\n#### ") == 3  # three worked examples
+
+    _Stub.bodies.clear()
+    proc = _loadtest("--host", stub_url, "--users", "2", "--duration", "4s", "--out",
+                     str(tmp_path / "system"), "--prompt-mode", "system", "--chat-fraction",
+                     "0", "--max-tokens", "fixed:2", "--mix", "uniform", "--locust-nice", "0")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(_Stub.bodies) > 2
+    for b in _Stub.bodies:
+        system, user = b["messages"]
+        assert system == {"role": "system", "content": SYSTEM_PROMPT}
+        assert user["role"] == "user" and user["content"] in pool
+    proc = _loadtest("--host", stub_url, "--out", str(tmp_path / "bad"), "--shots", "-1")
+    assert proc.returncode == 2 and "--shots" in proc.stderr
 
 
 # ---- the side-by-side benchmark report ------------------------------------------------------

@@ -1,0 +1,321 @@
+"""The measurement side of the benchmarks, without timing anything: FLOP accounting against the
+model's real tensors, argument validation, the JSON each benchmark reports, that the
+shared-prefix workloads really share a prefix token-wise, and small real runs on the tiny
+model (their numbers are not checked, only what they count)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cold_ray.benchmarks import engine as bench_engine
+from cold_ray.benchmarks import item_latency, itl, prefix, roofline
+from cold_ray.workloads import (
+    PREFIX_KINDS,
+    SYSTEM_PROMPT,
+    fewshot_prefix,
+    question_pool,
+    shared_prefix_requests,
+)
+
+SMOL = Path(os.environ.get("COLD_RAY_CACHE", Path.home() / ".cache" / "cold-ray")) / "models"
+SMOL = SMOL / "SmolLM2-135M-Instruct"
+
+# ---- FLOP and byte accounting -----------------------------------------------------------------
+
+
+def test_param_counts_match_the_models_tensors(tiny_llama):
+    """Linear, LM-head and LoRA-slot counts are those of the tensors a decode row touches."""
+    from cold_ray.model.llama import LlamaModel
+    from cold_ray.model.loader import read_model_args
+
+    args = read_model_args(tiny_llama)
+    model = LlamaModel(args, max_loras=2, max_rank=8, max_len=32)
+    counts = roofline.model_params(args, max_lora_rank=8)
+    linears = model.lora_linears()
+    assert counts["linear"] == sum(m.weight.numel() for m in linears)
+    assert counts["lora_slot"] == sum(m.lora_A[0].numel() + m.lora_B[0].numel() for m in linears)
+    assert counts["lm_head"] == model.lm_weight.numel()
+    assert roofline.weight_bytes(counts) == 4 * (counts["linear"] + counts["lm_head"])
+    assert (
+        roofline.weight_bytes(counts, lora=True)
+        == roofline.weight_bytes(counts) + 4 * counts["lora_slot"]
+    )
+
+
+@pytest.mark.skipif(not (SMOL / "config.json").exists(), reason="SmolLM2 not in the cache")
+def test_smollm2_counts_its_134_5m_parameters():
+    from cold_ray.model.loader import read_model_args
+
+    counts = roofline.model_params(read_model_args(SMOL), max_lora_rank=16)
+    assert counts["linear"] == 30 * (576 * (576 + 2 * 192) + 576 * 576 + 3 * 576 * 1536)
+    assert counts["linear"] + counts["lm_head"] == 134_479_872  # tied embeddings, no norms
+
+
+def test_decode_step_flops_per_mode():
+    c = {"linear": 1000, "lm_head": 500, "lora_slot": 40, "hidden": 10, "vocab": 50}
+    assert roofline.decode_step_flops(c, "base_greedy", 4) == 2 * 4 * 1500
+    assert roofline.decode_step_flops(c, "greedy", 4) == 2 * 4 * 1540
+    # CoLD at 2: two expert rows (base + LoRA + full head), two amateur rows (base + K tokens)
+    want = 2 * (2 * 2 * 1000 + 2 * 40 + 2 * 500 + 2 * 3 * 10)
+    assert roofline.decode_step_flops(c, "cold", 2, candidates=3) == want
+    # rows x K >= V: the restricted step runs the full head instead (as restricted_torch does)
+    full = 2 * (2 * 2 * 1000 + 2 * 40 + 2 * 500 + 2 * 50 * 10)
+    assert roofline.decode_step_flops(c, "cold", 2, candidates=30) == full
+    with pytest.raises(ValueError, match="candidate"):
+        roofline.decode_step_flops(c, "cold", 2)
+    with pytest.raises(ValueError, match="no FLOP count"):
+        roofline.decode_step_flops(c, "hf_generate_greedy", 2)
+
+
+def test_gemm_peak_reports_every_shape_and_the_best():
+    out = roofline.measure_gemm_peak(shapes=((8, 16, 32), (4, 8, 8)), repeats=1)
+    assert [s["shape"] for s in out["shapes"]] == [[8, 16, 32], [4, 8, 8]]
+    best = max(v for s in out["shapes"] for v in (s["mm_gflop_s"], s["packed_gflop_s"]) if v)
+    assert out["peak_gflop_s"] == best > 0
+    assert roofline.measure_bandwidth(mib=1, repeats=1) > 0
+
+
+# ---- bench engine -----------------------------------------------------------------------------
+
+
+def test_engine_plan_pairs_cold_at_b_with_greedy_at_2b():
+    assert bench_engine.runs(["cold", "greedy"], [1, 2], pair_greedy=True) == [
+        ("cold", 1), ("greedy", 1), ("cold", 2), ("greedy", 2), ("greedy", 4)]  # fmt: skip
+    assert ("greedy", 2) in bench_engine.runs(["cold"], [1], True)
+    assert bench_engine.runs(["cold"], [1], False) == [("cold", 1)]
+    assert bench_engine.runs(["greedy"], [1], True) == [("greedy", 1)]
+
+
+def test_engine_ratios_and_machine_summary():
+    def rec(mode, batch, step_ms, **kw):
+        return {"mode": mode, "batch": batch, "step_ms": step_ms, "tokens_per_s": 1.0,
+                "peak_rss_bytes": 1, **kw}  # fmt: skip
+
+    summary = [rec("cold", 1, 30.0, gflop_s=8.0, rows=2), rec("greedy", 1, 20.0, gflop_s=6.0,
+               rows=1, weight_bytes=2 * 2**30), rec("greedy", 2, 40.0, gflop_s=6.0, rows=2),
+               rec("base_greedy", 1, 10.0, gflop_s=5.0, rows=1, weight_bytes=2**30)]  # fmt: skip
+    (row,) = bench_engine.ratios(summary)
+    assert row["cold_step_over_greedy"] == 1.5
+    assert row["cold_step_over_greedy_2b_rows"] == 0.75
+    machines = [{"peak_gflop_s": 40.0, "bandwidth_gib_s": 100.0, "gemm": []},
+                {"peak_gflop_s": 80.0, "bandwidth_gib_s": 200.0, "gemm": []},
+                {"peak_gflop_s": 60.0, "bandwidth_gib_s": 150.0, "gemm": []}]  # fmt: skip
+    m = bench_engine.machine_summary(machines, summary)
+    assert m["peak_gflop_s"] == 60.0 and m["bandwidth_gib_s"] == 150.0  # medians
+    frac = {(e["mode"], e["batch"]): e["fraction_of_peak"] for e in m["efficiency"]}
+    assert frac[("cold", 1)] == pytest.approx(8 / 60)
+    floor = {f["mode"]: f for f in m["bandwidth_floor"]}
+    assert floor["base_greedy"]["floor_step_ms"] == pytest.approx(1000 / 150)
+    assert floor["base_greedy"]["fraction_of_floor_speed"] == pytest.approx(1000 / 150 / 10)
+    assert floor["greedy"]["floor_step_ms"] == pytest.approx(2000 / 150)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--batches", "0"],
+        ["--batches", "1,x"],
+        ["--modes", "fast"],
+        ["--rounds", "0"],
+        ["--new-tokens", "0"],
+    ],  # fmt: skip
+)
+def test_engine_rejects_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench_engine.main(argv)
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["cold", "greedy", "base_greedy"])
+def test_engine_run_counts_a_full_decode_step(tiny_llama, tiny_adapters, mode):
+    rec = bench_engine.run_cold_ray(mode, 2, 8, 6, str(tiny_adapters[0]), str(tiny_llama))
+    rows = 4 if mode == "cold" else 2
+    assert rec["rows"] == rows and rec["decode_steps"] >= 1 and rec["prefix_hit_tokens"] == 0
+    assert 0 < rec["prefill_s"] < rec["wall_s"]
+    from cold_ray.model.loader import read_model_args
+
+    counts = roofline.model_params(read_model_args(tiny_llama), 16)
+    k = rec["amateur_candidates"]
+    assert (k is not None and k >= 1) == (mode == "cold")
+    assert rec["gflop_per_step"] * 1e9 == pytest.approx(
+        roofline.decode_step_flops(counts, mode, 2, k)
+    )
+    assert rec["gflop_s"] == pytest.approx(rec["gflop_per_step"] / rec["step_ms"] * 1e3)
+
+
+# ---- shared-prefix workloads ------------------------------------------------------------------
+
+
+def test_shared_prefix_requests_are_seeded_and_distinct():
+    a, b = shared_prefix_requests("fewshot", 16, seed=0), shared_prefix_requests("fewshot", 16)
+    assert a == b and a != shared_prefix_requests("fewshot", 16, seed=1)
+    prompts = [r["prompt"] for r in a]
+    assert len(set(prompts)) == 16
+    head = fewshot_prefix(8)
+    assert all(p.startswith(head) and p.endswith("\nAnswer:") for p in prompts)
+    assert head.count("\n#### ") == 8 and set(question_pool()).isdisjoint(head.split("\n"))
+    chats = shared_prefix_requests("chat", 4, seed=3)
+    assert all(c["messages"][0] == {"role": "system", "content": SYSTEM_PROMPT} for c in chats)
+    assert len({c["messages"][1]["content"] for c in chats}) == 4
+    for bad in (("fewshot", -1), ("fewshot", 1001), ("poems", 2)):
+        with pytest.raises(ValueError):
+            shared_prefix_requests(*bad)
+
+
+@pytest.mark.skipif(not (SMOL / "config.json").exists(), reason="SmolLM2 not in the cache")
+@pytest.mark.parametrize("kind", PREFIX_KINDS)
+def test_shared_prefix_workloads_share_their_prefix_token_wise(kind):
+    """As the engine sees them (chat template included): every prompt starts with the same
+    long run of tokens, hundreds of prefix-cache blocks' worth, then differs."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(SMOL))
+    ids = [prefix.prompt_ids(tok, body) for body in shared_prefix_requests(kind, 16)]
+    common = len(os.path.commonprefix(ids))
+    shared_text = fewshot_prefix(8) if kind == "fewshot" else SYSTEM_PROMPT
+    assert common >= len(tok.encode(shared_text, add_special_tokens=False)) - 1
+    assert common >= (600 if kind == "fewshot" else 350)
+    assert all(len(x) >= common + 10 for x in ids)  # each goes on with its own question
+    assert len({tuple(x[common:]) for x in ids}) == 16
+
+
+def test_prefix_compare_ratios_goals_and_exactness():
+    def run(workload, decoding, cache, p50, tps, digest="d"):
+        return {"workload": workload, "decoding": decoding, "cache": cache,
+                "ttft_ms": {"p50": p50, "p95": 2 * p50}, "tokens_per_s": tps,
+                "prefix_hit_rate": 0.9 if cache else None,
+                "prompt_tokens_computed_fraction": 0.1 if cache else 1.0,
+                "tokens_digest": digest}  # fmt: skip
+
+    rows = prefix.compare([run("chat", "cold", True, 20.0, 30.0), run("chat", "cold", False, 100.0, 10.0),
+                           run("fewshot", "plain", True, 50.0, 12.0, "x"),
+                           run("fewshot", "plain", False, 100.0, 10.0)])  # fmt: skip
+    chat, few = rows
+    assert chat["ttft_p50_on_over_off"] == 0.2 and chat["tokens_per_s_on_over_off"] == 3.0
+    assert all(chat["goals"].values()) and chat["same_tokens_on_and_off"]
+    assert not any(few["goals"].values()) and not few["same_tokens_on_and_off"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--users", "0"],
+        ["--workloads", "poems"],
+        ["--decodings", "cold,fast"],
+        ["--adapter", "/nonexistent"],
+        ["--users", "600", "--requests-per-user", "2"],
+        ["--shots", "-1"],
+    ],  # fmt: skip
+)
+def test_prefix_rejects_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit):
+        prefix.parse_args(argv)
+    assert "error" in capsys.readouterr().err
+
+
+def test_prefix_settings_alternate_cache_order(tmp_path):
+    args = prefix.parse_args(["--rounds", "2", "--workloads", "chat", "--decodings", "cold"])
+    first, second = prefix.settings(args)
+    assert [s["cache"] for s in first] == [True, False]
+    assert [s["cache"] for s in second] == [False, True]
+
+
+def test_prefix_run_hits_the_cache_and_keeps_the_tokens(tiny_llama, tiny_adapters):
+    """One user, two requests back to back: the second reuses the first's prefix blocks; with
+    the cache off nothing is reused; both give the same tokens."""
+    base = {"users": 1, "requests_per_user": 2, "interval_ms": 0.0, "new_tokens": 3,
+            "shots": 0, "max_prefill_tokens": 64, "prefix_cache_mib": 4, "seed": 0,
+            "adapter": str(tiny_adapters[0]), "model": str(tiny_llama),
+            "workload": "fewshot", "decoding": "cold"}  # fmt: skip
+    on = prefix.run_setting({**base, "cache": True})
+    off = prefix.run_setting({**base, "cache": False})
+    assert on["requests"] == off["requests"] == 2
+    assert on["generated_tokens"] == off["generated_tokens"] == 6
+    assert on["prefix_hit_rate"] > 0 and on["prefix_cache"]["hit_tokens"] % 16 == 0
+    assert off["prefix_hit_rate"] is None and off["prompt_tokens_computed_fraction"] == 1.0
+    assert (
+        on["prompt_tokens_computed"] == 2 * on["prompt_tokens"] - on["prefix_cache"]["hit_tokens"]
+    )
+    assert on["tokens_digest"] == off["tokens_digest"]
+
+
+# ---- bench itl --------------------------------------------------------------------------------
+
+
+def test_itl_arguments_and_order(capsys):
+    with pytest.raises(SystemExit):
+        itl.parse_args(["--stream-tokens", "40", "--arrive-at", "16", "--arrive-every", "24",
+                        "--long-prompts", "2"])  # fmt: skip
+    assert "raise it above 40" in capsys.readouterr().err
+    for bad in (["--budgets", "0"], ["--budgets", "a"], ["--streams", "0"]):
+        with pytest.raises(SystemExit):
+            itl.parse_args(bad)
+    args = itl.parse_args(["--budgets", "64,1024", "--rounds", "2"])
+    assert [s["budget"] for s in itl.settings(args)] == ["none", 64, 1024, 1024, 64, "none"]
+
+
+def test_itl_run_stamps_every_stream_token(tiny_llama, tiny_adapters):
+    from transformers import AutoTokenizer
+
+    s = {"streams": 2, "stream_tokens": 12, "long_prompts": 2, "long_len": 40,
+         "long_new_tokens": 2, "arrive_at": 3, "arrive_every": 4, "decoding": "cold",
+         "adapter": str(tiny_adapters[0]), "model": str(tiny_llama)}  # fmt: skip
+    got = itl.run_setting({**s, "budget": 16})
+    assert got["itl_ms"]["count"] == 2 * (12 - 3)  # the same gaps in every setting
+    assert got["prefill_tokens"] >= 2 * 2 * 40  # both long prompts, both CoLD rows
+    assert got["long_ttft_ms"]["max"] >= got["long_ttft_ms"]["p50"] > 0
+    quiet = itl.run_setting({**s, "budget": "none"})
+    assert quiet["itl_ms"]["count"] == 2 * (12 - 3) and quiet["long_ttft_ms"] is None
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    longs = itl.long_prompts(tok, 3, 40)
+    assert [len(x) for x in longs] == [40] * 3 and len({tuple(x) for x in longs}) == 3
+    rows = itl.compare([{"budget": "none", "itl_ms": {"p50": 2.0, "p99": 4.0, "max": 5.0},
+                         "long_ttft_ms": None},
+                        {"budget": 64, "itl_ms": {"p50": 3.0, "p99": 12.0, "max": 20.0},
+                         "long_ttft_ms": {"p50": 9.0}}])  # fmt: skip
+    assert rows[1]["itl_p50_over_none"] == 1.5 and rows[1]["itl_p99_over_none"] == 3.0
+
+
+# ---- bench item_latency -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--n", "0"],
+        ["--rounds", "3", "--n", "2"],
+        ["--max-rows", "1"],
+        ["--adapter", "/nonexistent"],
+        ["--max-tokens", "0"],
+    ],  # fmt: skip
+)
+def test_item_latency_rejects_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit):
+        item_latency.parse_args(argv)
+    assert "error" in capsys.readouterr().err
+
+
+def test_item_latency_small_run(tiny_llama, tiny_adapters, tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("COLD_RAY_CACHE", str(tmp_path))  # the demo split is written there
+    argv = ["--model", str(tiny_llama), "--adapter", str(tiny_adapters[0]), "--n", "3",
+            "--max-tokens", "4", "--max-model-len", "256", "--batched", "--rounds", "2",
+            "--json", "--plot", str(tmp_path / "il.png")]  # fmt: skip
+    assert item_latency.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    for part in ("alone", "batched"):
+        for mode in ("cold", "greedy"):
+            r = out[part][mode]
+            assert r["items"] == 3 and 1 <= r["completion_tokens_mean"] <= 4
+            assert r["latency_ms_median"] > 0 and 0 <= r["accuracy"] <= 1
+    assert set(out["ratios_cold_over_greedy"]) == {"alone_latency_mean", "alone_latency_median",
+                                                   "alone_ms_per_token", "completion_tokens_mean",
+                                                   "batched_wall_per_item"}  # fmt: skip
+    assert (tmp_path / "il.png").stat().st_size > 0
+    bad = ["--model", str(tiny_llama), "--adapter", str(tiny_adapters[0]), "--data",
+           str(tmp_path / "missing.jsonl")]  # fmt: skip
+    assert item_latency.main(bad) == 2
