@@ -150,3 +150,24 @@ def test_the_amateur_prefix_is_shared_by_every_adapter(smol, tmp_path):
     n = len(smol.tokenizer.encode(prompt))
     block = smol.config.prefix_block_size
     assert smol.prefix_cache.stats["hit_tokens"] - hits == (n - 1) // block * block
+
+
+def test_a_request_reuses_blocks_of_one_still_prefilling(tiny_llama):
+    """Blocks are kept after every chunk, so a request scheduled while another with the same
+    prefix is mid-prompt reuses what that one has computed so far — and decodes the same."""
+    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=4, max_model_len=64,
+                                   max_prefill_tokens=8, prefix_block_size=4))  # fmt: skip
+    shared = [(7 * i) % 250 + 3 for i in range(24)]
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    first = core.make_request(shared + [9, 10], params)
+    core.add(first)
+    core.step()  # 8 of its 26 prompt tokens: 2 blocks kept already
+    second = core.make_request(shared + [11, 12], params)
+    core.add(second)
+    while core.has_work():
+        core.step()
+    # the second is first scheduled in the step that ends the first's prompt (24 tokens in)
+    assert core.prefix_cache.stats["hit_tokens"] == 24
+    alone = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=64,
+                                    prefix_cache_bytes=0))  # fmt: skip
+    assert second.output_ids == alone.generate([shared + [11, 12]], params)[0]["token_ids"]

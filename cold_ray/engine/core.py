@@ -285,8 +285,8 @@ class EngineCore:
             row.length += 1
         for chunk in plan.prefill:
             chunk.row.length += len(chunk.tokens)
-            if chunk.ends_prompt and self.prefix_cache is not None:
-                self._store_prefix(chunk.row)
+            if self.prefix_cache is not None:  # after every chunk: a request starting while
+                self._store_prefix(chunk.row)  # this one still prefills reuses its blocks
         self.stats["prefill_tokens"] += sum(len(c.tokens) for c in plan.prefill)
         return self._select(plan.ready, hidden, out_rows)
 
