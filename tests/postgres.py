@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.pgserver import PASSWORD, PostgresServer, unavailable
+from cold_ray.benchmarks.pgserver import PASSWORD, PostgresServer, unavailable
 
 __all__ = ["PASSWORD", "pg_server", "pg_url"]
 

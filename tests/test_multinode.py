@@ -10,15 +10,16 @@ Both leave no Ray or PostgreSQL process behind.
 """
 
 import shutil
+import time
 import uuid
 
 import psutil
 import pytest
 
-from benchmarks.registry import complete, http_json, node_cluster, pinned, serve_folder
 from cold_ray.adapters.peft import weights_sha256
 from cold_ray.adapters.registry import RegistryError, default_registry_path, open_registry
 from cold_ray.adapters.sources import cache_key
+from cold_ray.benchmarks.registry import complete, http_json, node_cluster, pinned, serve_folder
 from cold_ray.model.loader import read_model_args
 from tests.postgres import PASSWORD, pg_server  # noqa: F401  (fixture)
 from tests.serve_util import wait_for
@@ -33,8 +34,10 @@ def caches(tmp_path, monkeypatch):
     monkeypatch.delenv("COLD_RAY_REGISTRY", raising=False)
     yield paths
     # every Ray process (raylets, workers, Serve) is gone; PostgreSQL is not our child
-    wait_for(lambda: not psutil.Process().children(recursive=True), timeout=30,
-             what="every Ray process to exit")  # fmt: skip
+    deadline = time.monotonic() + 60
+    while (kids := psutil.Process().children(recursive=True)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not kids, f"processes outlived the cluster: {[(k.pid, k.name()) for k in kids]}"
 
 
 def test_sqlite_on_one_node_is_not_seen_elsewhere_and_the_app_refuses_it(
