@@ -32,10 +32,15 @@ def caches(tmp_path, monkeypatch):
     paths = {n: tmp_path / f"cache-{n[-1]}" for n in ("node_a", "node_b", "node_c")}
     monkeypatch.setenv("COLD_RAY_CACHE", str(paths["node_a"]))  # this driver sits on node A
     monkeypatch.delenv("COLD_RAY_REGISTRY", raising=False)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # e.g. mp's tracker
     yield paths
-    # every Ray process (raylets, workers, Serve) is gone; PostgreSQL is not our child
+    # every Ray process the test started (raylets, workers, Serve) is gone; PostgreSQL is not
+    # our child
     deadline = time.monotonic() + 60
-    while (kids := psutil.Process().children(recursive=True)) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        kids = [k for k in psutil.Process().children(recursive=True) if k.pid not in before]
+        if not kids:
+            break
         time.sleep(0.2)
     assert not kids, f"processes outlived the cluster: {[(k.pid, k.name()) for k in kids]}"
 
