@@ -36,9 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from cold_ray.benchmarks.common import THREAD_ENV, positive_ints
+
 MODES = ("cold", "greedy", "base_greedy", "naive_two_model_cold", "hf_generate_greedy")
 ENGINE_MODES = ("cold", "greedy", "base_greedy")  # cold-ray's own engine
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
 
 
 def _prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
@@ -330,16 +331,6 @@ def plot(summary: list[dict], machine: dict | None, path: str) -> None:
     plt.close(fig)
 
 
-def _positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _run_child(kind: str, batch: int, args, adapter: str) -> dict:
     cmd = [sys.executable, "-m", "cold_ray.benchmarks.engine", "--child", "--mode", kind,
            "--batch", str(batch), "--adapter", adapter, "--prompt-len", str(args.prompt_len),
@@ -353,7 +344,7 @@ def _run_child(kind: str, batch: int, args, adapter: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cold-ray bench engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--batches", type=_positive_ints, default=[1, 4, 8, 16])
+    p.add_argument("--batches", type=positive_ints, default=[1, 4, 8, 16])
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)

@@ -21,11 +21,12 @@ can end sooner although each of its steps costs more), accuracy; and the CoLD ÷
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from cold_ray.benchmarks.common import report
 
 MODES = ("cold", "greedy")
 DEMO_ADAPTER = Path(__file__).resolve().parents[1] / "deployments" / "adapters" / "arith-demo"
@@ -211,10 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update(data=args.data, n=len(items), adapter=args.adapter, alpha=args.alpha,
                   beta=args.beta, max_tokens=args.max_tokens or task.max_tokens,
                   host_at_start=host, host_at_end=machine())  # fmt: skip
-    if args.plot:
-        plot(result, args.plot)
-    print(json.dumps(result, indent=None if args.json else 2))
-    return 0
+    return report(result, args.json, lambda path: plot(result, path), args.plot)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from cold_ray.benchmarks.engine import THREAD_ENV
+from cold_ray.benchmarks.common import THREAD_ENV, positive_ints, report, run_child
 from cold_ray.loadtest.stats import percentile
 
 DEMO_ADAPTER = Path(__file__).resolve().parents[1] / "deployments" / "adapters" / "arith-demo"
@@ -158,20 +156,10 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _budgets(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"budgets must be positive integers, got {text!r}")
-    return values
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cold-ray bench itl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--budgets", type=_budgets, default=[64, 256, 1024])
+    p.add_argument("--budgets", type=positive_ints, default=[64, 256, 1024])
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--stream-tokens", type=int, default=160)
     p.add_argument("--long-prompts", type=int, default=4)
@@ -223,13 +211,9 @@ def main(argv: list[str] | None = None) -> int:
 
     host, records = machine(), []
     for s in settings(args):
-        cmd = [sys.executable, "-m", "cold_ray.benchmarks.itl", "--child", json.dumps(s)]
-        res = subprocess.run(cmd, env={**os.environ, **THREAD_ENV}, capture_output=True,
-                             text=True)  # fmt: skip
-        if res.returncode != 0:
-            print(res.stderr[-3000:], file=sys.stderr)
+        rec = run_child("cold_ray.benchmarks.itl", s)
+        if rec is None:
             return 1
-        rec = {**s, **json.loads(res.stdout.strip().splitlines()[-1])}
         records.append(rec)
         print(f"# budget {s['budget']}: ITL p50 {rec['itl_ms']['p50']:.1f} ms, "
               f"p99 {rec['itl_ms']['p99']:.1f} ms", file=sys.stderr)  # fmt: skip
@@ -237,10 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"comparison": rows, "runs": records, "host_at_start": host,
               "host_at_end": machine(), "threads": THREAD_ENV,
               "argv": argv if argv is not None else sys.argv[1:]}  # fmt: skip
-    if args.plot:
-        plot(rows, args.plot)
-    print(json.dumps(result, indent=None if args.json else 2))
-    return 0
+    return report(result, args.json, lambda path: plot(rows, path), args.plot)
 
 
 if __name__ == "__main__":

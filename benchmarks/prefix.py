@@ -25,14 +25,12 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from cold_ray.benchmarks.engine import THREAD_ENV
+from cold_ray.benchmarks.common import THREAD_ENV, report, run_child
 from cold_ray.loadtest.stats import percentile
 from cold_ray.workloads import PREFIX_KINDS
 
@@ -290,13 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     host, records = machine(), []
     for order in settings(args):
         for s in order:
-            cmd = [sys.executable, "-m", "cold_ray.benchmarks.prefix", "--child", json.dumps(s)]
-            res = subprocess.run(cmd, env={**os.environ, **THREAD_ENV}, capture_output=True,
-                                 text=True)  # fmt: skip
-            if res.returncode != 0:
-                print(res.stderr[-3000:], file=sys.stderr)
+            rec = run_child("cold_ray.benchmarks.prefix", s)
+            if rec is None:
                 return 1
-            rec = {**s, **json.loads(res.stdout.strip().splitlines()[-1])}
             records.append(rec)
             print(f"# {s['workload']} {s['decoding']} cache {'on ' if s['cache'] else 'off'}: "
                   f"p50 TTFT {rec['ttft_ms']['p50']:.0f} ms, {rec['tokens_per_s']:.1f} tok/s, "
@@ -305,10 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"comparison": rows, "runs": records, "host_at_start": host,
               "host_at_end": machine(), "threads": THREAD_ENV,
               "argv": argv if argv is not None else sys.argv[1:]}  # fmt: skip
-    if args.plot:
-        plot(rows, args.plot)
-    print(json.dumps(result, indent=None if args.json else 2))
-    return 0
+    return report(result, args.json, lambda path: plot(rows, path), args.plot)
 
 
 if __name__ == "__main__":

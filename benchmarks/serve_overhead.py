@@ -23,10 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from cold_ray.benchmarks.common import THREAD_ENV
+
 DEMO = Path(__file__).resolve().parents[1] / "deployments" / "adapters" / "arith-demo"
 CONFIG_KEYS = ("mode", "concurrency", "max_tokens", "prompt_len", "rounds", "repeat", "model",
                "adapter")  # fmt: skip
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
 
 
 def _prompts(tokenizer, n: int, length: int) -> list[list[int]]:

@@ -27,8 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from cold_ray.benchmarks.common import THREAD_ENV
+
 DEMO = Path(__file__).resolve().parents[1] / "deployments" / "adapters" / "arith-demo"
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
 
 
 def _prompt(i: int, words: int) -> str:

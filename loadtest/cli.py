@@ -20,20 +20,11 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from cold_ray.benchmarks.common import positive_ints
 from cold_ray.loadtest.stats import PROMPT_MODES, THRESHOLDS, check_thresholds
 from cold_ray.workloads import MIX_KINDS
 
 DEFAULT_DEPLOYMENT = "deployments/cold.yaml"
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def _non_negative(text: str) -> int:
@@ -59,7 +50,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--locust-nice", type=int, default=10,
                    help="niceness added to the Locust process (the replica wins contention)")  # fmt: skip
-    p.add_argument("--locust-cpus", type=_int_list, default=[],
+    p.add_argument("--locust-cpus", type=positive_ints, default=[],
                    help="pin Locust to these cores, e.g. 1 (default: no pinning)")  # fmt: skip
 
 
@@ -106,7 +97,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--duration", default="60s", help="Locust -t: 60s, 2m, ...")
     p.add_argument("--stop-timeout", type=float, default=30.0,
                    help="seconds users get to finish their request when the time is up")  # fmt: skip
-    p.add_argument("--sweep", type=_int_list, help="user counts, e.g. 1,2,4,8,16,32")
+    p.add_argument("--sweep", type=positive_ints, help="user counts, e.g. 1,2,4,8,16,32")
     p.add_argument("--sweep-decodings", default="cold,plain")
     for name, (_, kind, what) in THRESHOLDS.items():
         p.add_argument("--" + name.replace("_", "-"), type=float, help=f"{kind} {what}")
