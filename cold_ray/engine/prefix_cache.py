@@ -39,9 +39,10 @@ class PrefixCache:
         per_block = 2 * cache.k.element_size() * layers * kv_heads * block_size * head_dim
         self.capacity = max_bytes // per_block
         self.block_size = block_size
-        # Zero-filled allocations are mapped lazily: memory is used as blocks are written.
-        self.k = torch.zeros((self.capacity, *shape), dtype=cache.k.dtype, device=cache.k.device)
-        self.v = torch.zeros_like(self.k)
+        # Uninitialised on purpose: a block is read only after it was written, and untouched
+        # pages cost no memory, so the pool takes memory as blocks are stored.
+        self.k = torch.empty((self.capacity, *shape), dtype=cache.k.dtype, device=cache.k.device)
+        self.v = torch.empty_like(self.k)
         self.cache = cache
         self.ids: dict[tuple, int] = {}
         self.blocks: dict[int, _Block] = {}
