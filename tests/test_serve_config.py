@@ -302,3 +302,19 @@ def test_sse_stream_shape():
     failed = asyncio.run(collect("completion", [items[0], {"status": 503, "error": {
         "message": "gone", "code": "engine_failed"}}]))  # fmt: skip
     assert json.loads(failed[1][6:])["error"]["type"] == "server_error"
+
+
+def test_engine_knobs_pass_through_with_the_engines_defaults():
+    """The app's defaults are the engine's (one place), and every knob reaches the engine."""
+    from cold_ray.config import EngineConfig
+
+    default = AppArgs().engine_config()
+    for name in ("max_prefill_tokens", "prefix_cache_bytes", "prefix_block_size",
+                 "request_timeout_s", "packed_weights"):  # fmt: skip
+        assert getattr(default, name) == getattr(EngineConfig, name), name
+    set_ = AppArgs(max_prefill_tokens=64, prefix_cache_bytes=0, prefix_block_size=32,
+                   request_timeout_s=None, packed_weights=False).engine_config()  # fmt: skip
+    assert (set_.max_prefill_tokens, set_.prefix_cache_bytes, set_.prefix_block_size,
+            set_.request_timeout_s, set_.packed_weights) == (64, 0, 32, None, False)  # fmt: skip
+    with pytest.raises(ValidationError, match="request_timeout_s"):
+        AppArgs(request_timeout_s=0)

@@ -87,7 +87,26 @@ class AppArgs(BaseModel):
         1024, ge=2, le=1 << 20, description="Prompt + completion tokens per request."
     )
     max_prefill_tokens: int = Field(
-        1024, ge=1, description="Prompt tokens prefilled per engine step (CoLD counts twice)."
+        EngineConfig.max_prefill_tokens, ge=1,
+        description="Prompt tokens prefilled per engine step (CoLD counts twice); longer prompts "
+        "are chunked, so a stream waits at most one chunk's compute for arriving prompts.",
+    )  # fmt: skip
+    prefix_cache_bytes: int = Field(
+        EngineConfig.prefix_cache_bytes, ge=0,
+        description="Memory for prompt-prefix K/V reused across requests (0: off); the "
+        "amateur rows' prefixes are shared by every adapter.",
+    )  # fmt: skip
+    prefix_block_size: int = Field(
+        EngineConfig.prefix_block_size, ge=1, le=1024, description="Tokens per prefix block."
+    )
+    request_timeout_s: float | None = Field(
+        EngineConfig.request_timeout_s, gt=0,
+        description="A request that waits this long without being scheduled fails with a "
+        "timeout (null: never).",
+    )  # fmt: skip
+    packed_weights: bool = Field(
+        EngineConfig.packed_weights,
+        description="CPU: lay base weights out once for oneDNN (false: plain BLAS, debugging).",
     )
     host_cache_bytes: int = Field(
         1 << 30, ge=0, description="Host memory (bytes) for validated adapters kept for fast "
@@ -266,6 +285,10 @@ class AppArgs(BaseModel):
             max_rows=self.max_rows,
             max_model_len=self.max_model_len,
             max_prefill_tokens=self.max_prefill_tokens,
+            prefix_cache_bytes=self.prefix_cache_bytes,
+            prefix_block_size=self.prefix_block_size,
+            request_timeout_s=self.request_timeout_s,
+            packed_weights=self.packed_weights,
             host_cache_bytes=self.host_cache_bytes,
             max_adapter_bytes=self.max_adapter_bytes,
             lora_backend=self.lora_backend,
