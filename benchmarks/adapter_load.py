@@ -72,7 +72,7 @@ def load_latency(core, names: list[str], repeats: int) -> dict:
         core.slots.forget(name)  # not resident, not in the host cache: a cold load
         source = core.adapter_source(name)
         t0 = time.perf_counter()
-        adapter = core._read_adapter(name, source)
+        adapter = core.adapters.read(name, source)
         t1 = time.perf_counter()
         core.slots.install(name, adapter)
         t2 = time.perf_counter()
@@ -114,8 +114,8 @@ def throughput_under_load(core, names: list[str], rows: int, steps: int, rounds:
                 name = loading[k % len(loading)]
                 k += 1
                 core.slots.forget(name)
-                pending = (name, core._loader.submit(core._read_adapter, name,
-                                                     core.adapter_source(name)))  # fmt: skip
+                pending = (name, core.adapters._pool.submit(core.adapters.read, name,
+                                                           core.adapter_source(name)))  # fmt: skip
             core.step()
             times.append(time.perf_counter() - t0)
         if pending is not None:

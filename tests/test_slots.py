@@ -26,13 +26,13 @@ def make_core(model, resolver=None, **kw) -> EngineCore:
     cfg = dict(model=str(model), max_rows=8, max_model_len=64, max_lora_rank=8, max_loras=2)
     core = EngineCore(EngineConfig(**(cfg | kw)), resolver=resolver)
     core.reads = []  # names whose files were read, in order
-    read = core._read_adapter
+    read = core.adapters.read
 
     def counting(name, source):
         core.reads.append(name)
         return read(name, source)
 
-    core._read_adapter = counting
+    core.adapters.read = counting
     return core
 
 
@@ -229,7 +229,7 @@ def test_a_new_adapter_config_is_a_new_version(tmp_path, tiny_llama, tiny_adapte
 def test_host_cache_is_bounded_in_bytes_least_recently_used_first(tiny_llama, tiny_adapters):
     probe = make_core(tiny_llama)
     probe.register_adapter("a0", tiny_adapters[0])
-    size = probe.slots.pack(probe._read_adapter("a0", probe.resolver("a0"))).nbytes
+    size = probe.slots.pack(probe.adapters.read("a0", probe.adapter_source("a0"))).nbytes
     core = make_core(tiny_llama, max_loras=1, host_cache_bytes=2 * size + size // 2)
     for i, a in enumerate(tiny_adapters):
         core.register_adapter(f"a{i}", a)
@@ -255,7 +255,7 @@ def test_host_copies_are_compact_and_install_the_padded_slot_layout(tmp_path, ti
     small = make_peft_adapter(tiny_llama, tmp_path / "small", rank=4, targets=("q_proj", "v_proj"))
     core = make_core(tiny_llama)
     core.register_adapter("small", small)
-    adapter = core._read_adapter("small", core.resolver("small"))
+    adapter = core.adapters.read("small", core.adapter_source("small"))
     args = core.args
     fan_in = args.hidden_size  # q and v read the hidden state; A [4, in], B [out, 4] each
     per_layer = 4 * fan_in * 2 + 4 * (args.num_heads + args.num_kv_heads) * args.head_dim

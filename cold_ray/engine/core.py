@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from cold_ray import device as devices
-from cold_ray.adapters.peft import load_peft_adapter
-from cold_ray.adapters.slots import AdapterSlots, PackedAdapter, background_priority
+from cold_ray.adapters.slots import AdapterSlots
 from cold_ray.adapters.sources import AdapterResolver, AdapterSource
 from cold_ray.config import EngineConfig
 from cold_ray.decoding import ColdParams, SamplingParams, request_cold
 from cold_ray.engine import batch as step_batch
+from cold_ray.engine.adapter_loader import AdapterLoader
 from cold_ray.engine.detok import IncrementalDetokenizer, byte_fallback_ids
 from cold_ray.engine.kv_cache import KVCache, Row
 from cold_ray.engine.prefix_cache import BASE, PrefixCache
@@ -35,7 +34,6 @@ from cold_ray.engine.request import (
     RequestFailed,
     RequestOutput,
     RequestTimeout,
-    UnknownAdapterError,
 )
 from cold_ray.engine.sampling import (
     FAILED,
@@ -97,16 +95,12 @@ class EngineCore:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
-        self._sources: dict[str, AdapterSource] = {}
-        self.resolver = resolver or self._sources.__getitem__
         self.scheduler = Scheduler(config.max_prefill_tokens, config.request_timeout_s)
         self.driven_by_thread = False  # set by AsyncEngine: only its thread may step()
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load",
-                                          initializer=background_priority)  # fmt: skip
-        self._loading: dict[str, tuple[Future, float]] = {}  # name -> (read, started)
         self.stats = {"generated_tokens": 0, "steps": 0, "cold_requests": 0, "plain_requests": 0,
                       "adapter_load_seconds": 0.0, "finished_requests": 0,
                       "failed_requests": 0, "prefill_tokens": 0}  # fmt: skip
+        self.adapters = AdapterLoader(self.args, config, self.slots, resolver, self.stats)
 
     @property
     def waiting(self):
@@ -129,44 +123,19 @@ class EngineCore:
 
     def register_adapter(self, name: str, path: str | Path, cold: ColdParams | None = None):
         """Make an adapter known by name (a script's stand-in for the registry)."""
-        self._sources[name] = AdapterSource(str(path), cold=cold)
-        self.slots.forget(name)
+        self.adapters.register(name, path, cold)
 
     def adapter_source(self, name: str) -> AdapterSource:
-        try:
-            return self.resolver(name)
-        except KeyError as e:
-            raise UnknownAdapterError(f"adapter {name!r} does not exist") from e
+        return self.adapters.source(name)
 
     def default_cold(self, adapter: str | None) -> ColdParams | None:
         """The CoLD knobs for a request on `adapter` that does not set them (the one rule in
         `cold_ray.decoding.request_cold`); None means plain decoding."""
         return request_cold(self.adapter_source(adapter) if adapter is not None else None)
 
-    def _read_adapter(self, name: str, source: AdapterSource) -> PackedAdapter:
-        """Fetch, validate and lay out an adapter; runs in the load thread, off the step loop."""
-        if source.prepare is not None:
-            source.prepare()
-        adapter = load_peft_adapter(
-            source.path,
-            self.args,
-            self.config.max_lora_rank,
-            max_bytes=self.config.max_adapter_bytes,
-            expected_sha256=source.sha256,
-        )
-        return self.slots.pack(adapter)
-
     def load_adapter(self, name: str) -> int:
         """Load an adapter now (blocking) and return its slot; for scripts and tests."""
-        source = self.adapter_source(name)
-        self.slots.current(name, source.sha256)
-        slot = self.slots.lookup(name)
-        if slot is None:
-            t0 = time.perf_counter()
-            adapter = self.slots.cached(name) or self._read_adapter(name, source)
-            slot = self.slots.install(name, adapter)
-            self.stats["adapter_load_seconds"] += time.perf_counter() - t0
-        return slot
+        return self.adapters.load_now(name)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -248,8 +217,14 @@ class EngineCore:
     def _place(self, req: Request, outputs: list[RequestOutput]) -> bool:
         """Give a request its rows — expert (or plain) first, then the amateur — once its
         adapter is resident; False while it is not (a load may have started)."""
-        if req.adapter is not None and not self._ensure_adapter(req, outputs):
-            return False
+        if req.adapter is not None:
+            try:
+                if not self.adapters.ensure(req.adapter):
+                    return False
+            except Exception as e:  # unknown by now, or its files do not load: its requests fail
+                for other in [r for r in self.waiting if r.adapter == req.adapter]:
+                    outputs.append(self._finish(other, "error", e))
+                return False
         adapter_slot = -1
         if req.adapter is not None:
             adapter_slot = self.slots.acquire(req.adapter)
@@ -384,45 +359,6 @@ class EngineCore:
                              prompt_tokens=len(req.prompt_ids),
                              completion_tokens=len(req.output_ids), error=error)  # fmt: skip
 
-    # ---- adapter residency ----------------------------------------------------------------
-
-    def _ensure_adapter(self, req: Request, outputs: list[RequestOutput]) -> bool:
-        """True when req's adapter is resident; otherwise start or finish its load off-thread."""
-        name = req.adapter
-        try:
-            source = self.adapter_source(name)
-        except UnknownAdapterError as e:  # removed from the registry while the request waited
-            outputs.append(self._finish(req, "error", e))
-            return False
-        if not self.slots.current(name, source.sha256):
-            return False  # replaced in the registry; rows still run the old version: wait
-        if self.slots.lookup(name) is not None:
-            return True
-        cached = self.slots.cached(name)
-        if cached is not None:  # in host memory: no file read, just wait for a free slot
-            if not self.slots.has_room():
-                return False
-            self.slots.install(name, cached)
-            return True
-        fut = self._loading.get(name)
-        if fut is None:
-            fut = self._loader.submit(self._read_adapter, name, source)
-            self._loading[name] = (fut, time.perf_counter())
-            return False
-        fut, started = fut
-        if not fut.done() or not self.slots.has_room():
-            return False  # every slot is pinned by running rows: wait, do not fail
-        del self._loading[name]
-        try:
-            adapter = fut.result()
-        except Exception as e:  # a bad adapter fails its own requests only
-            for other in [r for r in self.waiting if r.adapter == name]:
-                outputs.append(self._finish(other, "error", e))
-            return False
-        self.slots.install(name, adapter)
-        self.stats["adapter_load_seconds"] += time.perf_counter() - started
-        return True
-
     # ---- convenience ----------------------------------------------------------------------
 
     def generate(
@@ -491,4 +427,4 @@ class EngineCore:
         return self.cache.usage()
 
     def shutdown(self) -> None:
-        self._loader.shutdown(wait=False, cancel_futures=True)
+        self.adapters.shutdown()
