@@ -1,4 +1,4 @@
-"""Adapter load latency and decode throughput while adapters load (issue 4 goals).
+"""Adapter load latency and decode throughput while adapters load.
 
     cold-ray bench adapter_load [--repeats 10] [--rows 8] [--out adapter_load.json]
     python -m benchmarks.adapter_load ...

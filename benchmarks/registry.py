@@ -1,4 +1,4 @@
-"""The adapter registry's speed on the request path and across nodes (issue 12 goals).
+"""The adapter registry's speed on the request path and across nodes.
 
     cold-ray bench registry [--backend both] [--adapters 1000] [--calls 200000]
                             [--repeats 5] [--registry postgresql://...] [--out registry.json]
