@@ -367,11 +367,13 @@ def test_a_replica_sees_adds_replacements_tunings_and_removals(make_reg, args, t
 
 
 def _lock_postgres_catalog(url: str):
-    """Lock the catalog's tables against every reader and writer; returns the release."""
+    """Lock the catalog's tables against every reader and writer; returns the release. The
+    tables are taken in the registry's own order (generation row first, then adapters), so a
+    watcher's resync running at the same moment waits instead of deadlocking."""
     import psycopg
 
     conn = psycopg.connect(url, password=os.environ["COLD_RAY_REGISTRY_PASSWORD"])
-    conn.execute("LOCK TABLE adapters, registry_meta IN ACCESS EXCLUSIVE MODE")
+    conn.execute("LOCK TABLE registry_meta, adapters IN ACCESS EXCLUSIVE MODE")
     return lambda: (conn.rollback(), conn.close())
 
 
