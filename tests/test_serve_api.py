@@ -466,6 +466,14 @@ HOSTILE = [
         {"messages": [{"role": "root", "content": "x"}]},
         422,
     ),
+    (
+        "chat with tools",
+        "POST",
+        "/v1/chat/completions",
+        CLIENT,
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        400,
+    ),
     ("unknown route", "GET", "/v1/nothing", CLIENT, None, 404),
     ("wrong method", "GET", "/v1/completions", CLIENT, None, 405),
     (

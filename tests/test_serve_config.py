@@ -1,5 +1,6 @@
 """Serve configs, argument validation, body parsing and startup registration — no Ray needed."""
 
+import json
 import re
 from pathlib import Path
 
@@ -116,6 +117,28 @@ def test_bodies_that_parse():
     )
     assert chat.limit() == 7
     assert chat.chat() == [{"role": "system", "content": "be"}, {"role": "user", "content": "hi"}]
+
+
+TOOLS = [{"type": "function", "function": {"name": "f"}}]
+
+
+@pytest.mark.parametrize(
+    "extra,refused",
+    [
+        ({"tools": TOOLS}, "tools"),
+        ({"tools": TOOLS, "tool_choice": "auto"}, "tools"),
+        ({"functions": [{"name": "f"}]}, "tools"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format 'json_object'"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "json_schema"),
+        ({"tools": TOOLS, "tool_choice": "none"}, None),
+        ({"tools": [], "tool_choice": "auto", "response_format": {"type": "text"}}, None),
+    ],
+)
+def test_chat_refuses_tools_and_structured_output_rather_than_ignoring_them(extra, refused):
+    body = {"messages": [{"role": "user", "content": "hi"}], **extra}
+    why = ChatCompletionRequest.model_validate_json(json.dumps(body)).unsupported()
+    assert (why is None) if refused is None else (refused in why), why
 
 
 def test_startup_adapters_register_once_and_follow_weight_changes(

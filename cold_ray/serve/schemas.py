@@ -151,8 +151,25 @@ class ChatCompletionRequest(_Common):
         None, ge=1, description="Newer OpenAI name for max_tokens (wins when both are set)."
     )
 
+    # Accepted only at their no-op values: a client that sends tools or asks for JSON output
+    # must not get free text back as if it had been honoured.
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None
+    response_format: dict | None = None
+
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def unsupported(self) -> str | None:
+        if (self.tools or self.functions) and self.tool_choice != "none":
+            return "tools (function calling) are not supported; send no tools or tool_choice none"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice is not supported"
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            return f"response_format {kind!r} is not supported (only 'text')"
+        return super().unsupported()
 
     def chat(self) -> list[dict]:
         # developer is OpenAI's newer name for system; most chat templates know only system
