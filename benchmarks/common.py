@@ -1,5 +1,6 @@
-"""What the benchmarks share: one-thread child processes, their JSON, and the argument type
-for comma-separated counts."""
+"""What the benchmarks share: one-thread child processes and their JSON, the record of the
+machine and command a result came from, the argument type for comma-separated counts, and
+the plotting boilerplate."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterable
 
 # One intra-op thread, no OpenMP spin-waiting: what an engine replica runs with.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
@@ -24,15 +26,47 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
-def run_child(module: str, setting: dict) -> dict | None:
-    """`python -m <module> --child <setting>` in a fresh one-thread process; its last stdout
-    line is its JSON record, merged over `setting`. None (stderr shown) when it fails."""
-    cmd = [sys.executable, "-m", module, "--child", json.dumps(setting)]
-    res = subprocess.run(cmd, env={**os.environ, **THREAD_ENV}, capture_output=True, text=True)
+def run_json(cmd: list[str], what: str, cwd: str | None = None) -> dict:
+    """Run `cmd` with THREAD_ENV added to the environment; its last stdout line is its JSON
+    record. RuntimeError naming `what`, with the end of its stderr, when it fails."""
+    res = subprocess.run(cmd, env={**os.environ, **THREAD_ENV}, capture_output=True, text=True,
+                         cwd=cwd)  # fmt: skip
     if res.returncode != 0:
-        print(res.stderr[-3000:], file=sys.stderr)
+        raise RuntimeError(f"{what} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_child(module: str, setting: dict) -> dict | None:
+    """`python -m <module> --child <setting>` in a fresh one-thread process; its JSON record
+    merged over `setting`. None (the error shown on stderr) when it fails."""
+    cmd = [sys.executable, "-m", module, "--child", json.dumps(setting)]
+    try:
+        return {**setting, **run_json(cmd, module)}
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
         return None
-    return {**setting, **json.loads(res.stdout.strip().splitlines()[-1])}
+
+
+def run_children(module: str, settings: Iterable[dict],
+                 progress: Callable[[dict, dict], str]) -> list[dict] | None:  # fmt: skip
+    """`run_child` for each setting in turn, `progress(setting, record)` on stderr after each;
+    None as soon as one fails."""
+    records = []
+    for s in settings:
+        rec = run_child(module, s)
+        if rec is None:
+            return None
+        records.append(rec)
+        print(progress(s, rec), file=sys.stderr)
+    return records
+
+
+def provenance(host_at_start: dict, argv: list[str] | None) -> dict:
+    """The machine at start and now, the thread settings and the command-line arguments."""
+    from cold_ray.loadtest.runner import machine
+
+    return {"host_at_start": host_at_start, "host_at_end": machine(), "threads": THREAD_ENV,
+            "argv": argv if argv is not None else sys.argv[1:]}  # fmt: skip
 
 
 def report(result: dict, as_json: bool, plot=None, plot_path: str | None = None) -> int:
@@ -41,3 +75,36 @@ def report(result: dict, as_json: bool, plot=None, plot_path: str | None = None)
         plot(plot_path)
     print(json.dumps(result, indent=None if as_json else 2))
     return 0
+
+
+# ---- plots ------------------------------------------------------------------------------------
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: PNG files, no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def grouped_bars(ax, labels: list[str], series: dict[str, list[float]],
+                 colors: dict[str, str] | None = None) -> None:  # fmt: skip
+    """One group of bars per label, one bar per series side by side, with a legend and a light
+    horizontal grid."""
+    width = 0.8 / len(series)
+    for j, (name, values) in enumerate(series.items()):
+        offset = (j - (len(series) - 1) / 2) * width
+        color = {"color": colors[name]} if colors else {}
+        ax.bar([i + offset for i in range(len(labels))], values, width, label=name, **color)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+
+
+def save(fig, path: str, dpi: int = 120) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)

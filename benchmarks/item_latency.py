@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from cold_ray.benchmarks.common import report
+from cold_ray.benchmarks.common import grouped_bars, pyplot, report, save
 
 MODES = ("cold", "greedy")
 DEMO_ADAPTER = Path(__file__).resolve().parents[1] / "deployments" / "adapters" / "arith-demo"
@@ -125,26 +125,15 @@ def ratios(result: dict) -> dict:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = [("alone: mean", "alone", "latency_ms_mean"),
               ("alone: median", "alone", "latency_ms_median")]  # fmt: skip
     if "batched" in result:
         groups.append(("batched: wall / item", "batched", "wall_ms_per_item"))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for j, mode in enumerate(MODES):
-        xs = [i + (j - 0.5) * 0.4 for i in range(len(groups))]
-        ax.bar(xs, [result[g][mode][k] for _, g, k in groups], 0.4, label=mode)
-    ax.set_xticks(range(len(groups)), [g[0] for g in groups])
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    grouped_bars(ax, [g[0] for g in groups],
+                 {mode: [result[g][mode][k] for _, g, k in groups] for mode in MODES})  # fmt: skip
     ax.set_ylabel("latency per item (ms)")
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

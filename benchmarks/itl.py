@@ -25,7 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-from cold_ray.benchmarks.common import THREAD_ENV, positive_ints, report, run_child
+from cold_ray.benchmarks.common import (
+    grouped_bars,
+    positive_ints,
+    provenance,
+    pyplot,
+    report,
+    run_children,
+    save,
+)
 from cold_ray.loadtest.stats import percentile
 
 DEMO_ADAPTER = Path(__file__).resolve().parents[1] / "deployments" / "adapters" / "arith-demo"
@@ -136,24 +144,12 @@ def compare(records: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [str(r["budget"]) for r in rows]
-    x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar([i - 0.2 for i in x], [r["itl_p50_ms"] for r in rows], 0.4, label="p50")
-    ax.bar([i + 0.2 for i in x], [r["itl_p99_ms"] for r in rows], 0.4, label="p99")
-    ax.set_xticks(list(x), labels)
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    grouped_bars(ax, [str(r["budget"]) for r in rows],
+                 {q: [r[f"itl_{q}_ms"] for r in rows] for q in ("p50", "p99")})  # fmt: skip
     ax.set(xlabel="max_prefill_tokens (none: no long prompts arrive)",
            ylabel="inter-token latency of the streams (ms)")  # fmt: skip
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -209,18 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from cold_ray.loadtest.runner import machine
 
-    host, records = machine(), []
-    for s in settings(args):
-        rec = run_child("cold_ray.benchmarks.itl", s)
-        if rec is None:
-            return 1
-        records.append(rec)
-        print(f"# budget {s['budget']}: ITL p50 {rec['itl_ms']['p50']:.1f} ms, "
-              f"p99 {rec['itl_ms']['p99']:.1f} ms", file=sys.stderr)  # fmt: skip
+    host = machine()
+    records = run_children(
+        "cold_ray.benchmarks.itl", settings(args),
+        lambda s, rec: f"# budget {s['budget']}: ITL p50 {rec['itl_ms']['p50']:.1f} ms, "
+                       f"p99 {rec['itl_ms']['p99']:.1f} ms",
+    )  # fmt: skip
+    if records is None:
+        return 1
     rows = compare(records)
-    result = {"comparison": rows, "runs": records, "host_at_start": host,
-              "host_at_end": machine(), "threads": THREAD_ENV,
-              "argv": argv if argv is not None else sys.argv[1:]}  # fmt: skip
+    result = {"comparison": rows, "runs": records, **provenance(host, argv)}
     return report(result, args.json, lambda path: plot(rows, path), args.plot)
 
 

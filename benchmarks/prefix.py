@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from cold_ray.benchmarks.common import THREAD_ENV, report, run_child
+from cold_ray.benchmarks.common import grouped_bars, provenance, pyplot, report, run_children, save
 from cold_ray.loadtest.stats import percentile
 from cold_ray.workloads import PREFIX_KINDS
 
@@ -191,29 +191,17 @@ def compare(records: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in rows if r["cache_on"] and r["cache_off"]]
     labels = [f"{r['workload']}\n{r['decoding']}" for r in rows]
-    x = range(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for ax, key, unit in ((axes[0], "ttft_p50_ms", "p50 time to first token (ms)"),
                           (axes[1], "tokens_per_s", "generated tokens / s")):  # fmt: skip
-        ax.bar([i - 0.2 for i in x], [r["cache_off"][key] for r in rows], 0.4, label="cache off",
-               color="tab:gray")  # fmt: skip
-        ax.bar([i + 0.2 for i in x], [r["cache_on"][key] for r in rows], 0.4, label="cache on",
-               color="tab:green")  # fmt: skip
-        ax.set_xticks(list(x), labels)
+        grouped_bars(ax, labels, {"cache off": [r["cache_off"][key] for r in rows],
+                                  "cache on": [r["cache_on"][key] for r in rows]},
+                     colors={"cache off": "tab:gray", "cache on": "tab:green"})  # fmt: skip
         ax.set_ylabel(unit)
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend()
     fig.suptitle("shared-prefix workloads: prefix cache on vs off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -285,20 +273,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from cold_ray.loadtest.runner import machine
 
-    host, records = machine(), []
-    for order in settings(args):
-        for s in order:
-            rec = run_child("cold_ray.benchmarks.prefix", s)
-            if rec is None:
-                return 1
-            records.append(rec)
-            print(f"# {s['workload']} {s['decoding']} cache {'on ' if s['cache'] else 'off'}: "
-                  f"p50 TTFT {rec['ttft_ms']['p50']:.0f} ms, {rec['tokens_per_s']:.1f} tok/s, "
-                  f"hit rate {rec['prefix_hit_rate'] or 0:.2f}", file=sys.stderr)  # fmt: skip
+    host = machine()
+    records = run_children(
+        "cold_ray.benchmarks.prefix", [s for order in settings(args) for s in order],
+        lambda s, rec: f"# {s['workload']} {s['decoding']} cache {'on ' if s['cache'] else 'off'}: "
+                       f"p50 TTFT {rec['ttft_ms']['p50']:.0f} ms, {rec['tokens_per_s']:.1f} tok/s, "
+                       f"hit rate {rec['prefix_hit_rate'] or 0:.2f}",
+    )  # fmt: skip
+    if records is None:
+        return 1
     rows = compare(records)
-    result = {"comparison": rows, "runs": records, "host_at_start": host,
-              "host_at_end": machine(), "threads": THREAD_ENV,
-              "argv": argv if argv is not None else sys.argv[1:]}  # fmt: skip
+    result = {"comparison": rows, "runs": records, **provenance(host, argv)}
     return report(result, args.json, lambda path: plot(rows, path), args.plot)
 
 
