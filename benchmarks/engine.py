@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from cold_ray.benchmarks.common import THREAD_ENV, positive_ints
+from cold_ray.benchmarks.common import THREAD_ENV, positive_ints, pyplot, run_json, save
 
 MODES = ("cold", "greedy", "base_greedy", "naive_two_model_cold", "hf_generate_greedy")
 ENGINE_MODES = ("cold", "greedy", "base_greedy")  # cold-ray's own engine
@@ -303,12 +301,7 @@ def runs(modes: list[str], batches: list[int], pair_greedy: bool) -> list[tuple[
 
 
 def plot(summary: list[dict], machine: dict | None, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (ax, ax2) = pyplot().subplots(1, 2, figsize=(12, 4))
     for mode in MODES:
         pts = sorted((r["batch"], r["tokens_per_s"]) for r in summary if r["mode"] == mode)
         if pts:
@@ -326,19 +319,14 @@ def plot(summary: list[dict], machine: dict | None, path: str) -> None:
         a.set_xscale("log", base=2)
         a.legend(fontsize=7)
         a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _run_child(kind: str, batch: int, args, adapter: str) -> dict:
     cmd = [sys.executable, "-m", "cold_ray.benchmarks.engine", "--child", "--mode", kind,
            "--batch", str(batch), "--adapter", adapter, "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens)] + (["--model", args.model] if args.model else [])  # fmt: skip
-    res = subprocess.run(cmd, env={**os.environ, **THREAD_ENV}, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{kind} B={batch} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_json(cmd, f"{kind} B={batch}")
 
 
 def main(argv: list[str] | None = None) -> int:

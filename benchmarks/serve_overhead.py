@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from cold_ray.benchmarks.common import THREAD_ENV
+from cold_ray.benchmarks.common import THREAD_ENV, run_json
 
 DEMO = Path(__file__).resolve().parents[1] / "deployments" / "adapters" / "arith-demo"
 CONFIG_KEYS = ("mode", "concurrency", "max_tokens", "prompt_len", "rounds", "repeat", "model",
@@ -152,10 +150,7 @@ def _child(side: str, a) -> dict:
            "--concurrency", str(a.concurrency), "--max-tokens", str(a.max_tokens),
            "--prompt-len", str(a.prompt_len), "--mode", a.mode, "--adapter", a.adapter,
            "--max-lora-rank", str(a.max_lora_rank), "--repeat", str(a.repeat)] + (["--model", a.model] if a.model else [])  # fmt: skip
-    out = subprocess.run(cmd, env={**os.environ, **THREAD_ENV}, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{side} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(cmd, side)
 
 
 def main(argv: list[str] | None = None) -> int:
