@@ -20,14 +20,13 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from cold_ray.benchmarks.common import THREAD_ENV
+# No cold_ray import at module level: with --baseline-python this file runs as a script under
+# another installation's cold_ray, which may predate any module the parent side uses.
 
 DEMO = Path(__file__).resolve().parents[1] / "deployments" / "adapters" / "arith-demo"
 
@@ -117,23 +116,23 @@ def _run(a) -> dict:
 
 
 def _child(python: str, a) -> dict:
+    from cold_ray.benchmarks.common import run_json
+
     cmd = [python, str(Path(__file__).resolve()), "--side", "run", "--concurrency",
            str(a.concurrency), "--max-tokens", str(a.max_tokens), "--kind", a.kind,
            "--prompt-words", str(a.prompt_words), "--repeat", str(a.repeat), "--adapter",
            a.adapter] + (["--model", a.model] if a.model else [])  # fmt: skip
     # cwd elsewhere: Ray puts the driver's working directory on its workers' sys.path, which
     # would let a checkout there shadow the cold_ray installed for `python`
-    out = subprocess.run(cmd, env={**os.environ, **THREAD_ENV}, capture_output=True, text=True,
-                         cwd=tempfile.gettempdir())  # fmt: skip
-    if out.returncode != 0:
-        raise RuntimeError(f"{python} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(cmd, python, cwd=tempfile.gettempdir())
 
 
 def _percentiles(xs: list[float]) -> dict:
-    q = statistics.quantiles(xs, n=100, method="inclusive")
-    return {"n": len(xs), "ttft_p50_ms": round(1000 * statistics.median(xs), 1),
-            "ttft_p90_ms": round(1000 * q[89], 1), "ttft_p99_ms": round(1000 * q[98], 1),
+    from cold_ray.loadtest.stats import percentile
+
+    return {"n": len(xs), "ttft_p50_ms": round(1000 * percentile(xs, 50), 1),
+            "ttft_p90_ms": round(1000 * percentile(xs, 90), 1),
+            "ttft_p99_ms": round(1000 * percentile(xs, 99), 1),
             "ttft_max_ms": round(1000 * max(xs), 1)}  # fmt: skip
 
 
@@ -156,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.side == "run":
         print(json.dumps(_run(a)))
         return 0
+    from cold_ray.benchmarks.common import THREAD_ENV
+
     sides = {"current": sys.executable}
     if a.baseline_python:
         sides = {"baseline": a.baseline_python, **sides}
