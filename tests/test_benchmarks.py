@@ -113,22 +113,6 @@ def test_engine_ratios_and_machine_summary():
     assert floor["greedy"]["floor_step_ms"] == pytest.approx(2000 / 150)
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--batches", "0"],
-        ["--batches", "1,x"],
-        ["--modes", "fast"],
-        ["--rounds", "0"],
-        ["--new-tokens", "0"],
-    ],  # fmt: skip
-)
-def test_engine_rejects_bad_arguments(argv, capsys):
-    with pytest.raises(SystemExit):
-        bench_engine.main(argv)
-    assert "error" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("mode", ["cold", "greedy", "base_greedy"])
 def test_engine_run_counts_a_full_decode_step(tiny_llama, tiny_adapters, mode):
     rec = bench_engine.run_cold_ray(mode, 2, 8, 6, str(tiny_adapters[0]), str(tiny_llama))
@@ -144,6 +128,46 @@ def test_engine_run_counts_a_full_decode_step(tiny_llama, tiny_adapters, mode):
         roofline.decode_step_flops(counts, mode, 2, k)
     )
     assert rec["gflop_s"] == pytest.approx(rec["gflop_per_step"] / rec["step_ms"] * 1e3)
+
+
+# ---- argument validation ----------------------------------------------------------------------
+
+BAD_ARGUMENTS = [  # (benchmark, argv, what the usage error must name)
+    ("engine", ["--batches", "0"], "--batches"),
+    ("engine", ["--batches", "1,x"], "--batches"),
+    ("engine", ["--modes", "fast"], "fast"),
+    ("engine", ["--rounds", "0"], "--rounds"),
+    ("engine", ["--new-tokens", "0"], "--new-tokens"),
+    ("prefix", ["--users", "0"], "--users"),
+    ("prefix", ["--workloads", "poems"], "poems"),
+    ("prefix", ["--decodings", "cold,fast"], "fast"),
+    ("prefix", ["--adapter", "/nonexistent"], "/nonexistent"),
+    ("prefix", ["--users", "600", "--requests-per-user", "2"], "at most 1000 requests"),
+    ("prefix", ["--shots", "-1"], "--shots"),
+    ("itl", ["--budgets", "0"], "--budgets"),
+    ("itl", ["--budgets", "a"], "--budgets"),
+    ("itl", ["--streams", "0"], "--streams"),
+    ("item_latency", ["--n", "0"], "--n"),
+    ("item_latency", ["--rounds", "3", "--n", "2"], "--rounds 3 exceeds --n 2"),
+    ("item_latency", ["--max-rows", "1"], "--max-rows"),
+    ("item_latency", ["--adapter", "/nonexistent"], "/nonexistent"),
+    ("item_latency", ["--max-tokens", "0"], "--max-tokens"),
+]
+
+
+@pytest.mark.parametrize(
+    "bench,argv,named", BAD_ARGUMENTS, ids=[f"{b[0]} {' '.join(b[1])}" for b in BAD_ARGUMENTS]
+)
+def test_bad_arguments_are_usage_errors_naming_the_problem(bench, argv, named, capsys):
+    """Refused before anything runs (engine parses in main, which would otherwise start
+    benchmark children), with argparse's usage error saying which value was wrong."""
+    parse = {"engine": bench_engine.main, "prefix": prefix.parse_args, "itl": itl.parse_args,
+             "item_latency": item_latency.parse_args}[bench]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and named in err.split("error:", 1)[1], err  # not just the usage line
 
 
 # ---- shared-prefix workloads ------------------------------------------------------------------
@@ -199,24 +223,7 @@ def test_prefix_compare_ratios_goals_and_exactness():
     assert not any(few["goals"].values()) and not few["same_tokens_on_and_off"]
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--users", "0"],
-        ["--workloads", "poems"],
-        ["--decodings", "cold,fast"],
-        ["--adapter", "/nonexistent"],
-        ["--users", "600", "--requests-per-user", "2"],
-        ["--shots", "-1"],
-    ],  # fmt: skip
-)
-def test_prefix_rejects_bad_arguments(argv, capsys):
-    with pytest.raises(SystemExit):
-        prefix.parse_args(argv)
-    assert "error" in capsys.readouterr().err
-
-
-def test_prefix_settings_alternate_cache_order(tmp_path):
+def test_prefix_settings_alternate_cache_order():
     args = prefix.parse_args(["--rounds", "2", "--workloads", "chat", "--decodings", "cold"])
     first, second = prefix.settings(args)
     assert [s["cache"] for s in first] == [True, False]
@@ -250,9 +257,6 @@ def test_itl_arguments_and_order(capsys):
         itl.parse_args(["--stream-tokens", "40", "--arrive-at", "16", "--arrive-every", "24",
                         "--long-prompts", "2"])  # fmt: skip
     assert "raise it above 40" in capsys.readouterr().err
-    for bad in (["--budgets", "0"], ["--budgets", "a"], ["--streams", "0"]):
-        with pytest.raises(SystemExit):
-            itl.parse_args(bad)
     args = itl.parse_args(["--budgets", "64,1024", "--rounds", "2"])
     assert [s["budget"] for s in itl.settings(args)] == ["none", 64, 1024, 1024, 64, "none"]
 
@@ -280,22 +284,6 @@ def test_itl_run_stamps_every_stream_token(tiny_llama, tiny_adapters):
 
 
 # ---- bench item_latency -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--n", "0"],
-        ["--rounds", "3", "--n", "2"],
-        ["--max-rows", "1"],
-        ["--adapter", "/nonexistent"],
-        ["--max-tokens", "0"],
-    ],  # fmt: skip
-)
-def test_item_latency_rejects_bad_arguments(argv, capsys):
-    with pytest.raises(SystemExit):
-        item_latency.parse_args(argv)
-    assert "error" in capsys.readouterr().err
 
 
 def test_item_latency_small_run(tiny_llama, tiny_adapters, tmp_path, monkeypatch, capsys):
