@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+
+from cold_ray.benchmarks.common import positive_ints
 
 SMOLLM2 = {"hidden": 576, "intermediate": 1536, "heads": 9, "kv_heads": 3, "head_dim": 64,
            "layers": 30}  # fmt: skip
@@ -78,17 +81,19 @@ def peak_gflops(size: int = 1024, repeats: int = 5) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cold-ray bench gemm", description=__doc__)
-    p.add_argument("--rows", default="1,2,4,8,16,32,64,256")
+    p.add_argument("--rows", type=positive_ints, default=[1, 2, 4, 8, 16, 32, 64, 256])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    for name in ("threads", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     import torch
 
     torch.set_num_threads(args.threads)
-    rows = [int(r) for r in args.rows.split(",")]
     result = {"threads": args.threads, "peak_gflops": peak_gflops(), "shapes": "SmolLM2-135M",
-              "results": measure(rows, args.repeats),
+              "results": measure(args.rows, args.repeats),
               "load_average": os.getloadavg()}  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
@@ -98,3 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print("  ".join([f"rows {r['rows']:4d}"] + [f"{k[:-7]} {v:6.1f}" for k, v in r.items()
                                                         if k.endswith("_gflops")]))  # fmt: skip
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cold_ray.benchmarks import engine as bench_engine
-from cold_ray.benchmarks import item_latency, itl, prefix, roofline
+from cold_ray.benchmarks import gemm, item_latency, itl, prefix, roofline
 from cold_ray.workloads import (
     PREFIX_KINDS,
     SYSTEM_PROMPT,
@@ -152,6 +152,9 @@ BAD_ARGUMENTS = [  # (benchmark, argv, what the usage error must name)
     ("item_latency", ["--max-rows", "1"], "--max-rows"),
     ("item_latency", ["--adapter", "/nonexistent"], "/nonexistent"),
     ("item_latency", ["--max-tokens", "0"], "--max-tokens"),
+    ("gemm", ["--rows", "1,x"], "--rows"),
+    ("gemm", ["--rows", "0"], "--rows"),
+    ("gemm", ["--repeats", "0"], "--repeats"),
 ]
 
 
@@ -162,7 +165,7 @@ def test_bad_arguments_are_usage_errors_naming_the_problem(bench, argv, named, c
     """Refused before anything runs (engine parses in main, which would otherwise start
     benchmark children), with argparse's usage error saying which value was wrong."""
     parse = {"engine": bench_engine.main, "prefix": prefix.parse_args, "itl": itl.parse_args,
-             "item_latency": item_latency.parse_args}[bench]  # fmt: skip
+             "item_latency": item_latency.parse_args, "gemm": gemm.main}[bench]  # fmt: skip
     with pytest.raises(SystemExit) as e:
         parse(argv)
     assert e.value.code == 2
