@@ -249,8 +249,9 @@ def _loadtest(*argv):
 
 
 def test_headless_locust_run_against_stub(stub_url, tmp_path):
+    # 6 s: Locust runs niced, and on a loaded machine a 3 s run once finished no request at all
     out = tmp_path / "run"
-    proc = _loadtest("--host", stub_url, "--users", "3", "--duration", "3s", "--out", str(out),
+    proc = _loadtest("--host", stub_url, "--users", "3", "--duration", "6s", "--out", str(out),
                      "--max-tokens", "uniform:4:12", "--mix", "uniform", "--max-failure-rate",
                      "0", "--locust-nice", "5")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
