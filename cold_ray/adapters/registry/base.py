@@ -1,10 +1,10 @@
 """The registry's contract: what a catalog entry is and what every backend does with it.
 
 A backend (SQLite on one machine, PostgreSQL for a cluster) supplies a few primitives — read
-one entry, read all with the catalog's *generation*, and three writes that each bump the
-generation in the same transaction. Everything else lives here, once: validation before an
-adapter is listed, local copies of remote sources, and the in-memory *snapshot* that serves
-the request path.
+one entry, read all with the catalog's *generation*, three writes that each bump the
+generation in the same transaction, and its dialect's first table. Everything else lives here,
+once: schema migrations, validation before an adapter is listed, local copies of remote
+sources, and the in-memory *snapshot* that serves the request path.
 
 The snapshot: `resolver()` answers from a dict held in memory (one lookup, never a database
 call), so an engine's step thread cannot stall on the catalog. A watcher thread keeps it
@@ -152,6 +152,14 @@ def config_checksums(rows: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
+# Schema steps after the first read the same in every SQL dialect; the first (the table, in
+# the backend's column types) is each backend's `create_table`.
+ADDED_COLUMNS = {
+    2: "ALTER TABLE adapters ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'",
+    3: "ALTER TABLE adapters ADD COLUMN config_sha256 TEXT NOT NULL DEFAULT ''",
+}
+
+
 @dataclass(frozen=True)
 class Snapshot:
     generation: int
@@ -165,6 +173,8 @@ class AdapterRegistry:
     backend = ""
     is_local = True  # the catalog lives on this machine only (a cluster cannot share it)
     target = ""  # where the catalog is, for messages (never carries a password)
+    create_table = ""  # schema 1's CREATE TABLE adapters, in the backend's column types
+    mark = "?"  # the driver's query parameter placeholder
 
     def __init__(
         self,
@@ -214,6 +224,44 @@ class AdapterRegistry:
 
     def _close_backend(self) -> None:
         pass
+
+    def _schema_tx(self):
+        """A context manager: a write transaction that holds the catalog's migration lock (one
+        migrator at a time) and has created `registry_meta`; it yields the connection."""
+        raise NotImplementedError
+
+    def _stored_version(self, db) -> int:
+        row = db.execute("SELECT value FROM registry_meta WHERE key = 'schema_version'").fetchone()
+        return 0 if row is None else row[0]
+
+    # ---- schema ---------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        """Create the tables, or bring an older catalog up to SCHEMA_VERSION, in one
+        transaction; refuse a catalog written by a newer cold-ray."""
+        mark = self.mark
+        with self._schema_tx() as db:
+            version = self._stored_version(db)
+            if version > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"registry {self.target} has schema version {version}; this cold-ray reads "
+                    f"up to {SCHEMA_VERSION}: upgrade cold-ray"
+                )
+            steps = {1: self.create_table, **ADDED_COLUMNS}
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                db.execute(steps[v])
+                if v == 3:
+                    rows = db.execute("SELECT name, path FROM adapters").fetchall()
+                    db.cursor().executemany(
+                        f"UPDATE adapters SET config_sha256 = {mark} WHERE name = {mark}",
+                        config_checksums(rows),
+                    )
+            db.execute(
+                f"INSERT INTO registry_meta VALUES ('schema_version', {mark}) "
+                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                (SCHEMA_VERSION,),
+            )
+            db.execute("INSERT INTO registry_meta VALUES ('generation', 0) ON CONFLICT DO NOTHING")
 
     # ---- catalog --------------------------------------------------------------------------
 

@@ -23,36 +23,14 @@ from pathlib import Path
 
 from cold_ray.adapters.registry.base import (
     COLUMNS,
-    SCHEMA_VERSION,
     AdapterRecord,
     AdapterRegistry,
     RegistryError,
-    config_checksums,
 )
 from cold_ray.adapters.sources import DEFAULT_SCHEMES
 
 CHANNEL = "cold_ray_registry"
 _MIGRATION_LOCK = 0x636F6C64  # pg_advisory_xact_lock key: one migrator at a time
-MIGRATIONS: dict[int, list[str]] = {  # the same steps as the SQLite catalog's
-    1: [
-        """CREATE TABLE adapters (
-            name TEXT PRIMARY KEY,
-            source TEXT NOT NULL,
-            path TEXT NOT NULL,
-            base_model TEXT NOT NULL,
-            rank INTEGER NOT NULL,
-            target_modules TEXT NOT NULL,
-            nbytes BIGINT NOT NULL,
-            sha256 TEXT NOT NULL,
-            alpha DOUBLE PRECISION,
-            beta DOUBLE PRECISION,
-            cold_enabled BOOLEAN NOT NULL DEFAULT TRUE,
-            created_at DOUBLE PRECISION NOT NULL
-        )"""
-    ],
-    2: ["ALTER TABLE adapters ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'"],
-    3: ["ALTER TABLE adapters ADD COLUMN config_sha256 TEXT NOT NULL DEFAULT ''"],
-}
 _META = "CREATE TABLE IF NOT EXISTS registry_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)"
 _GENERATION = "SELECT value FROM registry_meta WHERE key = 'generation'"
 
@@ -64,6 +42,21 @@ class _NoChange(Exception):
 class PostgresRegistry(AdapterRegistry):
     backend = "postgresql"
     is_local = False
+    create_table = """CREATE TABLE adapters (
+        name TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        path TEXT NOT NULL,
+        base_model TEXT NOT NULL,
+        rank INTEGER NOT NULL,
+        target_modules TEXT NOT NULL,
+        nbytes BIGINT NOT NULL,
+        sha256 TEXT NOT NULL,
+        alpha DOUBLE PRECISION,
+        beta DOUBLE PRECISION,
+        cold_enabled BOOLEAN NOT NULL DEFAULT TRUE,
+        created_at DOUBLE PRECISION NOT NULL
+    )"""
+    mark = "%s"
 
     def __init__(
         self,
@@ -138,35 +131,12 @@ class PostgresRegistry(AdapterRegistry):
 
     # ---- schema ---------------------------------------------------------------------------
 
-    def _migrate(self) -> None:
+    @contextmanager
+    def _schema_tx(self):
         with self._connect() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             conn.execute(_META)
-            row = conn.execute(
-                "SELECT value FROM registry_meta WHERE key = 'schema_version'"
-            ).fetchone()
-            version = row[0] if row else 0
-            if version > SCHEMA_VERSION:
-                raise RegistryError(
-                    f"registry {self.target} has schema version {version}; this cold-ray reads "
-                    f"up to {SCHEMA_VERSION}: upgrade cold-ray"
-                )
-            for v in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[v]:
-                    conn.execute(statement)
-                if v == 3:
-                    rows = conn.execute("SELECT name, path FROM adapters").fetchall()
-                    with conn.cursor() as cur:
-                        cur.executemany("UPDATE adapters SET config_sha256 = %s WHERE name = %s",
-                                        config_checksums(rows))  # fmt: skip
-            conn.execute(
-                "INSERT INTO registry_meta VALUES ('schema_version', %s) "
-                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                (SCHEMA_VERSION,),
-            )
-            conn.execute(
-                "INSERT INTO registry_meta VALUES ('generation', 0) ON CONFLICT DO NOTHING"
-            )
+            yield conn
 
     # ---- primitives -----------------------------------------------------------------------
 

@@ -18,34 +18,11 @@ from pathlib import Path
 
 from cold_ray.adapters.registry.base import (
     COLUMNS,
-    SCHEMA_VERSION,
     AdapterRecord,
     AdapterRegistry,
     RegistryError,
-    config_checksums,
 )
 from cold_ray.adapters.sources import DEFAULT_SCHEMES
-
-MIGRATIONS: dict[int, list[str]] = {
-    1: [
-        """CREATE TABLE adapters (
-            name TEXT PRIMARY KEY,
-            source TEXT NOT NULL,
-            path TEXT NOT NULL,
-            base_model TEXT NOT NULL,
-            rank INTEGER NOT NULL,
-            target_modules TEXT NOT NULL,  -- JSON list
-            nbytes INTEGER NOT NULL,
-            sha256 TEXT NOT NULL,
-            alpha REAL,
-            beta REAL,
-            cold_enabled INTEGER NOT NULL DEFAULT 1,
-            created_at REAL NOT NULL
-        )"""
-    ],
-    2: ["ALTER TABLE adapters ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'"],
-    3: ["ALTER TABLE adapters ADD COLUMN config_sha256 TEXT NOT NULL DEFAULT ''"],
-}
 
 
 class _NoChange(Exception):
@@ -58,6 +35,20 @@ _META = "CREATE TABLE IF NOT EXISTS registry_meta (key TEXT PRIMARY KEY, value I
 class SQLiteRegistry(AdapterRegistry):
     backend = "sqlite"
     is_local = True
+    create_table = """CREATE TABLE adapters (
+        name TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        path TEXT NOT NULL,
+        base_model TEXT NOT NULL,
+        rank INTEGER NOT NULL,
+        target_modules TEXT NOT NULL,  -- JSON list
+        nbytes INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        alpha REAL,
+        beta REAL,
+        cold_enabled INTEGER NOT NULL DEFAULT 1,
+        created_at REAL NOT NULL
+    )"""
 
     def __init__(
         self,
@@ -134,33 +125,18 @@ class SQLiteRegistry(AdapterRegistry):
 
     # ---- schema ---------------------------------------------------------------------------
 
-    def _version(self, db: sqlite3.Connection) -> int:
-        row = db.execute("SELECT value FROM registry_meta WHERE key = 'schema_version'").fetchone()
-        if row is not None:
-            return row[0]
-        # a catalog written before versions were recorded: tell its version by its columns
-        columns = {r["name"] for r in db.execute("PRAGMA table_info(adapters)")}
-        return 0 if not columns else 2 if "warnings" in columns else 1
-
-    def _migrate(self) -> None:
-        with self._tx(write=True) as db:
+    @contextmanager
+    def _schema_tx(self):
+        with self._tx(write=True) as db:  # IMMEDIATE: the file's write lock
             db.execute(_META)
-            version = self._version(db)
-            if version > SCHEMA_VERSION:
-                raise RegistryError(
-                    f"registry {self.path} has schema version {version}; this cold-ray reads up "
-                    f"to {SCHEMA_VERSION}: upgrade cold-ray"
-                )
-            for v in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[v]:
-                    db.execute(statement)
-                if v == 3:
-                    rows = db.execute("SELECT name, path FROM adapters").fetchall()
-                    db.executemany("UPDATE adapters SET config_sha256 = ? WHERE name = ?",
-                                   config_checksums((r[0], r[1]) for r in rows))  # fmt: skip
-            db.execute("INSERT OR REPLACE INTO registry_meta VALUES ('schema_version', ?)",
-                       (SCHEMA_VERSION,))  # fmt: skip
-            db.execute("INSERT OR IGNORE INTO registry_meta VALUES ('generation', 0)")
+            yield db
+
+    def _stored_version(self, db: sqlite3.Connection) -> int:
+        version = super()._stored_version(db)
+        if version == 0:  # none recorded: a catalog from before versions, told by its columns
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(adapters)")}
+            version = 0 if not columns else 2 if "warnings" in columns else 1
+        return version
 
     # ---- primitives -----------------------------------------------------------------------
 
