@@ -171,7 +171,6 @@ class AdapterRegistry:
     """The catalog, whatever stores it. Open one with `open_registry(...)`."""
 
     backend = ""
-    is_local = True  # the catalog lives on this machine only (a cluster cannot share it)
     target = ""  # where the catalog is, for messages (never carries a password)
     create_table = ""  # schema 1's CREATE TABLE adapters, in the backend's column types
     mark = "?"  # the driver's query parameter placeholder
@@ -218,7 +217,7 @@ class AdapterRegistry:
         raise NotImplementedError
 
     def _watch(self) -> None:
-        """Run in the watcher thread until `self._stop` is set: call `_refresh()` whenever the
+        """Run in the watcher thread until `self._stop` is set: call `refresh()` whenever the
         generation may have moved."""
         raise NotImplementedError
 
@@ -425,16 +424,9 @@ class AdapterRegistry:
                              cold=record.cold, cold_enabled=record.cold_enabled,
                              prepare=prepare)  # fmt: skip
 
-    def source(self, name: str) -> AdapterSource:
-        """What an engine needs to load `name`, read from the catalog now; raises
-        AdapterNotFound (a KeyError)."""
-        try:
-            return self._source_of(self.get(name))
-        except RegistryError as e:
-            raise AdapterNotFound(f"adapter {name!r} does not exist") from e
-
-    def _refresh(self) -> bool:
-        """Reload the snapshot if the catalog's generation moved; True if it did."""
+    def refresh(self) -> bool:
+        """Reload the snapshot now if the catalog's generation moved (a database read: never
+        call it on an engine's step thread); True if it did."""
         with self._reload_lock:
             generation, records = self._read_all()
             old = self._snapshot
@@ -448,20 +440,15 @@ class AdapterRegistry:
             self._sweep_blobs(old.records.values(), records)
         return True
 
-    def refresh(self) -> bool:
-        """Reload the snapshot now if the catalog moved (a database read: never call it on an
-        engine's step thread); True if it did."""
-        return self._refresh()
-
     def _after_write(self) -> None:
         if self._snapshot is not None:  # read your own writes
-            self._refresh()
+            self.refresh()
 
     def snapshot(self) -> Snapshot:
         """The in-memory catalog, loaded (and its watcher started) on first use."""
         with self._start_lock:
             if self._snapshot is None:
-                self._refresh()
+                self.refresh()
             if self._watcher is None and not self._stop.is_set():
                 self._watcher = threading.Thread(target=self._watch_forever, daemon=True,
                                                  name=f"registry-watch-{self.backend}")  # fmt: skip

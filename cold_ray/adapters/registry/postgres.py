@@ -41,7 +41,6 @@ class _NoChange(Exception):
 
 class PostgresRegistry(AdapterRegistry):
     backend = "postgresql"
-    is_local = False
     create_table = """CREATE TABLE adapters (
         name TEXT PRIMARY KEY,
         source TEXT NOT NULL,
@@ -199,7 +198,7 @@ class PostgresRegistry(AdapterRegistry):
     def _watch(self) -> None:
         with self._connect(autocommit=True) as conn:
             conn.execute(f"LISTEN {CHANNEL}")
-            self._refresh()  # after LISTEN: a change from before is in this read
+            self.refresh()  # after LISTEN: a change from before is in this read
             checked = time.monotonic()
             while not self._stop.is_set():
                 newest = None
@@ -207,8 +206,8 @@ class PostgresRegistry(AdapterRegistry):
                     newest = int(note.payload)
                 if newest is not None:
                     if newest > self._snapshot.generation:  # else: already read by a reload
-                        self._refresh()
+                        self.refresh()
                 elif time.monotonic() - checked > self.resync_s:
                     checked = time.monotonic()
                     if conn.execute(_GENERATION).fetchone()[0] != self._snapshot.generation:
-                        self._refresh()
+                        self.refresh()

@@ -34,7 +34,6 @@ _META = "CREATE TABLE IF NOT EXISTS registry_meta (key TEXT PRIMARY KEY, value I
 
 class SQLiteRegistry(AdapterRegistry):
     backend = "sqlite"
-    is_local = True
     create_table = """CREATE TABLE adapters (
         name TEXT PRIMARY KEY,
         source TEXT NOT NULL,
@@ -198,4 +197,4 @@ class SQLiteRegistry(AdapterRegistry):
                 "SELECT value FROM registry_meta WHERE key = 'generation'"
             ).fetchone()
             if generation != self._snapshot.generation:
-                self._refresh()
+                self.refresh()
