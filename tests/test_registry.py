@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cold_ray.adapters.peft import AdapterError, files_checksum, weights_sha256
-from cold_ray.adapters.registry import AdapterNotFound, RegistryError, open_registry
+from cold_ray.adapters.registry import AdapterExists, AdapterNotFound, RegistryError, open_registry
 from cold_ray.config import EngineConfig
 from cold_ray.engine import ColdParams, EngineCore, SamplingParams
 from cold_ray.model.loader import read_model_args
@@ -79,7 +79,7 @@ def test_add_get_list_survives_restart(make_reg, reg, args, tiny_adapters):
 
 def test_duplicate_replace_remove(reg, args, tiny_adapters):
     add(reg, "x", tiny_adapters[0], args)
-    with pytest.raises(RegistryError, match="already exists"):
+    with pytest.raises(AdapterExists, match="already exists"):
         add(reg, "x", tiny_adapters[1], args)
     assert reg.get("x").sha256 == weights_sha256(tiny_adapters[0])
     add(reg, "x", tiny_adapters[1], args, replace=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cold_ray.adapters.peft import files_checksum
-from cold_ray.adapters.registry import AdapterNotFound, RegistryError, open_registry
+from cold_ray.adapters.registry import AdapterExists, AdapterNotFound, RegistryError, open_registry
 from cold_ray.model.loader import read_model_args
 from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
 from tests.serve_util import wait_for
@@ -73,7 +73,7 @@ def _writer(reg, args, adapters: list[str], wid: int, rng: random.Random, out: d
         try:
             reg.add(f"shared-{k}", adapters[wid % 3], args=args, max_rank=8)
             added += 1
-        except RegistryError as e:
+        except AdapterExists as e:  # another writer listed it first
             assert "already exists" in str(e)
         a = rng.choice([0.1, 0.3, 0.6, 0.9])
         reg.set_tuned(f"shared-{k}", a, 10 * a, cold_enabled=a > 0.5)
@@ -203,7 +203,7 @@ def _expect(model: dict, op: str, name: str, kw: dict):
     new = dict(model)
     if op == "add":
         if name in model and not kw["replace"]:
-            return RegistryError, model
+            return AdapterExists, model
         new[name] = (kw["adapter"], alpha, beta, kw["cold_enabled"])
     elif op == "remove":
         if name not in model:

@@ -32,7 +32,12 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cold_ray.adapters.peft import AdapterError
-from cold_ray.adapters.registry import AdapterNotFound, AdapterRecord, RegistryError
+from cold_ray.adapters.registry import (
+    AdapterExists,
+    AdapterNotFound,
+    AdapterRecord,
+    RegistryError,
+)
 from cold_ray.decoding import ColdOnBaseModel, ColdParams, request_cold
 from cold_ray.serve.auth import Tokens, exposure_problem, serve_http_host
 from cold_ray.serve.config import AppArgs
@@ -388,11 +393,11 @@ class ColdIngress:
         if body.name == self.base_id:
             raise APIError(409, f"{body.name!r} is the base model's id; choose another name",
                            "adapter_exists", "name")  # fmt: skip
-        if not body.replace and await asyncio.to_thread(self.registry.__contains__, body.name):
-            raise APIError(409, f"adapter {body.name!r} already exists; DELETE it first or "
-                           "set replace: true", "adapter_exists", "name")  # fmt: skip
         try:
             record = await asyncio.to_thread(self._register, body)
+        except AdapterExists:  # checked before the adapter is read, and again as it is listed
+            raise APIError(409, f"adapter {body.name!r} already exists; DELETE it first or "
+                           "set replace: true", "adapter_exists", "name") from None  # fmt: skip
         except AdapterError as e:  # includes SourceError (policy): the message says which
             raise APIError(422 if type(e) is AdapterError else 400, str(e), "invalid_adapter",
                            "source") from None  # fmt: skip

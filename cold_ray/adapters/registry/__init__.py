@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 from cold_ray.adapters.registry.base import (
     NAME_RE,
     SCHEMA_VERSION,
+    AdapterExists,
     AdapterNotFound,
     AdapterRecord,
     AdapterRegistry,
@@ -39,8 +40,8 @@ PASSWORD_ENV = "COLD_RAY_REGISTRY_PASSWORD"
 _PG_SCHEMES = ("postgresql", "postgres")
 
 __all__ = [
-    "NAME_RE", "PASSWORD_ENV", "SCHEMA_VERSION", "AdapterNotFound", "AdapterRecord",
-    "AdapterRegistry", "Registry", "RegistryError", "SQLiteRegistry", "check_name",
+    "NAME_RE", "PASSWORD_ENV", "SCHEMA_VERSION", "AdapterExists", "AdapterNotFound",
+    "AdapterRecord", "AdapterRegistry", "Registry", "RegistryError", "SQLiteRegistry", "check_name",
     "default_registry_path", "open_registry", "parse_target", "redact", "refuse_local_in_cluster",
 ]  # fmt: skip
 

@@ -61,6 +61,13 @@ class AdapterNotFound(RegistryError, KeyError):
         return self.args[0]
 
 
+class AdapterExists(RegistryError):
+    """The name is listed already (and the write did not ask to replace it)."""
+
+    def __init__(self, name: str):
+        super().__init__(f"adapter {name!r} already exists; remove it first")
+
+
 def check_name(name: object) -> str:
     """Return `name` if it is a valid adapter name, else raise RegistryError saying why."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
@@ -207,7 +214,7 @@ class AdapterRegistry:
 
     def _put(self, record: AdapterRecord, replace: bool) -> AdapterRecord | None:
         """Insert or (if `replace`) overwrite; return the entry replaced. One transaction that
-        also bumps the generation; raise RegistryError if the name exists and not `replace`."""
+        also bumps the generation; raise AdapterExists if the name exists and not `replace`."""
         raise NotImplementedError
 
     def _delete(self, name: str) -> AdapterRecord | None:
@@ -279,12 +286,12 @@ class AdapterRegistry:
     ) -> AdapterRecord:
         """Validate the adapter at `source` against `args`, then list it under `name`.
 
-        Raises RegistryError (name, duplicate, policy) or AdapterError (the adapter itself);
-        on any error the catalog is unchanged."""
+        Raises RegistryError (name, policy; AdapterExists: a duplicate) or AdapterError (the
+        adapter itself); on any error the catalog is unchanged."""
         check_name(name)
         check_tuning(alpha, beta)
         if not replace and self._read(name) is not None:
-            raise RegistryError(f"adapter {name!r} already exists; remove it first")
+            raise AdapterExists(name)
         src = self.policy.parse(str(source))
         if src.is_remote:
             staging, final = fetch(src, self.cache_dir, max_bytes)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from cold_ray.adapters.registry.base import (
     COLUMNS,
+    AdapterExists,
     AdapterRecord,
     AdapterRegistry,
     RegistryError,
@@ -162,7 +163,7 @@ class PostgresRegistry(AdapterRegistry):
         with self._change() as conn:
             old = self._select(conn, record.name, lock=True)
             if old is not None and not replace:
-                raise RegistryError(f"adapter {record.name!r} already exists; remove it first")
+                raise AdapterExists(record.name)
             conn.execute(
                 f"INSERT INTO adapters ({', '.join(COLUMNS)}) VALUES ({values}) "
                 f"ON CONFLICT (name) DO UPDATE SET {update}",

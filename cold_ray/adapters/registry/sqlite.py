@@ -18,9 +18,9 @@ from pathlib import Path
 
 from cold_ray.adapters.registry.base import (
     COLUMNS,
+    AdapterExists,
     AdapterRecord,
     AdapterRegistry,
-    RegistryError,
 )
 from cold_ray.adapters.sources import DEFAULT_SCHEMES
 
@@ -161,7 +161,7 @@ class SQLiteRegistry(AdapterRegistry):
         with self._change() as db:
             old = self._select(db, record.name)
             if old is not None and not replace:
-                raise RegistryError(f"adapter {record.name!r} already exists; remove it first")
+                raise AdapterExists(record.name)
             db.execute(f"INSERT OR REPLACE INTO adapters ({', '.join(COLUMNS)}) VALUES ({marks})",
                        row)  # fmt: skip
         return old
