@@ -83,12 +83,22 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to any interface
 
 
+def needs_admin_token(host: str | None, args) -> bool:
+    """Whether a server listening on `host` (Serve's http_options.host; None: no HTTP proxy)
+    starts only with an admin token: its admin API is on, reachable beyond loopback, and not
+    declared open on purpose. `args` is AppArgs."""
+    return (
+        args.admin_api
+        and not args.allow_unauthenticated_admin
+        and host is not None
+        and not is_loopback(host)
+    )
+
+
 def exposure_problem(host: str | None, tokens: Tokens, args) -> str | None:
     """Why a server with these settings must not start (None: it may). `host`: Serve's
     http_options.host (None: Serve runs no HTTP proxy). `args` is AppArgs."""
-    if not args.admin_api or tokens.admin_key is not None or args.allow_unauthenticated_admin:
-        return None
-    if host is None or is_loopback(host):
+    if tokens.admin_key is not None or not needs_admin_token(host, args):
         return None
     return (
         f"the HTTP server listens on {host!r}, beyond loopback, and no admin "

@@ -27,7 +27,7 @@ def validate_file(path: str, notes: list[str] | None = None) -> list[str]:
         config = ServeDeploySchema.model_validate(doc)
     except ValidationError as e:
         return [f"not a Serve config: {e}"]
-    from cold_ray.serve.auth import is_loopback
+    from cold_ray.serve.auth import needs_admin_token
 
     problems = []
     host = config.http_options.host
@@ -39,8 +39,7 @@ def validate_file(path: str, notes: list[str] | None = None) -> list[str]:
         except ValidationError as e:
             problems.append(f"application {app.name!r}: {e}")
             continue
-        if host is not None and not is_loopback(host) and args.admin_api \
-                and not args.allow_unauthenticated_admin and notes is not None:  # fmt: skip
+        if notes is not None and needs_admin_token(host, args):
             notes.append(
                 f"application {app.name!r} listens on {host!r}: it starts only with "
                 f"{args.admin_key_env} set in the environment of `serve run` (the admin token "
