@@ -57,15 +57,19 @@ class RegistryError(ValueError):
 
 
 class AdapterNotFound(RegistryError, KeyError):
-    def __str__(self) -> str:  # KeyError would quote the message
-        return self.args[0]
+    """No adapter of this name is listed. Raised with the name alone (it pickles as it is);
+    the message is spelled here, once."""
+
+    def __str__(self) -> str:  # KeyError would quote the argument
+        return f"adapter {self.args[0]!r} does not exist"
 
 
 class AdapterExists(RegistryError):
-    """The name is listed already (and the write did not ask to replace it)."""
+    """The name is listed already (and the write did not ask to replace it). Raised with the
+    name alone, like AdapterNotFound."""
 
-    def __init__(self, name: str):
-        super().__init__(f"adapter {name!r} already exists; remove it first")
+    def __str__(self) -> str:
+        return f"adapter {self.args[0]!r} already exists; remove it first"
 
 
 def check_name(name: object) -> str:
@@ -340,7 +344,7 @@ class AdapterRegistry:
         check_name(name)
         record = self._read(name)
         if record is None:
-            raise AdapterNotFound(f"adapter {name!r} does not exist")
+            raise AdapterNotFound(name)
         return record
 
     def list(self) -> list[AdapterRecord]:
@@ -356,7 +360,7 @@ class AdapterRegistry:
         check_name(name)
         record = self._delete(name)
         if record is None:
-            raise AdapterNotFound(f"adapter {name!r} does not exist")
+            raise AdapterNotFound(name)
         self._drop_blob(record)
         self._after_write()
         return record
@@ -370,7 +374,7 @@ class AdapterRegistry:
         check_tuning(alpha, beta)
         record = self._tune(name, alpha, beta, bool(cold_enabled))
         if record is None:
-            raise AdapterNotFound(f"adapter {name!r} does not exist")
+            raise AdapterNotFound(name)
         self._after_write()
         return record
 
@@ -479,7 +483,7 @@ class AdapterRegistry:
         """The entry from the in-memory snapshot (no database call once it is loaded)."""
         record = self.snapshot().records.get(name) if isinstance(name, str) else None
         if record is None:
-            raise AdapterNotFound(f"adapter {name!r} does not exist")
+            raise AdapterNotFound(name)
         return record
 
     def resolver(self) -> Callable[[str], AdapterSource]:
@@ -491,7 +495,7 @@ class AdapterRegistry:
         def resolve(name: str) -> AdapterSource:
             source = self._snapshot.sources.get(name) if isinstance(name, str) else None
             if source is None:
-                raise AdapterNotFound(f"adapter {name!r} does not exist")
+                raise AdapterNotFound(name)
             return source
 
         return resolve
