@@ -163,12 +163,22 @@ def config_checksums(rows: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
+# The catalog's bookkeeping, the same SQL in every dialect: its schema version and generation.
+META_TABLE = (
+    "CREATE TABLE IF NOT EXISTS registry_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)"
+)
+GENERATION = "SELECT value FROM registry_meta WHERE key = 'generation'"
 # Schema steps after the first read the same in every SQL dialect; the first (the table, in
 # the backend's column types) is each backend's `create_table`.
 ADDED_COLUMNS = {
     2: "ALTER TABLE adapters ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'",
     3: "ALTER TABLE adapters ADD COLUMN config_sha256 TEXT NOT NULL DEFAULT ''",
 }
+
+
+class NoChange(Exception):
+    """Raised inside a backend's write transaction to roll it back: there was nothing to change,
+    so the generation stays."""
 
 
 @dataclass(frozen=True)
@@ -237,7 +247,7 @@ class AdapterRegistry:
 
     def _schema_tx(self):
         """A context manager: a write transaction that holds the catalog's migration lock (one
-        migrator at a time) and has created `registry_meta`; it yields the connection."""
+        migrator at a time); it yields the connection."""
         raise NotImplementedError
 
     def _stored_version(self, db) -> int:
@@ -251,6 +261,7 @@ class AdapterRegistry:
         transaction; refuse a catalog written by a newer cold-ray."""
         mark = self.mark
         with self._schema_tx() as db:
+            db.execute(META_TABLE)
             version = self._stored_version(db)
             if version > SCHEMA_VERSION:
                 raise RegistryError(

@@ -23,21 +23,17 @@ from pathlib import Path
 
 from cold_ray.adapters.registry.base import (
     COLUMNS,
+    GENERATION,
     AdapterExists,
     AdapterRecord,
     AdapterRegistry,
+    NoChange,
     RegistryError,
 )
 from cold_ray.adapters.sources import DEFAULT_SCHEMES
 
 CHANNEL = "cold_ray_registry"
 _MIGRATION_LOCK = 0x636F6C64  # pg_advisory_xact_lock key: one migrator at a time
-_META = "CREATE TABLE IF NOT EXISTS registry_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)"
-_GENERATION = "SELECT value FROM registry_meta WHERE key = 'generation'"
-
-
-class _NoChange(Exception):
-    """Roll a change back: there was nothing to change."""
 
 
 class PostgresRegistry(AdapterRegistry):
@@ -135,7 +131,6 @@ class PostgresRegistry(AdapterRegistry):
     def _schema_tx(self):
         with self._connect() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            conn.execute(_META)
             yield conn
 
     # ---- primitives -----------------------------------------------------------------------
@@ -153,7 +148,7 @@ class PostgresRegistry(AdapterRegistry):
     def _read_all(self) -> tuple[int, list[AdapterRecord]]:
         with self._pool.connection() as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            generation = conn.execute(_GENERATION).fetchone()["value"]
+            generation = conn.execute(GENERATION).fetchone()["value"]
             rows = conn.execute("SELECT * FROM adapters").fetchall()
         return generation, [AdapterRecord.from_row(r) for r in rows]
 
@@ -177,9 +172,9 @@ class PostgresRegistry(AdapterRegistry):
                 row = conn.execute("DELETE FROM adapters WHERE name = %s RETURNING *",
                                    (name,)).fetchone()  # fmt: skip
                 if row is None:
-                    raise _NoChange  # roll back: the generation stays
+                    raise NoChange  # roll back: the generation stays
             return AdapterRecord.from_row(row)
-        except _NoChange:
+        except NoChange:
             return None
 
     def _tune(self, name: str, alpha, beta, cold_enabled: bool) -> AdapterRecord | None:
@@ -191,9 +186,9 @@ class PostgresRegistry(AdapterRegistry):
                     (alpha, beta, cold_enabled, name),
                 ).fetchone()
                 if row is None:
-                    raise _NoChange
+                    raise NoChange
             return AdapterRecord.from_row(row)
-        except _NoChange:
+        except NoChange:
             return None
 
     def _watch(self) -> None:
@@ -210,5 +205,5 @@ class PostgresRegistry(AdapterRegistry):
                         self.refresh()
                 elif time.monotonic() - checked > self.resync_s:
                     checked = time.monotonic()
-                    if conn.execute(_GENERATION).fetchone()[0] != self._snapshot.generation:
+                    if conn.execute(GENERATION).fetchone()[0] != self._snapshot.generation:
                         self.refresh()

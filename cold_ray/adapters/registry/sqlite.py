@@ -18,18 +18,13 @@ from pathlib import Path
 
 from cold_ray.adapters.registry.base import (
     COLUMNS,
+    GENERATION,
     AdapterExists,
     AdapterRecord,
     AdapterRegistry,
+    NoChange,
 )
 from cold_ray.adapters.sources import DEFAULT_SCHEMES
-
-
-class _NoChange(Exception):
-    """Roll a change back: there was nothing to change."""
-
-
-_META = "CREATE TABLE IF NOT EXISTS registry_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
 
 
 class SQLiteRegistry(AdapterRegistry):
@@ -124,11 +119,8 @@ class SQLiteRegistry(AdapterRegistry):
 
     # ---- schema ---------------------------------------------------------------------------
 
-    @contextmanager
     def _schema_tx(self):
-        with self._tx(write=True) as db:  # IMMEDIATE: the file's write lock
-            db.execute(_META)
-            yield db
+        return self._tx(write=True)  # IMMEDIATE: the file's write lock, one migrator at a time
 
     def _stored_version(self, db: sqlite3.Connection) -> int:
         version = super()._stored_version(db)
@@ -148,9 +140,7 @@ class SQLiteRegistry(AdapterRegistry):
 
     def _read_all(self) -> tuple[int, list[AdapterRecord]]:
         with self._tx(write=False) as db:
-            (generation,) = db.execute(
-                "SELECT value FROM registry_meta WHERE key = 'generation'"
-            ).fetchone()
+            (generation,) = db.execute(GENERATION).fetchone()
             rows = db.execute("SELECT * FROM adapters").fetchall()
         return generation, [AdapterRecord.from_row(r) for r in rows]
 
@@ -171,10 +161,10 @@ class SQLiteRegistry(AdapterRegistry):
             with self._change() as db:
                 old = self._select(db, name)
                 if old is None:
-                    raise _NoChange  # roll back: the generation stays
+                    raise NoChange  # roll back: the generation stays
                 db.execute("DELETE FROM adapters WHERE name = ?", (name,))
             return old
-        except _NoChange:
+        except NoChange:
             return None
 
     def _tune(self, name: str, alpha, beta, cold_enabled: bool) -> AdapterRecord | None:
@@ -185,16 +175,14 @@ class SQLiteRegistry(AdapterRegistry):
                     (alpha, beta, int(cold_enabled), name),
                 )
                 if cur.rowcount == 0:
-                    raise _NoChange
+                    raise NoChange
                 return self._select(db, name)
-        except _NoChange:
+        except NoChange:
             return None
 
     def _watch(self) -> None:
         db = self._db()  # this thread's own connection
         while not self._stop.wait(self.poll_s):
-            (generation,) = db.execute(
-                "SELECT value FROM registry_meta WHERE key = 'generation'"
-            ).fetchone()
+            (generation,) = db.execute(GENERATION).fetchone()
             if generation != self._snapshot.generation:
                 self.refresh()
