@@ -40,8 +40,7 @@ def processes_mentioning(text: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def served():
-    if not (DEMO / "adapter_model.safetensors").exists():
-        pytest.skip(f"the demo adapter is not in the repository yet ({DEMO})")
+    assert (DEMO / "adapter_model.safetensors").exists(), f"the demo adapter is missing: {DEMO}"
     from cold_ray.model.loader import default_model_path
 
     default_model_path()  # fetched once outside the timed start (a no-op when cached)
