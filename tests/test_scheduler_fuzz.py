@@ -24,6 +24,7 @@ import pytest
 
 from cold_ray.config import EngineConfig
 from cold_ray.engine import ColdParams, EngineCore, SamplingParams
+from tests.test_prefix_cache import check_structure
 
 ADAPTERS = ("a0", "a1", "a2")
 COLD = (ColdParams(0.1, 0.5), ColdParams(0.3, 1.0), ColdParams(0.05, 2.0))
@@ -107,6 +108,8 @@ def check_state(core: EngineCore) -> None:
         if req.adapter is not None:
             pinned[req.adapter] = pinned.get(req.adapter, 0) + 1
     assert core.slots.refs == pinned
+    if core.prefix_cache is not None:  # no block outlives its parent; leaves and counts agree
+        check_structure(core.prefix_cache)
 
 
 def run_scenario(seed: int, core: EngineCore, alone: Alone) -> None:
