@@ -79,7 +79,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def admit(self, free_rows: int, place: Callable[[Request], bool]) -> list[Request]:
+    def admit(self, free_rows: int, place: Callable[[Request], bool]) -> None:
         """Move waiting requests to running, first come first served, while rows last.
 
         `place(req)` gives the request its rows and pins its adapter, or says it cannot yet
@@ -87,7 +87,6 @@ class Scheduler:
         evicting it. A request that does not fit stops admission, so a CoLD pair is never
         starved by one-row requests behind it.
         """
-        admitted = []
         for req in list(self.waiting):
             if req.finish_reason is not None:
                 continue  # failed while this pass ran (e.g. its adapter did not load)
@@ -97,9 +96,7 @@ class Scheduler:
                 continue
             self.waiting.remove(req)
             self.running.append(req)
-            admitted.append(req)
             free_rows -= req.num_rows
-        return admitted
 
     def expired(self, now: float | None = None) -> list[Request]:
         """Waiting requests older than `request_timeout_s` (they never got a row)."""
