@@ -41,11 +41,11 @@ def build(
             out_index.append(len(tokens) - 1)
 
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
-    idx = as_tensor(adapters)
     batch = ForwardBatch(
         positions=as_tensor(positions),
         slots=as_tensor(slots),
-        lora=backend.prepare(idx) if max(adapters) >= 0 else None,
+        # the host list: `prepare` plans on the host, so a device index would be read back
+        lora=backend.prepare(adapters) if max(adapters) >= 0 else None,
         decode=_decode(plan.decode, device, dtype) if plan.decode else None,
         prefill=_prefill(plan, num_decode, device, dtype) if plan.prefill else None,
         out_index=as_tensor(out_index),

@@ -411,11 +411,10 @@ class EngineCore:
         slot = self.cache.peek_free()
         adapter_slot = self.load_adapter(adapter) if adapter is not None else -1
         positions = torch.arange(t, device=self.device)
-        idx = torch.full((t,), adapter_slot, device=self.device)
         fb = ForwardBatch(
             positions=positions,
             slots=torch.full((t,), slot, device=self.device),
-            lora=self.backend.prepare(idx) if adapter_slot >= 0 else None,
+            lora=self.backend.prepare([adapter_slot] * t) if adapter_slot >= 0 else None,
             decode=None,
             prefill=PrefillAttention(0, None, None, None, None, fresh=True),
             out_index=positions,
