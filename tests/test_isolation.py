@@ -200,21 +200,35 @@ def test_async_step_thread_survives_a_failing_consumer(tiny_llama):
     ref = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=4, max_model_len=64))
     want = alone(ref, PROMPTS[1], greedy(12))
 
+    raised = []
+
+    def broken_sink(out):
+        raised.append(out.request_id)
+        return 1 / 0
+
     async def main():
         victim = await engine.submit(PROMPTS[0], greedy(30))
         bystander = await engine.submit(PROMPTS[1], greedy(12))
-        await victim.__anext__()
+        first = await victim.__anext__()
         # the victim's loop is gone from under it: its sink raises on the step thread
-        engine._sinks[next(iter(engine._sinks))] = lambda out: 1 / 0
+        engine._sinks[first.request_id] = broken_sink
         got = [t async for o in bystander for t in o.token_ids]
-        return got
-
-    try:
-        assert asyncio.run(main()) == want
-        assert engine._thread.is_alive()
+        # the victim's iterator stays open (closing it would abort it from this side): the
+        # step thread itself must abort the request whose delivery failed
         deadline = time.monotonic() + 10
         while engine.core.has_work() and time.monotonic() < deadline:
-            time.sleep(0.01)  # the victim is aborted on the step thread
+            await asyncio.sleep(0.01)
         assert not engine.core.running and not engine.core.cache.rows
+        return first.request_id, got
+
+    try:
+        # a lost output would leave the bystander's stream waiting forever: bound it
+        victim_id, got = asyncio.run(asyncio.wait_for(main(), timeout=60))
+        assert got == want
+        assert engine._thread.is_alive()
+        # the sink raised once, and the victim was aborted then, not decoded to its end
+        assert raised == [victim_id]
+        assert engine.core.stats["finished_requests"] == 2
+        assert engine.core.stats["generated_tokens"] < 12 + 30
     finally:
         engine.shutdown()
