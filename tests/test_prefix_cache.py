@@ -78,12 +78,14 @@ def test_loads_return_exactly_what_was_stored(seed):
             stored.add((identity, tuple(tokens[: len(tokens) // block * block])))
         else:
             cache.k[:, 1].zero_()
+            cache.v[:, 1].zero_()
             n = pc.load(identity, tokens, 1, len(tokens) - 1)
             assert n % block == 0 and n <= len(tokens) - 1
             check(cache, 1, identity, tokens, n)
             if n:  # a hit is a prefix of something this identity stored
                 assert any(i == identity and t[:n] == tuple(tokens[:n]) for i, t in stored)
         check_structure(pc)
+    assert pc.stats["hit_tokens"] > 0, "no load hit: the checks above saw only misses"
 
 
 def test_eviction_is_least_recently_used_leaf_first():
