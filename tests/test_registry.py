@@ -22,6 +22,10 @@ from tests.serve_util import wait_for
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+# How long a change may take to reach another instance: well under PostgresRegistry's
+# resync_s (30 s), so a change must come through the change feed (NOTIFY, SQLite's poll),
+# not through the periodic resync.
+FEED_S = 10
 
 
 @pytest.fixture(scope="module")
@@ -353,15 +357,27 @@ def test_a_replica_sees_adds_replacements_tunings_and_removals(make_reg, args, t
     with pytest.raises(KeyError):
         resolve("x")
     add(writer, "x", tiny_adapters[0], args)
-    first = wait_for(lambda: replica.snapshot().sources.get("x"), what="the add to arrive")
+    first = wait_for(
+        lambda: replica.snapshot().sources.get("x"), what="the add to arrive", timeout=FEED_S
+    )
     assert first.sha256 == files_checksum(tiny_adapters[0]) and resolve("x") == first
     add(writer, "x", tiny_adapters[1], args, replace=True)
-    wait_for(lambda: resolve("x").sha256 == files_checksum(tiny_adapters[1]), what="replace")
+    wait_for(
+        lambda: resolve("x").sha256 == files_checksum(tiny_adapters[1]),
+        what="replace",
+        timeout=FEED_S,
+    )
     writer.set_tuned("x", 0.2, 2.0, cold_enabled=False)
-    wait_for(lambda: resolve("x").cold == ColdParams(0.2, 2.0), what="the tuning to arrive")
+    wait_for(
+        lambda: resolve("x").cold == ColdParams(0.2, 2.0),
+        what="the tuning to arrive",
+        timeout=FEED_S,
+    )
     assert resolve("x").cold_enabled is False and replica.lookup("x").alpha == 0.2
     writer.remove("x")
-    wait_for(lambda: "x" not in replica.snapshot().sources, what="the removal to arrive")
+    wait_for(
+        lambda: "x" not in replica.snapshot().sources, what="the removal to arrive", timeout=FEED_S
+    )
     with pytest.raises(KeyError, match="does not exist"):
         resolve("x")
 

@@ -24,6 +24,8 @@ from tests.serve_util import wait_for
 
 CI_SEEDS = (0, 1, 2)
 WRITERS, READERS, OWN_NAMES, SHARED = 16, 16, 3, 4  # per process
+FEED_S = 10  # a replica's bound: well under PostgresRegistry's resync_s (30 s), so the
+# change feed (NOTIFY, SQLite's poll), not the periodic resync, must bring every change
 
 
 def pytest_generate_tests(metafunc):
@@ -267,9 +269,9 @@ def test_random_operations_match_a_dict(seed, target, tiny_llama, tiny_adapters,
             if step % 10 == 9:  # the replica catches up through the change feed alone
                 wait_for(lambda m=model: _view(replica.snapshot().records.values(),
                                                tiny_adapters) == m,
-                         timeout=30, what=f"replica at step {step}")  # fmt: skip
+                         timeout=FEED_S, what=f"replica at step {step}")  # fmt: skip
         wait_for(lambda: _view(replica.snapshot().records.values(), tiny_adapters) == model,
-                 timeout=30, what="the replica at the end")  # fmt: skip
+                 timeout=FEED_S, what="the replica at the end")  # fmt: skip
         resolve = replica.resolver()
         for name, (adapter, *_) in model.items():
             assert resolve(name).sha256 == files_checksum(tiny_adapters[adapter])
