@@ -9,6 +9,9 @@ from tests.helpers import make_peft_adapter, make_tiny_model  # noqa: E402
 
 torch.set_num_threads(1)
 
+# PostgreSQL fixtures (pg_server, pg_url, target) for every test file: one server a session.
+pytest_plugins = ["tests.postgres"]
+
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):

@@ -1,8 +1,7 @@
 """Fixtures for a real PostgreSQL server started from the installed binaries (see
 `benchmarks.pgserver`), one per test session, stopped at the end. Never a mock. Without the
-binaries or the driver, the tests that need a server skip and say why.
-
-    from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
+binaries or the driver, the tests that need a server skip and say why. tests/conftest.py
+loads this module as a plugin, so every test file can ask for these fixtures by name.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import pytest
 
 from cold_ray.benchmarks.pgserver import PASSWORD, PostgresServer, unavailable
 
-__all__ = ["PASSWORD", "pg_server", "pg_url"]
+__all__ = ["PASSWORD", "pg_server", "pg_url", "target"]
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +31,12 @@ def pg_url(pg_server, monkeypatch):
     """A fresh database's URL; the password is in the environment, as in production."""
     monkeypatch.setenv("COLD_RAY_REGISTRY_PASSWORD", PASSWORD)
     return pg_server.url(pg_server.create_database())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path):
+    """Where a registry's catalog lives, once per backend: a SQLite file, or a fresh database
+    on the real server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "reg" / "registry.sqlite")
+    return request.getfixturevalue("pg_url")

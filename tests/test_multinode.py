@@ -21,7 +21,7 @@ from cold_ray.adapters.registry import RegistryError, default_registry_path, ope
 from cold_ray.adapters.sources import cache_key
 from cold_ray.benchmarks.registry import complete, http_json, node_cluster, pinned, serve_folder
 from cold_ray.model.loader import read_model_args
-from tests.postgres import PASSWORD, pg_server  # noqa: F401  (fixture)
+from tests.postgres import PASSWORD
 from tests.serve_util import wait_for
 
 pytestmark = pytest.mark.serve

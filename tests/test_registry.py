@@ -17,7 +17,6 @@ from cold_ray.adapters.registry import AdapterExists, AdapterNotFound, RegistryE
 from cold_ray.config import EngineConfig
 from cold_ray.engine import ColdParams, EngineCore, SamplingParams
 from cold_ray.model.loader import read_model_args
-from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
 from tests.serve_util import wait_for
 
 WEIGHTS = "adapter_model.safetensors"
@@ -31,14 +30,6 @@ FEED_S = 10
 @pytest.fixture(scope="module")
 def args(tiny_llama):
     return read_model_args(tiny_llama)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request, tmp_path):
-    """Where the catalog lives: a SQLite file, or a fresh database on a real server."""
-    if request.param == "sqlite":
-        return str(tmp_path / "reg" / "registry.sqlite")
-    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import pytest
 from cold_ray.adapters.peft import files_checksum
 from cold_ray.adapters.registry import AdapterExists, AdapterNotFound, RegistryError, open_registry
 from cold_ray.model.loader import read_model_args
-from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
 from tests.serve_util import wait_for
 
 CI_SEEDS = (0, 1, 2)
@@ -32,13 +31,6 @@ def pytest_generate_tests(metafunc):
     if "seed" in metafunc.fixturenames:
         n = metafunc.config.getoption("--fuzz-seeds")
         metafunc.parametrize("seed", range(n) if n else CI_SEEDS)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "registry.sqlite")
-    return request.getfixturevalue("pg_url")
 
 
 def _whole(record, known: dict) -> str | None:

@@ -21,7 +21,7 @@ from cold_ray.adapters.registry import (
 from cold_ray.config import EngineConfig
 from cold_ray.engine import EngineCore, SamplingParams
 from cold_ray.serve.config import AppArgs
-from tests.postgres import PASSWORD, pg_server, pg_url  # noqa: F401  (fixtures)
+from tests.postgres import PASSWORD
 
 # The catalog as cold-ray wrote it before schema versions: with `warnings` (the last layout)
 # and without (the first one).
@@ -104,13 +104,6 @@ def test_a_catalog_from_before_versions_migrates_and_serves(
     again = open_registry(path)  # opening a current catalog changes nothing
     assert again.get("kept") == kept
     again.close()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "registry.sqlite")
-    return request.getfixturevalue("pg_url")
 
 
 def _set_version(target: str, version: int) -> None:
