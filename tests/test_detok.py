@@ -3,20 +3,19 @@ BPE and for a Llama-style SentencePiece tokenizer (byte fallback, Metaspace, Str
 strings cut exactly where a full decode would and are never emitted, even in part.
 
 Randomized differential test against the simplest correct version (decode everything each
-step); fixed seeds here, more with `COLD_RAY_DETOK_SEEDS=N`.
+step); fixed seeds in CI, more with `pytest --fuzz-seeds N`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import pytest
 
 from cold_ray.engine.detok import _WINDOW, IncrementalDetokenizer, byte_fallback_ids
 
-SEEDS = range(int(os.environ.get("COLD_RAY_DETOK_SEEDS", "4")))
+CI_SEEDS = 4
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
     "Ça va très bien, merci ! Über naïve café, señor.",
@@ -63,6 +62,11 @@ def llama_sp():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+def pytest_generate_tests(metafunc):
+    if "seed" in metafunc.fixturenames:
+        metafunc.parametrize("seed", range(metafunc.config.getoption("--fuzz-seeds") or CI_SEEDS))
 
 
 def full_decode(tokenizer, ids: list[int]) -> str:
@@ -171,12 +175,10 @@ def check_tokenizer(tokenizer, seed: int) -> None:
                 assert text.startswith(sent)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
 def test_smollm2_deltas_equal_full_decode(smollm2, seed):
     check_tokenizer(smollm2, seed)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
 def test_llama_sentencepiece_deltas_equal_full_decode(llama_sp, seed):
     assert len(byte_fallback_ids(llama_sp)) == 256
     check_tokenizer(llama_sp, seed)
