@@ -9,7 +9,7 @@ from tests.helpers import make_peft_adapter, make_tiny_model  # noqa: E402
 
 torch.set_num_threads(1)
 
-# PostgreSQL fixtures (pg_server, pg_url, target) for every test file: one server a session.
+# pg_server, pg_url and registry_target for every test file: one PostgreSQL server a session.
 pytest_plugins = ["tests.postgres"]
 
 

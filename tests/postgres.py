@@ -10,7 +10,7 @@ import pytest
 
 from cold_ray.benchmarks.pgserver import PASSWORD, PostgresServer, unavailable
 
-__all__ = ["PASSWORD", "pg_server", "pg_url", "target"]
+__all__ = ["PASSWORD", "pg_server", "pg_url", "registry_target"]
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +34,7 @@ def pg_url(pg_server, monkeypatch):
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def target(request, tmp_path):
+def registry_target(request, tmp_path):
     """Where a registry's catalog lives, once per backend: a SQLite file, or a fresh database
     on the real server."""
     if request.param == "sqlite":

@@ -33,13 +33,13 @@ def args(tiny_llama):
 
 
 @pytest.fixture
-def make_reg(target, tmp_path):
+def make_reg(registry_target, tmp_path):
     """Open the catalog (again: a second instance is what another replica holds)."""
     opened = []
 
     def make(**kw):
         kw.setdefault("cache_dir", tmp_path / "blobs")
-        opened.append(open_registry(target, **kw))
+        opened.append(open_registry(registry_target, **kw))
         return opened[-1]
 
     yield make
@@ -385,7 +385,7 @@ def _lock_postgres_catalog(url: str):
 
 
 def test_resolver_answers_from_memory_never_from_the_database(
-    make_reg, target, args, tiny_adapters
+    make_reg, registry_target, args, tiny_adapters
 ):
     """The request path never reads the database: the resolving thread makes no backend call,
     and on PostgreSQL lookups still answer while another session locks the catalog (a
@@ -398,7 +398,7 @@ def test_resolver_answers_from_memory_never_from_the_database(
         real = getattr(reg, attr)
         setattr(reg, attr, lambda *a, _real=real: callers.append(threading.current_thread()) or
                 _real(*a))  # fmt: skip
-    release = _lock_postgres_catalog(target) if "://" in target else lambda: None
+    release = _lock_postgres_catalog(registry_target) if "://" in registry_target else lambda: None
     answers = []
     try:
         t = threading.Thread(target=lambda: answers.extend(resolve("m") for _ in range(1000)))

@@ -133,7 +133,7 @@ def _process(target: str, model: str, known: dict, pid: int, results, go) -> Non
 
 
 def test_64_writers_and_readers_in_two_processes_lose_nothing(
-    target, tiny_llama, tiny_adapters, tmp_path
+    registry_target, tiny_llama, tiny_adapters, tmp_path
 ):
     args = read_model_args(tiny_llama)
     known = {}  # adapter folder -> what a whole entry of it looks like
@@ -141,10 +141,11 @@ def test_64_writers_and_readers_in_two_processes_lose_nothing(
         for i, a in enumerate(tiny_adapters):
             rec = probe.add(f"p{i}", a, args=args, max_rank=8)
             known[str(a)] = (rec.sha256, rec.config_sha256, rec.rank, rec.nbytes, rec.source)
-    open_registry(target, cache_dir=tmp_path / "blobs").close()  # create the tables once
+    open_registry(registry_target, cache_dir=tmp_path / "blobs").close()  # create the tables once
     ctx = multiprocessing.get_context("spawn")
     results, go = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_process, args=(target, str(tiny_llama), known, pid, results, go))
+    procs = [ctx.Process(target=_process,
+                         args=(registry_target, str(tiny_llama), known, pid, results, go))
              for pid in range(2)]  # fmt: skip
     for p in procs:
         p.start()
@@ -166,7 +167,7 @@ def test_64_writers_and_readers_in_two_processes_lose_nothing(
     for bad, n_reads, converged in reads:
         assert bad == [] and n_reads > 0 and converged
 
-    with open_registry(target, cache_dir=tmp_path / "blobs") as reg:
+    with open_registry(registry_target, cache_dir=tmp_path / "blobs") as reg:
         state = {r.name: r for r in reg.list()}
     expected = {n: a for final, _ in written.values() for n, a in final.items()}
     assert len(written) == 2 * WRITERS
@@ -215,11 +216,11 @@ def _view(records, adapters) -> dict:
     return {r.name: (by_source[r.source], r.alpha, r.beta, r.cold_enabled) for r in records}
 
 
-def test_random_operations_match_a_dict(seed, target, tiny_llama, tiny_adapters, tmp_path):
+def test_random_operations_match_a_dict(seed, registry_target, tiny_llama, tiny_adapters, tmp_path):
     rng = random.Random(seed)
     args = read_model_args(tiny_llama)
-    reg = open_registry(target, cache_dir=tmp_path / "blobs")
-    replica = open_registry(target, cache_dir=tmp_path / "blobs")  # another process's view
+    reg = open_registry(registry_target, cache_dir=tmp_path / "blobs")
+    replica = open_registry(registry_target, cache_dir=tmp_path / "blobs")  # another process's view
     replica.resolver()
     model: dict = {}
     try:

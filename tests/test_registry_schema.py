@@ -119,12 +119,14 @@ def _set_version(target: str, version: int) -> None:
                      (version,))  # fmt: skip
 
 
-def test_many_first_opens_at_once_create_one_catalog_and_a_newer_one_is_refused(target, tmp_path):
+def test_many_first_opens_at_once_create_one_catalog_and_a_newer_one_is_refused(
+    registry_target, tmp_path
+):
     opened, errors = [], []
 
     def open_one():
         try:
-            opened.append(open_registry(target, cache_dir=tmp_path / "blobs"))
+            opened.append(open_registry(registry_target, cache_dir=tmp_path / "blobs"))
         except Exception as e:  # noqa: BLE001  (reported below)
             errors.append(e)
 
@@ -137,9 +139,9 @@ def test_many_first_opens_at_once_create_one_catalog_and_a_newer_one_is_refused(
     assert all(r.list() == [] for r in opened)
     for r in opened:
         r.close()
-    _set_version(target, SCHEMA_VERSION + 1)
+    _set_version(registry_target, SCHEMA_VERSION + 1)
     with pytest.raises(RegistryError, match=f"schema version {SCHEMA_VERSION + 1}.*upgrade"):
-        open_registry(target, cache_dir=tmp_path / "blobs")
+        open_registry(registry_target, cache_dir=tmp_path / "blobs")
 
 
 # ---- the target: file or URL, and credentials ----------------------------------------------
