@@ -32,6 +32,8 @@ class EngineConfig:
     lora_backend: str = "auto"  # auto | reference | grouped | triton | ...
     num_threads: int | None = 1  # intra-op threads; 1 avoids OpenMP spin-wait collapse
     packed_weights: bool = True  # CPU: base GEMM weights in oneDNN's packed layout
+    # CPU, fp32, one thread: decode attention in a compiled C kernel (SDPA without a compiler)
+    cpu_attention_kernel: bool = True
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cold_ray.benchmarks import attention, gemm, item_latency, itl, prefix, roofline
 from cold_ray.benchmarks import engine as bench_engine
-from cold_ray.benchmarks import gemm, item_latency, itl, prefix, roofline
 from cold_ray.workloads import (
     PREFIX_KINDS,
     SYSTEM_PROMPT,
@@ -76,6 +76,22 @@ def test_gemm_peak_reports_every_shape_and_the_best():
     best = max(v for s in out["shapes"] for v in (s["mm_gflop_s"], s["packed_gflop_s"]) if v)
     assert out["peak_gflop_s"] == best > 0
     assert roofline.measure_bandwidth(mib=1, repeats=1) > 0
+
+
+def test_attention_bench_counts_the_kv_bytes_of_ragged_rows():
+    """SDPA and the kernel are timed over the same K/V: the bytes of every row's positions."""
+    from cold_ray.kernels import cpu_attention
+
+    model = {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16}
+    rec = attention.measure(rows=3, context=20, repeats=1, model=model)
+    assert (rec["rows"], rec["context"]) == (3, 20)
+    kv_bytes = rec["sdpa_gb_s"] * rec["sdpa_ms"] * 1e6
+    per_position = 2 * 2 * 2 * 16 * 4  # K and V, layers, kv heads, head_dim, fp32
+    positions = kv_bytes / per_position  # sum over rows of (position + 1), each in 6..21
+    assert abs(positions - round(positions)) < 1e-6 and 3 * 6 <= round(positions) <= 3 * 21
+    assert ("kernel_ms" in rec) == (cpu_attention.load() is not None)
+    if "kernel_ms" in rec:
+        assert rec["kernel_over_sdpa"] == pytest.approx(rec["kernel_ms"] / rec["sdpa_ms"])
 
 
 # ---- bench engine -----------------------------------------------------------------------------
@@ -155,6 +171,9 @@ BAD_ARGUMENTS = [  # (benchmark, argv, what the usage error must name)
     ("gemm", ["--rows", "1,x"], "--rows"),
     ("gemm", ["--rows", "0"], "--rows"),
     ("gemm", ["--repeats", "0"], "--repeats"),
+    ("attention", ["--rows", "0"], "--rows"),
+    ("attention", ["--context", "8,x"], "--context"),
+    ("attention", ["--repeats", "0"], "--repeats"),
 ]
 
 
@@ -165,7 +184,8 @@ def test_bad_arguments_are_usage_errors_naming_the_problem(bench, argv, named, c
     """Refused before anything runs (engine parses in main, which would otherwise start
     benchmark children), with argparse's usage error saying which value was wrong."""
     parse = {"engine": bench_engine.main, "prefix": prefix.parse_args, "itl": itl.parse_args,
-             "item_latency": item_latency.parse_args, "gemm": gemm.main}[bench]  # fmt: skip
+             "item_latency": item_latency.parse_args, "gemm": gemm.main,
+             "attention": attention.parse_args}[bench]  # fmt: skip
     with pytest.raises(SystemExit) as e:
         parse(argv)
     assert e.value.code == 2

@@ -81,6 +81,11 @@ class EngineCore:
         self.model.init_rope()
         self.backend = select_backend(config.lora_backend, self.device)
         self.model.set_backend(self.backend)
+        if (config.cpu_attention_kernel and self.device.type == "cpu"
+                and self.dtype == torch.float32 and torch.get_num_threads() == 1):  # fmt: skip
+            from cold_ray.kernels import cpu_attention
+
+            self.model.set_decode_kernel(cpu_attention.load())
         self.cache = KVCache.allocate(
             self.args, config.max_rows, config.max_model_len, config.torch_dtype, self.device
         )

@@ -104,6 +104,9 @@ class Attention(nn.Module):
             args.hidden_size, (q, kv, kv), args.attention_bias, max_loras, max_rank
         )
         self.o_proj = LoraLinear(q, (args.hidden_size,), False, max_loras, max_rank)
+        # Set by the engine: a fused decode-attention kernel (CPU, `kernels/cpu_attention.py`)
+        # taking (q, k, v, slots, positions); None = SDPA over the cache view.
+        self.decode_kernel = None
 
     def forward(self, x, cos, sin, cache, layer: int, fb: ForwardBatch):
         # x: [N, hidden]; cos/sin: [N, 1, head_dim]
@@ -115,14 +118,18 @@ class Attention(nn.Module):
         cache.v[layer, fb.slots, :, fb.positions] = v
         out = q.new_empty(n, self.h, self.d)
         if fb.decode is not None:
-            out[: fb.decode.num] = self._decode(q[: fb.decode.num], cache, layer, fb.decode)
+            out[: fb.decode.num] = self._decode(q[: fb.decode.num], cache, layer, fb)
         if fb.prefill is not None:
             p = fb.prefill
             out[p.start :] = self._prefill(q, k, v, cache, layer, p)
         return self.o_proj(out.view(n, self.h * self.d), fb.lora)
 
-    def _decode(self, q, cache, layer: int, d: DecodeAttention) -> torch.Tensor:
+    def _decode(self, q, cache, layer: int, fb: ForwardBatch) -> torch.Tensor:
         # q: [D, heads, head_dim] -> [D, heads, head_dim]
+        d = fb.decode
+        if self.decode_kernel is not None:  # decode tokens lead the flat list: [0, D)
+            return self.decode_kernel(q, cache.k[layer], cache.v[layer], fb.slots[: d.num],
+                                      fb.positions[: d.num])  # fmt: skip
         span = d.mask.shape[-1]
         keys = cache.k[layer, : d.span_rows, :, :span]  # views: no gather of the cache
         values = cache.v[layer, : d.span_rows, :, :span]
@@ -245,6 +252,10 @@ class LlamaModel(nn.Module):
     def set_backend(self, backend: LoraBackend) -> None:
         for m in self.lora_linears():
             m.backend = backend
+
+    def set_decode_kernel(self, kernel) -> None:
+        for layer in self.layers:
+            layer.self_attn.decode_kernel = kernel
 
     def init_rope(self) -> None:
         self.rope_cos, self.rope_sin = rope_tables(self.args, self.max_len, self.norm.device)

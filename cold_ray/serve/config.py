@@ -108,6 +108,11 @@ class AppArgs(BaseModel):
         EngineConfig.packed_weights,
         description="CPU: lay base weights out once for oneDNN (false: plain BLAS, debugging).",
     )
+    cpu_attention_kernel: bool = Field(
+        EngineConfig.cpu_attention_kernel,
+        description="CPU, fp32, one thread: decode attention in a C kernel compiled on first "
+        "start (false, or no C compiler: torch SDPA).",
+    )
     host_cache_bytes: int = Field(
         1 << 30, ge=0, description="Host memory (bytes) for validated adapters kept for fast "
         "reloads, per replica; least recently used go first. 0: no host cache.",
@@ -289,6 +294,7 @@ class AppArgs(BaseModel):
             prefix_block_size=self.prefix_block_size,
             request_timeout_s=self.request_timeout_s,
             packed_weights=self.packed_weights,
+            cpu_attention_kernel=self.cpu_attention_kernel,
             host_cache_bytes=self.host_cache_bytes,
             max_adapter_bytes=self.max_adapter_bytes,
             lora_backend=self.lora_backend,

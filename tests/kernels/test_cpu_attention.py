@@ -1,0 +1,165 @@
+"""The compiled CPU decode-attention kernel: numerics against an fp64 reference, batch
+invariance, the engine's tokens with and without it, and the fallback to SDPA when it cannot
+be built."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cold_ray.config import EngineConfig
+from cold_ray.engine import EngineCore, SamplingParams
+from cold_ray.kernels import cpu_attention
+
+kernel = cpu_attention.load()
+needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler on this machine")
+
+
+def reference(q, k, v, slots, positions):
+    """fp64 attention of each token over positions 0..positions[i] of its slot."""
+    n, heads, dim = q.shape
+    groups = heads // k.shape[1]
+    out = torch.empty(n, heads, dim, dtype=torch.float64)
+    for i in range(n):
+        keys = k[slots[i], :, : positions[i] + 1].double().repeat_interleave(groups, 0)
+        values = v[slots[i], :, : positions[i] + 1].double().repeat_interleave(groups, 0)
+        scores = (keys @ q[i].double().unsqueeze(-1)).squeeze(-1) * dim**-0.5  # [heads, L]
+        out[i] = (scores.softmax(-1).unsqueeze(1) @ values).squeeze(1)
+    return out
+
+
+def random_case(seed, dim, groups, kv_heads=2, n=6, slots_total=9, max_len=40):
+    gen = torch.Generator().manual_seed(seed)
+    # one layer of a [layers, slots, kv_heads, max_len, dim] cache, as the engine passes it
+    cache = torch.randn(2, 3, slots_total, kv_heads, max_len, dim, generator=gen)
+    k, v = cache[0, 1], cache[1, 1]
+    q = torch.randn(n, kv_heads * groups, dim, generator=gen)
+    slots = torch.randperm(slots_total, generator=gen)[:n]  # out of order, some slots unused
+    positions = torch.randint(0, max_len, (n,), generator=gen)
+    positions[0] = 0  # a token that attends to itself only
+    return q, k, v, slots, positions
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim", [16, 64, 80, 128])  # 64 and 128 take the unrolled paths
+@pytest.mark.parametrize("groups", [1, 3, 4])
+def test_matches_fp64_reference(dim, groups):
+    for seed in range(3):
+        q, k, v, slots, positions = random_case(seed, dim, groups)
+        got = kernel(q, k, v, slots, positions)
+        # fp32 sums in another order and a vectorised exp: relative error ~1e-6
+        torch.testing.assert_close(got.double(), reference(q, k, v, slots, positions),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@needs_kernel
+def test_matches_sdpa_over_the_engines_masked_cache_view():
+    """The engine's SDPA path: the cache view over the longest row with an additive mask."""
+    q, k, v, slots, positions = random_case(7, 64, 3, kv_heads=3, n=5, slots_total=5)
+    slots = torch.arange(5)
+    span = int(positions.max()) + 1
+    mask = torch.zeros(5, 1, 1, span).masked_fill_(
+        torch.arange(span) > positions.view(-1, 1, 1, 1), float("-inf"))  # fmt: skip
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.view(5, 3, 3, 64), k[:, :, :span], v[:, :, :span], attn_mask=mask).reshape(5, 9, 64)  # fmt: skip
+    torch.testing.assert_close(kernel(q, k, v, slots, positions), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_a_tokens_result_does_not_depend_on_the_batch():
+    """Bit for bit: what a token gets alone is what it gets beside any other tokens."""
+    q, k, v, slots, positions = random_case(3, 64, 3, n=8)
+    batch = kernel(q, k, v, slots, positions)
+    for i in range(8):
+        alone = kernel(q[i : i + 1], k, v, slots[i : i + 1], positions[i : i + 1])
+        assert torch.equal(alone[0], batch[i]), i
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(kernel(q[order], k, v, slots[order], positions[order]), batch[order])
+
+
+@needs_kernel
+def test_refuses_inputs_it_was_not_built_for():
+    q, k, v, slots, positions = random_case(0, 64, 1)
+    with pytest.raises(ValueError, match="fp32"):
+        kernel(q.double(), k, v, slots, positions)
+    with pytest.raises(ValueError, match="int64"):
+        kernel(q, k, v, slots.int(), positions)
+
+
+def _generate(path, prompts, **config):
+    core = EngineCore(EngineConfig(model=str(path), max_rows=8, max_model_len=96, **config))
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    return core, [r["token_ids"] for r in core.generate(prompts, params)]
+
+
+@needs_kernel
+def test_engine_tokens_equal_with_and_without_the_kernel(tiny_llama):
+    """Ragged prompts decoding side by side (slots of different lengths, rows finishing at
+    different steps): the same greedy tokens through the kernel and through SDPA."""
+    prompts = [[5 + i] * (3 + 7 * i) for i in range(6)]
+    with_kernel, tokens = _generate(tiny_llama, prompts)
+    assert with_kernel.model.layers[0].self_attn.decode_kernel is kernel
+    without, expected = _generate(tiny_llama, prompts, cpu_attention_kernel=False)
+    assert without.model.layers[0].self_attn.decode_kernel is None
+    assert tokens == expected
+
+
+def test_engine_keeps_sdpa_on_more_than_one_thread(tiny_llama):
+    """The kernel runs on one thread; with more, SDPA's parallel loop is the better choice."""
+    threads = torch.get_num_threads()
+    try:
+        core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=32,
+                                       num_threads=2))  # fmt: skip
+        assert core.model.layers[0].self_attn.decode_kernel is None
+    finally:
+        torch.set_num_threads(threads)
+
+
+PROBE = textwrap.dedent("""
+    import logging, sys
+    logging.basicConfig(level=logging.INFO)
+    from cold_ray.config import EngineConfig
+    from cold_ray.engine import EngineCore, SamplingParams
+    from cold_ray.kernels import cpu_attention
+    print("KERNEL", cpu_attention.load() is not None)
+    core = EngineCore(EngineConfig(model=sys.argv[1], max_rows=2, max_model_len=32))
+    print("ENGINE", core.model.layers[0].self_attn.decode_kernel is not None)
+    out = core.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    print("TOKENS", len(out[0]["token_ids"]))
+""")
+
+
+def _probe(tiny_llama, tmp_path, **env):
+    env = {**os.environ, "COLD_RAY_CACHE": str(tmp_path / "cache"), **env}
+    done = subprocess.run([sys.executable, "-c", PROBE, str(tiny_llama)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("env", [{"PATH": "/nonexistent", "CC": ""}, {"CC": "/bin/false"}],
+                         ids=["no compiler", "compiler fails"])  # fmt: skip
+def test_without_a_working_compiler_the_engine_uses_sdpa(tiny_llama, tmp_path, env):
+    if "PATH" not in env and kernel is not None:  # `/bin/false` is tried first, then cc/gcc…
+        env = {**env, "PATH": "/nonexistent"}
+    out, err = _probe(tiny_llama, tmp_path, **env)
+    assert "KERNEL False" in out and "ENGINE False" in out and "TOKENS 4" in out, out
+    assert "SDPA" in err, err[-2000:]
+    assert not list((tmp_path / "cache").glob("kernels/*.partial"))
+
+
+@needs_kernel
+def test_compiled_once_per_machine(tiny_llama, tmp_path):
+    """The first process compiles into the cache folder; the next one loads that library."""
+    out, _ = _probe(tiny_llama, tmp_path)
+    assert "KERNEL True" in out and "ENGINE True" in out and "TOKENS 4" in out, out
+    built = list((tmp_path / "cache" / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so", built
+    stamp = (built[0].stat().st_ino, built[0].stat().st_mtime_ns)
+    out, _ = _probe(tiny_llama, tmp_path)
+    assert "KERNEL True" in out, out
+    again = list((tmp_path / "cache" / "kernels").iterdir())
+    assert again == built and (again[0].stat().st_ino, again[0].stat().st_mtime_ns) == stamp
