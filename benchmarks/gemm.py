@@ -4,8 +4,10 @@
 
 Every run streams the weights of all layers of the default model's shapes (the weights do
 not fit in the caches, as in a real step), so the figures are what a decode step gets, not
-what one hot matrix gets. Reports GFLOP/s per row count for `F.linear`, `W @ x.T` and the
-packed layout the engine uses on CPU (`cold_ray.model.lora.pack_weight`).
+what one hot matrix gets. Reports GFLOP/s per row count for `F.linear`, `W @ x.T`, the
+packed layout the engine uses on CPU (`cold_ray.model.lora.pack_weight`) and, up to
+`SMALL_ROWS` rows, the engine's small-batch product on the row-major weight
+(`cold_ray.model.lora.linear`: one row is padded to two), which 1–2-row steps use.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _best(fn, repeats: int) -> float:
 def measure(rows: list[int], repeats: int = 3, model: dict = SMOLLM2) -> list[dict]:
     import torch
 
-    from cold_ray.model.lora import pack_weight, packed_linear
+    from cold_ray.model.lora import SMALL_ROWS, linear, pack_weight, packed_linear
 
     shapes = layer_shapes(model) * model["layers"]
     weights = [torch.randn(o, i) for o, i in shapes]
@@ -55,6 +57,8 @@ def measure(rows: list[int], repeats: int = 3, model: dict = SMOLLM2) -> list[di
                                      for w in weights],
             "w_xt": lambda xs=xs: [torch.mm(w, xs[w.shape[1]].t()) for w in weights],
         }  # fmt: skip
+        if m <= SMALL_ROWS:
+            ways["small_batch"] = lambda xs=xs: [linear(xs[w.shape[1]], w) for w in weights]
         if all(p is not None for p in packed):
             ways["packed"] = lambda xs=xs: [packed_linear(xs[w.shape[1]], p, None)
                                             for w, p in zip(weights, packed)]  # fmt: skip

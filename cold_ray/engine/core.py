@@ -77,7 +77,7 @@ class EngineCore:
         self.model = model.to(device=self.device, dtype=config.torch_dtype).eval()
         self.dtype = config.torch_dtype
         if config.packed_weights:
-            self.model.pack_cpu_weights()
+            self.model.pack_cpu_weights(keep_row_major=config.small_batch_weights)
         self.model.init_rope()
         self.backend = select_backend(config.lora_backend, self.device)
         self.model.set_backend(self.backend)

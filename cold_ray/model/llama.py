@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from cold_ray.kernels import LoraBackend, LoraBatch
 from cold_ray.model.config import ModelArgs
-from cold_ray.model.lora import LoraLinear, linear, pack_weight, packed_linear
+from cold_ray.model.lora import ROW_MAJOR_ROWS, LoraLinear, linear, pack_weight, packed_linear
 
 
 @dataclass
@@ -240,10 +240,11 @@ class LlamaModel(nn.Module):
         linears = sum(m.in_features * m.out_features for m in self.lora_linears())
         return (linears + self.lm_weight.numel()) * size
 
-    def pack_cpu_weights(self, lm_head: bool = True) -> bool:
+    def pack_cpu_weights(self, lm_head: bool = True, keep_row_major: bool = False) -> bool:
         """Lay the base GEMM weights out for oneDNN once (CPU, fp32); the LM head gets a packed
-        copy beside the embedding it is tied to. False where packing is unavailable."""
-        if not all([m.pack_base() for m in self.lora_linears()]):
+        copy beside the embedding it is tied to, and `keep_row_major` keeps the projections'
+        row-major weights too, for 1–2-row steps. False where packing is unavailable."""
+        if not all([m.pack_base(keep_row_major) for m in self.lora_linears()]):
             return False
         if lm_head:
             self.lm_packed = pack_weight(self.lm_weight)
@@ -278,6 +279,6 @@ class LlamaModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, hidden] -> full-vocabulary logits [rows, V]."""
-        if self.lm_packed is not None:
+        if self.lm_packed is not None and hidden.shape[0] > ROW_MAJOR_ROWS:
             return packed_linear(hidden, self.lm_packed, None)
         return linear(hidden, self.lm_weight)

@@ -13,16 +13,22 @@ from torch import nn
 from cold_ray.kernels import LoraBackend, LoraBatch
 
 # Up to this many rows, `W @ x.T` beats `x @ W.T` on CPU BLAS: the small-M GEMM path packs
-# the whole weight, the transposed product streams it once (≈2x at 2–4 rows, measured).
-SMALL_ROWS = 8
+# the whole weight, the transposed product streams it once (`cold-ray bench gemm`: 2.5x at
+# 2 rows, 1.2x at 4; `x @ W.T` wins from 8).
+SMALL_ROWS = 4
+# Steps of up to this many rows read a kept row-major weight rather than the packed one:
+# MKL streams it at ≈19 GB/s there (one row padded to two: its 2-column GEMM streams faster
+# than its GEMV), the packed layout at ≈12–15 (`cold-ray bench gemm`).
+ROW_MAJOR_ROWS = 2
 # Row count oneDNN lays packed weights out for; any row count works with the layout.
 PACK_ROWS = 64
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, routed through the faster product for decode-sized batches on CPU."""
-    if x.shape[0] <= SMALL_ROWS and x.device.type == "cpu" and x.dim() == 2:
-        y = torch.mm(weight, x.t()).t().contiguous()
+    rows = x.shape[0]
+    if rows <= SMALL_ROWS and x.device.type == "cpu" and x.dim() == 2:
+        y = torch.mm(weight, (x.repeat(2, 1) if rows == 1 else x).t()).t()[:rows].contiguous()
         return y if bias is None else y.add_(bias)
     return nn.functional.linear(x, weight, bias)
 
@@ -74,17 +80,19 @@ class LoraLinear(nn.Module):
         self.backend: LoraBackend | None = None
         self.packed: torch.Tensor | None = None  # see `pack_base`; replaces `weight` when set
 
-    def pack_base(self) -> bool:
-        """Swap the base weight for its packed CPU layout (same memory, faster GEMMs)."""
+    def pack_base(self, keep_row_major: bool = False) -> bool:
+        """Lay the base weight out packed for CPU GEMMs. The row-major weight is dropped (same
+        memory as before), or kept for steps of up to ROW_MAJOR_ROWS rows (twice the memory)."""
         packed = pack_weight(self.weight)
         if packed is not None:
             self.packed = packed
-            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+            if not keep_row_major:
+                self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
         return packed is not None
 
     def forward(self, x: torch.Tensor, batch: LoraBatch | None) -> torch.Tensor:
         # x: [tokens, in] -> [tokens, out]
-        if self.packed is not None:
+        if self.packed is not None and (x.shape[0] > ROW_MAJOR_ROWS or not self.weight.numel()):
             y = packed_linear(x, self.packed, self.bias)
         else:
             y = linear(x, self.weight, self.bias)

@@ -108,6 +108,11 @@ class AppArgs(BaseModel):
         EngineConfig.packed_weights,
         description="CPU: lay base weights out once for oneDNN (false: plain BLAS, debugging).",
     )
+    small_batch_weights: bool = Field(
+        EngineConfig.small_batch_weights,
+        description="CPU, with packed_weights: keep row-major base weights too, for steps of "
+        "1-2 rows (one request or one CoLD pair); twice the base weights' memory.",
+    )
     cpu_attention_kernel: bool = Field(
         EngineConfig.cpu_attention_kernel,
         description="CPU, fp32, one thread: decode attention in a C kernel compiled on first "
@@ -294,6 +299,7 @@ class AppArgs(BaseModel):
             prefix_block_size=self.prefix_block_size,
             request_timeout_s=self.request_timeout_s,
             packed_weights=self.packed_weights,
+            small_batch_weights=self.small_batch_weights,
             cpu_attention_kernel=self.cpu_attention_kernel,
             host_cache_bytes=self.host_cache_bytes,
             max_adapter_bytes=self.max_adapter_bytes,
