@@ -7,8 +7,10 @@ each row's keys and values once, for exactly the positions the row has (no mask,
 padding), ≈ 2x faster (`cold-ray bench attention`).
 
 The kernel is compiled with the system C compiler (`$CC`, else `cc`/`gcc`/`clang`) for this
-machine (`-march=native`) into the cold-ray cache folder, keyed by source, flags and compiler;
-where no compiler works, `load()` returns None and the model keeps SDPA. It runs on one thread:
+machine (`-march=native`) into the cold-ray cache folder, keyed by source, flags, compiler and
+CPU (a cache folder shared by machines with other CPUs never hands one a library built for
+instructions it lacks); where no compiler works, `load()` returns None and the model keeps
+SDPA. It runs on one thread:
 the engine uses it when torch runs one intra-op thread (the default), SDPA otherwise.
 """
 
@@ -33,6 +35,7 @@ SOURCE = Path(__file__).with_name("cpu_decode_attention.c")
 # -ffast-math: vectorised dot products and exp (glibc's libmvec); the source holds no infinity
 # or NaN test that the finite-math assumption could remove.
 FLAGS = (["-O3", "-march=native", "-ffast-math"], ["-O3", "-ffast-math"])
+COMPILE_TIMEOUT_S = 120
 
 
 def _compiler() -> str | None:
@@ -42,29 +45,45 @@ def _compiler() -> str | None:
     return None
 
 
+def cpu_identity() -> str:
+    """What `-march=native` compiles for: the CPU model and its instruction-set flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:  # not Linux
+        return platform.processor()
+
+
+def library_name(flags: list[str], compiler_version: str, cpu: str) -> str:
+    parts = [SOURCE.read_bytes(), " ".join(flags).encode(), compiler_version.encode(),
+             platform.machine().encode(), cpu.encode()]  # fmt: skip
+    return f"cpu_decode_attention-{hashlib.sha256(b'|'.join(parts)).hexdigest()[:16]}.so"
+
+
 def _build(out_dir: Path) -> Path | None:
     cc = _compiler()
     if cc is None:
         log.info("no C compiler found: decode attention uses torch SDPA")
         return None
-    source = SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                             timeout=COMPILE_TIMEOUT_S).stdout  # fmt: skip
     for flags in FLAGS:
-        key = hashlib.sha256(
-            source + " ".join(flags).encode() + version.encode() + platform.machine().encode()
-        ).hexdigest()[:16]
-        target = out_dir / f"cpu_decode_attention-{key}.so"
+        target = out_dir / library_name(flags, version, cpu_identity())
         if target.exists():
             return target
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=out_dir, suffix=".so.partial")
         os.close(fd)
         cmd = [cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", partial, "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
-            os.replace(partial, target)  # atomic: concurrent builders write the same bytes
-            return target
-        os.unlink(partial)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            if done.returncode == 0:
+                os.replace(partial, target)  # atomic: concurrent builders write the same bytes
+                return target
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
         log.info("`%s` failed: %s", " ".join(cmd), done.stderr.strip()[:500])
     log.warning("the CPU decode-attention kernel did not compile: decode attention uses SDPA")
     return None
@@ -78,7 +97,7 @@ def load() -> DecodeAttentionKernel | None:
     try:
         path = _build(cache_dir() / "kernels")
         return None if path is None else DecodeAttentionKernel(ctypes.CDLL(str(path)))
-    except OSError as e:  # unwritable cache folder, a library the loader refuses
+    except (OSError, subprocess.SubprocessError) as e:  # unwritable cache, a hung compiler…
         log.warning("CPU decode-attention kernel unavailable (%s): decode attention uses SDPA", e)
         return None
 

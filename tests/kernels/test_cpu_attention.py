@@ -163,3 +163,16 @@ def test_compiled_once_per_machine(tiny_llama, tmp_path):
     assert "KERNEL True" in out, out
     again = list((tmp_path / "cache" / "kernels").iterdir())
     assert again == built and (again[0].stat().st_ino, again[0].stat().st_mtime_ns) == stamp
+
+
+def test_the_library_is_keyed_by_the_cpu_it_was_built_for():
+    """A cache folder shared by machines with different CPUs (an NFS home across a Ray
+    cluster) must not hand a machine a library built with instructions it lacks."""
+    here = cpu_attention.cpu_identity()
+    assert here  # model name / flags read from this machine
+    flags, version = cpu_attention.FLAGS[0], "cc 1.0"
+    name = cpu_attention.library_name(flags, version, here)
+    assert name == cpu_attention.library_name(flags, version, here)
+    assert name != cpu_attention.library_name(flags, version, here + "flags : avx512f\n")
+    assert name != cpu_attention.library_name(flags, "cc 2.0", here)
+    assert name != cpu_attention.library_name(cpu_attention.FLAGS[1], version, here)
