@@ -16,20 +16,9 @@ import argparse
 import json
 import os
 import sys
-import time
 
-from cold_ray.benchmarks.common import positive_ints
+from cold_ray.benchmarks.common import best_seconds, positive_ints
 from cold_ray.benchmarks.gemm import SMOLLM2
-
-
-def _best(fn, repeats: int) -> float:
-    fn()  # warm: first-call allocations
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def measure(rows: int, context: int, repeats: int = 5, model: dict = SMOLLM2) -> dict:
@@ -56,11 +45,11 @@ def measure(rows: int, context: int, repeats: int = 5, model: dict = SMOLLM2) ->
                                            v[i, :, :, :span], attn_mask=mask)  # fmt: skip
 
     kv_bytes = 2 * layers * kvh * dim * 4 * int((positions + 1).sum())
-    rec = {"rows": rows, "context": context, "sdpa_ms": 1e3 * _best(sdpa, repeats)}
+    rec = {"rows": rows, "context": context, "sdpa_ms": 1e3 * best_seconds(sdpa, repeats)}
     rec["sdpa_gb_s"] = kv_bytes / rec["sdpa_ms"] / 1e6
     kernel = cpu_attention.load()
     if kernel is not None:
-        rec["kernel_ms"] = 1e3 * _best(
+        rec["kernel_ms"] = 1e3 * best_seconds(
             lambda: [kernel(q, k[i], v[i], slots, positions) for i in range(layers)], repeats
         )
         rec["kernel_gb_s"] = kv_bytes / rec["kernel_ms"] / 1e6

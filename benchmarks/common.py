@@ -9,10 +9,23 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable
 
 # One intra-op thread, no OpenMP spin-waiting: what an engine replica runs with.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
+
+
+def best_seconds(fn: Callable, repeats: int, *args) -> float:
+    """Fastest of `repeats` timed calls of fn(*args), after one untimed call (first-call
+    allocations, oneDNN primitive creation)."""
+    fn(*args)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def positive_ints(text: str) -> list[int]:

@@ -16,9 +16,8 @@ import argparse
 import json
 import os
 import sys
-import time
 
-from cold_ray.benchmarks.common import positive_ints
+from cold_ray.benchmarks.common import best_seconds, positive_ints
 
 SMOLLM2 = {"hidden": 576, "intermediate": 1536, "heads": 9, "kv_heads": 3, "head_dim": 64,
            "layers": 30}  # fmt: skip
@@ -29,15 +28,6 @@ def layer_shapes(m: dict) -> list[tuple[int, int]]:
     q, kv = m["heads"] * m["head_dim"], m["kv_heads"] * m["head_dim"]
     h, i = m["hidden"], m["intermediate"]
     return [(q + 2 * kv, h), (h, q), (2 * i, h), (h, i)]
-
-
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def measure(rows: list[int], repeats: int = 3, model: dict = SMOLLM2) -> list[dict]:
@@ -64,7 +54,7 @@ def measure(rows: list[int], repeats: int = 3, model: dict = SMOLLM2) -> list[di
                                             for w, p in zip(weights, packed)]  # fmt: skip
         rec = {"rows": m}
         for name, fn in ways.items():
-            rec[f"{name}_gflops"] = flops / _best(fn, repeats) / 1e9
+            rec[f"{name}_gflops"] = flops / best_seconds(fn, repeats) / 1e9
         out.append(rec)
     return out
 
@@ -77,9 +67,9 @@ def peak_gflops(size: int = 1024, repeats: int = 5) -> float:
 
     a, w = torch.randn(size, size), torch.randn(size, size)
     p = pack_weight(w)
-    rates = [2 * size**3 / _best(lambda: torch.mm(a, w), repeats) / 1e9]
+    rates = [2 * size**3 / best_seconds(lambda: torch.mm(a, w), repeats) / 1e9]
     if p is not None:
-        rates.append(2 * size**3 / _best(lambda: packed_linear(a, p, None), repeats) / 1e9)
+        rates.append(2 * size**3 / best_seconds(lambda: packed_linear(a, p, None), repeats) / 1e9)
     return max(rates)
 
 

@@ -18,21 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+
+from cold_ray.benchmarks.common import best_seconds
 
 # (rows, in, out): square GEMMs big enough to leave the caches, and SmolLM2's prefill shapes
 GEMM_SHAPES = ((1024, 1024, 1024), (512, 2048, 2048), (256, 576, 1536), (256, 576, 3072),
                (256, 1536, 576))  # fmt: skip
-
-
-def _best(fn, repeats: int, *args) -> float:
-    fn(*args)  # warm: first-call allocations and oneDNN primitive creation
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _packed(x, packed):
@@ -54,10 +45,12 @@ def measure_gemm_peak(shapes=GEMM_SHAPES, repeats: int = 5) -> dict:
         flops = 2 * rows * k * n
         rec = {"shape": [rows, k, n]}
         wt = w.t().contiguous()
-        rec["mm_gflop_s"] = round(flops / _best(torch.mm, repeats, x, wt) / 1e9, 2)
+        rec["mm_gflop_s"] = round(flops / best_seconds(torch.mm, repeats, x, wt) / 1e9, 2)
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
-            rec["packed_gflop_s"] = round(flops / _best(_packed, repeats, x, packed) / 1e9, 2)
+            rec["packed_gflop_s"] = round(
+                flops / best_seconds(_packed, repeats, x, packed) / 1e9, 2
+            )
         except (RuntimeError, AttributeError):  # a torch without oneDNN's packed linear
             rec["packed_gflop_s"] = None
         per_shape.append(rec)
@@ -71,7 +64,7 @@ def measure_bandwidth(mib: int = 256, repeats: int = 5) -> float:
 
     torch.set_num_threads(1)
     buf = torch.ones(mib * 2**20 // 4)
-    return buf.numel() * 4 / _best(torch.sum, repeats, buf)
+    return buf.numel() * 4 / best_seconds(torch.sum, repeats, buf)
 
 
 def model_params(args, max_lora_rank: int) -> dict:
