@@ -10,8 +10,8 @@ The kernel is compiled with the system C compiler (`$CC`, else `cc`/`gcc`/`clang
 machine (`-march=native`) into the cold-ray cache folder, keyed by source, flags, compiler and
 CPU (a cache folder shared by machines with other CPUs never hands one a library built for
 instructions it lacks); where no compiler works, `load()` returns None and the model keeps
-SDPA. It runs on one thread:
-the engine uses it when torch runs one intra-op thread (the default), SDPA otherwise.
+SDPA. It runs on one thread: the engine uses it when torch runs one intra-op thread (the
+default), SDPA otherwise.
 """
 
 from __future__ import annotations
@@ -116,9 +116,11 @@ class DecodeAttentionKernel:
         Returns [n, heads, dim]."""
         n, heads, dim = q.shape
         if not (q.dtype == k.dtype == v.dtype == torch.float32 and k.stride() == v.stride()
-                and k.stride(-1) == 1 and slots.dtype == positions.dtype == torch.int64):  # fmt: skip
-            raise ValueError("decode attention kernel: fp32 q/k/v with matching strides and "
-                             "int64 slots/positions expected")  # fmt: skip
+                and k.stride(-1) == 1 and slots.dtype == positions.dtype == torch.int64
+                and heads % k.shape[1] == 0 and k.shape[-1] == dim
+                and all(t.device.type == "cpu" for t in (q, k, v, slots, positions))):  # fmt: skip
+            raise ValueError("decode attention kernel: CPU fp32 q/k/v with matching strides and "
+                             "head sizes, int64 slots/positions expected")  # fmt: skip
         q, slots, positions = q.contiguous(), slots.contiguous(), positions.contiguous()
         out = torch.empty_like(q)
         status = self._fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),

@@ -82,11 +82,15 @@ def test_a_tokens_result_does_not_depend_on_the_batch():
 
 @needs_kernel
 def test_refuses_inputs_it_was_not_built_for():
-    q, k, v, slots, positions = random_case(0, 64, 1)
+    q, k, v, slots, positions = random_case(0, 64, 3)
     with pytest.raises(ValueError, match="fp32"):
         kernel(q.double(), k, v, slots, positions)
     with pytest.raises(ValueError, match="int64"):
         kernel(q, k, v, slots.int(), positions)
+    with pytest.raises(ValueError, match="head sizes"):  # q's head_dim is not the cache's
+        kernel(q[..., :32].contiguous(), k, v, slots, positions)
+    with pytest.raises(ValueError, match="head sizes"):  # 3 of the 6 query heads over 2 K/V heads
+        kernel(q[:, :3].contiguous(), k, v, slots, positions)
 
 
 def _generate(path, prompts, **config):
