@@ -579,7 +579,10 @@ def test_full_queue_answers_503_quickly(stack):
     with httpx.Client(base_url=stack["url"], timeout=60) as c:
         with c.stream("POST", "/ovl/v1/completions", json=long_body, headers=CLIENT) as busy:
             assert busy.status_code == 200
-            next(busy.iter_lines())  # the long request is now running in the only slot
+            # Keep the iterator: a discarded one is closed at once, and closing it closes the
+            # connection — the proxy would cancel the long request.
+            lines = busy.iter_lines()
+            assert next(lines).startswith("data: ")  # the long request runs in the only slot
             threads = [threading.Thread(target=short) for _ in range(3)]
             for t in threads:
                 t.start()
@@ -589,6 +592,7 @@ def test_full_queue_answers_503_quickly(stack):
             except AssertionError as e:
                 seen = [(x[0].status_code, round(x[1], 1)) for x in results]
                 raise AssertionError(f"{e}; finished: {seen}") from None
+            assert next(x for x in lines if x).startswith("data: ")  # and it still runs
     for t in threads:
         t.join(timeout=60)
     r, seconds = rejected[0]
