@@ -85,7 +85,9 @@ class EngineCore:
                 and self.dtype == torch.float32 and torch.get_num_threads() == 1):  # fmt: skip
             from cold_ray.kernels import cpu_attention
 
-            self.model.set_decode_kernel(cpu_attention.load())
+            kernel = cpu_attention.load()
+            self.model.set_decode_kernel(kernel)
+            log.info("decode attention: %s", "C kernel" if kernel else "torch SDPA")
         self.cache = KVCache.allocate(
             self.args, config.max_rows, config.max_model_len, config.torch_dtype, self.device
         )
