@@ -22,9 +22,11 @@ from cold_ray.model.lora import ROW_MAJOR_ROWS, LoraLinear, linear, pack_weight,
 class DecodeAttention:
     """Decode tokens (one per row) sit first in the step's flat token list, at [0, num).
 
-    Attention runs over the cache slots [0, span_rows) as a view (no gather): a decode row's
-    query goes to its own slot; slots in that range without a decoding row get a dummy query
-    that attends position 0 only, and their output is dropped.
+    SDPA runs over the cache slots [0, span_rows) as a view (no gather): a decode row's query
+    goes to its own slot; slots in that range without a decoding row get a dummy query that
+    attends position 0 only, and their output is dropped. The CPU kernel needs none of this:
+    each token reads positions 0..its position of its own slot (`ForwardBatch.slots` and
+    `.positions` at [0, num)).
     """
 
     num: int  # decode tokens D

@@ -92,6 +92,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: LoraBatch | None) -> torch.Tensor:
         # x: [tokens, in] -> [tokens, out]
+        # packed, unless the step is small and the row-major weight was kept for it
         if self.packed is not None and (x.shape[0] > ROW_MAJOR_ROWS or not self.weight.numel()):
             y = packed_linear(x, self.packed, self.bias)
         else:
