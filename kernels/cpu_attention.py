@@ -2,7 +2,7 @@
 
 A decode token has only its GQA group of query rows per K/V head (3 for SmolLM2), so torch's
 CPU SDPA spends its time setting up one tiny GEMM pair per (row, head) rather than reading the
-cache: ≈ 5.6 GB/s over SmolLM2's cache at 16 rows, ≈ 20% of a decode step. The C kernel reads
+cache: ≈ 6 GB/s over SmolLM2's cache at 16 rows, ≈ 15% of a decode step. The C kernel reads
 each row's keys and values once, for exactly the positions the row has (no mask, no span
 padding), ≈ 2x faster (`cold-ray bench attention`).
 

@@ -17,8 +17,8 @@ from cold_ray.kernels import LoraBackend, LoraBatch
 # 2 rows, 1.2x at 4; `x @ W.T` wins from 8).
 SMALL_ROWS = 4
 # Steps of up to this many rows read a kept row-major weight rather than the packed one:
-# MKL streams it at ≈19 GB/s there (one row padded to two: its 2-column GEMM streams faster
-# than its GEMV), the packed layout at ≈12–15 (`cold-ray bench gemm`).
+# MKL streams it at ≈17 GB/s there (one row padded to two: its 2-column GEMM streams faster
+# than its GEMV), the packed layout at ≈11–13 (`cold-ray bench gemm`).
 ROW_MAJOR_ROWS = 2
 # Row count oneDNN lays packed weights out for; any row count works with the layout.
 PACK_ROWS = 64
