@@ -32,11 +32,14 @@ class EngineConfig:
     lora_backend: str = "auto"  # auto | reference | grouped | triton | ...
     num_threads: int | None = 1  # intra-op threads; 1 avoids OpenMP spin-wait collapse
     packed_weights: bool = True  # CPU: base GEMM weights in oneDNN's packed layout
-    # CPU, with packed_weights: keep the row-major weights too, for steps of 1–2 rows (one
-    # request, or one CoLD pair: `bench gemm` 1.3x at one row, 1.6x at two); twice the base weights' memory.
+    # CPU, with packed_weights: keep a second copy of the base weights for steps of 1–4 rows
+    # (one or two requests, one or two CoLD pairs): panels for the small-GEMM kernel, or the
+    # row-major weights for 1–2 rows without it (`bench gemm`); twice the base weights' memory.
     small_batch_weights: bool = True
-    # CPU, fp32, one thread: decode attention in a compiled C kernel (SDPA without a compiler)
+    # CPU, fp32, one thread: compiled C kernels (torch's operators without a compiler) for
+    # decode attention, and for 1–4-row products over small_batch_weights' panels
     cpu_attention_kernel: bool = True
+    cpu_gemm_kernel: bool = True
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -1,5 +1,6 @@
 """The CPU GEMM routes of the base projections: the small-batch product, the packed layout,
-and the row-major copy kept for 1–2-row steps — each against F.linear, each chosen by rows."""
+the row-major copy kept for 1–2-row steps and the panels the small-GEMM kernel reads for 1–4 —
+each against F.linear, each chosen by rows."""
 
 import pytest
 import torch
@@ -7,7 +8,15 @@ import torch
 from cold_ray.config import EngineConfig
 from cold_ray.decoding import ColdParams
 from cold_ray.engine import EngineCore, SamplingParams
-from cold_ray.model.lora import ROW_MAJOR_ROWS, LoraLinear, linear, pack_weight, packed_linear
+from cold_ray.kernels import cpu_gemm
+from cold_ray.model.lora import (
+    PANEL_ROWS,
+    ROW_MAJOR_ROWS,
+    LoraLinear,
+    linear,
+    pack_weight,
+    packed_linear,
+)
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32, another summation order
 
@@ -27,34 +36,49 @@ def test_small_batch_product_matches_f_linear(rows):
     torch.testing.assert_close(got.double(), want, **TOL)
 
 
-@pytest.mark.parametrize("keep", [True, False])
-def test_lora_linear_reads_the_row_major_copy_only_for_small_steps(keep):
-    weight, _ = _weights(1)
-    layer = LoraLinear(23, (20, 17), False, max_loras=1, max_rank=4)
+def _route(layer, weight, x):
+    """The product the routing rule names for this many rows, computed directly."""
+    rows = x.shape[0]
+    if layer.panels is not None and rows <= PANEL_ROWS:
+        return cpu_gemm.load()(x, cpu_gemm.to_panels(weight))
+    if layer.weight.numel() and rows <= ROW_MAJOR_ROWS:
+        return linear(x, weight)
+    return packed_linear(x, layer.packed, None)
+
+
+@pytest.mark.parametrize("copy", ["none", "row-major", "panels"])
+def test_lora_linear_reads_each_copy_only_for_its_steps(copy):
+    weight, _ = _weights(1, out=48)
+    layer = LoraLinear(23, (32, 16), False, max_loras=1, max_rank=4)
     layer.weight.data.copy_(weight)
-    if not layer.pack_base(keep_row_major=keep):
+    kernel = cpu_gemm.load() if copy == "panels" else None
+    if copy == "panels" and kernel is None:
+        pytest.skip("no C compiler on this machine")
+    if not layer.pack_base(small_batch=copy != "none", small_gemm=kernel):
         pytest.skip("oneDNN packing unavailable in this torch build")
-    assert layer.weight.numel() == (weight.numel() if keep else 0)  # dropped: no extra memory
-    for rows in range(1, 6):
+    assert (layer.panels is not None) == (copy == "panels")
+    # one extra copy at most: the row-major weight is kept only as the small-step copy
+    assert layer.weight.numel() == (weight.numel() if copy == "row-major" else 0)
+    for rows in range(1, 7):
         x = torch.randn(rows, 23, generator=torch.Generator().manual_seed(rows))
         got = layer(x, None)
         torch.testing.assert_close(got, torch.nn.functional.linear(x, weight), **TOL)
-        route = linear(x, weight) if keep and rows <= ROW_MAJOR_ROWS else packed_linear(
-            x, layer.packed, None)  # fmt: skip
-        assert torch.equal(got, route), rows  # the route the rule names, bit for bit
+        assert torch.equal(got, _route(layer, weight, x)), rows  # the named route, bit for bit
     assert pack_weight(weight.double()) is None  # fp64 (or any non-fp32) is never packed
 
 
-def _run(path, adapters, small_batch_weights):
-    core = EngineCore(EngineConfig(model=str(path), max_rows=4, max_model_len=64,
-                                   small_batch_weights=small_batch_weights))  # fmt: skip
+def _run(path, adapters, **config):
+    core = EngineCore(EngineConfig(model=str(path), max_rows=6, max_model_len=64, **config))
     core.register_adapter("a", adapters[0])
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     alone = core.generate([[5, 9, 13, 2]], greedy)  # one row: 1-row steps
     pair = core.generate([[7, 3, 11]], greedy, "a", ColdParams(0.1, 0.5))  # a CoLD pair: 2 rows
-    four = core.generate([[4 + i] * (2 + i) for i in range(4)], greedy)  # 3-4 rows: packed
-    return [r["token_ids"] for r in alone + pair + four]
+    four = core.generate([[4 + i] * (2 + i) for i in range(4)], greedy)  # 3-4 rows
+    six = core.generate([[9 + i] * (1 + i) for i in range(6)], greedy)  # 5-6 rows: packed
+    return [r["token_ids"] for r in alone + pair + four + six]
 
 
 def test_engine_tokens_do_not_depend_on_the_small_batch_copy(tiny_llama, tiny_adapters):
-    assert _run(tiny_llama, tiny_adapters, True) == _run(tiny_llama, tiny_adapters, False)
+    packed_only = _run(tiny_llama, tiny_adapters, small_batch_weights=False)
+    assert _run(tiny_llama, tiny_adapters, cpu_gemm_kernel=False) == packed_only  # row-major
+    assert _run(tiny_llama, tiny_adapters) == packed_only  # panels, where the kernel builds

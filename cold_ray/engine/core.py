@@ -76,18 +76,14 @@ class EngineCore:
         load_weights(model, path)
         self.model = model.to(device=self.device, dtype=config.torch_dtype).eval()
         self.dtype = config.torch_dtype
+        attention, small_gemm = self._cpu_kernels(config)
         if config.packed_weights:
-            self.model.pack_cpu_weights(keep_row_major=config.small_batch_weights)
+            self.model.pack_cpu_weights(small_batch=config.small_batch_weights,
+                                        small_gemm=small_gemm)  # fmt: skip
         self.model.init_rope()
         self.backend = select_backend(config.lora_backend, self.device)
         self.model.set_backend(self.backend)
-        if (config.cpu_attention_kernel and self.device.type == "cpu"
-                and self.dtype == torch.float32 and torch.get_num_threads() == 1):  # fmt: skip
-            from cold_ray.kernels import cpu_attention
-
-            kernel = cpu_attention.load()
-            self.model.set_decode_kernel(kernel)
-            log.info("decode attention: %s", "C kernel" if kernel else "torch SDPA")
+        self.model.set_decode_kernel(attention)
         self.cache = KVCache.allocate(
             self.args, config.max_rows, config.max_model_len, config.torch_dtype, self.device
         )
@@ -108,6 +104,22 @@ class EngineCore:
                       "adapter_load_seconds": 0.0, "finished_requests": 0,
                       "failed_requests": 0, "prefill_tokens": 0}  # fmt: skip
         self.adapters = AdapterLoader(self.args, config, self.slots, resolver, self.stats)
+
+    def _cpu_kernels(self, config: EngineConfig):
+        """The compiled CPU kernels this engine uses: (decode attention, small GEMM), each None
+        where it is turned off or cannot be built. They run on one thread, fp32."""
+        if not (self.device.type == "cpu" and self.dtype == torch.float32
+                and torch.get_num_threads() == 1):  # fmt: skip
+            return None, None
+        from cold_ray.kernels import cpu_attention, cpu_gemm
+
+        attention = cpu_attention.load() if config.cpu_attention_kernel else None
+        small_gemm = cpu_gemm.load() if config.cpu_gemm_kernel else None
+        if config.cpu_attention_kernel:
+            log.info("decode attention: %s", "C kernel" if attention else "torch SDPA")
+        if config.cpu_gemm_kernel and config.small_batch_weights and config.packed_weights:
+            log.info("1-4-row products: %s", "C kernel" if small_gemm else "BLAS")
+        return attention, small_gemm
 
     @property
     def waiting(self):

@@ -14,8 +14,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from cold_ray.kernels import LoraBackend, LoraBatch
+from cold_ray.kernels.cpu_gemm import to_panels
 from cold_ray.model.config import ModelArgs
-from cold_ray.model.lora import ROW_MAJOR_ROWS, LoraLinear, linear, pack_weight, packed_linear
+from cold_ray.model.lora import (
+    PANEL_ROWS,
+    ROW_MAJOR_ROWS,
+    LoraLinear,
+    linear,
+    pack_weight,
+    packed_linear,
+)
 
 
 @dataclass
@@ -225,6 +233,8 @@ class LlamaModel(nn.Module):
         )
         self.max_len = max_len
         self.lm_packed: torch.Tensor | None = None
+        self.lm_panels: torch.Tensor | None = None  # see `pack_cpu_weights`
+        self.small_gemm = None
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
@@ -242,14 +252,19 @@ class LlamaModel(nn.Module):
         linears = sum(m.in_features * m.out_features for m in self.lora_linears())
         return (linears + self.lm_weight.numel()) * size
 
-    def pack_cpu_weights(self, lm_head: bool = True, keep_row_major: bool = False) -> bool:
+    def pack_cpu_weights(self, lm_head: bool = True, small_batch: bool = False,
+                         small_gemm=None) -> bool:  # fmt: skip
         """Lay the base GEMM weights out for oneDNN once (CPU, fp32); the LM head gets a packed
-        copy beside the embedding it is tied to, and `keep_row_major` keeps the projections'
-        row-major weights too, for 1–2-row steps. False where packing is unavailable."""
-        if not all([m.pack_base(keep_row_major) for m in self.lora_linears()]):
+        copy beside the embedding it is tied to. `small_batch` keeps a copy of each projection
+        for small steps (`LoraLinear.pack_base`) and, with the `small_gemm` kernel, panels of
+        the LM head. False where packing is unavailable."""
+        if not all([m.pack_base(small_batch, small_gemm) for m in self.lora_linears()]):
             return False
         if lm_head:
             self.lm_packed = pack_weight(self.lm_weight)
+        if small_batch and small_gemm is not None:
+            self.lm_panels = to_panels(self.lm_weight)
+            self.small_gemm = small_gemm if self.lm_panels is not None else None
         return True
 
     def set_backend(self, backend: LoraBackend) -> None:
@@ -281,6 +296,8 @@ class LlamaModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, hidden] -> full-vocabulary logits [rows, V]."""
+        if self.lm_panels is not None and hidden.shape[0] <= PANEL_ROWS:
+            return self.small_gemm(hidden, self.lm_panels)
         if self.lm_packed is not None and hidden.shape[0] > ROW_MAJOR_ROWS:
             return packed_linear(hidden, self.lm_packed, None)
         return linear(hidden, self.lm_weight)

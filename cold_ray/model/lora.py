@@ -11,15 +11,19 @@ import torch
 from torch import nn
 
 from cold_ray.kernels import LoraBackend, LoraBatch
+from cold_ray.kernels.cpu_gemm import to_panels
 
 # Up to this many rows, `W @ x.T` beats `x @ W.T` on CPU BLAS: the small-M GEMM path packs
 # the whole weight, the transposed product streams it once (`cold-ray bench gemm`: 2.5x at
 # 2 rows, 1.2x at 4; `x @ W.T` wins from 8).
 SMALL_ROWS = 4
-# Steps of up to this many rows read a kept row-major weight rather than the packed one:
-# MKL streams it at ≈17 GB/s there (one row padded to two: its 2-column GEMM streams faster
-# than its GEMV), the packed layout at ≈11–13 (`cold-ray bench gemm`).
+# Without the small-GEMM kernel, steps of up to this many rows read a kept row-major weight
+# rather than the packed one: MKL streams it at ≈17 GB/s there (one row padded to two: its
+# 2-column GEMM streams faster than its GEMV), the packed layout at ≈11–13 (`cold-ray bench gemm`).
 ROW_MAJOR_ROWS = 2
+# With it (`kernels/cpu_gemm.py`), steps of up to this many rows read a panel copy: it streams
+# the weights once per four rows at ≈ 20–33 GB/s and beats the packed layout up to 4 rows.
+PANEL_ROWS = 4
 # Row count oneDNN lays packed weights out for; any row count works with the layout.
 PACK_ROWS = 64
 
@@ -79,21 +83,30 @@ class LoraLinear(nn.Module):
         # Set by the model before each forward: the step's adapter metadata and backend.
         self.backend: LoraBackend | None = None
         self.packed: torch.Tensor | None = None  # see `pack_base`; replaces `weight` when set
+        self.panels: torch.Tensor | None = None  # see `pack_base`; read by `small_gemm`
+        self.small_gemm = None
 
-    def pack_base(self, keep_row_major: bool = False) -> bool:
-        """Lay the base weight out packed for CPU GEMMs. The row-major weight is dropped (same
-        memory as before), or kept for steps of up to ROW_MAJOR_ROWS rows (twice the memory)."""
+    def pack_base(self, small_batch: bool = False, small_gemm=None) -> bool:
+        """Lay the base weight out packed for CPU GEMMs. With `small_batch`, a second copy
+        serves small steps (twice the memory): panels for the `small_gemm` kernel (steps of up
+        to PANEL_ROWS rows) where it can take this weight, else the row-major weight (up to
+        ROW_MAJOR_ROWS rows). Otherwise the row-major weight is dropped (same memory as before)."""
         packed = pack_weight(self.weight)
+        if small_batch and small_gemm is not None:
+            self.panels = to_panels(self.weight)
+            self.small_gemm = small_gemm if self.panels is not None else None
         if packed is not None:
             self.packed = packed
-            if not keep_row_major:
+            if not small_batch or self.panels is not None:
                 self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
         return packed is not None
 
     def forward(self, x: torch.Tensor, batch: LoraBatch | None) -> torch.Tensor:
-        # x: [tokens, in] -> [tokens, out]
-        # packed, unless the step is small and the row-major weight was kept for it
-        if self.packed is not None and (x.shape[0] > ROW_MAJOR_ROWS or not self.weight.numel()):
+        # x: [tokens, in] -> [tokens, out]; the route is chosen by the step's rows alone
+        rows = x.shape[0]
+        if self.panels is not None and rows <= PANEL_ROWS:
+            y = self.small_gemm(x, self.panels, self.bias)
+        elif self.packed is not None and (rows > ROW_MAJOR_ROWS or not self.weight.numel()):
             y = packed_linear(x, self.packed, self.bias)
         else:
             y = linear(x, self.weight, self.bias)

@@ -110,13 +110,19 @@ class AppArgs(BaseModel):
     )
     small_batch_weights: bool = Field(
         EngineConfig.small_batch_weights,
-        description="CPU, with packed_weights: keep row-major base weights too, for steps of "
-        "1-2 rows (one request or one CoLD pair); twice the base weights' memory.",
+        description="CPU, with packed_weights: keep a second copy of the base weights for "
+        "steps of 1-4 rows (panels for cpu_gemm_kernel, else row-major for 1-2 rows); twice "
+        "the base weights' memory.",
     )
     cpu_attention_kernel: bool = Field(
         EngineConfig.cpu_attention_kernel,
         description="CPU, fp32, one thread: decode attention in a C kernel compiled on first "
         "start (false, or no C compiler: torch SDPA).",
+    )
+    cpu_gemm_kernel: bool = Field(
+        EngineConfig.cpu_gemm_kernel,
+        description="CPU, fp32, one thread, with small_batch_weights: 1-4-row products in a C "
+        "kernel over weights in huge-page memory (false, or no C compiler: BLAS).",
     )
     host_cache_bytes: int = Field(
         1 << 30, ge=0, description="Host memory (bytes) for validated adapters kept for fast "
@@ -301,6 +307,7 @@ class AppArgs(BaseModel):
             packed_weights=self.packed_weights,
             small_batch_weights=self.small_batch_weights,
             cpu_attention_kernel=self.cpu_attention_kernel,
+            cpu_gemm_kernel=self.cpu_gemm_kernel,
             host_cache_bytes=self.host_cache_bytes,
             max_adapter_bytes=self.max_adapter_bytes,
             lora_backend=self.lora_backend,

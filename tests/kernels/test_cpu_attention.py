@@ -1,11 +1,5 @@
 """The compiled CPU decode-attention kernel: numerics against an fp64 reference, batch
-invariance, the engine's tokens with and without it, and the fallback to SDPA when it cannot
-be built."""
-
-import os
-import subprocess
-import sys
-import textwrap
+invariance, the engine's tokens with and without it (its build: test_cpu_kernels_build.py)."""
 
 import pytest
 import torch
@@ -120,61 +114,3 @@ def test_engine_keeps_sdpa_on_more_than_one_thread(tiny_llama):
         assert core.model.layers[0].self_attn.decode_kernel is None
     finally:
         torch.set_num_threads(threads)
-
-
-PROBE = textwrap.dedent("""
-    import logging, sys
-    logging.basicConfig(level=logging.INFO)
-    from cold_ray.config import EngineConfig
-    from cold_ray.engine import EngineCore, SamplingParams
-    from cold_ray.kernels import cpu_attention
-    print("KERNEL", cpu_attention.load() is not None)
-    core = EngineCore(EngineConfig(model=sys.argv[1], max_rows=2, max_model_len=32))
-    print("ENGINE", core.model.layers[0].self_attn.decode_kernel is not None)
-    out = core.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
-    print("TOKENS", len(out[0]["token_ids"]))
-""")
-
-
-def _probe(tiny_llama, tmp_path, **env):
-    env = {**os.environ, "COLD_RAY_CACHE": str(tmp_path / "cache"), **env}
-    done = subprocess.run([sys.executable, "-c", PROBE, str(tiny_llama)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout, done.stderr
-
-
-@pytest.mark.parametrize("env", [{"PATH": "/nonexistent", "CC": ""}, {"CC": "/bin/false"}],
-                         ids=["no compiler", "compiler fails"])  # fmt: skip
-def test_without_a_working_compiler_the_engine_uses_sdpa(tiny_llama, tmp_path, env):
-    out, err = _probe(tiny_llama, tmp_path, **env)
-    assert "KERNEL False" in out and "ENGINE False" in out and "TOKENS 4" in out, out
-    assert "SDPA" in err, err[-2000:]
-    assert not list((tmp_path / "cache").glob("kernels/*.partial"))
-
-
-@needs_kernel
-def test_compiled_once_per_machine(tiny_llama, tmp_path):
-    """The first process compiles into the cache folder; the next one loads that library."""
-    out, _ = _probe(tiny_llama, tmp_path)
-    assert "KERNEL True" in out and "ENGINE True" in out and "TOKENS 4" in out, out
-    built = list((tmp_path / "cache" / "kernels").iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so", built
-    stamp = (built[0].stat().st_ino, built[0].stat().st_mtime_ns)
-    out, _ = _probe(tiny_llama, tmp_path)
-    assert "KERNEL True" in out, out
-    again = list((tmp_path / "cache" / "kernels").iterdir())
-    assert again == built and (again[0].stat().st_ino, again[0].stat().st_mtime_ns) == stamp
-
-
-def test_the_library_is_keyed_by_the_cpu_it_was_built_for():
-    """A cache folder shared by machines with different CPUs (an NFS home across a Ray
-    cluster) must not hand a machine a library built with instructions it lacks."""
-    here = cpu_attention.cpu_identity()
-    assert here  # model name / flags read from this machine
-    flags, version = cpu_attention.FLAGS[0], "cc 1.0"
-    name = cpu_attention.library_name(flags, version, here)
-    assert name == cpu_attention.library_name(flags, version, here)
-    assert name != cpu_attention.library_name(flags, version, here + "flags : avx512f\n")
-    assert name != cpu_attention.library_name(flags, "cc 2.0", here)
-    assert name != cpu_attention.library_name(cpu_attention.FLAGS[1], version, here)

@@ -1,0 +1,86 @@
+"""Decode-sized products on CPU: `cpu_small_gemm.c` (built by `cpu_kernels.py`) over weights
+laid out in panels of 16 output features, in memory backed by 2 MiB pages.
+
+A 1–4-row step reads every weight once for two FLOPs each: its speed is the speed of streaming
+the weights. MKL's GEMV / two-column GEMM on the row-major weight and oneDNN's packed layout
+reach ≈ 11–20 GB/s on this CPU; the panel kernel streams each weight front to back in one pass
+(`cold-ray bench gemm`). With 4 KiB pages one core's reads stall on TLB misses; transparent
+huge pages (`madvise`) lift a plain sum from ≈ 21 to ≈ 33 GB/s (`cold-ray bench roofline`).
+Where the library cannot be built, `load()` returns None and the model keeps BLAS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from functools import cache
+
+import torch
+
+from cold_ray.kernels import cpu_kernels
+
+PANEL = 16  # output features per panel: one 64-byte fp32 vector
+HUGE_PAGE = 2**21
+
+
+def huge_page_empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised 1-D tensor whose memory Linux is asked to back with 2 MiB pages
+    (`MADV_HUGEPAGE`; honoured where transparent huge pages are `always` or `madvise`). Plain
+    torch memory where the platform has no such advice or the tensor is under one page."""
+    nbytes = numel * dtype.itemsize
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or nbytes < HUGE_PAGE:
+        return torch.empty(numel, dtype=dtype)
+    # private anonymous memory: a shared mapping would follow the shmem huge-page setting
+    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf.madvise(advice)
+    except OSError:  # huge pages turned off: 4 KiB pages, same contents
+        pass
+    raw = torch.frombuffer(buf, dtype=torch.uint8)  # the tensor keeps `buf` alive
+    start = -raw.data_ptr() % HUGE_PAGE  # align, so whole 2 MiB pages can back it
+    return raw[start : start + nbytes].view(dtype)
+
+
+def to_panels(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight [out, in] -> panels [out / 16, in, 16] (panels[p, k, j] = weight[16p + j, k]) in
+    huge-page memory, or None where the kernel cannot take it (not CPU fp32, or out features
+    not a multiple of 16)."""
+    out, k = weight.shape
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or out % PANEL:
+        return None
+    panels = huge_page_empty(out * k).view(out // PANEL, k, PANEL)
+    panels.copy_(weight.detach().view(out // PANEL, PANEL, k).transpose(1, 2))
+    return panels
+
+
+@cache
+def load() -> SmallGemmKernel | None:
+    """The compiled kernel, or None where it cannot be built or loaded."""
+    lib = cpu_kernels.library()
+    return None if lib is None else SmallGemmKernel(lib)
+
+
+class SmallGemmKernel:
+    def __init__(self, lib: ctypes.CDLL):
+        self._fn = lib.small_gemm
+        self._fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+        self._fn.restype = None
+
+    def __call__(self, x: torch.Tensor, panels: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """x: [rows, in] CPU fp32; panels: from `to_panels`; bias: [out] or None ->
+        [rows, out]. Four rows read the weights once; more rows read them once per four."""
+        rows, k = x.shape
+        out = panels.shape[0] * PANEL
+        if x.dtype != torch.float32 or x.device.type != "cpu" or k != panels.shape[1]:
+            raise ValueError(f"small GEMM kernel: CPU fp32 [rows, {panels.shape[1]}] input "
+                             f"expected, got {x.dtype} {list(x.shape)} on {x.device}")  # fmt: skip
+        if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out,)):
+            raise ValueError(f"small GEMM kernel: fp32 bias of {out} features expected")
+        x = x.contiguous()
+        bias = None if bias is None else bias.contiguous()  # held: the kernel reads its memory
+        y = x.new_empty(rows, out)
+        self._fn(x.data_ptr(), panels.data_ptr(), None if bias is None else bias.data_ptr(),
+                 y.data_ptr(), rows, k, out)  # fmt: skip
+        return y

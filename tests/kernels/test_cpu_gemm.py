@@ -1,0 +1,124 @@
+"""The compiled small-GEMM kernel over panel-laid weights (`kernels/cpu_gemm.py`): numerics
+against an fp64 reference, the layout, batch invariance, huge-page memory, and its place in
+the engine."""
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+from cold_ray.config import EngineConfig
+from cold_ray.engine import EngineCore
+from cold_ray.kernels import cpu_gemm
+
+kernel = cpu_gemm.load()
+needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler on this machine")
+
+
+def _case(seed, rows, k, out, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(out, k, generator=gen), torch.randn(rows, k, generator=gen)
+    return w, x, (torch.randn(out, generator=gen) if bias else None)
+
+
+def test_panels_lay_out_sixteen_output_features_per_panel():
+    w, _, _ = _case(0, 1, 23, 48)
+    panels = cpu_gemm.to_panels(w)
+    assert panels.shape == (3, 23, 16) and panels.is_contiguous()
+    for p, k, j in [(0, 0, 0), (1, 5, 3), (2, 22, 15)]:
+        assert panels[p, k, j] == w[16 * p + j, k]
+    assert cpu_gemm.to_panels(torch.randn(40, 8)) is None  # 40 features: not whole panels
+    assert cpu_gemm.to_panels(torch.randn(32, 8, dtype=torch.float64)) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])  # groups of four and remainders
+@pytest.mark.parametrize("k, out", [(23, 16), (64, 96), (576, 48), (1536, 32)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_fp64_reference(rows, k, out, bias):
+    w, x, b = _case(rows + k, rows, k, out, bias)
+    got = kernel(x, cpu_gemm.to_panels(w), b)
+    want = x.double() @ w.double().T + (0 if b is None else b.double())
+    # fp32 sums of k products in another order: errors grow like sqrt(k) · eps · |x||w|
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6 * k**0.5)
+
+
+@needs_kernel
+def test_a_rows_result_does_not_depend_on_the_batch():
+    """Bit for bit: a row alone, in a group of four, and in a 9-row call (two groups of four
+    and one left over) gets the same output."""
+    w, x, b = _case(1, 9, 576, 64)
+    panels = cpu_gemm.to_panels(w)
+    batch = kernel(x, panels, b)
+    for i in range(9):
+        assert torch.equal(kernel(x[i : i + 1], panels, b)[0], batch[i]), i
+    assert torch.equal(kernel(x[4:8], panels, b), batch[4:8])
+
+
+@needs_kernel
+def test_refuses_inputs_it_was_not_built_for():
+    w, x, b = _case(2, 2, 32, 32)
+    panels = cpu_gemm.to_panels(w)
+    with pytest.raises(ValueError, match="fp32"):
+        kernel(x.double(), panels, b)
+    with pytest.raises(ValueError, match=r"\[rows, 32\]"):  # in features not the weight's
+        kernel(x[:, :16], panels, b)
+    with pytest.raises(ValueError, match="bias of 32"):
+        kernel(x, panels, b[:16])
+
+
+def _thp_mode() -> str:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    text = path.read_text() if path.exists() else ""
+    return text[text.find("[") + 1 : text.find("]")] if "[" in text else "never"
+
+
+def _huge_kib(address: int) -> int:
+    """AnonHugePages (KiB) of the mapping of this process that holds `address`."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+def test_huge_page_memory_is_aligned_writable_and_outlives_its_mapping():
+    t = cpu_gemm.huge_page_empty(3 * 2**20)  # 12 MiB of fp32
+    gc.collect()  # nothing but the tensor holds the mapping
+    assert t.numel() == 3 * 2**20 and t.dtype == torch.float32
+    t.fill_(2.0)
+    assert float(t.sum()) == 6 * 2**20
+    if hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
+        assert t.data_ptr() % cpu_gemm.HUGE_PAGE == 0
+    if _thp_mode() in ("always", "madvise"):  # the kernel honours the advice on this machine
+        assert _huge_kib(t.data_ptr()) >= 2048
+    small = cpu_gemm.huge_page_empty(100)  # under one huge page: plain torch memory
+    assert small.numel() == 100
+
+
+def _core(path, **config):
+    return EngineCore(EngineConfig(model=str(path), max_rows=4, max_model_len=32, **config))
+
+
+@needs_kernel
+def test_engine_reads_panels_for_small_steps_and_drops_the_row_major_copy(tiny_llama):
+    layer = _core(tiny_llama).model.layers[0].mlp.down_proj
+    assert layer.panels is not None and layer.small_gemm is kernel
+    assert layer.weight.numel() == 0 and layer.packed is not None  # one copy each, no third
+    off = _core(tiny_llama, cpu_gemm_kernel=False).model.layers[0].mlp.down_proj
+    assert off.panels is None and off.weight.numel() > 0  # the row-major copy instead
+
+
+def test_engine_keeps_blas_on_more_than_one_thread(tiny_llama):
+    threads = torch.get_num_threads()
+    try:
+        core = _core(tiny_llama, num_threads=2)
+        assert core.model.layers[0].mlp.down_proj.panels is None
+        assert core.model.lm_panels is None
+    finally:
+        torch.set_num_threads(threads)
