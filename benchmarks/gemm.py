@@ -5,9 +5,11 @@
 Every run streams the weights of all layers of the default model's shapes (the weights do
 not fit in the caches, as in a real step), so the figures are what a decode step gets, not
 what one hot matrix gets. Reports GFLOP/s per row count for `F.linear`, `W @ x.T`, the
-packed layout the engine uses on CPU (`cold_ray.model.lora.pack_weight`) and, up to
-`SMALL_ROWS` rows, the engine's small-batch product on the row-major weight
-(`cold_ray.model.lora.linear`: one row is padded to two), which 1–2-row steps use.
+packed layout the engine uses on CPU (`cold_ray.model.lora.pack_weight`), up to `SMALL_ROWS`
+rows the small-batch product on the row-major weight (`cold_ray.model.lora.linear`: one row is
+padded to two), which 1–2-row steps use without the C kernels, and up to `PANEL_ROWS` rows the
+small-GEMM kernel over panel-laid weights in huge-page memory (`cold_ray.kernels.cpu_gemm`),
+which 1–4-row steps use with them.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ def layer_shapes(m: dict) -> list[tuple[int, int]]:
 def measure(rows: list[int], repeats: int = 3, model: dict = SMOLLM2) -> list[dict]:
     import torch
 
-    from cold_ray.model.lora import SMALL_ROWS, linear, pack_weight, packed_linear
+    from cold_ray.kernels import cpu_gemm
+    from cold_ray.model.lora import PANEL_ROWS, SMALL_ROWS, linear, pack_weight, packed_linear
 
     shapes = layer_shapes(model) * model["layers"]
     weights = [torch.randn(o, i) for o, i in shapes]
     packed = [pack_weight(w) for w in weights]
+    kernel = cpu_gemm.load()
+    panels = [cpu_gemm.to_panels(w) for w in weights] if kernel else []
     out = []
     for m in rows:
         xs = {i: torch.randn(m, i) for _, i in shapes}
@@ -49,6 +54,8 @@ def measure(rows: list[int], repeats: int = 3, model: dict = SMOLLM2) -> list[di
         }  # fmt: skip
         if m <= SMALL_ROWS:
             ways["small_batch"] = lambda xs=xs: [linear(xs[w.shape[1]], w) for w in weights]
+        if m <= PANEL_ROWS and panels and all(p is not None for p in panels):
+            ways["panels"] = lambda xs=xs: [kernel(xs[p.shape[1]], p) for p in panels]
         if all(p is not None for p in packed):
             ways["packed"] = lambda xs=xs: [packed_linear(xs[w.shape[1]], p, None)
                                             for w, p in zip(weights, packed)]  # fmt: skip

@@ -76,6 +76,22 @@ def test_gemm_peak_reports_every_shape_and_the_best():
     best = max(v for s in out["shapes"] for v in (s["mm_gflop_s"], s["packed_gflop_s"]) if v)
     assert out["peak_gflop_s"] == best > 0
     assert roofline.measure_bandwidth(mib=1, repeats=1) > 0
+    assert roofline.measure_bandwidth(mib=8, repeats=1) > 0  # 8 MiB: huge pages too
+
+
+def test_gemm_reports_each_route_for_the_rows_it_serves():
+    """The small-batch routes appear only for the row counts the engine sends them."""
+    from cold_ray.kernels import cpu_gemm
+    from cold_ray.model.lora import PANEL_ROWS, SMALL_ROWS
+
+    tiny = {"hidden": 32, "intermediate": 48, "heads": 2, "kv_heads": 1, "head_dim": 16,
+            "layers": 1}  # fmt: skip
+    out = gemm.measure([1, SMALL_ROWS + 1], repeats=1, model=tiny)
+    small, big = out
+    assert {"linear_gflops", "w_xt_gflops", "small_batch_gflops"} <= small.keys()
+    assert ("panels_gflops" in small) == (cpu_gemm.load() is not None) and PANEL_ROWS < big["rows"]
+    assert "small_batch_gflops" not in big and "panels_gflops" not in big
+    assert all(v > 0 for rec in out for k, v in rec.items() if k.endswith("_gflops"))
 
 
 def test_attention_bench_counts_the_kv_bytes_of_ragged_rows():
