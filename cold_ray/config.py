@@ -37,7 +37,8 @@ class EngineConfig:
     # row-major weights for 1–2 rows without it (`bench gemm`); twice the base weights' memory.
     small_batch_weights: bool = True
     # CPU, fp32, one thread: compiled C kernels (torch's operators without a compiler) for
-    # decode attention, and for 1–4-row products over small_batch_weights' panels
+    # decode attention, and for 1–4-row steps' products (over small_batch_weights' panels)
+    # and LoRA deltas
     cpu_attention_kernel: bool = True
     cpu_gemm_kernel: bool = True
 

@@ -62,10 +62,16 @@ def load() -> SmallGemmKernel | None:
 
 
 class SmallGemmKernel:
+    MAX_LORA_ROWS, MAX_RANK = 4, 1024  # lora_small's limits (its stack buffer)
+
     def __init__(self, lib: ctypes.CDLL):
         self._fn = lib.small_gemm
         self._fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
         self._fn.restype = None
+        self._lora = lib.lora_small
+        ptr = ctypes.c_void_p
+        self._lora.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr] + [ctypes.c_int64] * 5
+        self._lora.restype = ctypes.c_int
 
     def __call__(self, x: torch.Tensor, panels: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
@@ -84,3 +90,21 @@ class SmallGemmKernel:
         self._fn(x.data_ptr(), panels.data_ptr(), None if bias is None else bias.data_ptr(),
                  y.data_ptr(), rows, k, out)  # fmt: skip
         return y
+
+    def lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+             y: torch.Tensor) -> None:  # fmt: skip
+        """y += scale * (x @ A.T) @ B.T in place, for 1–4 rows, from one adapter slot's factors:
+        x [rows, in] contiguous, A [r, in] and B [out, r] contiguous, y [rows, out] with unit
+        inner stride, all CPU fp32 (the LoRA backend's checks ran before)."""
+        rows, k = x.shape
+        rank, out = A.shape[0], B.shape[0]
+        if not (rows <= self.MAX_LORA_ROWS and rank <= self.MAX_RANK and A.shape[1] == k
+                and B.shape[1] == rank and tuple(y.shape) == (rows, out) and y.stride(1) == 1
+                and x.is_contiguous() and A.is_contiguous() and B.is_contiguous()
+                and x.dtype == A.dtype == B.dtype == y.dtype == torch.float32):  # fmt: skip
+            raise ValueError(f"small LoRA kernel: up to {self.MAX_LORA_ROWS} rows, rank up to "
+                             f"{self.MAX_RANK}, contiguous fp32 factors expected; got x "
+                             f"{list(x.shape)}, A {list(A.shape)}, B {list(B.shape)}, "
+                             f"y {list(y.shape)}")  # fmt: skip
+        self._lora(x.data_ptr(), A.data_ptr(), B.data_ptr(), scale, y.data_ptr(), rows, k, rank,
+                   out, y.stride(0))  # fmt: skip

@@ -106,6 +106,11 @@ class LoraBackend:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
 
+    def use_cpu_kernel(self, kernel) -> bool:
+        """Take `kernels/cpu_gemm.py`'s compiled kernel for small CPU steps; False where this
+        backend has no use for it."""
+        return False
+
     # -- LoRA ---------------------------------------------------------------------------------
     def prepare(self, idx: torch.Tensor | Sequence[int]) -> LoraBatch:
         """Build the step's adapter metadata once; pass it to every LoRA call of the step."""

@@ -8,6 +8,9 @@ these calls on 1-32 rows and per-op overhead (~2-4 µs each) is most of the cost
 - "gather" (slots interleaved, e.g. CoLD expert/amateur pairs with several adapters):
           one `index_select`, a GEMM pair per slot into one buffer, one `index_add_`.
 Rows with index -1 are never read or written, so they stay bit-identical to the base output.
+On CPU the engine may hand it the compiled small-GEMM kernel (`use_cpu_kernel`): steps of up to
+four rows then make one C call per slot (per row for "gather"), which streams the slot's
+factors with prefetching instead of two BLAS calls on tiny shapes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from cold_ray.kernels.dispatch import LoraBackend, LoraBatch
 
 class GroupedBackend(LoraBackend):
     name = "grouped"
+    small_gemm = None  # kernels/cpu_gemm.py's kernel, set by `use_cpu_kernel`
+
+    def use_cpu_kernel(self, kernel) -> bool:
+        self.small_gemm = kernel
+        return True
 
     def lora_delta(
         self,
@@ -42,6 +50,17 @@ class GroupedBackend(LoraBackend):
         if plan == "none":
             return
         s = batch.scales(scale)
+        kernel = self.small_gemm
+        if kernel is not None and batch.rows <= kernel.MAX_LORA_ROWS and x.dtype == torch.float32:
+            if plan == "runs":
+                for k, start, end in batch.segments:
+                    kernel.lora(x[start:end], A[k], B[k], s[k], y[start:end])
+            else:
+                rows = batch.perm.tolist()
+                for k, start, end in batch.segments:
+                    for i in rows[start:end]:
+                        kernel.lora(x[i : i + 1], A[k], B[k], s[k], y[i : i + 1])
+            return
         if plan == "runs":
             rows = batch.rows
             for k, start, end in batch.segments:

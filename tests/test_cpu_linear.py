@@ -70,15 +70,30 @@ def test_lora_linear_reads_each_copy_only_for_its_steps(copy):
 def _run(path, adapters, **config):
     core = EngineCore(EngineConfig(model=str(path), max_rows=6, max_model_len=64, **config))
     core.register_adapter("a", adapters[0])
+    core.register_adapter("b", adapters[1])
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     alone = core.generate([[5, 9, 13, 2]], greedy)  # one row: 1-row steps
     pair = core.generate([[7, 3, 11]], greedy, "a", ColdParams(0.1, 0.5))  # a CoLD pair: 2 rows
     four = core.generate([[4 + i] * (2 + i) for i in range(4)], greedy)  # 3-4 rows
     six = core.generate([[9 + i] * (1 + i) for i in range(6)], greedy)  # 5-6 rows: packed
-    return [r["token_ids"] for r in alone + pair + four + six]
+    lora = core.generate([[6, 2, 8], [3, 3]], greedy, "a")  # one adapter on 2 rows: a run
+    # side by side: two CoLD pairs of one adapter, then of two (expert rows lead: one run per
+    # adapter; the gathered plan is checked against the reference in test_cpu_gemm.py)
+    mixed = {}
+    pairs = ([("a1", "a", [8, 1, 4]), ("a2", "a", [2, 7])], [("a3", "a", [6]), ("b1", "b", [3, 9])])
+    for batch in pairs:
+        for rid, name, prompt in batch:
+            core.add(core.make_request(prompt, greedy, name, ColdParams(0.1, 0.5), request_id=rid))
+            mixed[rid] = []
+        while core.has_work():
+            for out in core.step():
+                mixed[out.request_id] += out.token_ids
+    assert all(len(t) == 12 for t in mixed.values())
+    return [r["token_ids"] for r in alone + pair + four + six + lora] + list(mixed.values())
 
 
-def test_engine_tokens_do_not_depend_on_the_small_batch_copy(tiny_llama, tiny_adapters):
-    packed_only = _run(tiny_llama, tiny_adapters, small_batch_weights=False)
+def test_engine_tokens_do_not_depend_on_the_small_batch_copy_or_kernels(tiny_llama, tiny_adapters):
+    """Every CPU route of a small step, base and LoRA, gives the same greedy tokens."""
+    packed_only = _run(tiny_llama, tiny_adapters, small_batch_weights=False, cpu_gemm_kernel=False)
     assert _run(tiny_llama, tiny_adapters, cpu_gemm_kernel=False) == packed_only  # row-major
-    assert _run(tiny_llama, tiny_adapters) == packed_only  # panels, where the kernel builds
+    assert _run(tiny_llama, tiny_adapters) == packed_only  # panels + LoRA kernel, where built

@@ -83,6 +83,8 @@ class EngineCore:
         self.model.init_rope()
         self.backend = select_backend(config.lora_backend, self.device)
         self.model.set_backend(self.backend)
+        if small_gemm is not None and self.backend.use_cpu_kernel(small_gemm):
+            log.info("LoRA on 1-4-row steps: C kernel")
         self.model.set_decode_kernel(attention)
         self.cache = KVCache.allocate(
             self.args, config.max_rows, config.max_model_len, config.torch_dtype, self.device

@@ -121,8 +121,9 @@ class AppArgs(BaseModel):
     )
     cpu_gemm_kernel: bool = Field(
         EngineConfig.cpu_gemm_kernel,
-        description="CPU, fp32, one thread, with small_batch_weights: 1-4-row products in a C "
-        "kernel over weights in huge-page memory (false, or no C compiler: BLAS).",
+        description="CPU, fp32, one thread: 1-4-row steps' LoRA deltas, and with "
+        "small_batch_weights their base products over weights in huge-page memory, in a C "
+        "kernel (false, or no C compiler: BLAS).",
     )
     host_cache_bytes: int = Field(
         1 << 30, ge=0, description="Host memory (bytes) for validated adapters kept for fast "

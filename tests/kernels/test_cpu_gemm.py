@@ -122,3 +122,68 @@ def test_engine_keeps_blas_on_more_than_one_thread(tiny_llama):
         assert core.model.lm_panels is None
     finally:
         torch.set_num_threads(threads)
+
+
+def _lora_case(seed, rows, k, rank, out):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen)
+    A, B = torch.randn(rank, k, generator=gen), torch.randn(out, rank, generator=gen)
+    return x, A, B, torch.randn(rows, out, generator=gen)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("k, rank, out", [(23, 8, 16), (64, 24, 40), (576, 48, 960),
+                                          (1536, 16, 576)])  # fmt: skip
+def test_lora_matches_fp64_reference(rows, k, rank, out):
+    """Ranks with and without a tail beyond whole 16-lane vectors, outputs with and without a
+    tail beyond whole 16-output blocks."""
+    x, A, B, y = _lora_case(rows * rank, rows, k, rank, out)
+    want = y.double() + 0.7 * (x.double() @ A.double().T) @ B.double().T
+    kernel.lora(x, A, B, 0.7, y)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=2e-6 * (k * rank) ** 0.5)
+
+
+@needs_kernel
+def test_lora_row_results_do_not_depend_on_the_batch():
+    x, A, B, y = _lora_case(5, 4, 576, 48, 960)
+    batch = y.clone()
+    kernel.lora(x, A, B, 0.5, batch)
+    for i in range(4):
+        alone = y[i : i + 1].clone()
+        kernel.lora(x[i : i + 1], A, B, 0.5, alone)
+        assert torch.equal(alone[0], batch[i]), i
+
+
+@needs_kernel
+def test_lora_refuses_what_it_cannot_take():
+    x, A, B, y = _lora_case(6, 5, 32, 16, 32)
+    with pytest.raises(ValueError, match="up to 4 rows"):
+        kernel.lora(x, A, B, 1.0, y)
+    with pytest.raises(ValueError, match="rank up to 1024"):
+        kernel.lora(x[:1], torch.zeros(1025, 32), torch.zeros(32, 1025), 1.0, y[:1])
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        kernel.lora(x[:2], A.t().contiguous().t(), B, 1.0, y[:2])  # A column-major
+
+
+@needs_kernel
+@pytest.mark.parametrize("idx", [[0], [-1], [2, 2], [1, -1], [-1, 0, 0, -1], [0, -1, 1, -1],
+                                 [2, 0, 2, 1], [0, 1, 0, 1, 2]])  # fmt: skip
+def test_grouped_backend_with_the_kernel_matches_the_reference(idx):
+    """Runs, gather and base-only plans; 5 rows fall back to BLAS. Base rows stay untouched,
+    bit for bit."""
+    from cold_ray.kernels import select_backend
+
+    gen = torch.Generator().manual_seed(len(idx))
+    rows, slots = len(idx), 3
+    x = torch.randn(rows, 64, generator=gen)
+    A, B = torch.randn(slots, 24, 64, generator=gen), torch.randn(slots, 48, 24, generator=gen)
+    scale, y = torch.tensor([0.5, 2.0, 0.25]), torch.randn(rows, 48, generator=gen)
+    grouped, reference = select_backend("grouped"), select_backend("reference")
+    assert grouped.use_cpu_kernel(kernel) and not reference.use_cpu_kernel(kernel)
+    got, want = y.clone(), y.clone()
+    grouped.lora_delta(x, A, B, scale, grouped.prepare(idx), got)
+    reference.lora_delta(x, A, B, scale, reference.prepare(idx), want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    base = torch.tensor(idx) < 0
+    assert torch.equal(got[base], y[base])
