@@ -91,20 +91,25 @@ class SmallGemmKernel:
                  y.data_ptr(), rows, k, out)  # fmt: skip
         return y
 
-    def lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
-             y: torch.Tensor) -> None:  # fmt: skip
-        """y += scale * (x @ A.T) @ B.T in place, for 1–4 rows, from one adapter slot's factors:
-        x [rows, in] contiguous, A [r, in] and B [out, r] contiguous, y [rows, out] with unit
-        inner stride, all CPU fp32 (the LoRA backend's checks ran before)."""
-        rows, k = x.shape
-        rank, out = A.shape[0], B.shape[0]
-        if not (rows <= self.MAX_LORA_ROWS and rank <= self.MAX_RANK and A.shape[1] == k
-                and B.shape[1] == rank and tuple(y.shape) == (rows, out) and y.stride(1) == 1
-                and x.is_contiguous() and A.is_contiguous() and B.is_contiguous()
-                and x.dtype == A.dtype == B.dtype == y.dtype == torch.float32):  # fmt: skip
-            raise ValueError(f"small LoRA kernel: up to {self.MAX_LORA_ROWS} rows, rank up to "
-                             f"{self.MAX_RANK}, contiguous fp32 factors expected; got x "
-                             f"{list(x.shape)}, A {list(A.shape)}, B {list(B.shape)}, "
-                             f"y {list(y.shape)}")  # fmt: skip
-        self._lora(x.data_ptr(), A.data_ptr(), B.data_ptr(), scale, y.data_ptr(), rows, k, rank,
-                   out, y.stride(0))  # fmt: skip
+    def lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slot: int, scale: float,
+             y: torch.Tensor, start: int, end: int) -> None:  # fmt: skip
+        """y[start:end] += scale * (x[start:end] @ A[slot].T) @ B[slot].T in place, for up to 4
+        rows, straight from the LoRA buffers: x [rows, in] and A [slots, r, in], B [slots, out,
+        r] contiguous, y [rows, out] with unit inner stride, all CPU fp32. Pointers, not views:
+        a step makes 120+ of these calls."""
+        slots, rank, k = A.shape
+        out, f32 = B.shape[1], torch.float32
+        if not (0 <= start < end <= x.shape[0] and end - start <= self.MAX_LORA_ROWS
+                and 0 <= slot < slots and rank <= self.MAX_RANK and x.shape[1] == k
+                and B.shape[0] == slots and B.shape[2] == rank and y.shape[1] == out
+                and y.shape[0] == x.shape[0] and y.stride(1) == 1
+                and x.dtype == f32 and A.dtype == f32 and B.dtype == f32 and y.dtype == f32
+                and x.is_contiguous() and A.is_contiguous() and B.is_contiguous()):  # fmt: skip
+            raise ValueError(f"small LoRA kernel: up to {self.MAX_LORA_ROWS} rows of one slot, "
+                             f"rank up to {self.MAX_RANK}, contiguous fp32 buffers expected; got "
+                             f"rows [{start}, {end}) of x {list(x.shape)}, slot {slot} of A "
+                             f"{list(A.shape)}, B {list(B.shape)}, y {list(y.shape)}")  # fmt: skip
+        row = y.stride(0)
+        self._lora(x.data_ptr() + 4 * start * k, A.data_ptr() + 4 * slot * rank * k,
+                   B.data_ptr() + 4 * slot * out * rank, scale, y.data_ptr() + 4 * start * row,
+                   end - start, k, rank, out, row)  # fmt: skip

@@ -54,12 +54,12 @@ class GroupedBackend(LoraBackend):
         if kernel is not None and batch.rows <= kernel.MAX_LORA_ROWS and x.dtype == torch.float32:
             if plan == "runs":
                 for k, start, end in batch.segments:
-                    kernel.lora(x[start:end], A[k], B[k], s[k], y[start:end])
+                    kernel.lora(x, A, B, k, s[k], y, start, end)
             else:
                 rows = batch.perm.tolist()
                 for k, start, end in batch.segments:
                     for i in rows[start:end]:
-                        kernel.lora(x[i : i + 1], A[k], B[k], s[k], y[i : i + 1])
+                        kernel.lora(x, A, B, k, s[k], y, i, i + 1)
             return
         if plan == "runs":
             rows = batch.rows

@@ -124,10 +124,10 @@ def test_engine_keeps_blas_on_more_than_one_thread(tiny_llama):
         torch.set_num_threads(threads)
 
 
-def _lora_case(seed, rows, k, rank, out):
+def _lora_case(seed, rows, k, rank, out, slots=3):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, k, generator=gen)
-    A, B = torch.randn(rank, k, generator=gen), torch.randn(out, rank, generator=gen)
+    A, B = torch.randn(slots, rank, k, generator=gen), torch.randn(slots, out, rank, generator=gen)
     return x, A, B, torch.randn(rows, out, generator=gen)
 
 
@@ -138,9 +138,10 @@ def _lora_case(seed, rows, k, rank, out):
 def test_lora_matches_fp64_reference(rows, k, rank, out):
     """Ranks with and without a tail beyond whole 16-lane vectors, outputs with and without a
     tail beyond whole 16-output blocks."""
-    x, A, B, y = _lora_case(rows * rank, rows, k, rank, out)
-    want = y.double() + 0.7 * (x.double() @ A.double().T) @ B.double().T
-    kernel.lora(x, A, B, 0.7, y)
+    x, A, B, y = _lora_case(rows * rank, rows + 2, k, rank, out)  # rows [1, 1 + rows) of slot 2
+    want = y.double()
+    want[1 : 1 + rows] += 0.7 * (x[1 : 1 + rows].double() @ A[2].double().T) @ B[2].double().T
+    kernel.lora(x, A, B, 2, 0.7, y, 1, 1 + rows)
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=2e-6 * (k * rank) ** 0.5)
 
 
@@ -148,22 +149,27 @@ def test_lora_matches_fp64_reference(rows, k, rank, out):
 def test_lora_row_results_do_not_depend_on_the_batch():
     x, A, B, y = _lora_case(5, 4, 576, 48, 960)
     batch = y.clone()
-    kernel.lora(x, A, B, 0.5, batch)
+    kernel.lora(x, A, B, 1, 0.5, batch, 0, 4)
     for i in range(4):
-        alone = y[i : i + 1].clone()
-        kernel.lora(x[i : i + 1], A, B, 0.5, alone)
-        assert torch.equal(alone[0], batch[i]), i
+        alone = y.clone()
+        kernel.lora(x, A, B, 1, 0.5, alone, i, i + 1)
+        assert torch.equal(alone[i], batch[i]), i
 
 
 @needs_kernel
 def test_lora_refuses_what_it_cannot_take():
     x, A, B, y = _lora_case(6, 5, 32, 16, 32)
     with pytest.raises(ValueError, match="up to 4 rows"):
-        kernel.lora(x, A, B, 1.0, y)
+        kernel.lora(x, A, B, 0, 1.0, y, 0, 5)
+    for slot, start, end in ((3, 0, 1), (-1, 0, 1), (0, 4, 6), (0, 2, 2)):  # outside the buffers
+        with pytest.raises(ValueError, match=f"rows \\[{start}, {end}\\) of x .* slot {slot} "):
+            kernel.lora(x, A, B, slot, 1.0, y, start, end)
     with pytest.raises(ValueError, match="rank up to 1024"):
-        kernel.lora(x[:1], torch.zeros(1025, 32), torch.zeros(32, 1025), 1.0, y[:1])
+        kernel.lora(x, torch.zeros(1, 1025, 32), torch.zeros(1, 32, 1025), 0, 1.0, y, 0, 1)
     with pytest.raises(ValueError, match="contiguous fp32"):
-        kernel.lora(x[:2], A.t().contiguous().t(), B, 1.0, y[:2])  # A column-major
+        kernel.lora(x, A.transpose(1, 2).contiguous().transpose(1, 2), B, 0, 1.0, y, 0, 1)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        kernel.lora(x.double(), A, B, 0, 1.0, y, 0, 1)
 
 
 @needs_kernel
