@@ -9,7 +9,7 @@ packed layout the engine uses on CPU (`cold_ray.model.lora.pack_weight`), up to 
 rows the small-batch product on the row-major weight (`cold_ray.model.lora.linear`: one row is
 padded to two), which 1–2-row steps use without the C kernels, and up to `PANEL_ROWS` rows the
 small-GEMM kernel over panel-laid weights in huge-page memory (`cold_ray.kernels.cpu_gemm`),
-which 1–4-row steps use with them.
+which decode steps use with them.
 """
 
 from __future__ import annotations

@@ -32,13 +32,13 @@ class EngineConfig:
     lora_backend: str = "auto"  # auto | reference | grouped | triton | ...
     num_threads: int | None = 1  # intra-op threads; 1 avoids OpenMP spin-wait collapse
     packed_weights: bool = True  # CPU: base GEMM weights in oneDNN's packed layout
-    # CPU, with packed_weights: keep a second copy of the base weights for steps of 1–4 rows
-    # (one or two requests, one or two CoLD pairs): panels for the small-GEMM kernel, or the
-    # row-major weights for 1–2 rows without it (`bench gemm`); twice the base weights' memory.
+    # CPU, with packed_weights: keep a second copy of the base weights for decode-sized steps:
+    # panels for the small-GEMM kernel (up to 32 rows), or without it the row-major weights
+    # for 1–2 rows (`bench gemm`); twice the base weights' memory.
     small_batch_weights: bool = True
     # CPU, fp32, one thread: compiled C kernels (torch's operators without a compiler) for
-    # decode attention, and for 1–4-row steps' products (over small_batch_weights' panels)
-    # and LoRA deltas
+    # decode attention, for the products of steps of up to 32 rows (over small_batch_weights'
+    # panels) and for the LoRA deltas of steps of up to 4 rows
     cpu_attention_kernel: bool = True
     cpu_gemm_kernel: bool = True
 

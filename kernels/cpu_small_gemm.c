@@ -5,7 +5,8 @@
  * its speed is the speed of streaming W from memory. Row-major W read with a dot product per
  * output feature streams several rows at once and ends each with a horizontal sum; the panel
  * layout streams W front to back in one pass, each 64-byte load feeding 16 outputs, with no
- * horizontal sums. Rows are taken four at a time, so up to four rows read W once.
+ * horizontal sums. Rows are taken four at a time, panel by panel, so W is read from memory
+ * once however many rows (later groups find the panel in L2).
  *
  * Every output is summed in the same order (four partial sums over k mod 4, added pairwise at
  * the end) whatever the number of rows, so a row's result does not depend on the batch.
@@ -66,11 +67,13 @@ ALWAYS_INLINE void panel(const float *x, const float *w, const float *bias, floa
  * or NULL. n_out must be a multiple of 16. */
 void small_gemm(const float *x, const float *w, const float *bias, float *y, int64_t rows,
                 int64_t k_in, int64_t n_out) {
-    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-        const float *xr = x + r0 * k_in;
-        float *yr = y + r0 * n_out;
-        int64_t left = rows - r0;
-        for (int64_t p = 0; p < n_out / 16; p++) {
+    /* panel by panel (16 x k_in floats, in L2 after its first group of rows), so W is read from
+     * memory once however many rows */
+    for (int64_t p = 0; p < n_out / 16; p++) {
+        for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+            const float *xr = x + r0 * k_in;
+            float *yr = y + r0 * n_out;
+            int64_t left = rows - r0;
             if (left == 1) panel(xr, w, bias, yr, 1, k_in, n_out, p);
             else if (left == 2) panel(xr, w, bias, yr, 2, k_in, n_out, p);
             else if (left == 3) panel(xr, w, bias, yr, 3, k_in, n_out, p);

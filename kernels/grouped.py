@@ -9,7 +9,7 @@ these calls on 1-32 rows and per-op overhead (~2-4 µs each) is most of the cost
           one `index_select`, a GEMM pair per slot into one buffer, one `index_add_`.
 Rows with index -1 are never read or written, so they stay bit-identical to the base output.
 On CPU the engine may hand it the compiled small-GEMM kernel (`use_cpu_kernel`): steps of up to
-four rows then make one C call per slot (per row for "gather"), which streams the slot's
+four rows (`MAX_LORA_ROWS`) then make one C call per slot (per row for "gather"), which streams the slot's
 factors with prefetching instead of two BLAS calls on tiny shapes.
 """
 

@@ -86,10 +86,10 @@ def test_gemm_reports_each_route_for_the_rows_it_serves():
 
     tiny = {"hidden": 32, "intermediate": 48, "heads": 2, "kv_heads": 1, "head_dim": 16,
             "layers": 1}  # fmt: skip
-    out = gemm.measure([1, SMALL_ROWS + 1], repeats=1, model=tiny)
+    out = gemm.measure([1, PANEL_ROWS + 1], repeats=1, model=tiny)
     small, big = out
     assert {"linear_gflops", "w_xt_gflops", "small_batch_gflops"} <= small.keys()
-    assert ("panels_gflops" in small) == (cpu_gemm.load() is not None) and PANEL_ROWS < big["rows"]
+    assert ("panels_gflops" in small) == (cpu_gemm.load() is not None) and SMALL_ROWS < PANEL_ROWS
     assert "small_batch_gflops" not in big and "panels_gflops" not in big
     assert all(v > 0 for rec in out for k, v in rec.items() if k.endswith("_gflops"))
 

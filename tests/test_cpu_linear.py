@@ -1,5 +1,6 @@
 """The CPU GEMM routes of the base projections: the small-batch product, the packed layout,
-the row-major copy kept for 1–2-row steps and the panels the small-GEMM kernel reads for 1–4 —
+the row-major copy kept for 1–2-row steps and the panels the small-GEMM kernel reads for decode
+steps —
 each against F.linear, each chosen by rows."""
 
 import pytest
@@ -59,7 +60,7 @@ def test_lora_linear_reads_each_copy_only_for_its_steps(copy):
     assert (layer.panels is not None) == (copy == "panels")
     # one extra copy at most: the row-major weight is kept only as the small-step copy
     assert layer.weight.numel() == (weight.numel() if copy == "row-major" else 0)
-    for rows in range(1, 7):
+    for rows in (1, 2, 3, 4, 5, PANEL_ROWS, PANEL_ROWS + 1, 2 * PANEL_ROWS):
         x = torch.randn(rows, 23, generator=torch.Generator().manual_seed(rows))
         got = layer(x, None)
         torch.testing.assert_close(got, torch.nn.functional.linear(x, weight), **TOL)
@@ -75,7 +76,8 @@ def _run(path, adapters, **config):
     alone = core.generate([[5, 9, 13, 2]], greedy)  # one row: 1-row steps
     pair = core.generate([[7, 3, 11]], greedy, "a", ColdParams(0.1, 0.5))  # a CoLD pair: 2 rows
     four = core.generate([[4 + i] * (2 + i) for i in range(4)], greedy)  # 3-4 rows
-    six = core.generate([[9 + i] * (1 + i) for i in range(6)], greedy)  # 5-6 rows: packed
+    six = core.generate([[9 + i] * (1 + i) for i in range(6)], greedy)  # 5-6 rows
+    long = core.generate([[3] * 40 + [5]], greedy)  # a 41-token prefill: the packed layout
     lora = core.generate([[6, 2, 8], [3, 3]], greedy, "a")  # one adapter on 2 rows: a run
     # side by side: two CoLD pairs of one adapter, then of two (expert rows lead: one run per
     # adapter; the gathered plan is checked against the reference in test_cpu_gemm.py)
@@ -89,7 +91,7 @@ def _run(path, adapters, **config):
             for out in core.step():
                 mixed[out.request_id] += out.token_ids
     assert all(len(t) == 12 for t in mixed.values())
-    return [r["token_ids"] for r in alone + pair + four + six + lora] + list(mixed.values())
+    return [r["token_ids"] for r in alone + pair + four + six + long + lora] + list(mixed.values())
 
 
 def test_engine_tokens_do_not_depend_on_the_small_batch_copy_or_kernels(tiny_llama, tiny_adapters):

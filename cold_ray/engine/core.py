@@ -84,7 +84,7 @@ class EngineCore:
         self.backend = select_backend(config.lora_backend, self.device)
         self.model.set_backend(self.backend)
         if small_gemm is not None and self.backend.use_cpu_kernel(small_gemm):
-            log.info("LoRA on 1-4-row steps: C kernel")
+            log.info("LoRA on steps of up to 4 rows: C kernel")
         self.model.set_decode_kernel(attention)
         self.cache = KVCache.allocate(
             self.args, config.max_rows, config.max_model_len, config.torch_dtype, self.device
@@ -120,7 +120,7 @@ class EngineCore:
         if config.cpu_attention_kernel:
             log.info("decode attention: %s", "C kernel" if attention else "torch SDPA")
         if config.cpu_gemm_kernel and config.small_batch_weights and config.packed_weights:
-            log.info("1-4-row products: %s", "C kernel" if small_gemm else "BLAS")
+            log.info("decode-sized products: %s", "C kernel" if small_gemm else "BLAS")
         return attention, small_gemm
 
     @property

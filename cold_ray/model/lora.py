@@ -21,9 +21,10 @@ SMALL_ROWS = 4
 # rather than the packed one: MKL streams it at ≈17 GB/s there (one row padded to two: its
 # 2-column GEMM streams faster than its GEMV), the packed layout at ≈11–13 (`cold-ray bench gemm`).
 ROW_MAJOR_ROWS = 2
-# With it (`kernels/cpu_gemm.py`), steps of up to this many rows read a panel copy: it streams
-# the weights once per four rows at ≈ 20–33 GB/s and beats the packed layout up to 4 rows.
-PANEL_ROWS = 4
+# With it (`kernels/cpu_gemm.py`), steps of up to this many rows (decode steps) read a panel
+# copy: ≈ 2x the packed layout's speed at 1–4 rows (streaming ≈ 25–30 GB/s), ≈ 1.25x at 8, and
+# level with it by 32, where the products become bound by arithmetic (`cold-ray bench gemm`).
+PANEL_ROWS = 32
 # Row count oneDNN lays packed weights out for; any row count works with the layout.
 PACK_ROWS = 64
 

@@ -111,7 +111,8 @@ class AppArgs(BaseModel):
     small_batch_weights: bool = Field(
         EngineConfig.small_batch_weights,
         description="CPU, with packed_weights: keep a second copy of the base weights for "
-        "steps of 1-4 rows (panels for cpu_gemm_kernel, else row-major for 1-2 rows); twice "
+        "decode-sized steps (panels for cpu_gemm_kernel, up to 32 rows; else row-major for 1-2 "
+        "rows); twice "
         "the base weights' memory.",
     )
     cpu_attention_kernel: bool = Field(
@@ -121,9 +122,9 @@ class AppArgs(BaseModel):
     )
     cpu_gemm_kernel: bool = Field(
         EngineConfig.cpu_gemm_kernel,
-        description="CPU, fp32, one thread: 1-4-row steps' LoRA deltas, and with "
-        "small_batch_weights their base products over weights in huge-page memory, in a C "
-        "kernel (false, or no C compiler: BLAS).",
+        description="CPU, fp32, one thread: the LoRA deltas of steps of up to 4 rows and, with "
+        "small_batch_weights, the base products of steps of up to 32 rows over weights in "
+        "huge-page memory, in a C kernel (false, or no C compiler: BLAS).",
     )
     host_cache_bytes: int = Field(
         1 << 30, ge=0, description="Host memory (bytes) for validated adapters kept for fast "
