@@ -42,7 +42,7 @@ def measure(rows: list[int], repeats: int = 3, model: dict = SMOLLM2) -> list[di
     weights = [torch.randn(o, i) for o, i in shapes]
     packed = [pack_weight(w) for w in weights]
     kernel = cpu_gemm.load()
-    panels = [cpu_gemm.to_panels(w) for w in weights] if kernel else []
+    panels = cpu_gemm.to_panels(weights) if kernel else []
     out = []
     for m in rows:
         xs = {i: torch.randn(m, i) for _, i in shapes}

@@ -43,16 +43,25 @@ def huge_page_empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Ten
     return raw[start : start + nbytes].view(dtype)
 
 
-def to_panels(weight: torch.Tensor) -> torch.Tensor | None:
-    """weight [out, in] -> panels [out / 16, in, 16] (panels[p, k, j] = weight[16p + j, k]) in
-    huge-page memory, or None where the kernel cannot take it (not CPU fp32, or out features
-    not a multiple of 16)."""
-    out, k = weight.shape
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or out % PANEL:
-        return None
-    panels = huge_page_empty(out * k).view(out // PANEL, k, PANEL)
-    panels.copy_(weight.detach().view(out // PANEL, PANEL, k).transpose(1, 2))
-    return panels
+def to_panels(weights: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Each weight [out, in] as panels [out / 16, in, 16] (panels[p, k, j] = weight[16p + j, k]),
+    or None where the kernel cannot take it (not CPU fp32, or out features not a multiple of
+    16). All in one huge-page buffer: a buffer per weight would leave a partly used 2 MiB page
+    resident behind each."""
+    fits = [w.dtype == torch.float32 and w.device.type == "cpu" and w.shape[0] % PANEL == 0
+            for w in weights]  # fmt: skip
+    buffer = huge_page_empty(sum(w.numel() for w, ok in zip(weights, fits) if ok))
+    out, start = [], 0  # every start is a multiple of 16 floats: 64-byte aligned panels
+    for w, ok in zip(weights, fits):
+        if not ok:
+            out.append(None)
+            continue
+        rows, k = w.shape
+        panels = buffer[start : start + w.numel()].view(rows // PANEL, k, PANEL)
+        panels.copy_(w.detach().view(rows // PANEL, PANEL, k).transpose(1, 2))
+        out.append(panels)
+        start += w.numel()
+    return out
 
 
 @cache

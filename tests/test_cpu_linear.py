@@ -41,7 +41,7 @@ def _route(layer, weight, x):
     """The product the routing rule names for this many rows, computed directly."""
     rows = x.shape[0]
     if layer.panels is not None and rows <= PANEL_ROWS:
-        return cpu_gemm.load()(x, cpu_gemm.to_panels(weight))
+        return cpu_gemm.load()(x, cpu_gemm.to_panels([weight])[0])
     if layer.weight.numel() and rows <= ROW_MAJOR_ROWS:
         return linear(x, weight)
     return packed_linear(x, layer.packed, None)
@@ -55,7 +55,8 @@ def test_lora_linear_reads_each_copy_only_for_its_steps(copy):
     kernel = cpu_gemm.load() if copy == "panels" else None
     if copy == "panels" and kernel is None:
         pytest.skip("no C compiler on this machine")
-    if not layer.pack_base(small_batch=copy != "none", small_gemm=kernel):
+    panels = cpu_gemm.to_panels([weight])[0] if kernel else None
+    if not layer.pack_base(small_batch=copy != "none", panels=panels, small_gemm=kernel):
         pytest.skip("oneDNN packing unavailable in this torch build")
     assert (layer.panels is not None) == (copy == "panels")
     # one extra copy at most: the row-major weight is kept only as the small-step copy

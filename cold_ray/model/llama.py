@@ -258,13 +258,16 @@ class LlamaModel(nn.Module):
         copy beside the embedding it is tied to. `small_batch` keeps a copy of each projection
         for small steps (`LoraLinear.pack_base`) and, with the `small_gemm` kernel, panels of
         the LM head. False where packing is unavailable."""
-        if not all([m.pack_base(small_batch, small_gemm) for m in self.lora_linears()]):
+        linears = self.lora_linears()
+        panels = [None] * (len(linears) + 1)
+        if small_batch and small_gemm is not None:
+            panels = to_panels([m.weight for m in linears] + [self.lm_weight])
+        if not all([m.pack_base(small_batch, p, small_gemm) for m, p in zip(linears, panels)]):
             return False
         if lm_head:
             self.lm_packed = pack_weight(self.lm_weight)
-        if small_batch and small_gemm is not None:
-            self.lm_panels = to_panels(self.lm_weight)
-            self.small_gemm = small_gemm if self.lm_panels is not None else None
+        if panels[-1] is not None:
+            self.lm_panels, self.small_gemm = panels[-1], small_gemm
         return True
 
     def set_backend(self, backend: LoraBackend) -> None:

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from cold_ray.kernels import LoraBackend, LoraBatch
-from cold_ray.kernels.cpu_gemm import to_panels
 
 # Up to this many rows, `W @ x.T` beats `x @ W.T` on CPU BLAS: the small-M GEMM path packs
 # the whole weight, the transposed product streams it once (`cold-ray bench gemm`: 2.5x at
@@ -87,15 +86,15 @@ class LoraLinear(nn.Module):
         self.panels: torch.Tensor | None = None  # see `pack_base`; read by `small_gemm`
         self.small_gemm = None
 
-    def pack_base(self, small_batch: bool = False, small_gemm=None) -> bool:
+    def pack_base(self, small_batch: bool = False, panels=None, small_gemm=None) -> bool:
         """Lay the base weight out packed for CPU GEMMs. With `small_batch`, a second copy
-        serves small steps (twice the memory): panels for the `small_gemm` kernel (steps of up
-        to PANEL_ROWS rows) where it can take this weight, else the row-major weight (up to
-        ROW_MAJOR_ROWS rows). Otherwise the row-major weight is dropped (same memory as before)."""
+        serves small steps (twice the memory): `panels` of this weight (`cpu_gemm.to_panels`)
+        for the `small_gemm` kernel (steps of up to PANEL_ROWS rows), else the row-major weight
+        (up to ROW_MAJOR_ROWS rows). Otherwise the row-major weight is dropped (same memory as
+        before)."""
         packed = pack_weight(self.weight)
-        if small_batch and small_gemm is not None:
-            self.panels = to_panels(self.weight)
-            self.small_gemm = small_gemm if self.panels is not None else None
+        if small_batch and small_gemm is not None and panels is not None:
+            self.panels, self.small_gemm = panels, small_gemm
         if packed is not None:
             self.packed = packed
             if not small_batch or self.panels is not None:

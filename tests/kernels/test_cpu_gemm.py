@@ -22,14 +22,24 @@ def _case(seed, rows, k, out, bias=True):
     return w, x, (torch.randn(out, generator=gen) if bias else None)
 
 
-def test_panels_lay_out_sixteen_output_features_per_panel():
+def _panels(w):
+    return cpu_gemm.to_panels([w])[0]
+
+
+def test_panels_lay_out_sixteen_output_features_per_panel_in_one_buffer():
     w, _, _ = _case(0, 1, 23, 48)
-    panels = cpu_gemm.to_panels(w)
+    v, _, _ = _case(1, 1, 700, 2048)  # 5.5 MiB: the buffer spans several huge pages
+    panels, skipped, fp64, more = cpu_gemm.to_panels(
+        [w, torch.randn(40, 8), torch.randn(32, 8, dtype=torch.float64), v]
+    )
+    assert skipped is None and fp64 is None  # 40 features: not whole panels; not fp32
     assert panels.shape == (3, 23, 16) and panels.is_contiguous()
     for p, k, j in [(0, 0, 0), (1, 5, 3), (2, 22, 15)]:
         assert panels[p, k, j] == w[16 * p + j, k]
-    assert cpu_gemm.to_panels(torch.randn(40, 8)) is None  # 40 features: not whole panels
-    assert cpu_gemm.to_panels(torch.randn(32, 8, dtype=torch.float64)) is None
+    assert torch.equal(more.transpose(1, 2).reshape(2048, 700), v)
+    # one buffer, back to back, each weight's panels 64-byte aligned
+    assert more.untyped_storage().data_ptr() == panels.untyped_storage().data_ptr()
+    assert more.data_ptr() == panels.data_ptr() + 4 * w.numel() and panels.data_ptr() % 64 == 0
 
 
 @needs_kernel
@@ -38,7 +48,7 @@ def test_panels_lay_out_sixteen_output_features_per_panel():
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_fp64_reference(rows, k, out, bias):
     w, x, b = _case(rows + k, rows, k, out, bias)
-    got = kernel(x, cpu_gemm.to_panels(w), b)
+    got = kernel(x, _panels(w), b)
     want = x.double() @ w.double().T + (0 if b is None else b.double())
     # fp32 sums of k products in another order: errors grow like sqrt(k) · eps · |x||w|
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6 * k**0.5)
@@ -49,7 +59,7 @@ def test_a_rows_result_does_not_depend_on_the_batch():
     """Bit for bit: a row alone, in a group of four, and in a 9-row call (two groups of four
     and one left over) gets the same output."""
     w, x, b = _case(1, 9, 576, 64)
-    panels = cpu_gemm.to_panels(w)
+    panels = _panels(w)
     batch = kernel(x, panels, b)
     for i in range(9):
         assert torch.equal(kernel(x[i : i + 1], panels, b)[0], batch[i]), i
@@ -59,7 +69,7 @@ def test_a_rows_result_does_not_depend_on_the_batch():
 @needs_kernel
 def test_refuses_inputs_it_was_not_built_for():
     w, x, b = _case(2, 2, 32, 32)
-    panels = cpu_gemm.to_panels(w)
+    panels = _panels(w)
     with pytest.raises(ValueError, match="fp32"):
         kernel(x.double(), panels, b)
     with pytest.raises(ValueError, match=r"\[rows, 32\]"):  # in features not the weight's
