@@ -1,8 +1,8 @@
 /* Decode-sized products on CPU: y[r] = W x[r] (+ bias) for a few rows r, fp32, with W laid out
  * in panels of 16 output features: panels[p][k][j] = W[16 p + j][k] (cpu_gemm.py makes it).
  *
- * A decode step of one or two rows reads every weight once and does two FLOPs per weight, so
- * its speed is the speed of streaming W from memory. Row-major W read with a dot product per
+ * A decode step of a few rows reads every weight once and does two FLOPs per weight and row,
+ * so its speed is the speed of streaming W from memory. Row-major W read with a dot product per
  * output feature streams several rows at once and ends each with a horizontal sum; the panel
  * layout streams W front to back in one pass, each 64-byte load feeding 16 outputs, with no
  * horizontal sums. Rows are taken four at a time, panel by panel, so W is read from memory
