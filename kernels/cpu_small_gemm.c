@@ -82,21 +82,36 @@ void small_gemm(const float *x, const float *w, const float *bias, float *y, int
     }
 }
 
-/* Sum of a[i] * b[i] for i < n: 16 lanes, then a fixed tree, then the tail in order. */
+/* The sum of a vector's lanes by a fixed tree: lanes j and j + 8, then j + 4, j + 2, j + 1. */
+ALWAYS_INLINE float hsum16(vec16 v) {
+    float lanes[16];
+    memcpy(lanes, &v, sizeof lanes);
+    for (int width = 8; width >= 1; width /= 2)
+        for (int j = 0; j < width; j++) lanes[j] += lanes[j + width];
+    return lanes[0];
+}
+
+/* Sum of a[i] * b[i] for i < n: 16 lanes, then hsum16's tree, then the tail in order. */
 ALWAYS_INLINE float dot(const float *a, const float *b, int64_t n) {
     vec16 acc = {0};
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) acc += load16(a + i) * load16(b + i);
-    float lanes[16];
-    memcpy(lanes, &acc, sizeof lanes);
-    for (int width = 8; width >= 1; width /= 2)
-        for (int j = 0; j < width; j++) lanes[j] += lanes[j + width];
-    float sum = lanes[0];
+    float sum = hsum16(acc);
     for (; i < n; i++) sum += a[i] * b[i];
     return sum;
 }
 
-/* out[j] = the sum of v[j]'s lanes, for 16 vectors at once: four levels of pairwise halving. */
+/* GCC before 12 has no __builtin_shufflevector; COLD_RAY_NO_SHUFFLEVECTOR forces the fallback
+ * (the tests build it to check that both give the same bits). */
+#if defined(__has_builtin) && !defined(COLD_RAY_NO_SHUFFLEVECTOR)
+#if __has_builtin(__builtin_shufflevector)
+#define HAVE_SHUFFLEVECTOR 1
+#endif
+#endif
+
+/* out[j] = hsum16(v[j]) for 16 vectors at once: the same tree, as four levels of pairwise
+ * halving across vectors (no per-vector horizontal sum). */
+#ifdef HAVE_SHUFFLEVECTOR
 ALWAYS_INLINE vec16 reduce16(const vec16 *v) {
     vec16 w1[8], w2[4], w3[2];
     for (int i = 0; i < 8; i++)  /* [lanes of v[2i] | v[2i+1]], 8 partial sums each */
@@ -119,6 +134,13 @@ ALWAYS_INLINE vec16 reduce16(const vec16 *v) {
            __builtin_shufflevector(w3[0], w3[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25,
                                    27, 29, 31);
 }
+#else
+ALWAYS_INLINE vec16 reduce16(const vec16 *v) {
+    vec16 out;
+    for (int q = 0; q < 16; q++) out[q] = hsum16(v[q]);
+    return out;
+}
+#endif
 
 /* LoRA on a few rows, straight from an adapter slot's row-major factors:
  * y[r] += scale * B (A x[r]) for r < rows (at most 4), with A: [rank, k_in], B: [n_out, rank],

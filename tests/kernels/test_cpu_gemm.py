@@ -111,6 +111,16 @@ def test_huge_page_memory_is_aligned_writable_and_outlives_its_mapping():
     assert small.numel() == 100
 
 
+def test_huge_page_memory_falls_back_to_torch_when_mapping_fails(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(cpu_gemm.mmap, "mmap", refuse)
+    t = cpu_gemm.huge_page_empty(2**20)
+    assert t.numel() == 2**20 and t.dtype == torch.float32
+    assert float(t.fill_(1.0).sum()) == 2**20
+
+
 def _core(path, **config):
     return EngineCore(EngineConfig(model=str(path), max_rows=4, max_model_len=32, **config))
 
@@ -203,3 +213,26 @@ def test_grouped_backend_with_the_kernel_matches_the_reference(idx):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     base = torch.tensor(idx) < 0
     assert torch.equal(got[base], y[base])
+
+
+@needs_kernel
+def test_the_fallback_for_compilers_without_shufflevector_gives_the_same_bits(tmp_path):
+    """GCC before 12 builds the scalar reduction: it must follow the same summation tree."""
+    import ctypes
+    import subprocess
+
+    from cold_ray.kernels import cpu_kernels
+
+    source = cpu_kernels.SOURCES[1]
+    assert source.name == "cpu_small_gemm.c"
+    out = tmp_path / "fallback.so"
+    cmd = [cpu_kernels._compiler(), *cpu_kernels.FLAGS[0], "-DCOLD_RAY_NO_SHUFFLEVECTOR",
+           "-shared", "-fPIC", str(source), "-o", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    fallback = cpu_gemm.SmallGemmKernel(ctypes.CDLL(str(out)))
+    for rows, k, rank, out_features in [(1, 576, 48, 960), (3, 64, 24, 40), (4, 1536, 16, 576)]:
+        x, A, B, y = _lora_case(rank, rows, k, rank, out_features)
+        want, got = y.clone(), y.clone()
+        kernel.lora(x, A, B, 1, 0.3, want, 0, rows)
+        fallback.lora(x, A, B, 1, 0.3, got, 0, rows)
+        assert torch.equal(got, want), (rows, k, rank, out_features)
