@@ -32,8 +32,10 @@ def huge_page_empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Ten
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is None or nbytes < HUGE_PAGE:
         return torch.empty(numel, dtype=dtype)
-    # private anonymous memory: a shared mapping would follow the shmem huge-page setting
-    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:  # private anonymous memory: a shared mapping would follow the shmem huge-page setting
+        buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # e.g. a mapping-count limit: torch's allocator may still manage
+        return torch.empty(numel, dtype=dtype)
     try:
         buf.madvise(advice)
     except OSError:  # huge pages turned off: 4 KiB pages, same contents
