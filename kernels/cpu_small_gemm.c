@@ -5,11 +5,12 @@
  * so its speed is the speed of streaming W from memory. Row-major W read with a dot product per
  * output feature streams several rows at once and ends each with a horizontal sum; the panel
  * layout streams W front to back in one pass, each 64-byte load feeding 16 outputs, with no
- * horizontal sums. Rows are taken four at a time, panel by panel, so W is read from memory
- * once however many rows (later groups find the panel in L2).
+ * horizontal sums. Rows are taken eight at a time, panel by panel, so W is read from memory
+ * once however many rows (later groups find the panel in L2), and each load feeds up to eight
+ * rows.
  *
- * Every output is summed in the same order (four partial sums over k mod 4, added pairwise at
- * the end) whatever the number of rows, so a row's result does not depend on the batch.
+ * Every output is summed in the same order (two partial sums over k mod 2, added at the end)
+ * whatever the number of rows, so a row's result does not depend on the batch.
  */
 #include <stdint.h>
 #include <string.h>
@@ -36,29 +37,31 @@ ALWAYS_INLINE vec16 load16(const float *p) {
     return v;
 }
 
-/* One panel (16 output features) for `rows` (1-4) rows of x; `rows` is a constant at each call
+/* One panel (16 output features) for `rows` (1-8) rows of x; `rows` is a constant at each call
  * site, so the loops over it unroll. */
 ALWAYS_INLINE void panel(const float *x, const float *w, const float *bias, float *y,
                          int64_t rows, int64_t k_in, int64_t n_out, int64_t p) {
-    vec16 acc[4][4];
+    vec16 acc[8][2];
     memset(acc, 0, sizeof acc);
     const float *wp = w + p * 16 * k_in;
     int64_t k = 0;
-    for (; k + 4 <= k_in; k += 4) {
-        for (int64_t j = 0; j < 4; j++) __builtin_prefetch(wp + (k + PREFETCH_STEPS + j) * 16);
-        for (int64_t j = 0; j < 4; j++) {
-            vec16 wk = load16(wp + (k + j) * 16);
-            for (int64_t r = 0; r < rows; r++) acc[r][j] += x[r * k_in + k + j] * wk;
+    for (; k + 2 <= k_in; k += 2) {
+        __builtin_prefetch(wp + (k + PREFETCH_STEPS) * 16);
+        __builtin_prefetch(wp + (k + PREFETCH_STEPS + 1) * 16);
+        vec16 w0 = load16(wp + k * 16), w1 = load16(wp + k * 16 + 16);
+        for (int64_t r = 0; r < rows; r++) {
+            acc[r][0] += x[r * k_in + k] * w0;
+            acc[r][1] += x[r * k_in + k + 1] * w1;
         }
     }
-    for (int64_t j = 0; k < k_in; k++, j++) {
+    if (k < k_in) {
         vec16 wk = load16(wp + k * 16);
-        for (int64_t r = 0; r < rows; r++) acc[r][j] += x[r * k_in + k] * wk;
+        for (int64_t r = 0; r < rows; r++) acc[r][0] += x[r * k_in + k] * wk;
     }
     vec16 b = {0};
     if (bias) b = load16(bias + p * 16);
     for (int64_t r = 0; r < rows; r++) {
-        vec16 sum = ((acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3])) + b;
+        vec16 sum = (acc[r][0] + acc[r][1]) + b;
         memcpy(y + r * n_out + p * 16, &sum, sizeof sum);
     }
 }
@@ -70,14 +73,20 @@ void small_gemm(const float *x, const float *w, const float *bias, float *y, int
     /* panel by panel (16 x k_in floats, in L2 after its first group of rows), so W is read from
      * memory once however many rows */
     for (int64_t p = 0; p < n_out / 16; p++) {
-        for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+        for (int64_t r0 = 0; r0 < rows; r0 += 8) {
             const float *xr = x + r0 * k_in;
             float *yr = y + r0 * n_out;
             int64_t left = rows - r0;
-            if (left == 1) panel(xr, w, bias, yr, 1, k_in, n_out, p);
-            else if (left == 2) panel(xr, w, bias, yr, 2, k_in, n_out, p);
-            else if (left == 3) panel(xr, w, bias, yr, 3, k_in, n_out, p);
-            else panel(xr, w, bias, yr, 4, k_in, n_out, p);
+            switch (left) {
+            case 1: panel(xr, w, bias, yr, 1, k_in, n_out, p); break;
+            case 2: panel(xr, w, bias, yr, 2, k_in, n_out, p); break;
+            case 3: panel(xr, w, bias, yr, 3, k_in, n_out, p); break;
+            case 4: panel(xr, w, bias, yr, 4, k_in, n_out, p); break;
+            case 5: panel(xr, w, bias, yr, 5, k_in, n_out, p); break;
+            case 6: panel(xr, w, bias, yr, 6, k_in, n_out, p); break;
+            case 7: panel(xr, w, bias, yr, 7, k_in, n_out, p); break;
+            default: panel(xr, w, bias, yr, 8, k_in, n_out, p);
+            }
         }
     }
 }

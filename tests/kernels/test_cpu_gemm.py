@@ -43,7 +43,7 @@ def test_panels_lay_out_sixteen_output_features_per_panel_in_one_buffer():
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])  # groups of four and remainders
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17])  # groups of eight, remainders
 @pytest.mark.parametrize("k, out", [(23, 16), (64, 96), (576, 48), (1536, 32)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_fp64_reference(rows, k, out, bias):
@@ -56,14 +56,15 @@ def test_matches_fp64_reference(rows, k, out, bias):
 
 @needs_kernel
 def test_a_rows_result_does_not_depend_on_the_batch():
-    """Bit for bit: a row alone, in a group of four, and in a 9-row call (two groups of four
-    and one left over) gets the same output."""
-    w, x, b = _case(1, 9, 576, 64)
+    """Bit for bit: a row alone, in a group of eight, and in a 17-row call (two groups of
+    eight and one left over) gets the same output."""
+    w, x, b = _case(1, 17, 575, 64)  # odd in-features: the k tail too
     panels = _panels(w)
     batch = kernel(x, panels, b)
-    for i in range(9):
+    for i in range(17):
         assert torch.equal(kernel(x[i : i + 1], panels, b)[0], batch[i]), i
-    assert torch.equal(kernel(x[4:8], panels, b), batch[4:8])
+    assert torch.equal(kernel(x[8:16], panels, b), batch[8:16])
+    assert torch.equal(kernel(x[3:6], panels, b), batch[3:6])
 
 
 @needs_kernel
