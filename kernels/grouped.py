@@ -8,9 +8,10 @@ these calls on 1-32 rows and per-op overhead (~2-4 µs each) is most of the cost
 - "gather" (slots interleaved, e.g. CoLD expert/amateur pairs with several adapters):
           one `index_select`, a GEMM pair per slot into one buffer, one `index_add_`.
 Rows with index -1 are never read or written, so they stay bit-identical to the base output.
-On CPU the engine may hand it the compiled small-GEMM kernel (`use_cpu_kernel`): steps of up to
-four rows (`MAX_LORA_ROWS`) then make one C call per slot (per row for "gather"), which streams the slot's
-factors with prefetching instead of two BLAS calls on tiny shapes.
+On CPU the engine may hand it the compiled small-GEMM kernel (`use_cpu_kernel`): steps of up
+to four rows (`MAX_LORA_ROWS`, slots of rank up to `MAX_RANK`) then make one C call per slot
+(per row for "gather"), which streams the slot's factors with prefetching instead of two BLAS
+calls on tiny shapes.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class GroupedBackend(LoraBackend):
             return
         s = batch.scales(scale)
         kernel = self.small_gemm
-        if kernel is not None and batch.rows <= kernel.MAX_LORA_ROWS and x.dtype == torch.float32:
+        if (kernel is not None and batch.rows <= kernel.MAX_LORA_ROWS
+                and A.shape[1] <= kernel.MAX_RANK and x.dtype == torch.float32):  # fmt: skip
             if plan == "runs":
                 for k, start, end in batch.segments:
                     kernel.lora(x, A, B, k, s[k], y, start, end)

@@ -21,8 +21,8 @@ SMALL_ROWS = 4
 # 2-column GEMM streams faster than its GEMV), the packed layout at ≈11–13 (`cold-ray bench gemm`).
 ROW_MAJOR_ROWS = 2
 # With it (`kernels/cpu_gemm.py`), steps of up to this many rows (decode steps) read a panel
-# copy: ≈ 2x the packed layout's speed at 1–4 rows (streaming ≈ 25–30 GB/s), ≈ 1.25x at 8, and
-# level with it by 32, where the products become bound by arithmetic (`cold-ray bench gemm`).
+# copy: ≈ 2–2.7x the packed layout's speed at 1–4 rows (streaming ≈ 25–30 GB/s), ≈ 1.6x at 8,
+# level with it at 32, where the products become bound by arithmetic (`cold-ray bench gemm`).
 PANEL_ROWS = 32
 # Row count oneDNN lays packed weights out for; any row count works with the layout.
 PACK_ROWS = 64

@@ -194,17 +194,20 @@ def test_lora_refuses_what_it_cannot_take():
 
 
 @needs_kernel
-@pytest.mark.parametrize("idx", [[0], [-1], [2, 2], [1, -1], [-1, 0, 0, -1], [0, -1, 1, -1],
-                                 [2, 0, 2, 1], [0, 1, 0, 1, 2]])  # fmt: skip
-def test_grouped_backend_with_the_kernel_matches_the_reference(idx):
-    """Runs, gather and base-only plans; 5 rows fall back to BLAS. Base rows stay untouched,
-    bit for bit."""
+@pytest.mark.parametrize("idx, rank", [([0], 24), ([-1], 24), ([2, 2], 24), ([1, -1], 24),
+                                       ([-1, 0, 0, -1], 24), ([0, -1, 1, -1], 24),
+                                       ([2, 0, 2, 1], 24), ([0, 1, 0, 1, 2], 24),
+                                       ([0, -1], 1056)])  # fmt: skip
+def test_grouped_backend_with_the_kernel_matches_the_reference(idx, rank):
+    """Runs, gather and base-only plans; 5 rows, and a fused rank over the kernel's 1024 (e.g.
+    q/k/v at max_lora_rank 352), fall back to BLAS. Base rows stay untouched, bit for bit."""
     from cold_ray.kernels import select_backend
 
     gen = torch.Generator().manual_seed(len(idx))
     rows, slots = len(idx), 3
     x = torch.randn(rows, 64, generator=gen)
-    A, B = torch.randn(slots, 24, 64, generator=gen), torch.randn(slots, 48, 24, generator=gen)
+    A = torch.randn(slots, rank, 64, generator=gen) / rank**0.5
+    B = torch.randn(slots, 48, rank, generator=gen)
     scale, y = torch.tensor([0.5, 2.0, 0.25]), torch.randn(rows, 48, generator=gen)
     grouped, reference = select_backend("grouped"), select_backend("reference")
     assert grouped.use_cpu_kernel(kernel) and not reference.use_cpu_kernel(kernel)
