@@ -5,8 +5,9 @@ A decode step of a few rows reads every weight once for a few FLOPs each: its sp
 speed of streaming the weights. MKL's GEMV / two-column GEMM on the row-major weight and
 oneDNN's packed layout reach ≈ 11–20 GB/s on this CPU at 1–2 rows; the panel kernel streams
 each weight front to back in one pass at ≈ 25–30 GB/s, and stays level with or ahead of the
-packed layout up to 32 rows (`cold-ray bench gemm`). With 4 KiB pages one core's reads stall on TLB misses; transparent
-huge pages (`madvise`) lift a plain sum from ≈ 21 to ≈ 33 GB/s (`cold-ray bench roofline`).
+packed layout up to 32 rows (`cold-ray bench gemm`). With 4 KiB pages one core's reads stall
+on TLB misses; transparent huge pages (`madvise`) lift a plain sum from ≈ 22 to ≈ 29–34 GiB/s
+(`cold-ray bench roofline`, `bandwidth_gib_s_by_pages`).
 Where the library cannot be built, `load()` returns None and the model keeps BLAS.
 """
 

@@ -76,7 +76,8 @@ def test_gemm_peak_reports_every_shape_and_the_best():
     best = max(v for s in out["shapes"] for v in (s["mm_gflop_s"], s["packed_gflop_s"]) if v)
     assert out["peak_gflop_s"] == best > 0
     assert roofline.measure_bandwidth(mib=1, repeats=1) > 0
-    assert roofline.measure_bandwidth(mib=8, repeats=1) > 0  # 8 MiB: huge pages too
+    rates = roofline.measure_bandwidths(mib=8, repeats=1)  # 8 MiB: a huge-page buffer too
+    assert set(rates) == {"4k_pages", "huge_pages"} and all(v > 0 for v in rates.values())
 
 
 def test_gemm_reports_each_route_for_the_rows_it_serves():
