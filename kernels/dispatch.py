@@ -42,6 +42,7 @@ class LoraBatch:
     plan: str  # "none" | "runs" | "gather"
     segments: tuple[tuple[int, int, int], ...]  # (slot, start, end), end exclusive
     perm: torch.Tensor | None = None  # [num_active] int64 row ids sorted by slot ("gather")
+    perm_rows: tuple[int, ...] = ()  # `perm` on the host, for per-row CPU kernel calls
     safe_idx: torch.Tensor | None = None  # [rows] int64, -1 -> 0 (gather-style backends)
     active: torch.Tensor | None = None  # [rows, 1] bool, idx >= 0 (gather-style backends)
     scale_cache: dict = field(default_factory=dict)  # (ptr, version) -> list[float]
@@ -89,7 +90,8 @@ def build_batch(idx: torch.Tensor | Sequence[int], device: torch.device | str) -
         segments.append((k, len(order), len(order) + len(members)))
         order.extend(members)
     perm = torch.tensor(order, dtype=torch.int64, device=device)
-    return LoraBatch(dev_idx, rows, max_slot, num_active, "gather", tuple(segments), perm)
+    return LoraBatch(dev_idx, rows, max_slot, num_active, "gather", tuple(segments), perm,
+                     perm_rows=tuple(order))  # fmt: skip
 
 
 class LoraBackend:

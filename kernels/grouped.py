@@ -58,9 +58,8 @@ class GroupedBackend(LoraBackend):
                 for k, start, end in batch.segments:
                     kernel.lora(x, A, B, k, s[k], y, start, end)
             else:
-                rows = batch.perm.tolist()
                 for k, start, end in batch.segments:
-                    for i in rows[start:end]:
+                    for i in batch.perm_rows[start:end]:
                         kernel.lora(x, A, B, k, s[k], y, i, i + 1)
             return
         if plan == "runs":
