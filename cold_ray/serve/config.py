@@ -112,8 +112,7 @@ class AppArgs(BaseModel):
         EngineConfig.small_batch_weights,
         description="CPU, with packed_weights: keep a second copy of the base weights for "
         "decode-sized steps (panels for cpu_gemm_kernel, up to 32 rows; else row-major for 1-2 "
-        "rows); twice "
-        "the base weights' memory.",
+        "rows); twice the base weights' memory.",
     )
     cpu_attention_kernel: bool = Field(
         EngineConfig.cpu_attention_kernel,
