@@ -11,9 +11,12 @@ Runs in a few minutes on one GPU/NPU with the default model and the demo adapter
    kernel (flash or memory-efficient), not the math fallback;
 3. CoLD in bf16 — teacher-forced logits of the engine in bf16 vs the same engine in fp32
    (max |diff| and top-1 agreement, with the tolerances below), and greedy CoLD tokens;
-4. steps — median decode step at 1/8/32 requests (base greedy and CoLD) and the batch-1
-   step's weight-read rate in GB/s.
-Exits 1 if a check fails. On a CPU the same checks run (Triton only under TRITON_INTERPRET=1).
+4. graphs — engines with and without captured decode steps (CUDA graphs / ACLGraph) decode a
+   batch of plain, LoRA and CoLD requests to the same tokens (fp32: exactly);
+5. steps — median decode step at 1/8/32 requests (base greedy and CoLD) and the batch-1
+   step's weight-read rate in GB/s; on an accelerator once with graphs and once eagerly.
+Exits 1 if a check fails; a section that raises is reported failed and the others still run.
+On a CPU the same checks run (Triton only under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (4e-3, 2e-3), "bfloat16": (3e-2, 1.5e-2)}
 BF16_MAX_LOGIT_DIFF = 0.5  # bf16 engine vs fp32 engine, teacher-forced, SmolLM2 (|logit| ~ 20)
 BF16_MIN_TOP1_AGREEMENT = 0.95
+MODEL = None  # --model: a safetensors folder or .gguf file; None = the default SmolLM2
 
 
 def _sync(device) -> None:
@@ -126,13 +130,14 @@ def check_attention(device) -> dict:
         return {"fused": False, "ok": False, "why": str(e)[:300]}
 
 
-def _core(device, dtype: str, max_rows: int):
+def _core(device, dtype: str, max_rows: int, **overrides):
     from cold_ray.config import EngineConfig
     from cold_ray.engine import EngineCore
 
     threads = 1 if device.type == "cpu" else None  # one CPU thread: no OpenMP spin-waiting
-    core = EngineCore(EngineConfig(device=str(device), dtype=dtype, max_rows=max_rows,
-                                   max_model_len=512, num_threads=threads))  # fmt: skip
+    core = EngineCore(EngineConfig(model=MODEL, device=str(device), dtype=dtype,
+                                   max_rows=max_rows, max_model_len=512, num_threads=threads,
+                                   **overrides))  # fmt: skip
     core.register_adapter("demo", "deployments/adapters/arith-demo")
     return core
 
@@ -166,13 +171,57 @@ def check_bf16_cold(device, quick: bool) -> dict:
                           "top1_agreement": BF16_MIN_TOP1_AGREEMENT}}  # fmt: skip
 
 
-def measure_steps(device, quick: bool) -> dict:
+def _mixed_tokens(core) -> list[list[int]]:
+    """Greedy tokens of plain, LoRA and CoLD requests decoded together in one batch."""
+    from cold_ray.engine import ColdParams, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    prompts = [f"Question: {a} + {b} = ?\nAnswer:" for a, b in ((3, 4), (12, 9), (7, 30))]
+    reqs = [core.make_request(p, params, adapter, cold)
+            for p in prompts
+            for adapter, cold in ((None, None), ("demo", None), ("demo", ColdParams()))]  # fmt: skip
+    for r in reqs:
+        core.add(r)
+    while core.has_work():
+        core.step()
+    return [list(r.output_ids) for r in reqs]
+
+
+def check_graphs(device) -> dict:
+    """Engines with and without captured decode steps decode the same tokens: exactly in
+    fp32; in bf16 the padded batch may take other GEMM kernels, so agreement is reported."""
+    from cold_ray import device as devices
+
+    if devices.graph_api(device) is None:
+        return {"skipped": f"no graph capture on {device.type}"}
+    out = {"ok": True}
+    for dtype in ("float32", "bfloat16"):
+        graphed = _core(device, dtype, 16)
+        if graphed.graphs is None:
+            return {"ok": False, "why": f"no graphs captured ({graphed.backend.name} backend)"}
+        eager = _core(device, dtype, 16, graph_capture=False)
+        got, want = _mixed_tokens(graphed), _mixed_tokens(eager)
+        same = [g == w for g, w in zip(got, want)]
+        prefix = [next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), len(g))
+                  for g, w in zip(got, want)]  # fmt: skip
+        out[dtype] = {"graphs": len(graphed.graphs.graphs),
+                      "capture_s": graphed.graphs.capture_seconds,
+                      "requests_equal": sum(same), "requests": len(same),
+                      "min_equal_prefix": min(prefix)}  # fmt: skip
+        if dtype == "float32":
+            out["ok"] &= all(same)
+        del graphed, eager
+    return out
+
+
+def measure_steps(device, quick: bool, graph_capture: bool = True) -> dict:
     from cold_ray.engine import ColdParams, SamplingParams
 
     dtype = "float32" if device.type == "cpu" else "bfloat16"
     out = {"dtype": dtype, "steps": []}
     batches = (1, 8) if quick else (1, 8, 32)
-    core = _core(device, dtype, 2 * max(batches))
+    core = _core(device, dtype, 2 * max(batches), graph_capture=graph_capture)
+    out["graphs"] = len(core.graphs.graphs) if core.graphs is not None else 0
     core.load_adapter("demo")
     weight_bytes = core.model.step_weight_bytes()
     prompt = core.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8)
@@ -198,13 +247,28 @@ def measure_steps(device, quick: bool) -> dict:
     return out
 
 
+def _section(fn, *args) -> dict:
+    """A section's result; an exception fails the section, not the whole check."""
+    try:
+        return fn(*args)
+    except Exception as e:  # report every section's outcome in one run
+        import traceback
+
+        return {"ok": False, "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cold-ray bench device", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--device", help="cuda, npu or cpu (default: the accelerator present)")
     p.add_argument("--quick", action="store_true", help="fewer sizes (a smoke check)")
+    p.add_argument("--model", help="model folder or .gguf file (default: SmolLM2-135M-Instruct; "
+                                   "the demo adapter fits only SmolLM2)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    global MODEL
+    MODEL = args.model
     import torch
 
     from cold_ray import device as devices
@@ -216,28 +280,50 @@ def main(argv: list[str] | None = None) -> int:
     result = {"device": str(device), "torch": torch.__version__}
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
-    result["kernels"] = check_kernels(device, args.quick)
-    result["attention"] = check_attention(device)
-    result["bf16_cold"] = check_bf16_cold(device, args.quick)
-    result["steps"] = measure_steps(device, args.quick)
+    result["kernels"] = _section(check_kernels, device, args.quick)
+    result["attention"] = _section(check_attention, device)
+    result["bf16_cold"] = _section(check_bf16_cold, device, args.quick)
+    result["graphs"] = _section(check_graphs, device)
+    result["steps"] = _section(measure_steps, device, args.quick)
+    if devices.graph_api(device) is not None:
+        result["eager_steps"] = _section(measure_steps, device, args.quick, False)
+        result["graph_speedup"] = _speedups(result["steps"], result["eager_steps"])
     ok = all(section.get("ok", True) for section in result.values() if isinstance(section, dict))
     result["ok"] = ok
     print(json.dumps(result, indent=2) if args.json else _table(result))
     return 0 if ok else 1
 
 
+def _speedups(graphed: dict, eager: dict) -> dict:
+    """Eager step time ÷ graphed step time, per mode and batch."""
+    if "steps" not in graphed or "steps" not in eager:
+        return {"skipped": "a step measurement failed"}
+    times = {(s["mode"], s["batch"]): s["step_ms"] for s in eager["steps"]}
+    return {f"{s['mode']}@{s['batch']}": round(times[(s["mode"], s["batch"])] / s["step_ms"], 2)
+            for s in graphed["steps"]}  # fmt: skip
+
+
 def _table(r: dict) -> str:
     lines = [f"device {r['device']} (torch {r['torch']}) — {'OK' if r['ok'] else 'FAILED'}"]
+    for name, section in r.items():
+        if isinstance(section, dict) and "error" in section:
+            lines.append(f"{name}: FAILED {section['error']}")
     k = r["kernels"]
-    lines.append(f"kernels [{k['backend']}]: CoLD step tokens equal: {k['cold_step_tokens_equal']}")
-    for c in k["cases"]:
-        lines.append(f"  {c['dtype']:>8} rows {c['rows']:4d}  {'ok ' if c['ok'] else 'BAD'} "
-                     f"max|diff| {c['max_abs_diff']:.2e}  {c['us']:8.1f} us  {c['gb_s']:6.1f} GB/s")  # fmt: skip
-    lines.append(f"attention: {r['attention']}")
-    lines.append(f"bf16 CoLD: {r['bf16_cold']}")
-    for s in r["steps"]["steps"]:
-        extra = f"  {s['weight_gb_s']:.1f} GB/s of weights" if "weight_gb_s" in s else ""
-        lines.append(f"  step {s['mode']:>11} @{s['batch']:3d}: {s['step_ms']:7.2f} ms{extra}")
+    if "cases" in k:
+        lines.append(f"kernels [{k['backend']}]: CoLD step tokens equal: "
+                     f"{k['cold_step_tokens_equal']}")  # fmt: skip
+        for c in k["cases"]:
+            lines.append(f"  {c['dtype']:>8} rows {c['rows']:4d}  {'ok ' if c['ok'] else 'BAD'} "
+                         f"max|diff| {c['max_abs_diff']:.2e}  {c['us']:8.1f} us  "
+                         f"{c['gb_s']:6.1f} GB/s")  # fmt: skip
+    for name in ("attention", "bf16_cold", "graphs", "graph_speedup"):
+        if name in r and "error" not in r[name]:
+            lines.append(f"{name}: {r[name]}")
+    for name in ("steps", "eager_steps"):
+        for s in r.get(name, {}).get("steps", []):
+            extra = f"  {s['weight_gb_s']:.1f} GB/s of weights" if "weight_gb_s" in s else ""
+            lines.append(f"  {name} {s['mode']:>11} @{s['batch']:3d}: {s['step_ms']:7.2f} ms"
+                         f"{extra}")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -55,3 +55,22 @@ def from_ray_assignment(configured: str) -> tuple[str, dict]:
     if kind == "cuda" and not info["gpu_ids"]:
         raise RuntimeError("device 'cuda' configured, but Ray assigned no GPU to this replica")
     return (f"{kind}:0" if kind in ("npu", "cuda") else "cpu"), info
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+def graph_api(device: torch.device):
+    """(graph class, capture context manager taking `pool=`) for capturing a step on this
+    device: CUDA graphs, or ACLGraph through torch_npu's `torch.npu.NPUGraph` / `graph`;
+    None where the device has none (CPU, a torch_npu without ACLGraph)."""
+    if device.type == "cuda":
+        return torch.cuda.CUDAGraph, torch.cuda.graph
+    if device.type == "npu" and hasattr(torch.npu, "NPUGraph") and hasattr(torch.npu, "graph"):
+        return torch.npu.NPUGraph, torch.npu.graph
+    return None

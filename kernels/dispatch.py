@@ -104,6 +104,9 @@ class LoraBackend:
     """
 
     name = "reference"
+    # True where `lora_delta` over a `graph_batch` launches fixed work and reads the adapter
+    # index on the device only, so a decode step can be captured as a graph (engine/graphs.py)
+    graph_safe = False
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -117,6 +120,13 @@ class LoraBackend:
     def prepare(self, idx: torch.Tensor | Sequence[int]) -> LoraBatch:
         """Build the step's adapter metadata once; pass it to every LoRA call of the step."""
         return build_batch(idx, self.device)
+
+    def graph_batch(self, idx: torch.Tensor, slots: int) -> LoraBatch:
+        """The metadata of a captured step from its device index alone ([rows], -1 = base,
+        rewritten before each replay), never read on the host: any slot may be in use and
+        every row counts as active (graph-safe backends skip -1 rows on the device)."""
+        rows = idx.shape[0]
+        return LoraBatch(idx, rows, slots - 1, rows, "gather", ())
 
     def shrink(
         self,

@@ -17,9 +17,16 @@ from cold_ray.kernels.dispatch import LoraBackend, LoraBatch
 
 class GatherBmmBackend(LoraBackend):
     name = "gather_bmm"
+    graph_safe = True  # fixed shapes, device-side masks
 
     def prepare(self, idx: torch.Tensor | Sequence[int]) -> LoraBatch:
-        batch = super().prepare(idx)
+        return self._masks(super().prepare(idx))
+
+    def graph_batch(self, idx: torch.Tensor, slots: int) -> LoraBatch:
+        return self._masks(super().graph_batch(idx, slots))  # masks made inside the graph
+
+    @staticmethod
+    def _masks(batch: LoraBatch) -> LoraBatch:
         batch.safe_idx = batch.idx.clamp(min=0)  # [rows]; -1 rows compute with slot 0, then masked
         batch.active = (batch.idx >= 0).unsqueeze(1)  # [rows, 1]
         return batch

@@ -40,6 +40,7 @@ def _interpreting() -> bool:
 
 class TritonBackend(LoraBackend):
     name = "triton"
+    graph_safe = True  # each program reads its row's slot on the device; -1 rows return
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         super().__init__(device)

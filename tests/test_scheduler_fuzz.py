@@ -24,6 +24,7 @@ import pytest
 
 from cold_ray.config import EngineConfig
 from cold_ray.engine import ColdParams, EngineCore, SamplingParams
+from cold_ray.engine.graphs import DecodeGraphs
 from tests.test_prefix_cache import check_structure
 
 ADAPTERS = ("a0", "a1", "a2")
@@ -174,6 +175,12 @@ def alone(tiny_llama, tiny_adapters):
 
 
 @pytest.fixture(scope="module")
+def alone_gather(tiny_llama, tiny_adapters):
+    return Alone(_core(tiny_llama, tiny_adapters, max_rows=2, max_prefill_tokens=4096,
+                       prefix_cache_bytes=0, max_loras=3, lora_backend="gather_bmm"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
 def fuzz_seeds(request):
     return request.config.getoption("--fuzz-seeds") or CI_SEEDS
 
@@ -189,3 +196,21 @@ def test_every_request_decodes_as_if_alone(tiny_llama, tiny_adapters, alone, fuz
         run_scenario(seed, core, alone)
     if core.prefix_cache is not None:
         assert core.prefix_cache.stats["hit_tokens"] > 0, "the scenarios never hit the cache"
+
+
+@pytest.mark.parametrize("attention", ["kernel", "sdpa"])
+def test_graphed_decode_steps_decode_as_if_alone(tiny_llama, tiny_adapters, alone_gather,
+                                                 fuzz_seeds, attention):  # fmt: skip
+    """Decode steps through `DecodeGraphs` (padded to row and span buckets, static inputs;
+    run eagerly here, as CPUs capture nothing) against each request alone on the eager path.
+    The SDPA variant reads the attention mask made from the static positions."""
+    core = _core(tiny_llama, tiny_adapters, lora_backend="gather_bmm",
+                 cpu_attention_kernel=attention == "kernel")  # fmt: skip
+    core.graphs = DecodeGraphs(core.model, core.cache, core.backend, core.config.max_rows,
+                               core.config.max_model_len, core.config.max_loras, capture=False)  # fmt: skip
+    served = []
+    run_step = core.graphs.run
+    core.graphs.run = lambda plan: served.append(len(plan.decode)) or run_step(plan)
+    for seed in range(fuzz_seeds):
+        run_scenario(seed, core, alone_gather)
+    assert len(served) >= 5 * fuzz_seeds and set(served) >= {1, 2, 3, 4}, served

@@ -26,6 +26,7 @@ from cold_ray.decoding import ColdParams, SamplingParams, request_cold
 from cold_ray.engine import batch as step_batch
 from cold_ray.engine.adapter_loader import AdapterLoader
 from cold_ray.engine.detok import IncrementalDetokenizer, byte_fallback_ids
+from cold_ray.engine.graphs import DecodeGraphs
 from cold_ray.engine.kv_cache import KVCache, Row
 from cold_ray.engine.prefix_cache import BASE, PrefixCache
 from cold_ray.engine.request import (
@@ -89,6 +90,7 @@ class EngineCore:
         self.cache = KVCache.allocate(
             self.args, config.max_rows, config.max_model_len, config.torch_dtype, self.device
         )
+        self.graphs = self._decode_graphs(config)
         self.prefix_cache = (
             PrefixCache(self.cache, config.prefix_cache_bytes, config.prefix_block_size)
             if config.prefix_cache_bytes
@@ -122,6 +124,21 @@ class EngineCore:
         if config.cpu_gemm_kernel and config.small_batch_weights and config.packed_weights:
             log.info("decode-sized products: %s", "C kernel" if small_gemm else "BLAS")
         return attention, small_gemm
+
+    def _decode_graphs(self, config: EngineConfig) -> DecodeGraphs | None:
+        """Decode steps captured as graphs where the device and the LoRA backend allow it."""
+        if not config.graph_capture or devices.graph_api(self.device) is None:
+            return None
+        if not self.backend.graph_safe:
+            log.info("decode steps run eagerly: the %s LoRA backend cannot be captured",
+                     self.backend.name)  # fmt: skip
+            return None
+        try:
+            return DecodeGraphs(self.model, self.cache, self.backend, config.max_rows,
+                                config.max_model_len, config.max_loras)  # fmt: skip
+        except Exception:  # a speed-up only: serve eagerly rather than not at all
+            log.exception("decode graphs could not be captured; every step runs eagerly")
+            return None
 
     @property
     def waiting(self):
@@ -271,8 +288,13 @@ class EngineCore:
         """Forward, select, append. A failure of the forward or of a batched selection fails
         the requests it involves, and only those."""
         try:
-            tokens, fb, out_rows = step_batch.build(plan, self.backend, self.device, self.dtype)
-            hidden = self.model(tokens, self.cache, fb)
+            if self.graphs is not None and self.graphs.fits(plan):
+                hidden = self.graphs.run(plan)
+                out_rows = {row: row.slot for row in plan.decode}
+            else:
+                tokens, fb, out_rows = step_batch.build(plan, self.backend, self.device,
+                                                         self.dtype)  # fmt: skip
+                hidden = self.model(tokens, self.cache, fb)
         except Exception as e:
             log.exception("forward pass failed; failing the %d requests in it", len(plan.requests))
             error = RequestFailed(f"the engine's forward pass failed: {type(e).__name__}: {e}")

@@ -53,6 +53,20 @@ def test_lora_delta_matches_reference(triton_backend, dtype: torch.dtype, mix: s
             assert_base_rows_untouched(y, case, what)
 
 
+@pytest.mark.parametrize("backend", ["triton", "gather_bmm"])
+def test_graph_batch_gives_the_planned_result(triton_backend, backend) -> None:
+    """A captured step's metadata (`graph_batch`: the device index alone, every row counted
+    active, any slot in use) gives what the host-planned batch gives, base rows untouched."""
+    impl = triton_backend if backend == "triton" else select_backend(backend, "cpu")
+    for n, (rows, rank, d_in, d_out) in enumerate(SHAPES):
+        case = make_case(rows, rank, d_in, d_out, torch.float32, "interleaved_base", seed=80 + n)
+        y = case.y.clone()
+        batch = impl.graph_batch(case.idx, case.A.shape[0])
+        impl.lora_delta(case.x, case.A, case.B, case.scale, batch, y)
+        assert_close(y, case.expected(), torch.float32, f"{backend} graph_batch {case.describe()}")
+        assert_base_rows_untouched(y, case, f"{backend} graph_batch {case.describe()}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_shrink_and_expand_match_reference(triton_backend, dtype: torch.dtype) -> None:
     for n, (rows, rank, d_in, d_out) in enumerate(SHAPES):
