@@ -125,6 +125,11 @@ class AppArgs(BaseModel):
         "small_batch_weights, the base products of steps of up to 32 rows over weights in "
         "huge-page memory, in a C kernel (false, or no C compiler: BLAS).",
     )
+    graph_capture: bool = Field(
+        EngineConfig.graph_capture,
+        description="CUDA/NPU: replay decode steps from graphs captured at start, each checked "
+        "against the eager step (false: every step eager, for debugging and profiling).",
+    )
     host_cache_bytes: int = Field(
         1 << 30, ge=0, description="Host memory (bytes) for validated adapters kept for fast "
         "reloads, per replica; least recently used go first. 0: no host cache.",
@@ -309,6 +314,7 @@ class AppArgs(BaseModel):
             small_batch_weights=self.small_batch_weights,
             cpu_attention_kernel=self.cpu_attention_kernel,
             cpu_gemm_kernel=self.cpu_gemm_kernel,
+            graph_capture=self.graph_capture,
             host_cache_bytes=self.host_cache_bytes,
             max_adapter_bytes=self.max_adapter_bytes,
             lora_backend=self.lora_backend,
