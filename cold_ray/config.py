@@ -41,6 +41,9 @@ class EngineConfig:
     # panels) and for the LoRA deltas of steps of up to 4 rows
     cpu_attention_kernel: bool = True
     cpu_gemm_kernel: bool = True
+    # CPU, fp32, one thread: residual add + RMS norm, rotary embedding + KV-cache write and
+    # SiLU·mul in C, one call each instead of chains of small torch operators
+    cpu_rowwise_kernels: bool = True
     # CUDA/NPU: replay decode steps from graphs captured at start (CUDA graphs / ACLGraph),
     # one per (rows, span) bucket; false runs every step eagerly (debugging, profiling)
     graph_capture: bool = True

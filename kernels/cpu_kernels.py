@@ -1,12 +1,13 @@
-"""The CPU C kernels (`cpu_decode_attention.c`, `cpu_small_gemm.c`), compiled once per machine.
+"""The CPU C kernels (`cpu_decode_attention.c`, `cpu_small_gemm.c`, `cpu_rowwise.c`), compiled
+once per machine.
 
-Both are built into one shared library with the system C compiler (`$CC`, else
+They are built into one shared library with the system C compiler (`$CC`, else
 `cc`/`gcc`/`clang`) for this machine (`-march=native`) in the cold-ray cache folder, keyed by
 the sources, flags, compiler and CPU: a cache folder shared by machines with other CPUs (an NFS
 home across a Ray cluster) never hands one a library built for instructions it lacks. Where no
 compiler works, `library()` returns None and the model keeps torch's operators (SDPA, BLAS).
 The kernels run on one thread: the engine uses them when torch runs one intra-op thread (the
-default). `cpu_attention.py` and `cpu_gemm.py` wrap them.
+default). `cpu_attention.py`, `cpu_gemm.py` and `cpu_rowwise.py` wrap them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_decode_attention.c", "cpu_small_gemm.c"))
+SOURCES = tuple(
+    Path(__file__).with_name(n)
+    for n in ("cpu_decode_attention.c", "cpu_small_gemm.c", "cpu_rowwise.c")
+)
 # -ffast-math: vectorised dot products and exp (glibc's libmvec); the sources hold no infinity
 # or NaN test that the finite-math assumption could remove.
 FLAGS = (["-O3", "-march=native", "-ffast-math"], ["-O3", "-ffast-math"])

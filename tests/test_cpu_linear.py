@@ -100,3 +100,5 @@ def test_engine_tokens_do_not_depend_on_the_small_batch_copy_or_kernels(tiny_lla
     packed_only = _run(tiny_llama, tiny_adapters, small_batch_weights=False, cpu_gemm_kernel=False)
     assert _run(tiny_llama, tiny_adapters, cpu_gemm_kernel=False) == packed_only  # row-major
     assert _run(tiny_llama, tiny_adapters) == packed_only  # panels + LoRA kernel, where built
+    torch_ops = _run(tiny_llama, tiny_adapters, cpu_rowwise_kernels=False)
+    assert torch_ops == packed_only  # norms, rotary embedding, SiLU in torch

@@ -77,7 +77,7 @@ class EngineCore:
         load_weights(model, path)
         self.model = model.to(device=self.device, dtype=config.torch_dtype).eval()
         self.dtype = config.torch_dtype
-        attention, small_gemm = self._cpu_kernels(config)
+        attention, small_gemm, rowwise = self._cpu_kernels(config)
         if config.packed_weights:
             self.model.pack_cpu_weights(small_batch=config.small_batch_weights,
                                         small_gemm=small_gemm)  # fmt: skip
@@ -87,6 +87,7 @@ class EngineCore:
         if small_gemm is not None and self.backend.use_cpu_kernel(small_gemm):
             log.info("LoRA on steps of up to 4 rows: C kernel")
         self.model.set_decode_kernel(attention)
+        self.model.set_rowwise_kernels(rowwise)
         self.cache = KVCache.allocate(
             self.args, config.max_rows, config.max_model_len, config.torch_dtype, self.device
         )
@@ -110,20 +111,23 @@ class EngineCore:
         self.adapters = AdapterLoader(self.args, config, self.slots, resolver, self.stats)
 
     def _cpu_kernels(self, config: EngineConfig):
-        """The compiled CPU kernels this engine uses: (decode attention, small GEMM), each None
-        where it is turned off or cannot be built. They run on one thread, fp32."""
+        """The compiled CPU kernels this engine uses: (decode attention, small GEMM, row-wise
+        ops), each None where it is turned off or cannot be built. One thread, fp32."""
         if not (self.device.type == "cpu" and self.dtype == torch.float32
                 and torch.get_num_threads() == 1):  # fmt: skip
-            return None, None
-        from cold_ray.kernels import cpu_attention, cpu_gemm
+            return None, None, None
+        from cold_ray.kernels import cpu_attention, cpu_gemm, cpu_rowwise
 
         attention = cpu_attention.load() if config.cpu_attention_kernel else None
         small_gemm = cpu_gemm.load() if config.cpu_gemm_kernel else None
+        rowwise = cpu_rowwise.load() if config.cpu_rowwise_kernels else None
         if config.cpu_attention_kernel:
             log.info("decode attention: %s", "C kernel" if attention else "torch SDPA")
         if config.cpu_gemm_kernel and config.small_batch_weights and config.packed_weights:
             log.info("decode-sized products: %s", "C kernel" if small_gemm else "BLAS")
-        return attention, small_gemm
+        if config.cpu_rowwise_kernels:
+            log.info("norms, rotary embedding, SiLU: %s", "C kernels" if rowwise else "torch")
+        return attention, small_gemm, rowwise
 
     def _decode_graphs(self, config: EngineConfig) -> DecodeGraphs | None:
         """Decode steps captured as graphs where the device and the LoRA backend allow it."""

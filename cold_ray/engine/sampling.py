@@ -128,8 +128,13 @@ def sample_rows(
             f"scores has {rows} rows but params/rngs/steps have "
             f"{len(params)}/{len(rngs)}/{len(steps) if steps is not None else '-'}"
         )
-    failed = ~torch.isfinite(scores.amax(dim=-1))
     sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:  # greedy: the argmax is NaN or infinite exactly when the maximum is
+        picks = scores.argmax(dim=-1, keepdim=True)
+        failed = ~torch.isfinite(scores.gather(1, picks))[:, 0]
+        picks = picks[:, 0] if ids is None else ids.gather(1, picks)[:, 0]
+        return picks.masked_fill(failed, FAILED).tolist()
+    failed = ~torch.isfinite(scores.amax(dim=-1))
     greedy = [i for i, p in enumerate(params) if p.greedy]
     picks = torch.empty(rows, dtype=torch.int64, device=scores.device)
     if greedy:

@@ -97,6 +97,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 kernels=None) -> torch.Tensor:  # fmt: skip
+    """x += delta in place (the residual stream; None: nothing to add), then RMS norm of x."""
+    if kernels is not None:
+        return kernels.add_rms_norm(x, delta, weight, eps)
+    if delta is not None:
+        x.add_(delta)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 def _gqa_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """[B, heads, T, D] -> [B, kv_heads, groups * T, D]: the queries sharing a K/V head become
     extra query rows, so SDPA needs neither `enable_gqa` nor repeated K/V (with a mask,
@@ -117,22 +127,31 @@ class Attention(nn.Module):
         # Set by the engine: a fused decode-attention kernel (CPU, `kernels/cpu_attention.py`)
         # taking (q, k, v, slots, positions); None = SDPA over the cache view.
         self.decode_kernel = None
+        self.rowwise = None  # `kernels/cpu_rowwise.py`'s kernels (CPU, fp32), or None
 
-    def forward(self, x, cos, sin, cache, layer: int, fb: ForwardBatch):
-        # x: [N, hidden]; cos/sin: [N, 1, head_dim]
+    def forward(self, x, rope, cache, layer: int, fb: ForwardBatch):
+        # x: [N, hidden]; rope: (cos, sin) [N, 1, head_dim] per token, or with `rowwise` the
+        # [max_len, head_dim] tables
         n = x.shape[0]
         heads = self.qkv_proj(x, fb.lora).view(n, self.h + 2 * self.kvh, self.d)
-        qk = apply_rope(heads[:, : self.h + self.kvh], cos, sin)  # q and k heads in one go
-        q, k, v = qk[:, : self.h], qk[:, self.h :], heads[:, self.h + self.kvh :]
-        cache.k[layer, fb.slots, :, fb.positions] = k
-        cache.v[layer, fb.slots, :, fb.positions] = v
-        out = q.new_empty(n, self.h, self.d)
-        if fb.decode is not None:
-            out[: fb.decode.num] = self._decode(q[: fb.decode.num], cache, layer, fb)
-        if fb.prefill is not None:
-            p = fb.prefill
-            out[p.start :] = self._prefill(q, k, v, cache, layer, p)
-        return self.o_proj(out.view(n, self.h * self.d), fb.lora)
+        if self.rowwise is not None:  # rotated in place, K/V written: one call
+            self.rowwise.rope_cache_write(heads, *rope, fb.positions, fb.slots, cache.k[layer],
+                                          cache.v[layer], self.h)  # fmt: skip
+            q, k = heads[:, : self.h], heads[:, self.h : self.h + self.kvh]
+        else:
+            qk = apply_rope(heads[:, : self.h + self.kvh], *rope)  # q and k heads in one go
+            q, k = qk[:, : self.h], qk[:, self.h :]
+            cache.k[layer, fb.slots, :, fb.positions] = k
+            cache.v[layer, fb.slots, :, fb.positions] = heads[:, self.h + self.kvh :]
+        v = heads[:, self.h + self.kvh :]
+        if fb.prefill is None:  # decode only: no scatter into a shared output
+            out = self._decode(q, cache, layer, fb)
+        else:
+            out = q.new_empty(n, self.h, self.d)
+            if fb.decode is not None:
+                out[: fb.decode.num] = self._decode(q[: fb.decode.num], cache, layer, fb)
+            out[fb.prefill.start :] = self._prefill(q, k, v, cache, layer, fb.prefill)
+        return self.o_proj(out.reshape(n, self.h * self.d), fb.lora)
 
     def _decode(self, q, cache, layer: int, fb: ForwardBatch) -> torch.Tensor:
         # q: [D, heads, head_dim] -> [D, heads, head_dim]
@@ -181,8 +200,13 @@ class MLP(nn.Module):
         self.gate_up_proj = LoraLinear(args.hidden_size, (i, i), False, max_loras, max_rank)
         self.down_proj = LoraLinear(i, (args.hidden_size,), False, max_loras, max_rank)
 
+        self.rowwise = None  # `kernels/cpu_rowwise.py`'s kernels (CPU, fp32), or None
+
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x, lora)
+        if self.rowwise is not None:
+            return self.down_proj(self.rowwise.silu_mul(gate_up), lora)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up, lora)
 
 
@@ -196,6 +220,7 @@ class Block(nn.Module):
         )
         self.self_attn = Attention(args, max_loras, max_rank)
         self.mlp = MLP(args, max_loras, max_rank)
+        self.rowwise = None  # `kernels/cpu_rowwise.py`'s kernels (CPU, fp32), or None
 
     def lora_sites(self) -> dict[str, LoraLinear]:
         """The LoRA-aware linears of this block, by fused-site name (see FUSED_SITES)."""
@@ -206,13 +231,13 @@ class Block(nn.Module):
             "down_proj": self.mlp.down_proj,
         }
 
-    def forward(self, x, cos, sin, cache, layer, fb: ForwardBatch):
-        # x: [N, hidden]
-        hidden = x.shape[-1]
-        h = F.rms_norm(x, (hidden,), self.input_layernorm, self.eps)
-        x = x + self.self_attn(h, cos, sin, cache, layer, fb)
-        h = F.rms_norm(x, (hidden,), self.post_attention_layernorm, self.eps)
-        return x + self.mlp(h, fb.lora)
+    def forward(self, x, delta, rope, cache, layer, fb: ForwardBatch):
+        """x: the residual stream [N, hidden], to which the previous block's output `delta`
+        (None for the first block) is added in place; returns this block's output."""
+        h = add_rms_norm(x, delta, self.input_layernorm, self.eps, self.rowwise)
+        attn = self.self_attn(h, rope, cache, layer, fb)
+        h = add_rms_norm(x, attn, self.post_attention_layernorm, self.eps, self.rowwise)
+        return self.mlp(h, fb.lora)
 
 
 class LlamaModel(nn.Module):
@@ -235,6 +260,7 @@ class LlamaModel(nn.Module):
         self.lm_packed: torch.Tensor | None = None
         self.lm_panels: torch.Tensor | None = None  # see `pack_cpu_weights`
         self.small_gemm = None
+        self.rowwise = None  # see `set_rowwise_kernels`
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
@@ -278,6 +304,13 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             layer.self_attn.decode_kernel = kernel
 
+    def set_rowwise_kernels(self, kernels) -> None:
+        """`kernels/cpu_rowwise.py`'s kernels for norms, rotary embedding + cache writes and
+        SiLU·mul (CPU, fp32), or None for torch's operators."""
+        self.rowwise = kernels
+        for layer in self.layers:
+            layer.rowwise = layer.self_attn.rowwise = layer.mlp.rowwise = kernels
+
     def init_rope(self) -> None:
         self.rope_cos, self.rope_sin = rope_tables(self.args, self.max_len, self.norm.device)
         self.rope_cos = self.rope_cos.to(self.norm.dtype)
@@ -289,13 +322,18 @@ class LlamaModel(nn.Module):
         `cache` holds k/v tensors [layers, slots, kv_heads, max_len, head_dim]; each token's
         K/V are written at (its slot, its position) before attention reads them.
         """
-        x = F.embedding(tokens, self.embed_tokens)
-        cos = self.rope_cos[fb.positions].unsqueeze(1)  # [N, 1, head_dim]
-        sin = self.rope_sin[fb.positions].unsqueeze(1)
+        x = F.embedding(tokens, self.embed_tokens)  # the residual stream, updated in place
+        if self.rowwise is not None:  # the kernel looks positions up in the tables
+            self.rowwise.check_rows(fb.positions, fb.slots, self.max_len, cache.k.shape[1])
+            rope = (self.rope_cos, self.rope_sin)
+        else:
+            rope = (self.rope_cos[fb.positions].unsqueeze(1),  # [N, 1, head_dim]
+                    self.rope_sin[fb.positions].unsqueeze(1))  # fmt: skip
+        delta = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, fb)
-        x = x[fb.out_index]
-        return F.rms_norm(x, (x.shape[-1],), self.norm, self.args.rms_norm_eps)
+            delta = layer(x, delta, rope, cache, i, fb)
+        x = x.add_(delta)[fb.out_index]
+        return add_rms_norm(x, None, self.norm, self.args.rms_norm_eps, self.rowwise)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, hidden] -> full-vocabulary logits [rows, V]."""

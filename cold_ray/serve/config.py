@@ -125,6 +125,11 @@ class AppArgs(BaseModel):
         "small_batch_weights, the base products of steps of up to 32 rows over weights in "
         "huge-page memory, in a C kernel (false, or no C compiler: BLAS).",
     )
+    cpu_rowwise_kernels: bool = Field(
+        EngineConfig.cpu_rowwise_kernels,
+        description="CPU, fp32, one thread: residual add + RMS norm, rotary embedding + KV-cache "
+        "write and SiLU-mul in C (false, or no C compiler: torch's operators).",
+    )
     graph_capture: bool = Field(
         EngineConfig.graph_capture,
         description="CUDA/NPU: replay decode steps from graphs captured at start, each checked "
@@ -314,6 +319,7 @@ class AppArgs(BaseModel):
             small_batch_weights=self.small_batch_weights,
             cpu_attention_kernel=self.cpu_attention_kernel,
             cpu_gemm_kernel=self.cpu_gemm_kernel,
+            cpu_rowwise_kernels=self.cpu_rowwise_kernels,
             graph_capture=self.graph_capture,
             host_cache_bytes=self.host_cache_bytes,
             max_adapter_bytes=self.max_adapter_bytes,

@@ -1,0 +1,102 @@
+"""Row-wise operations of a forward pass on CPU: `cpu_rowwise.c` (built by `cpu_kernels.py`).
+
+Residual add + RMS norm, rotary embedding + KV-cache write, and SiLU·mul, each one C call on
+fp32 rows where torch runs a chain of small operators (≈ 8 for an RMS norm): at a decode step
+of a few rows these chains, not arithmetic, cost milliseconds. Where the library cannot be
+built, `load()` returns None and the model keeps torch's operators.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
+import torch
+
+from cold_ray.kernels import cpu_kernels
+
+
+@cache
+def load() -> RowwiseKernels | None:
+    """The compiled kernels, or None where they cannot be built or loaded."""
+    lib = cpu_kernels.library()
+    return None if lib is None else RowwiseKernels(lib)
+
+
+def _f32(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+               for t in tensors)  # fmt: skip
+
+
+class RowwiseKernels:
+    def __init__(self, lib: ctypes.CDLL):
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        self._norm = lib.add_rms_norm
+        self._norm.argtypes = [ptr] * 4 + [i64, i64, ctypes.c_float]
+        self._norm.restype = None
+        self._rope = lib.rope_cache_write
+        self._rope.argtypes = [ptr] * 7 + [i64] * 7
+        self._rope.restype = None
+        self._silu = lib.silu_mul
+        self._silu.argtypes = [ptr, ptr, i64, i64]
+        self._silu.restype = None
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> torch.Tensor:  # fmt: skip
+        """x [rows, n] += delta (in place; None: nothing to add), then RMS-normed and scaled by
+        weight [n]: a new [rows, n]."""
+        rows, n = x.shape
+        if not (_f32(x, weight) and weight.shape == (n,)
+                and (delta is None or (_f32(delta) and delta.shape == x.shape))):  # fmt: skip
+            raise ValueError(f"add_rms_norm: contiguous CPU fp32 x [rows, n], delta like x, "
+                             f"weight [n] expected; got x {list(x.shape)}, weight "
+                             f"{list(weight.shape)}")  # fmt: skip
+        y = torch.empty_like(x)
+        self._norm(x.data_ptr(), None if delta is None else delta.data_ptr(),
+                   weight.data_ptr(), y.data_ptr(), rows, n, eps)  # fmt: skip
+        return y
+
+    def rope_cache_write(self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, q_heads: int) -> None:  # fmt: skip
+        """heads [rows, q_heads + 2 kv, dim] (q, k, v heads): q and k rotated in place by the
+        rows' positions (cos/sin tables [max_len, dim]); k and v written into one layer's cache
+        [slots, kv, max_len, dim] at (slots[r], positions[r]). The caller checks positions and
+        slots once per forward pass (`check_rows`): every layer writes at the same places."""
+        rows, width, dim = heads.shape
+        kv = (width - q_heads) // 2
+        _, cache_kv, max_len, cache_dim = k_cache.shape
+        if not (_f32(heads, cos, sin) and k_cache.stride() == v_cache.stride()
+                and k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype
+                == torch.float32 and k_cache.stride(-1) == 1 and cache_kv == kv
+                and cache_dim == dim and cos.shape == sin.shape == (max_len, dim)
+                and positions.shape == slots.shape == (rows,)
+                and positions.dtype == slots.dtype == torch.int64
+                and positions.is_contiguous() and slots.is_contiguous()):  # fmt: skip
+            raise ValueError(f"rope_cache_write: heads [rows, {q_heads} + 2 kv, dim], a layer "
+                             f"cache [slots, kv, max_len, dim] and [max_len, dim] tables, CPU "
+                             f"fp32, expected; got heads {list(heads.shape)}, cache "
+                             f"{list(k_cache.shape)}, tables {list(cos.shape)}")  # fmt: skip
+        self._rope(heads.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
+                   slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), rows, q_heads, kv,
+                   dim, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))  # fmt: skip
+
+    @staticmethod
+    def check_rows(positions: torch.Tensor, slots: torch.Tensor, max_len: int,
+                   max_slots: int) -> None:  # fmt: skip
+        """Every position in [0, max_len) and slot in [0, max_slots): the kernel writes there."""
+        if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < max_len
+                                      and 0 <= int(slots.min())
+                                      and int(slots.max()) < max_slots):  # fmt: skip
+            raise ValueError(f"rope_cache_write: positions must lie in [0, {max_len}) and slots "
+                             f"in [0, {max_slots})")  # fmt: skip
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [rows, 2 n] -> silu(gate_up[:, :n]) * gate_up[:, n:], [rows, n]."""
+        rows, width = gate_up.shape
+        if not (_f32(gate_up) and width % 2 == 0):
+            raise ValueError(f"silu_mul: contiguous CPU fp32 [rows, 2 n] expected, got "
+                             f"{gate_up.dtype} {list(gate_up.shape)}")  # fmt: skip
+        y = gate_up.new_empty(rows, width // 2)
+        self._silu(gate_up.data_ptr(), y.data_ptr(), rows, width // 2)
+        return y
