@@ -8,10 +8,11 @@ these calls on 1-32 rows and per-op overhead (~2-4 µs each) is most of the cost
 - "gather" (slots interleaved, e.g. CoLD expert/amateur pairs with several adapters):
           one `index_select`, a GEMM pair per slot into one buffer, one `index_add_`.
 Rows with index -1 are never read or written, so they stay bit-identical to the base output.
-On CPU the engine may hand it the compiled small-GEMM kernel (`use_cpu_kernel`): steps of up
-to four rows (`MAX_LORA_ROWS`, slots of rank up to `MAX_RANK`) then make one C call per slot
-(per row for "gather"), which streams the slot's factors with prefetching instead of two BLAS
-calls on tiny shapes.
+On CPU the engine may hand it the compiled small-GEMM kernel (`use_cpu_kernel`): a run of up
+to four rows (`MAX_LORA_ROWS`, slots of rank up to `MAX_RANK`) is one C call, and a "gather"
+plan of up to four adapter rows (e.g. the expert rows of up to four CoLD pairs) one call per
+row; the kernel streams the slot's factors with prefetching instead of two BLAS calls on tiny
+shapes.
 """
 
 from __future__ import annotations
@@ -52,23 +53,23 @@ class GroupedBackend(LoraBackend):
             return
         s = batch.scales(scale)
         kernel = self.small_gemm
-        if (kernel is not None and batch.rows <= kernel.MAX_LORA_ROWS
-                and A.shape[1] <= kernel.MAX_RANK and x.dtype == torch.float32):  # fmt: skip
-            if plan == "runs":
-                for k, start, end in batch.segments:
-                    kernel.lora(x, A, B, k, s[k], y, start, end)
-            else:
-                for k, start, end in batch.segments:
-                    for i in batch.perm_rows[start:end]:
-                        kernel.lora(x, A, B, k, s[k], y, i, i + 1)
-            return
+        if kernel is not None and (A.shape[1] > kernel.MAX_RANK or x.dtype != torch.float32):
+            kernel = None
+        most = kernel.MAX_LORA_ROWS if kernel is not None else 0
         if plan == "runs":
             rows = batch.rows
             for k, start, end in batch.segments:
-                if end - start == rows:  # one adapter for the whole batch: no slicing at all
+                if end - start <= most:
+                    kernel.lora(x, A, B, k, s[k], y, start, end)
+                elif end - start == rows:  # one adapter for the whole batch: no slicing at all
                     y.addmm_(F.linear(x, A[k]), B[k].t(), alpha=s[k])
                 else:
                     y[start:end].addmm_(F.linear(x[start:end], A[k]), B[k].t(), alpha=s[k])
+            return
+        if batch.num_active <= most:  # a few interleaved rows: one kernel call each
+            for k, start, end in batch.segments:
+                for i in batch.perm_rows[start:end]:
+                    kernel.lora(x, A, B, k, s[k], y, i, i + 1)
             return
         perm = batch.perm
         xg = x.index_select(0, perm)  # [active, in], rows sorted by slot

@@ -197,10 +197,13 @@ def test_lora_refuses_what_it_cannot_take():
 @pytest.mark.parametrize("idx, rank", [([0], 24), ([-1], 24), ([2, 2], 24), ([1, -1], 24),
                                        ([-1, 0, 0, -1], 24), ([0, -1, 1, -1], 24),
                                        ([2, 0, 2, 1], 24), ([0, 1, 0, 1, 2], 24),
+                                       ([0, -1, 1, -1, 0, -1, 2, -1], 24),  # 4 of 8 interleaved
+                                       ([1, 1, 1, 1, -1, -1, 0, 0, 0, 0, 0], 24),  # runs 4 + 5
                                        ([0, -1], 1056)])  # fmt: skip
 def test_grouped_backend_with_the_kernel_matches_the_reference(idx, rank):
-    """Runs, gather and base-only plans; 5 rows, and a fused rank over the kernel's 1024 (e.g.
-    q/k/v at max_lora_rank 352), fall back to BLAS. Base rows stay untouched, bit for bit."""
+    """Runs, gather and base-only plans; a run of 5 rows, 5 interleaved adapter rows, and a
+    fused rank over the kernel's 1024 (e.g. q/k/v at max_lora_rank 352), fall back to BLAS.
+    Base rows stay untouched, bit for bit."""
     from cold_ray.kernels import select_backend
 
     gen = torch.Generator().manual_seed(len(idx))
