@@ -23,9 +23,12 @@ def load() -> RowwiseKernels | None:
     return None if lib is None else RowwiseKernels(lib)
 
 
-def _f32(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-               for t in tensors)  # fmt: skip
+_F32 = torch.float32
+
+
+def _f32(t: torch.Tensor) -> bool:
+    """Contiguous CPU fp32 (a call per tensor: generators cost more than the C call itself)."""
+    return t.dtype == _F32 and t.is_cpu and t.is_contiguous()
 
 
 class RowwiseKernels:
@@ -46,7 +49,7 @@ class RowwiseKernels:
         """x [rows, n] += delta (in place; None: nothing to add), then RMS-normed and scaled by
         weight [n]: a new [rows, n]."""
         rows, n = x.shape
-        if not (_f32(x, weight) and weight.shape == (n,)
+        if not (_f32(x) and _f32(weight) and weight.shape == (n,)
                 and (delta is None or (_f32(delta) and delta.shape == x.shape))):  # fmt: skip
             raise ValueError(f"add_rms_norm: contiguous CPU fp32 x [rows, n], delta like x, "
                              f"weight [n] expected; got x {list(x.shape)}, weight "
@@ -66,7 +69,7 @@ class RowwiseKernels:
         rows, width, dim = heads.shape
         kv = (width - q_heads) // 2
         _, cache_kv, max_len, cache_dim = k_cache.shape
-        if not (_f32(heads, cos, sin) and k_cache.stride() == v_cache.stride()
+        if not (_f32(heads) and _f32(cos) and _f32(sin) and k_cache.stride() == v_cache.stride()
                 and k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype
                 == torch.float32 and k_cache.stride(-1) == 1 and cache_kv == kv
                 and cache_dim == dim and cos.shape == sin.shape == (max_len, dim)
