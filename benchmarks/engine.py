@@ -38,6 +38,7 @@ from cold_ray.benchmarks.common import THREAD_ENV, positive_ints, pyplot, run_js
 
 MODES = ("cold", "greedy", "base_greedy", "naive_two_model_cold", "hf_generate_greedy")
 ENGINE_MODES = ("cold", "greedy", "base_greedy")  # cold-ray's own engine
+BENCH_SETS = {"model", "max_rows", "max_model_len", "max_loras"}  # set per run by the benchmark
 
 
 def _prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
@@ -52,7 +53,7 @@ def _peak_rss() -> int:
 
 
 def run_cold_ray(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: str,
-                 model: str | None = None) -> dict:  # fmt: skip
+                 model: str | None = None, engine: dict | None = None) -> dict:  # fmt: skip
     """Time to all first tokens (chunked prefill spreads it over steps, mixed with the first
     decodes) and the median pure-decode step after it, with the step's arithmetic."""
     import torch
@@ -63,7 +64,8 @@ def run_cold_ray(mode: str, batch: int, prompt_len: int, new_tokens: int, adapte
 
     rows = 2 * batch if mode == "cold" else batch
     config = EngineConfig(model=model, max_rows=max(rows, 2),
-                          max_model_len=prompt_len + new_tokens + 1, max_loras=1)  # fmt: skip
+                          max_model_len=prompt_len + new_tokens + 1, max_loras=1,
+                          **(engine or {}))  # fmt: skip
     core = EngineCore(config)
     name = None if mode == "base_greedy" else "adapter"
     if name:
@@ -196,9 +198,12 @@ def child(args: argparse.Namespace) -> None:
     if args.mode == "machine":
         print(json.dumps({"mode": "machine", **measure_machine()}))
         return
-    runner = run_cold_ray if args.mode in ENGINE_MODES else run_transformers
-    rec = runner(args.mode, args.batch, args.prompt_len, args.new_tokens, args.adapter,
-                 args.model)  # fmt: skip
+    if args.mode in ENGINE_MODES:
+        rec = run_cold_ray(args.mode, args.batch, args.prompt_len, args.new_tokens, args.adapter,
+                           args.model, json.loads(args.engine_json))  # fmt: skip
+    else:
+        rec = run_transformers(args.mode, args.batch, args.prompt_len, args.new_tokens,
+                               args.adapter, args.model)  # fmt: skip
     rec.update(mode=args.mode, batch=args.batch, peak_rss_bytes=_peak_rss(),
                tokens_per_s=args.batch * args.new_tokens / rec["wall_s"])  # fmt: skip
     print(json.dumps(rec))
@@ -323,10 +328,47 @@ def plot(summary: list[dict], machine: dict | None, path: str) -> None:
 
 
 def _run_child(kind: str, batch: int, args, adapter: str) -> dict:
-    cmd = [sys.executable, "-m", "cold_ray.benchmarks.engine", "--child", "--mode", kind,
-           "--batch", str(batch), "--adapter", adapter, "--prompt-len", str(args.prompt_len),
-           "--new-tokens", str(args.new_tokens)] + (["--model", args.model] if args.model else [])  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cold_ray.benchmarks.engine",
+        "--child",
+        "--mode",
+        kind,
+        "--batch",
+        str(batch),
+        "--adapter",
+        adapter,
+        "--prompt-len",
+        str(args.prompt_len),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--engine-json",
+        json.dumps(args.engine),
+    ]
+    cmd += ["--model", args.model] if args.model else []  # fmt: skip
     return run_json(cmd, f"{kind} B={batch}")
+
+
+def engine_setting(text: str) -> tuple[str, object]:
+    """`NAME=VALUE` for an EngineConfig field the benchmark does not set itself; VALUE as JSON
+    (true, 64, null), else a string."""
+    from dataclasses import fields
+
+    from cold_ray.config import EngineConfig
+
+    name, sep, value = text.partition("=")
+    allowed = {f.name for f in fields(EngineConfig)} - BENCH_SETS
+    if not sep or name not in allowed:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of {sorted(allowed)}, "
+                                         f"got {text!r}")  # fmt: skip
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    if isinstance(getattr(EngineConfig, name), bool) and not isinstance(parsed, bool):
+        raise argparse.ArgumentTypeError(f"{name} takes true or false, got {value!r}")
+    return name, parsed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,15 +383,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--no-pair-greedy", action="store_true",
                    help="skip the greedy runs at 2B rows that CoLD at B is compared with")  # fmt: skip
+    p.add_argument("--engine", type=engine_setting, action="append", default=[],
+                   metavar="NAME=VALUE",
+                   help="an engine setting for cold-ray's runs, e.g. cpu_rowwise_kernels=false "
+                        "(repeatable)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the records as one JSON list")
     p.add_argument("--plot", help="write a PNG of tokens/s and GFLOP/s vs batch")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--engine-json", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child(args)
         return 0
+    args.engine = dict(args.engine)
+    from cold_ray.config import EngineConfig
+
+    try:  # a bad value fails here, not in every child
+        EngineConfig(**args.engine)
+    except (TypeError, ValueError) as e:
+        p.error(f"--engine: {e}")
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
@@ -387,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                         {"mode": "settings", "threads": THREAD_ENV,
                          "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                          "rounds": args.rounds, "adapter": adapter, "model": args.model,
-                         "host_at_start": host, "host_at_end": machine()}]  # fmt: skip
+                         "engine": args.engine, "host_at_start": host, "host_at_end": machine()}]  # fmt: skip
     if args.plot:
         plot(summary, mach, args.plot)
     print(json.dumps(result, indent=None if args.json else 2))

@@ -163,6 +163,25 @@ def test_engine_run_counts_a_full_decode_step(tiny_llama, tiny_adapters, mode):
     assert rec["gflop_s"] == pytest.approx(rec["gflop_per_step"] / rec["step_ms"] * 1e3)
 
 
+def test_engine_settings_reach_the_engine(tiny_llama, tiny_adapters, monkeypatch):
+    """`--engine NAME=VALUE` is parsed as JSON and builds cold-ray's engine with it."""
+    from cold_ray.engine import EngineCore
+
+    assert bench_engine.engine_setting("cpu_rowwise_kernels=false") == (
+        "cpu_rowwise_kernels",
+        False,
+    )
+    assert bench_engine.engine_setting("request_timeout_s=null") == ("request_timeout_s", None)
+    assert bench_engine.engine_setting("lora_backend=gather_bmm") == ("lora_backend", "gather_bmm")
+    seen = []
+    init = EngineCore.__init__
+    monkeypatch.setattr(EngineCore, "__init__",
+                        lambda self, config, *a: seen.append(config) or init(self, config, *a))  # fmt: skip
+    bench_engine.run_cold_ray("greedy", 1, 8, 2, str(tiny_adapters[0]), str(tiny_llama),
+                              {"cpu_rowwise_kernels": False, "lora_backend": "gather_bmm"})  # fmt: skip
+    assert [(c.cpu_rowwise_kernels, c.lora_backend) for c in seen] == [(False, "gather_bmm")]
+
+
 # ---- argument validation ----------------------------------------------------------------------
 
 BAD_ARGUMENTS = [  # (benchmark, argv, what the usage error must name)
@@ -171,6 +190,10 @@ BAD_ARGUMENTS = [  # (benchmark, argv, what the usage error must name)
     ("engine", ["--modes", "fast"], "fast"),
     ("engine", ["--rounds", "0"], "--rounds"),
     ("engine", ["--new-tokens", "0"], "--new-tokens"),
+    ("engine", ["--engine", "turbo=true"], "turbo"),
+    ("engine", ["--engine", "max_rows=8"], "max_rows"),  # the benchmark sets it per run
+    ("engine", ["--engine", "cpu_rowwise_kernels=False"], "takes true or false"),
+    ("engine", ["--engine", "num_threads=0"], "num_threads must be >= 1"),
     ("prefix", ["--users", "0"], "--users"),
     ("prefix", ["--workloads", "poems"], "poems"),
     ("prefix", ["--decodings", "cold,fast"], "fast"),
