@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -63,6 +64,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "npu":
         torch.npu.synchronize(device)
+
+
+def current(device: torch.device):
+    """A context in which `device` is the current CUDA/NPU device (stream capture records the
+    current device's stream); nothing on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    if device.type == "npu":
+        return torch.npu.device(device)
+    return contextlib.nullcontext()
 
 
 def graph_api(device: torch.device):

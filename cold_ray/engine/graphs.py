@@ -129,7 +129,7 @@ class DecodeGraphs:
         graph_cls, graph_ctx = devices.graph_api(device)
         t0 = time.perf_counter()
         pool = None
-        with torch.inference_mode():
+        with torch.inference_mode(), devices.current(device):
             for span in reversed(self.spans):
                 for rows in reversed(self.rows):
                     self.forward(rows, span)  # warm-up: kernels compiled/tuned outside capture
