@@ -38,6 +38,12 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT as a terminal gives it: a suite started in the background of a script (`cmd &`)
+    inherits SIGINT ignored, and `serve run` would then never see the Ctrl-C under test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def served():
     assert (DEMO / "adapter_model.safetensors").exists(), f"the demo adapter is missing: {DEMO}"
@@ -58,7 +64,7 @@ def served():
     log = open(tmp / "serve.log", "wb")
     proc = subprocess.Popen(
         [str(serve_bin), "run", str(tmp / "cold.yaml")], cwd=ROOT, env=env, stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True,
+        stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
 
