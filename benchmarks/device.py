@@ -27,29 +27,21 @@ import statistics
 import sys
 import time
 
+from cold_ray import device as devices
+
 # (atol, rtol) of LoRA outputs vs the fp32 reference, per dtype (as in the kernel tests)
 TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (4e-3, 2e-3), "bfloat16": (3e-2, 1.5e-2)}
 BF16_MAX_LOGIT_DIFF = 0.5  # bf16 engine vs fp32 engine, teacher-forced, SmolLM2 (|logit| ~ 20)
 BF16_MIN_TOP1_AGREEMENT = 0.95
-MODEL = None  # --model: a safetensors folder or .gguf file; None = the default SmolLM2
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "npu":
-        torch.npu.synchronize()
 
 
 def _time(fn, device, repeats: int = 20) -> float:
     fn()
-    _sync(device)
+    devices.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
-    _sync(device)
+    devices.synchronize(device)
     return (time.perf_counter() - t0) / repeats
 
 
@@ -130,26 +122,26 @@ def check_attention(device) -> dict:
         return {"fused": False, "ok": False, "why": str(e)[:300]}
 
 
-def _core(device, dtype: str, max_rows: int, **overrides):
+def _core(device, model: str | None, dtype: str, max_rows: int, **overrides):
     from cold_ray.config import EngineConfig
     from cold_ray.engine import EngineCore
 
     threads = 1 if device.type == "cpu" else None  # one CPU thread: no OpenMP spin-waiting
-    core = EngineCore(EngineConfig(model=MODEL, device=str(device), dtype=dtype,
+    core = EngineCore(EngineConfig(model=model, device=str(device), dtype=dtype,
                                    max_rows=max_rows, max_model_len=512, num_threads=threads,
                                    **overrides))  # fmt: skip
     core.register_adapter("demo", "deployments/adapters/arith-demo")
     return core
 
 
-def check_bf16_cold(device, quick: bool) -> dict:
+def check_bf16_cold(device, model: str | None, quick: bool) -> dict:
     import torch
 
     from cold_ray.engine import ColdParams, SamplingParams
 
     if device.type == "cpu":
         return {"skipped": "bf16 is not a serving dtype on CPU"}
-    ref, low = _core(device, "float32", 8), _core(device, "bfloat16", 8)
+    ref, low = _core(device, model, "float32", 8), _core(device, model, "bfloat16", 8)
     prompts = ["Question: Ann has 3 boxes of 4 pens. How many pens?\nAnswer:",
                "Question: A train goes 60 km in 1 hour. How far in 3 hours?\nAnswer:"]  # fmt: skip
     diffs, agree, total = [], 0, 0
@@ -187,19 +179,17 @@ def _mixed_tokens(core) -> list[list[int]]:
     return [list(r.output_ids) for r in reqs]
 
 
-def check_graphs(device) -> dict:
+def check_graphs(device, model: str | None) -> dict:
     """Engines with and without captured decode steps decode the same tokens: exactly in
     fp32; in bf16 the padded batch may take other GEMM kernels, so agreement is reported."""
-    from cold_ray import device as devices
-
     if devices.graph_api(device) is None:
         return {"skipped": f"no graph capture on {device.type}"}
     out = {"ok": True}
     for dtype in ("float32", "bfloat16"):
-        graphed = _core(device, dtype, 16)
+        graphed = _core(device, model, dtype, 16)
         if graphed.graphs is None:
             return {"ok": False, "why": f"no graphs captured ({graphed.backend.name} backend)"}
-        eager = _core(device, dtype, 16, graph_capture=False)
+        eager = _core(device, model, dtype, 16, graph_capture=False)
         got, want = _mixed_tokens(graphed), _mixed_tokens(eager)
         same = [g == w for g, w in zip(got, want)]
         prefix = [next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), len(g))
@@ -214,13 +204,13 @@ def check_graphs(device) -> dict:
     return out
 
 
-def measure_steps(device, quick: bool, graph_capture: bool = True) -> dict:
+def measure_steps(device, model: str | None, quick: bool, graph_capture: bool = True) -> dict:
     from cold_ray.engine import ColdParams, SamplingParams
 
     dtype = "float32" if device.type == "cpu" else "bfloat16"
     out = {"dtype": dtype, "steps": []}
     batches = (1, 8) if quick else (1, 8, 32)
-    core = _core(device, dtype, 2 * max(batches), graph_capture=graph_capture)
+    core = _core(device, model, dtype, 2 * max(batches), graph_capture=graph_capture)
     out["graphs"] = len(core.graphs.graphs) if core.graphs is not None else 0
     core.load_adapter("demo")
     weight_bytes = core.model.step_weight_bytes()
@@ -237,7 +227,7 @@ def measure_steps(device, quick: bool, graph_capture: bool = True) -> dict:
             while core.has_work():
                 t0 = time.perf_counter()
                 core.step()
-                _sync(device)
+                devices.synchronize(device)
                 times.append(time.perf_counter() - t0)
             step = statistics.median(times)
             rec = {"mode": mode, "batch": batch, "step_ms": step * 1e3}
@@ -267,11 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "the demo adapter fits only SmolLM2)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    global MODEL
-    MODEL = args.model
     import torch
-
-    from cold_ray import device as devices
 
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = devices.resolve(name)
@@ -282,11 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         result["gpu"] = torch.cuda.get_device_name(device)
     result["kernels"] = _section(check_kernels, device, args.quick)
     result["attention"] = _section(check_attention, device)
-    result["bf16_cold"] = _section(check_bf16_cold, device, args.quick)
-    result["graphs"] = _section(check_graphs, device)
-    result["steps"] = _section(measure_steps, device, args.quick)
+    result["bf16_cold"] = _section(check_bf16_cold, device, args.model, args.quick)
+    result["graphs"] = _section(check_graphs, device, args.model)
+    result["steps"] = _section(measure_steps, device, args.model, args.quick)
     if devices.graph_api(device) is not None:
-        result["eager_steps"] = _section(measure_steps, device, args.quick, False)
+        result["eager_steps"] = _section(measure_steps, device, args.model, args.quick, False)
         result["graph_speedup"] = _speedups(result["steps"], result["eager_steps"])
     ok = all(section.get("ok", True) for section in result.values() if isinstance(section, dict))
     result["ok"] = ok

@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from cold_ray.device import synchronize
 from cold_ray.kernels import select_backend
 from cold_ray.kernels.dispatch import ascend_native_available, device_type
 from cold_ray.workloads import MIX_KINDS, adapter_mix
@@ -98,26 +99,19 @@ def default_impls(device: str) -> list[str]:
 
 
 # -- measurement --------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "npu":
-        torch.npu.synchronize(device)  # type: ignore[attr-defined]
-
-
 def time_ms(
     fn: Callable[[], object], device: torch.device, min_time: float, max_reps: int
 ) -> float:
     """Median wall time of one call, in ms (2 warm-up calls; at least 3 timed)."""
     for _ in range(2):
         fn()
-    _sync(device)
+    synchronize(device)
     samples: list[float] = []
     start = time.perf_counter()
     while len(samples) < 3 or (time.perf_counter() - start < min_time and len(samples) < max_reps):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
 
@@ -148,11 +142,11 @@ def extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak bytes allocated during one call of `fn`, minus what it returns (see module doc)."""
     if device.type in ("cuda", "npu"):
         mod = torch.cuda if device.type == "cuda" else torch.npu  # type: ignore[attr-defined]
-        _sync(device)
+        synchronize(device)
         mod.reset_peak_memory_stats(device)
         base = mod.memory_allocated(device)
         out = fn()
-        _sync(device)
+        synchronize(device)
         return max(0, mod.max_memory_allocated(device) - base - _nbytes(out))
     try:
         from torch.profiler import ProfilerActivity, profile
