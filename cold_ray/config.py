@@ -38,7 +38,7 @@ class EngineConfig:
     small_batch_weights: bool = True
     # CPU, fp32, one thread: compiled C kernels (torch's operators without a compiler) for
     # decode attention, for the products of steps of up to 32 rows (over small_batch_weights'
-    # panels) and for the LoRA deltas of steps of up to 4 rows
+    # panels) and for LoRA deltas of up to 4 rows of an adapter
     cpu_attention_kernel: bool = True
     cpu_gemm_kernel: bool = True
     # CPU, fp32, one thread: residual add + RMS norm, rotary embedding + KV-cache write and

@@ -85,7 +85,7 @@ class EngineCore:
         self.backend = select_backend(config.lora_backend, self.device)
         self.model.set_backend(self.backend)
         if small_gemm is not None and self.backend.use_cpu_kernel(small_gemm):
-            log.info("LoRA on steps of up to 4 rows: C kernel")
+            log.info("LoRA of up to 4 rows of an adapter: C kernel")
         self.model.set_decode_kernel(attention)
         self.model.set_rowwise_kernels(rowwise)
         self.cache = KVCache.allocate(

@@ -3,12 +3,12 @@
 On an accelerator a decode step of a small model is ~400 small kernels whose launches cost
 more than their work; replaying a captured graph launches them as one. A step is replayed
 when it is decode only and its D rows hold cache slots 0..D-1 (the compacted cache's usual
-state); row i of the graph is slot i. It is padded to the next row bucket: pad row i works in the free slot i
-at position 0 with adapter -1 (a free slot's contents are never read; its next owner
-overwrites them). Attention reads each slot up to the span bucket (the next power of two
-above the longest row, at most max_model_len) under a mask made inside the graph from the
-positions, so one graph serves every length in its bucket. Every other step (prefill chunks,
-rows out of order) runs eagerly, as does every step with `graph_capture: false`.
+state); row i of the graph is slot i. It is padded to the next row bucket: pad row i works in
+the free slot i at position 0 with adapter -1 (a free slot's contents are never read; its
+next owner overwrites them). Attention reads each slot up to the span bucket (the next power
+of two above the longest row, at most max_model_len) under a mask made inside the graph from
+the positions, so one graph serves every length in its bucket. Every other step (prefill
+chunks, rows beyond slot D-1) runs eagerly, as does every step with `graph_capture: false`.
 
 Inputs live in one static buffer (tokens, positions, adapter slots), written once per step;
 the LoRA backend derives its metadata from the adapter row on the device (`graph_batch`), so
@@ -69,7 +69,6 @@ class DecodeGraphs:
         n = self.rows[-1]
         self.inputs = torch.zeros(3, n, dtype=torch.int64, device=device)
         self.inputs[2].fill_(-1)
-        self.host = torch.zeros(3, n, dtype=torch.int64)
         self.order = torch.arange(max(n, max_len), device=device)
         self.graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
         self.capture_seconds = 0.0
@@ -90,13 +89,12 @@ class DecodeGraphs:
         rows = plan.decode
         d = len(rows)
         key = (_bucket(self.rows, d), _bucket(self.spans, max(r.length for r in rows) + 1))
-        host = self.host
-        host[:2].zero_()
-        host[2].fill_(-1)
-        host[:, [r.slot for r in rows]] = torch.tensor([[r.request.output_ids[-1] for r in rows],
-                                                        [r.length for r in rows],
-                                                        [r.adapter_slot for r in rows]])  # fmt: skip
-        self.inputs.copy_(host)
+        n = self.inputs.shape[1]
+        tokens, positions, adapters = [0] * n, [0] * n, [-1] * n  # pad rows
+        for r in rows:
+            tokens[r.slot], positions[r.slot] = r.request.output_ids[-1], r.length
+            adapters[r.slot] = r.adapter_slot
+        self.inputs.copy_(torch.tensor([tokens, positions, adapters]))
         if key not in self.graphs:  # eager over the same static inputs (capture=False)
             return self.forward(*key)[:d]
         graph, out = self.graphs[key]

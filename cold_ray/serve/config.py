@@ -121,7 +121,7 @@ class AppArgs(BaseModel):
     )
     cpu_gemm_kernel: bool = Field(
         EngineConfig.cpu_gemm_kernel,
-        description="CPU, fp32, one thread: the LoRA deltas of steps of up to 4 rows and, with "
+        description="CPU, fp32, one thread: LoRA deltas of up to 4 rows of an adapter and, with "
         "small_batch_weights, the base products of steps of up to 32 rows over weights in "
         "huge-page memory, in a C kernel (false, or no C compiler: BLAS).",
     )
