@@ -18,7 +18,9 @@ rows per second (`benchmarks/roofline.py` says what is counted; a CoLD amateur r
 the K candidate tokens the restricted step really computed, measured). Each round also
 measures the machine in a child of its own: the best one-thread fp32 GEMM (packed oneDNN and
 `torch.mm`) and the memory-read bandwidth. The JSON then has, besides one record per
-(mode, batch): `ratios` (CoLD at B ÷ greedy at B and at 2B rows, vs naive, vs transformers),
+(mode, batch): `ratios` (CoLD at B ÷ greedy at B and at 2B rows — step times, and the FLOPs
+the two steps do, which is the step ratio's floor where both are arithmetic-bound — vs naive,
+vs transformers),
 `machine` (peak, bandwidth, each mode's fraction of the peak, the batch-1 steps against the
 bandwidth floor) and `settings` (with the load average at start and end).
 """
@@ -272,6 +274,10 @@ def machine_summary(machines: list[dict], summary: list[dict]) -> dict:
     return out
 
 
+def _step_gflop(record: dict) -> float:
+    return record["gflop_per_step"] + record.get("attention_gflop_per_step", 0.0)
+
+
 def ratios(summary: list[dict]) -> list[dict]:
     by = {(r["mode"], r["batch"]): r for r in summary}
     out = []
@@ -281,10 +287,12 @@ def ratios(summary: list[dict]) -> list[dict]:
         if get("cold") and get("greedy"):
             row["cold_step_over_greedy"] = get("cold")["step_ms"] / get("greedy")["step_ms"]
         if get("cold") and get("greedy", 2 * batch):  # the same rows: B pairs vs 2B plain rows
-            row["cold_step_over_greedy_2b_rows"] = (
-                get("cold")["step_ms"] / get("greedy", 2 * batch)["step_ms"]
-            )
+            cold, greedy = get("cold"), get("greedy", 2 * batch)
+            row["cold_step_over_greedy_2b_rows"] = cold["step_ms"] / greedy["step_ms"]
             row["cold_step_over_greedy_2b_rows_goal"] = 0.9
+            if "gflop_per_step" in cold and "gflop_per_step" in greedy:
+                # the ratio if both steps ran at one FLOP rate (arithmetic-bound): its floor
+                row["cold_flop_over_greedy_2b_rows"] = _step_gflop(cold) / _step_gflop(greedy)
         if get("cold") and get("naive_two_model_cold"):
             naive = get("naive_two_model_cold")
             row["cold_speedup_over_naive"] = get("cold")["tokens_per_s"] / naive["tokens_per_s"]

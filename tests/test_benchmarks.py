@@ -127,12 +127,16 @@ def test_engine_ratios_and_machine_summary():
         return {"mode": mode, "batch": batch, "step_ms": step_ms, "tokens_per_s": 1.0,
                 "peak_rss_bytes": 1, **kw}  # fmt: skip
 
-    summary = [rec("cold", 1, 30.0, gflop_s=8.0, rows=2), rec("greedy", 1, 20.0, gflop_s=6.0,
-               rows=1, weight_bytes=2 * 2**30), rec("greedy", 2, 40.0, gflop_s=6.0, rows=2),
+    summary = [rec("cold", 1, 30.0, gflop_s=8.0, rows=2, gflop_per_step=0.5,
+                   attention_gflop_per_step=0.1),
+               rec("greedy", 1, 20.0, gflop_s=6.0, rows=1, weight_bytes=2 * 2**30),
+               rec("greedy", 2, 40.0, gflop_s=6.0, rows=2, gflop_per_step=0.7,
+                   attention_gflop_per_step=0.1),
                rec("base_greedy", 1, 10.0, gflop_s=5.0, rows=1, weight_bytes=2**30)]  # fmt: skip
     (row,) = bench_engine.ratios(summary)
     assert row["cold_step_over_greedy"] == 1.5
     assert row["cold_step_over_greedy_2b_rows"] == 0.75
+    assert row["cold_flop_over_greedy_2b_rows"] == pytest.approx(0.6 / 0.8)  # attention counted
     machines = [{"peak_gflop_s": 40.0, "bandwidth_gib_s": 100.0, "gemm": []},
                 {"peak_gflop_s": 80.0, "bandwidth_gib_s": 200.0, "gemm": []},
                 {"peak_gflop_s": 60.0, "bandwidth_gib_s": 150.0, "gemm": []}]  # fmt: skip
