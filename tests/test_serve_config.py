@@ -119,6 +119,27 @@ def test_bodies_that_parse():
     assert chat.chat() == [{"role": "system", "content": "be"}, {"role": "user", "content": "hi"}]
 
 
+@pytest.mark.parametrize("field,active", [
+    ("min_tokens", 5), ("min_p", 0.05), ("repetition_penalty", 1.3), ("use_beam_search", True),
+    ("include_stop_str_in_output", True), ("skip_special_tokens", False),
+    ("truncate_prompt_tokens", 8), ("prompt_logprobs", 1), ("allowed_token_ids", [1, 2]),
+    ("bad_words", ["x"]), ("guided_json", {"type": "object"}), ("guided_regex", "a+"),
+    ("guided_choice", ["a", "b"]), ("guided_grammar", "root ::= x"),
+    ("structured_outputs", {"regex": "a"}),
+])  # fmt: skip
+def test_vllm_sampling_extensions_are_refused_unless_they_ask_for_nothing(field, active):
+    """A vLLM client's min_tokens or guided_json must not be dropped as an unknown field."""
+    from cold_ray.serve.schemas import VLLM_NO_OPS
+
+    for schema, base in ((CompletionRequest, {"prompt": "x"}),
+                         (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}]})):  # fmt: skip
+        why = schema.model_validate_json(json.dumps({**base, field: active})).unsupported()
+        assert why is not None and why.startswith(f"{field} is not supported"), why
+        for idle in VLLM_NO_OPS[field]:  # the values that ask for nothing pass
+            assert schema.model_validate_json(json.dumps({**base, field: idle})).unsupported() is None
+        assert schema.model_validate_json(json.dumps(base)).unsupported() is None
+
+
 TOOLS = [{"type": "function", "function": {"name": "f"}}]
 
 

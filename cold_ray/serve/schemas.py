@@ -2,13 +2,15 @@
 
 Bodies are parsed with `model_validate_json` in strict mode: a string where a number belongs,
 NaN/inf, or a float `max_tokens` is a 422, never coerced. Unknown fields are ignored (OpenAI
-clients send fields such as `user`); known-but-unsupported ones are refused with a 400 by
-`unsupported()` rather than silently ignored.
+clients send fields such as `user`); known-but-unsupported ones — OpenAI's and vLLM's sampling
+extensions — are refused with a 400 by `unsupported()` unless they ask for nothing, rather than
+silently ignored.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
@@ -72,6 +74,22 @@ class _Common(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = Field(None, max_length=256)
+    # vLLM's sampling extensions this server does not implement, likewise (`VLLM_NO_OPS`).
+    min_tokens: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    use_beam_search: StrictBool = False
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -92,8 +110,21 @@ class _Common(BaseModel):
             return "presence_penalty and frequency_penalty are not supported (use 0)"
         if self.logit_bias:
             return "logit_bias is not supported"
+        for name, idle in VLLM_NO_OPS.items():
+            if getattr(self, name) not in idle:
+                return f"{name} is not supported (send {json.dumps(idle[0])} or leave it out)"
         return None
 
+
+# Each vLLM extension with the values that ask for nothing (a 0 of prompt_logprobs included).
+VLLM_NO_OPS: dict[str, tuple] = {
+    "min_tokens": (0,), "min_p": (0.0,), "repetition_penalty": (1.0,),
+    "use_beam_search": (False,), "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,), "truncate_prompt_tokens": (None,),
+    "prompt_logprobs": (None, 0), "allowed_token_ids": (None, []), "bad_words": (None, []),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "structured_outputs": (None,),
+}  # fmt: skip
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
