@@ -367,3 +367,26 @@ def test_engine_knobs_pass_through_with_the_engines_defaults():
             set_.graph_capture) == (64, 0, 32, None, False, False, False, False, False)  # fmt: skip
     with pytest.raises(ValidationError, match="request_timeout_s"):
         AppArgs(request_timeout_s=0)
+
+
+def test_a_cancelled_call_is_a_client_that_went_away_not_an_error(caplog):
+    """Serve cancels the ingress call of a client that disconnects (mid-stream, a streaming
+    response's receive() raises TaskCancelledError): one info line, not an error traceback.
+    Anything else stays a logged 500."""
+    import asyncio
+    import logging
+
+    from ray.exceptions import TaskCancelledError
+    from starlette.requests import Request
+
+    from cold_ray.serve.ingress import _unexpected
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/completions",
+                       "headers": [], "query_string": b""})  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="cold_ray.serve.ingress"):
+        gone = asyncio.run(_unexpected(request, TaskCancelledError()))
+        failed = asyncio.run(_unexpected(request, ValueError("boom")))
+    assert gone.status_code == 499 and failed.status_code == 500
+    records = [(r.levelno, r.exc_info is not None, r.getMessage()) for r in caplog.records]
+    assert records == [(logging.INFO, False, "/v1/completions: the client disconnected"),
+                       (logging.ERROR, True, "unhandled error on /v1/completions")]  # fmt: skip

@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.exceptions import RayError
+from ray.exceptions import RayError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -88,6 +88,9 @@ async def _validation_error(request: Request, e: RequestValidationError):
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, e: Exception):
+    if isinstance(e, TaskCancelledError):  # Serve cancels the call of a client that went away
+        log.info("%s: the client disconnected", request.url.path)  # e.g. mid-stream; no one
+        return Response(status_code=499)  # reads this (nginx's "client closed request")
     log.exception("unhandled error on %s", request.url.path)
     return JSONResponse(error_body(500, "internal error", "internal_error"), 500)
 
