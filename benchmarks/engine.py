@@ -336,24 +336,9 @@ def plot(summary: list[dict], machine: dict | None, path: str) -> None:
 
 
 def _run_child(kind: str, batch: int, args, adapter: str) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "cold_ray.benchmarks.engine",
-        "--child",
-        "--mode",
-        kind,
-        "--batch",
-        str(batch),
-        "--adapter",
-        adapter,
-        "--prompt-len",
-        str(args.prompt_len),
-        "--new-tokens",
-        str(args.new_tokens),
-        "--engine-json",
-        json.dumps(args.engine),
-    ]
+    cmd = [sys.executable, "-m", "cold_ray.benchmarks.engine", "--child", "--mode", kind,
+           "--batch", str(batch), "--adapter", adapter, "--prompt-len", str(args.prompt_len),
+           "--new-tokens", str(args.new_tokens), "--engine-json", json.dumps(args.engine)]  # fmt: skip
     cmd += ["--model", args.model] if args.model else []  # fmt: skip
     return run_json(cmd, f"{kind} B={batch}")
 

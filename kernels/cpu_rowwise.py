@@ -88,9 +88,11 @@ class RowwiseKernels:
     def check_rows(positions: torch.Tensor, slots: torch.Tensor, max_len: int,
                    max_slots: int) -> None:  # fmt: skip
         """Every position in [0, max_len) and slot in [0, max_slots): the kernel writes there."""
-        if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < max_len
-                                      and 0 <= int(slots.min())
-                                      and int(slots.max()) < max_slots):  # fmt: skip
+        if not positions.numel():
+            return
+        (p_lo, p_hi), (s_lo, s_hi) = positions.aminmax(), slots.aminmax()
+        if not (0 <= int(p_lo) and int(p_hi) < max_len and 0 <= int(s_lo)
+                and int(s_hi) < max_slots):  # fmt: skip
             raise ValueError(f"rope_cache_write: positions must lie in [0, {max_len}) and slots "
                              f"in [0, {max_slots})")  # fmt: skip
 

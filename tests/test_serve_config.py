@@ -136,7 +136,8 @@ def test_vllm_sampling_extensions_are_refused_unless_they_ask_for_nothing(field,
         why = schema.model_validate_json(json.dumps({**base, field: active})).unsupported()
         assert why is not None and why.startswith(f"{field} is not supported"), why
         for idle in VLLM_NO_OPS[field]:  # the values that ask for nothing pass
-            assert schema.model_validate_json(json.dumps({**base, field: idle})).unsupported() is None
+            idle_body = json.dumps({**base, field: idle})
+            assert schema.model_validate_json(idle_body).unsupported() is None
         assert schema.model_validate_json(json.dumps(base)).unsupported() is None
 
 
@@ -355,16 +356,18 @@ def test_engine_knobs_pass_through_with_the_engines_defaults():
     default = AppArgs().engine_config()
     for name in ("max_prefill_tokens", "prefix_cache_bytes", "prefix_block_size",
                  "request_timeout_s", "packed_weights", "cpu_attention_kernel", "small_batch_weights",
-                 "cpu_gemm_kernel", "graph_capture"):  # fmt: skip
+                 "cpu_gemm_kernel", "cpu_rowwise_kernels", "graph_capture"):  # fmt: skip
         assert getattr(default, name) == getattr(EngineConfig, name), name
     set_ = AppArgs(max_prefill_tokens=64, prefix_cache_bytes=0, prefix_block_size=32,
                    request_timeout_s=None, packed_weights=False,
                    cpu_attention_kernel=False, small_batch_weights=False,
-                   cpu_gemm_kernel=False, graph_capture=False).engine_config()  # fmt: skip
+                   cpu_gemm_kernel=False, cpu_rowwise_kernels=False,
+                   graph_capture=False).engine_config()  # fmt: skip
     assert (set_.max_prefill_tokens, set_.prefix_cache_bytes, set_.prefix_block_size,
             set_.request_timeout_s, set_.packed_weights, set_.cpu_attention_kernel,
-            set_.small_batch_weights, set_.cpu_gemm_kernel,
-            set_.graph_capture) == (64, 0, 32, None, False, False, False, False, False)  # fmt: skip
+            set_.small_batch_weights, set_.cpu_gemm_kernel, set_.cpu_rowwise_kernels,
+            set_.graph_capture) == (64, 0, 32, None, False, False, False, False, False,
+                                    False)  # fmt: skip
     with pytest.raises(ValidationError, match="request_timeout_s"):
         AppArgs(request_timeout_s=0)
 

@@ -85,7 +85,7 @@ class EngineCore:
         self.backend = select_backend(config.lora_backend, self.device)
         self.model.set_backend(self.backend)
         if small_gemm is not None and self.backend.use_cpu_kernel(small_gemm):
-            log.info("LoRA of up to 4 rows of an adapter: C kernel")
+            log.info("LoRA of up to %d rows of an adapter: C kernel", small_gemm.MAX_LORA_ROWS)
         self.model.set_decode_kernel(attention)
         self.model.set_rowwise_kernels(rowwise)
         self.cache = KVCache.allocate(

@@ -134,6 +134,7 @@ class Attention(nn.Module):
         # [max_len, head_dim] tables
         n = x.shape[0]
         heads = self.qkv_proj(x, fb.lora).view(n, self.h + 2 * self.kvh, self.d)
+        v = heads[:, self.h + self.kvh :]
         if self.rowwise is not None:  # rotated in place, K/V written: one call
             self.rowwise.rope_cache_write(heads, *rope, fb.positions, fb.slots, cache.k[layer],
                                           cache.v[layer], self.h)  # fmt: skip
@@ -142,8 +143,7 @@ class Attention(nn.Module):
             qk = apply_rope(heads[:, : self.h + self.kvh], *rope)  # q and k heads in one go
             q, k = qk[:, : self.h], qk[:, self.h :]
             cache.k[layer, fb.slots, :, fb.positions] = k
-            cache.v[layer, fb.slots, :, fb.positions] = heads[:, self.h + self.kvh :]
-        v = heads[:, self.h + self.kvh :]
+            cache.v[layer, fb.slots, :, fb.positions] = v
         if fb.prefill is None:  # decode only: no scatter into a shared output
             out = self._decode(q, cache, layer, fb)
         else:

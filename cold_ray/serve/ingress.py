@@ -88,9 +88,9 @@ async def _validation_error(request: Request, e: RequestValidationError):
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, e: Exception):
-    if isinstance(e, TaskCancelledError):  # Serve cancels the call of a client that went away
-        log.info("%s: the client disconnected", request.url.path)  # e.g. mid-stream; no one
-        return Response(status_code=499)  # reads this (nginx's "client closed request")
+    if isinstance(e, TaskCancelledError):  # Serve cancelled the call: its client went away
+        log.info("%s: the client disconnected", request.url.path)  # (e.g. mid-stream)
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     log.exception("unhandled error on %s", request.url.path)
     return JSONResponse(error_body(500, "internal error", "internal_error"), 500)
 
