@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from cold_ray.config import EngineConfig
 from cold_ray.decoding import DEFAULT_MAX_TOKENS
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The package folder: `deployments/...` below it is the repository's deployments/ (a link in a
+# checkout, a copy in the wheel), so the shipped YAMLs' relative sources work from anywhere.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 class StartupAdapter(BaseModel):
@@ -25,7 +27,7 @@ class StartupAdapter(BaseModel):
     name: str = Field(description="Adapter name clients pass as `model` ([A-Za-z0-9._-]{1,64}).")
     source: str = Field(
         description="PEFT folder or fsspec URI. A relative path is tried against the working "
-        "directory, then the repository root (so `deployments/adapters/x` works from anywhere)."
+        "directory, then the installed package (so `deployments/adapters/x` works from anywhere)."
     )
     alpha: float | None = Field(None, gt=0, le=1, description="Tuned CoLD alpha (None: 0.1).")
     beta: float | None = Field(None, ge=0, description="Tuned CoLD beta (None: 0.5).")
@@ -37,7 +39,7 @@ class StartupAdapter(BaseModel):
     def resolved_source(self) -> str:
         if "://" in self.source or Path(self.source).expanduser().is_absolute():
             return self.source
-        for base in (Path.cwd(), REPO_ROOT):
+        for base in (Path.cwd(), PACKAGE_DIR):
             if (base / self.source).exists():
                 return str((base / self.source).resolve())
         return self.source  # let registration report it missing

@@ -1,5 +1,5 @@
-"""The CPU C kernels (`cpu_decode_attention.c`, `cpu_small_gemm.c`, `cpu_rowwise.c`), compiled
-once per machine.
+"""The CPU C kernels (`cpu_decode_attention.c`, `cpu_small_gemm.c`, `cpu_rowwise.c` in the
+repository's `kernels/`, shipped as `cold_ray/kernels/csrc/`), compiled once per machine.
 
 They are built into one shared library with the system C compiler (`$CC`, else
 `cc`/`gcc`/`clang`) for this machine (`-march=native`) in the cold-ray cache folder, keyed by
@@ -26,7 +26,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(
-    Path(__file__).with_name(n)
+    Path(__file__).parent / "csrc" / n
     for n in ("cpu_decode_attention.c", "cpu_small_gemm.c", "cpu_rowwise.c")
 )
 # -ffast-math: vectorised dot products and exp (glibc's libmvec); the sources hold no infinity
@@ -35,7 +35,8 @@ FLAGS = (["-O3", "-march=native", "-ffast-math"], ["-O3", "-ffast-math"])
 COMPILE_TIMEOUT_S = 120
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C compiler the kernels are built with ($CC, cc, gcc or clang), or None."""
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
             return shutil.which(name)
@@ -59,7 +60,7 @@ def library_name(flags: list[str], compiler_version: str, cpu: str) -> str:
 
 
 def _build(out_dir: Path) -> Path | None:
-    cc = _compiler()
+    cc = compiler()
     if cc is None:
         log.info("no C compiler found: the CPU kernels are not built")
         return None
