@@ -7,6 +7,22 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("llama", "qwen2", "mistral")
+
+# Skip reasons for tools the CI image has (a C compiler, PostgreSQL, triton): under CI=true a
+# test skipped for one of them fails instead (tests/conftest.py).
+NO_COMPILER = "no C compiler on this machine"
+NO_POSTGRES = "PostgreSQL unavailable"
+NO_TRITON = "triton not installed"
+CI_HAS = (NO_COMPILER, NO_POSTGRES, NO_TRITON)
+
+
+def compiler_present() -> bool:
+    """A C compiler is on this machine (then the CPU kernels must build: no skip)."""
+    from cold_ray.kernels import cpu_kernels
+
+    return cpu_kernels.compiler() is not None
+
+
 _CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "contrastive decoding with lora adapters on a shared base model",

@@ -6,7 +6,6 @@ model (their numbers are not checked, only what they count)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -19,9 +18,6 @@ from cold_ray.workloads import (
     question_pool,
     shared_prefix_requests,
 )
-
-SMOL = Path(os.environ.get("COLD_RAY_CACHE", Path.home() / ".cache" / "cold-ray")) / "models"
-SMOL = SMOL / "SmolLM2-135M-Instruct"
 
 # ---- FLOP and byte accounting -----------------------------------------------------------------
 
@@ -45,11 +41,10 @@ def test_param_counts_match_the_models_tensors(tiny_llama):
     )
 
 
-@pytest.mark.skipif(not (SMOL / "config.json").exists(), reason="SmolLM2 not in the cache")
-def test_smollm2_counts_its_134_5m_parameters():
+def test_smollm2_counts_its_134_5m_parameters(smollm2):
     from cold_ray.model.loader import read_model_args
 
-    counts = roofline.model_params(read_model_args(SMOL), max_lora_rank=16)
+    counts = roofline.model_params(read_model_args(smollm2), max_lora_rank=16)
     assert counts["linear"] == 30 * (576 * (576 + 2 * 192) + 576 * 576 + 3 * 576 * 1536)
     assert counts["linear"] + counts["lm_head"] == 134_479_872  # tied embeddings, no norms
 
@@ -256,14 +251,13 @@ def test_shared_prefix_requests_are_seeded_and_distinct():
             shared_prefix_requests(*bad)
 
 
-@pytest.mark.skipif(not (SMOL / "config.json").exists(), reason="SmolLM2 not in the cache")
 @pytest.mark.parametrize("kind", PREFIX_KINDS)
-def test_shared_prefix_workloads_share_their_prefix_token_wise(kind):
+def test_shared_prefix_workloads_share_their_prefix_token_wise(kind, smollm2):
     """As the engine sees them (chat template included): every prompt starts with the same
     long run of tokens, hundreds of prefix-cache blocks' worth, then differs."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(SMOL))
+    tok = AutoTokenizer.from_pretrained(str(smollm2))
     ids = [prefix.prompt_ids(tok, body) for body in shared_prefix_requests(kind, 16)]
     common = len(os.path.commonprefix(ids))
     shared_text = fewshot_prefix(8) if kind == "fewshot" else SYSTEM_PROMPT

@@ -7,9 +7,10 @@ import torch
 from cold_ray.config import EngineConfig
 from cold_ray.engine import EngineCore, SamplingParams
 from cold_ray.kernels import cpu_attention
+from tests.helpers import NO_COMPILER, compiler_present
 
 kernel = cpu_attention.load()
-needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler on this machine")
+needs_kernel = pytest.mark.skipif(not compiler_present(), reason=NO_COMPILER)
 
 
 def reference(q, k, v, slots, positions):

@@ -11,9 +11,10 @@ import torch
 from cold_ray.config import EngineConfig
 from cold_ray.engine import EngineCore
 from cold_ray.kernels import cpu_gemm
+from tests.helpers import NO_COMPILER, compiler_present
 
 kernel = cpu_gemm.load()
-needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler on this machine")
+needs_kernel = pytest.mark.skipif(not compiler_present(), reason=NO_COMPILER)
 
 
 def _case(seed, rows, k, out, bias=True):
@@ -233,7 +234,7 @@ def test_the_fallback_for_compilers_without_shufflevector_gives_the_same_bits(tm
     source = cpu_kernels.SOURCES[1]
     assert source.name == "cpu_small_gemm.c"
     out = tmp_path / "fallback.so"
-    cmd = [cpu_kernels._compiler(), *cpu_kernels.FLAGS[0], "-DCOLD_RAY_NO_SHUFFLEVECTOR",
+    cmd = [cpu_kernels.compiler(), *cpu_kernels.FLAGS[0], "-DCOLD_RAY_NO_SHUFFLEVECTOR",
            "-shared", "-fPIC", str(source), "-o", str(out)]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     fallback = cpu_gemm.SmallGemmKernel(ctypes.CDLL(str(out)))

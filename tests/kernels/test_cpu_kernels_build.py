@@ -1,4 +1,4 @@
-"""The CPU kernels' build (`kernels/cpu_kernels.py`): compiled once per machine into the cache
+"""The CPU kernels' build (`cold_ray/kernels/cpu_kernels.py`): compiled once per machine into the cache
 folder, keyed by the CPU, and without a working compiler the engine keeps torch's operators."""
 
 import os
@@ -9,9 +9,17 @@ import textwrap
 import pytest
 
 from cold_ray.kernels import cpu_kernels
+from tests.helpers import NO_COMPILER, compiler_present
 
-needs_library = pytest.mark.skipif(cpu_kernels.library() is None,
-                                   reason="no C compiler on this machine")  # fmt: skip
+needs_library = pytest.mark.skipif(not compiler_present(), reason=NO_COMPILER)
+
+
+@needs_library
+def test_the_kernels_build_wherever_a_compiler_is_present():
+    """A kernel that does not compile while a compiler is present is a failure, never a silent
+    fall-back to torch's operators."""
+    assert cpu_kernels.library() is not None, f"{cpu_kernels.compiler()} did not build the kernels"
+
 
 PROBE = textwrap.dedent("""
     import logging, sys

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from cold_ray.kernels import cpu_rowwise
 from cold_ray.model.llama import apply_rope
+from tests.helpers import NO_COMPILER, compiler_present
 
 kernels = cpu_rowwise.load()
-pytestmark = pytest.mark.skipif(kernels is None, reason="no C compiler on this machine")
+pytestmark = pytest.mark.skipif(not compiler_present(), reason=NO_COMPILER)
 TOL = dict(rtol=2e-6, atol=2e-6)  # fp32, another rounding of the same formula
 
 

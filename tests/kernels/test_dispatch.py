@@ -9,6 +9,8 @@ import torch
 
 from cold_ray.kernels import BACKEND_NAMES, auto_backend_name, dispatch, select_backend
 from cold_ray.kernels.ascend_native import AscendNativeBackend, native_ops_available
+from cold_ray.kernels.dispatch import triton_importable
+from tests.helpers import NO_TRITON
 from tests.kernels.kernel_checks import assert_base_rows_untouched, assert_close, make_case
 
 
@@ -57,7 +59,8 @@ def test_gather_bmm_is_never_auto_picked(monkeypatch) -> None:
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch) -> None:
-    pytest.importorskip("triton")
+    if not triton_importable():
+        pytest.skip(NO_TRITON)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         select_backend("triton", "cpu")

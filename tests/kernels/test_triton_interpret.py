@@ -19,6 +19,7 @@ import torch
 from cold_ray.kernels import reference, select_backend
 from cold_ray.kernels.dispatch import triton_importable
 from cold_ray.workloads import MIX_KINDS
+from tests.helpers import NO_TRITON
 from tests.kernels.kernel_checks import (
     assert_base_rows_untouched,
     assert_close,
@@ -26,7 +27,7 @@ from tests.kernels.kernel_checks import (
     make_cold_case,
 )
 
-pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton not installed")
+pytestmark = pytest.mark.skipif(not triton_importable(), reason=NO_TRITON)
 
 DTYPES = [torch.float32, torch.float16]
 SHAPES = [(1, 1, 16, 16), (5, 7, 33, 47), (12, 16, 64, 96), (9, 64, 40, 24), (3, 33, 600, 20)]
