@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from cold_ray.benchmarks.common import machine_record
+
 GOALS = {"cold_load_ms": 100.0, "host_cache_load_ms": 10.0, "throughput_ratio": 0.90}
 
 
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.adapters < 2 or opts.max_loras < 2:
         p.error("--adapters and --max-loras must be >= 2 (one serves, the others load)")
     threading.current_thread().name = "bench"
-    result = run(opts)
+    result = {**run(opts), "machine": machine_record()}
     text = json.dumps(result, indent=2)
     print(text)
     if opts.out:

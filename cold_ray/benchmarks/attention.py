@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from cold_ray.benchmarks.common import best_seconds, positive_ints
+from cold_ray.benchmarks.common import best_seconds, machine_record, positive_ints
 from cold_ray.benchmarks.gemm import SMOLLM2
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     result = {"threads": 1, "shapes": "SmolLM2-135M", "kernel": cpu_attention.load() is not None,
               "results": [measure(r, c, args.repeats) for c in args.context for r in args.rows],
-              "load_average": os.getloadavg()}  # fmt: skip
+              "load_average": os.getloadavg(), "machine": machine_record()}  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

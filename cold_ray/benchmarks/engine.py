@@ -404,10 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("prompt_len", "new_tokens", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    from cold_ray.loadtest.runner import machine
+    from cold_ray.benchmarks.common import machine_record
 
     plan = runs(modes, args.batches, not args.no_pair_greedy)
-    records, machines, host = [], [], machine()
+    records, machines, host = [], [], machine_record()
     with tempfile.TemporaryDirectory() as tmp:
         adapter = args.adapter or default_adapter(tmp)
         for rnd in range(args.rounds):
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                         {"mode": "settings", "threads": THREAD_ENV,
                          "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                          "rounds": args.rounds, "adapter": adapter, "model": args.model,
-                         "engine": args.engine, "host_at_start": host, "host_at_end": machine()}]  # fmt: skip
+                         "engine": args.engine, "host_at_start": host, "host_at_end": machine_record()}]  # fmt: skip
     if args.plot:
         plot(summary, mach, args.plot)
     print(json.dumps(result, indent=None if args.json else 2))

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from cold_ray.benchmarks.common import best_seconds, positive_ints
+from cold_ray.benchmarks.common import best_seconds, machine_record, positive_ints
 
 SMOLLM2 = {"hidden": 576, "intermediate": 1536, "heads": 9, "kv_heads": 3, "head_dim": 64,
            "layers": 30}  # fmt: skip
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     result = {"threads": args.threads, "peak_gflops": peak_gflops(), "shapes": "SmolLM2-135M",
               "results": measure(args.rows, args.repeats),
-              "load_average": os.getloadavg()}  # fmt: skip
+              "load_average": os.getloadavg(), "machine": machine_record()}  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
     else:

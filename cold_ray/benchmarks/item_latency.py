@@ -171,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
+    from cold_ray.benchmarks.common import machine_record
     from cold_ray.config import EngineConfig
     from cold_ray.engine import ColdParams, EngineCore, EngineError
     from cold_ray.eval import data, harness
-    from cold_ray.loadtest.runner import machine
 
     try:
         ColdParams(args.alpha, args.beta)  # validates the range
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    host = machine()
+    host = machine_record()
     torch.set_num_threads(1)
     core.register_adapter("adapter", args.adapter)
     core.load_adapter("adapter")
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result.update(data=args.data, n=len(items), adapter=args.adapter, alpha=args.alpha,
                   beta=args.beta, max_tokens=args.max_tokens or task.max_tokens,
-                  host_at_start=host, host_at_end=machine())  # fmt: skip
+                  host_at_start=host, host_at_end=machine_record())  # fmt: skip
     return report(result, args.json, lambda path: plot(result, path), args.plot)
 
 

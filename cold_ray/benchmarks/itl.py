@@ -203,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_setting(json.loads(args.child))))
         return 0
-    from cold_ray.loadtest.runner import machine
+    from cold_ray.benchmarks.common import machine_record
 
-    host = machine()
+    host = machine_record()
     records = run_children(
         "cold_ray.benchmarks.itl", settings(args),
         lambda s, rec: f"# budget {s['budget']}: ITL p50 {rec['itl_ms']['p50']:.1f} ms, "

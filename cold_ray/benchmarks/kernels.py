@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from cold_ray.benchmarks.common import machine_record
 from cold_ray.device import synchronize
 from cold_ray.kernels import select_backend
 from cold_ray.kernels.dispatch import ascend_native_available, device_type
@@ -387,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), stream=sys.stderr)
     args = build_parser().parse_args(argv)
     records = collect(args)
-    print(json.dumps(records, indent=1) if args.json else _table(records))
+    machine = {"op": "machine", **machine_record()}
+    print(json.dumps([*records, machine], indent=1) if args.json else _table(records))
     return 0
 
 

@@ -271,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_setting(json.loads(args.child))))
         return 0
-    from cold_ray.loadtest.runner import machine
+    from cold_ray.benchmarks.common import machine_record
 
-    host = machine()
+    host = machine_record()
     records = run_children(
         "cold_ray.benchmarks.prefix", [s for order in settings(args) for s in order],
         lambda s, rec: f"# {s['workload']} {s['decoding']} cache {'on ' if s['cache'] else 'off'}: "

@@ -37,6 +37,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from cold_ray.benchmarks.common import machine_record
+
 GOALS = {"lookup_p99_ms": 1.0}
 
 
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     model_args = read_model_args(model_path)
     adapters = [make_adapter(model_args, tmp / "store" / f"adapter-{i}", rank=8, seed=i)
                 for i in range(max(1, a.repeats))]  # fmt: skip
-    result = {"loadavg_1m": os.getloadavg()[0], "goals": GOALS}
+    result = {"loadavg_1m": os.getloadavg()[0], "goals": GOALS, "machine": machine_record()}
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         url = a.registry

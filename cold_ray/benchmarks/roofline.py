@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from cold_ray.benchmarks.common import best_seconds
+from cold_ray.benchmarks.common import best_seconds, machine_record
 
 # (rows, in, out): square GEMMs big enough to leave the caches, and SmolLM2's prefill shapes
 GEMM_SHAPES = ((1024, 1024, 1024), (512, 2048, 2048), (256, 576, 1536), (256, 576, 3072),
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = measure_bandwidths(repeats=args.repeats)
     out["bandwidth_gib_s"] = round(max(rates.values()) / 2**30, 2)
     out["bandwidth_gib_s_by_pages"] = {k: round(v / 2**30, 2) for k, v in rates.items()}
+    out["machine"] = machine_record()
     print(json.dumps(out, indent=None if args.json else 2))
     return 0
 

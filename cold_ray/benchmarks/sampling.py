@@ -22,6 +22,8 @@ import statistics
 import sys
 import time
 
+from cold_ray.benchmarks.common import machine_record
+
 TEXT = (
     "The engine decodes every running request in one batch. Each step gathers the rows, runs "
     "the model, picks one token per request and streams the text out. Ça marche très bien — "
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "vocab": core.args.vocab_size,
         "threads": core.config.num_threads,
         "load_avg_1min": os.getloadavg()[0],
+        "machine": machine_record(),
         "engine_step_ms": step_ms,
         "sampler": sampler,
         "sampler_goal_met": all(r["fraction_of_step"] <= 0.05 for r in sampler),

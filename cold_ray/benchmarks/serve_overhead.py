@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cold_ray.benchmarks.common import THREAD_ENV, run_json
+from cold_ray.benchmarks.common import THREAD_ENV, machine_record, run_json
 
 DEMO = Path(__file__).resolve().parents[1] / "deployments" / "adapters" / "arith-demo"
 CONFIG_KEYS = ("mode", "concurrency", "max_tokens", "prompt_len", "rounds", "repeat", "model",
@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "config": {k: getattr(a, k) for k in CONFIG_KEYS},
         "threads": THREAD_ENV,
+        "machine": machine_record(),
         "inproc": med["inproc"],
         "serve": med["serve"],
         "runs": runs,

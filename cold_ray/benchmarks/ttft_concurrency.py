@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.side == "run":
         print(json.dumps(_run(a)))
         return 0
-    from cold_ray.benchmarks.common import THREAD_ENV
+    from cold_ray.benchmarks.common import THREAD_ENV, machine_record
 
     sides = {"current": sys.executable}
     if a.baseline_python:
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         },  # fmt: skip
         "threads": THREAD_ENV,
+        "machine": machine_record(),
     }
     for side, rs in runs.items():
         result[side] = {

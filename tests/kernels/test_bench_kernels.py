@@ -15,7 +15,8 @@ def test_tiny_grid_records_and_plot(tmp_path, capsys) -> None:
             "--cold-vocab", "300:16", "--cold-rows", "2", "--min-time", "0", "--max-reps", "3",
             "--plot", str(png)]  # fmt: skip
     assert bench.main(argv) == 0
-    records = json.loads(capsys.readouterr().out)
+    *records, machine = json.loads(capsys.readouterr().out)
+    assert machine["op"] == "machine" and machine["cpu"] and "isa_flags" in machine
     assert records and all(REQUIRED <= r.keys() for r in records)
     assert {r["impl"] for r in records} >= {"reference", "gather_bmm", "grouped"}
     assert {r["op"] for r in records} == {"shrink", "expand", "lora_delta", "contrastive_step"}
