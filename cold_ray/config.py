@@ -72,6 +72,20 @@ class EngineConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
 
+    def check_model(self, args) -> None:
+        """What this configuration needs of the model (`ModelArgs`); ValueError naming both
+        numbers when the model cannot give it."""
+        if self.max_model_len > args.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's "
+                f"max_position_embeddings {args.max_position_embeddings}"
+            )
+        if args.sliding_window and self.max_model_len > args.sliding_window:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the sliding window "
+                f"{args.sliding_window}; sliding-window attention is not implemented"
+            )
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]

@@ -32,7 +32,7 @@ def _core(model, adapters, **overrides) -> EngineCore:
 
 def test_backends_that_plan_on_the_host_are_refused(tiny_llama, tiny_adapters):
     core = _core(tiny_llama, tiny_adapters)  # grouped on CPU
-    assert core.graphs is None  # a CPU engine captures nothing
+    assert core.runner.graphs is None  # a CPU engine captures nothing
     with pytest.raises(ValueError, match="'grouped' LoRA backend reads its plan on the host"):
         DecodeGraphs(core.model, core.cache, core.backend, 6, 64, 2, capture=False)
 
@@ -92,7 +92,7 @@ def test_an_engine_whose_graphs_fail_their_check_runs_eagerly(tiny_llama, tiny_a
     want = _core(tiny_llama, tiny_adapters, lora_backend="gather_bmm", graph_capture=False)
     with caplog.at_level("ERROR", logger="cold_ray.engine.core"):
         core = _core(tiny_llama, tiny_adapters, lora_backend="gather_bmm")
-    assert core.graphs is None
+    assert core.runner.graphs is None
     assert "decode graphs could not be captured; every step runs eagerly" in caplog.text
     assert "replays differently from the eager step" in caplog.text
     params = SamplingParams(temperature=0.0, max_tokens=6)

@@ -206,11 +206,11 @@ def test_graphed_decode_steps_decode_as_if_alone(tiny_llama, tiny_adapters, alon
     The SDPA variant reads the attention mask made from the static positions."""
     core = _core(tiny_llama, tiny_adapters, lora_backend="gather_bmm",
                  cpu_attention_kernel=attention == "kernel")  # fmt: skip
-    core.graphs = DecodeGraphs(core.model, core.cache, core.backend, core.config.max_rows,
+    core.runner.graphs = DecodeGraphs(core.model, core.cache, core.backend, core.config.max_rows,
                                core.config.max_model_len, core.config.max_loras, capture=False)  # fmt: skip
     served = []
-    run_step = core.graphs.run
-    core.graphs.run = lambda plan: served.append(len(plan.decode)) or run_step(plan)
+    run_step = core.runner.graphs.run
+    core.runner.graphs.run = lambda plan: served.append(len(plan.decode)) or run_step(plan)
     for seed in range(fuzz_seeds):
         run_scenario(seed, core, alone_gather)
     assert len(served) >= 5 * fuzz_seeds and set(served) >= {1, 2, 3, 4}, served

@@ -124,7 +124,22 @@ class AdapterSlots:
         return True
 
     def has_room(self) -> bool:
-        return len(self.resident) < self.max_loras or any(n not in self.refs for n in self.resident)
+        return self.available() > 0
+
+    def available(self) -> int:
+        """Slots that are free or hold an idle (unpinned) adapter: what an install can take."""
+        idle = sum(1 for n in self.resident if n not in self.refs)
+        return self.max_loras - len(self.resident) + idle
+
+    def can_install(self, keep_idle: int = 0) -> bool:
+        """Whether installing (then pinning) one more adapter leaves `keep_idle` slots free or
+        idle for the adapters that older waiting requests claim."""
+        return self.available() >= keep_idle + 1
+
+    def can_pin(self, name: str, keep_idle: int = 0) -> bool:
+        """Whether pinning resident `name` leaves `keep_idle` slots free or idle: sharing a pin
+        takes no slot; pinning an idle adapter takes one."""
+        return self.available() - (name not in self.refs) >= keep_idle
 
     def install(self, name: str, adapter: PeftAdapter | PackedAdapter) -> int:
         """Place an adapter in a free slot, evicting the least recently used idle one."""

@@ -28,6 +28,7 @@ import sys
 import time
 
 from cold_ray import device as devices
+from cold_ray.benchmarks.common import machine_record
 
 # (atol, rtol) of LoRA outputs vs the fp32 reference, per dtype (as in the kernel tests)
 TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (4e-3, 2e-3), "bfloat16": (3e-2, 1.5e-2)}
@@ -211,7 +212,7 @@ def measure_steps(device, model: str | None, quick: bool, graph_capture: bool = 
     out = {"dtype": dtype, "steps": []}
     batches = (1, 8) if quick else (1, 8, 32)
     core = _core(device, model, dtype, 2 * max(batches), graph_capture=graph_capture)
-    out["graphs"] = len(core.graphs.graphs) if core.graphs is not None else 0
+    out["graphs"] = len(core.runner.graphs.graphs) if core.runner.graphs is not None else 0
     core.load_adapter("demo")
     weight_bytes = core.model.step_weight_bytes()
     prompt = core.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8)
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     device = devices.resolve(name)
     if device.type == "cpu":
         torch.set_num_threads(1)
-    result = {"device": str(device), "torch": torch.__version__}
+    result = {"device": str(device), "torch": torch.__version__, "machine": machine_record()}
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
     result["kernels"] = _section(check_kernels, device, args.quick)

@@ -84,6 +84,14 @@ class KVCache:
             row.slot = hole
             bisect.insort(by_slot, row, key=lambda r: r.slot)
 
+    def scrub(self, slot: int) -> None:
+        """Zero a slot whose last occupant ended abnormally. Attention reads positions past a
+        row's length under a mask (the next chunk's span, a decode graph's span bucket), and
+        a masked NaN still poisons the sum (0 · NaN = NaN): what a failed forward left in the
+        slot must not reach the next occupant."""
+        self.k[:, slot].zero_()
+        self.v[:, slot].zero_()
+
     def copy(self, src: int, dst: int, length: int) -> None:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]

@@ -78,16 +78,19 @@ class PrefixCache:
         return n
 
     def store(self, identity, tokens: list[int], slot: int, length: int) -> None:
-        """Keep the full blocks of the first `length` tokens, whose K/V are in `slot`."""
+        """Keep the full blocks of the first `length` tokens, whose K/V are in `slot`, up to
+        the first block holding a non-finite value."""
         chain, parent, b = [], -1, self.block_size
         for i in range(length // b):
             key = self._key(parent, identity, tokens, i)
             block = self.ids.get(key)
             if block is None:
+                k, v = self.cache.read(slot, i * b, (i + 1) * b)
+                if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+                    break  # a forward that overflowed: share nothing it computed
                 block = self._allocate(key, parent)
                 if block is None:
                     break  # full of blocks that other prefixes still extend
-                k, v = self.cache.read(slot, i * b, (i + 1) * b)
                 self.k[block].copy_(k)
                 self.v[block].copy_(v)
             chain.append(block)

@@ -57,6 +57,7 @@ class Request:
     sampler: SeedState | None = None  # None: greedy
     finish_reason: str | None = None
     adapter_pinned: bool = False
+    adapter_version: str | None = None  # checksum of the adapter weights its rows run
     arrived: float = field(default_factory=time.monotonic)
     prefix_checked: bool = False  # the prefix cache was asked for its rows' prompt K/V
 

@@ -1,0 +1,181 @@
+"""The model runner: one base model with its LoRA slots, kernels, KV cache and decode graphs on
+one device. It runs a step's plan and selects each ready request's token; it decides nothing
+about which requests run (that is the scheduler's).
+
+Setup happens in the order the pieces depend on each other: weights in the configured dtype →
+the CPU kernels and packed layouts → rotary tables → the LoRA backend → the KV cache → decode
+graphs (captured last, over the finished model).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from cold_ray import device as devices
+from cold_ray.config import EngineConfig
+from cold_ray.engine import batch as step_batch
+from cold_ray.engine.graphs import DecodeGraphs
+from cold_ray.engine.kv_cache import KVCache
+from cold_ray.engine.request import Request, RequestFailed
+from cold_ray.engine.sampling import FAILED, SamplingError, cold_select, sample_rows
+from cold_ray.engine.scheduler import StepPlan
+from cold_ray.kernels import select_backend
+from cold_ray.model.config import ModelArgs
+from cold_ray.model.llama import ForwardBatch, LlamaModel, PrefillAttention
+from cold_ray.model.loader import load_weights
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, args: ModelArgs, path: Path):
+        self.config, self.args = config, args
+        self.device = devices.resolve(config.device)
+        self.dtype = config.torch_dtype
+        model = LlamaModel(args, config.max_loras, config.max_lora_rank, config.max_model_len)
+        load_weights(model, path)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        attention, small_gemm, rowwise = self._cpu_kernels()
+        if config.packed_weights:
+            self.model.pack_cpu_weights(
+                small_batch=config.small_batch_weights, small_gemm=small_gemm
+            )
+        self.model.init_rope()
+        self.backend = select_backend(config.lora_backend, self.device)
+        self.model.set_backend(self.backend)
+        if small_gemm is not None and self.backend.use_cpu_kernel(small_gemm):
+            log.info("LoRA of up to %d rows of an adapter: C kernel", small_gemm.MAX_LORA_ROWS)
+        self.model.set_decode_kernel(attention)
+        self.model.set_rowwise_kernels(rowwise)
+        self.cache = KVCache.allocate(
+            args, config.max_rows, config.max_model_len, self.dtype, self.device
+        )
+        self.graphs = self._decode_graphs()
+
+    def _cpu_kernels(self):
+        """The compiled CPU kernels this runner uses: (decode attention, small GEMM, row-wise
+        ops), each None where it is turned off or cannot be built. One thread, fp32."""
+        config = self.config
+        one_thread = torch.get_num_threads() == 1
+        if not (self.device.type == "cpu" and self.dtype == torch.float32 and one_thread):
+            return None, None, None
+        from cold_ray.kernels import cpu_attention, cpu_gemm, cpu_rowwise
+
+        attention = cpu_attention.load() if config.cpu_attention_kernel else None
+        small_gemm = cpu_gemm.load() if config.cpu_gemm_kernel else None
+        rowwise = cpu_rowwise.load() if config.cpu_rowwise_kernels else None
+        if config.cpu_attention_kernel:
+            log.info("decode attention: %s", "C kernel" if attention else "torch SDPA")
+        if config.cpu_gemm_kernel and config.small_batch_weights and config.packed_weights:
+            log.info("decode-sized products: %s", "C kernel" if small_gemm else "BLAS")
+        if config.cpu_rowwise_kernels:
+            log.info("norms, rotary embedding, SiLU: %s", "C kernels" if rowwise else "torch")
+        return attention, small_gemm, rowwise
+
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """Decode steps captured as graphs where the device and the LoRA backend allow it."""
+        config = self.config
+        if not config.graph_capture or devices.graph_api(self.device) is None:
+            return None
+        if not self.backend.graph_safe:
+            log.info(
+                "decode steps run eagerly: the %s LoRA backend cannot be captured",
+                self.backend.name,
+            )
+            return None
+        try:
+            return DecodeGraphs(
+                self.model,
+                self.cache,
+                self.backend,
+                config.max_rows,
+                config.max_model_len,
+                config.max_loras,
+            )
+        except Exception:  # a speed-up only: serve eagerly rather than not at all
+            log.exception("decode graphs could not be captured; every step runs eagerly")
+            return None
+
+    # ---- a step ---------------------------------------------------------------------------
+
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor, dict]:
+        """One forward pass over the plan: (final hidden states, {row: index into them})."""
+        if self.graphs is not None and self.graphs.fits(plan):
+            return self.graphs.run(plan), {row: row.slot for row in plan.decode}
+        tokens, fb, out_rows = step_batch.build(plan, self.backend, self.device, self.dtype)
+        return self.model(tokens, self.cache, fb), out_rows
+
+    def select(self, ready: list[Request], hidden, out_rows: dict) -> dict:
+        """Each ready request's next token from its rows' final hidden states (by row), or the
+        exception that fails it: a failed batched selection fails its group (plain or CoLD)
+        only; a request whose scores are not finite fails alone."""
+        picks: dict[Request, int | Exception] = {}
+        plain = [q for q in ready if q.cold is None]
+        cold = [q for q in ready if q.cold is not None]
+        for group, pick in ((plain, self._pick_plain), (cold, self._pick_cold)):
+            if not group:
+                continue
+            try:
+                tokens = pick(group, hidden, out_rows)
+            except Exception as e:
+                log.exception("token selection failed for %d requests", len(group))
+                error = RequestFailed(f"token selection failed: {type(e).__name__}: {e}")
+                picks.update((q, error) for q in group)
+                continue
+            picks.update((q, SamplingError() if t == FAILED else t) for q, t in zip(group, tokens))
+        return picks
+
+    def execute(self, plan: StepPlan) -> dict:
+        """`select(run(plan))`; a failed forward fails every request in it, and only those."""
+        try:
+            hidden, out_rows = self.run(plan)
+        except Exception as e:
+            log.exception("forward pass failed; failing the %d requests in it", len(plan.requests))
+            error = RequestFailed(f"the engine's forward pass failed: {type(e).__name__}: {e}")
+            return dict.fromkeys(plan.requests, error)
+        return self.select(plan.ready, hidden, out_rows)
+
+    def _pick_plain(self, reqs: list[Request], hidden, out_rows: dict) -> list[int]:
+        h = hidden[[out_rows[q.rows[0]] for q in reqs]]
+        return sample_rows(
+            self.model.logits(h),
+            None,
+            [q.params for q in reqs],
+            [q.sampler for q in reqs],
+            [len(q.output_ids) for q in reqs],
+        )
+
+    def _pick_cold(self, reqs: list[Request], hidden, out_rows: dict) -> list[int]:
+        expert = hidden[[out_rows[q.rows[0]] for q in reqs]]
+        amateur = hidden[[out_rows[q.rows[1]] for q in reqs]]
+        return cold_select(
+            self.backend,
+            self.model.lm_weight,
+            self.model.logits(expert),
+            amateur,
+            [q.cold for q in reqs],
+            [q.params for q in reqs],
+            [q.sampler for q in reqs],
+            [len(q.output_ids) for q in reqs],
+        )
+
+    # ---- scoring (not a step) -------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int], slot: int, adapter_slot: int) -> torch.Tensor:
+        """Logits at every position of a sequence, [T, V], using KV slot `slot` as scratch."""
+        t = len(token_ids)
+        positions = torch.arange(t, device=self.device)
+        fb = ForwardBatch(
+            positions=positions,
+            slots=torch.full((t,), slot, device=self.device),
+            lora=self.backend.prepare([adapter_slot] * t) if adapter_slot >= 0 else None,
+            decode=None,
+            prefill=PrefillAttention(0, None, None, None, None, fresh=True),
+            out_index=positions,
+        )
+        tokens = torch.tensor(token_ids, device=self.device)
+        return self.model.logits(self.model(tokens, self.cache, fb))
