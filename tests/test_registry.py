@@ -410,3 +410,41 @@ def test_resolver_answers_from_memory_never_from_the_database(
     finally:
         release()
     assert t not in callers and threading.current_thread() not in callers
+
+
+def test_postgres_waits_are_bounded(pg_url, args, tmp_path):
+    """A statement that waits on the catalog (here for a lock another session holds) ends after
+    `statement_timeout_s` as RegistryUnavailable (a 503 in the API), rather than hanging the
+    call; and every connection carries TCP keepalives and a user timeout, so a peer that went
+    silent is noticed in seconds rather than when TCP gives up (about 15 minutes)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as Waited
+
+    import psycopg
+
+    from cold_ray.adapters.registry.base import RegistryUnavailable
+    from cold_ray.adapters.registry.postgres import PostgresRegistry
+
+    reg = PostgresRegistry(pg_url, cache_dir=tmp_path / "blobs", statement_timeout_s=1)
+    pool = ThreadPoolExecutor(1)
+    try:
+        for conninfo in (reg._conninfo, reg._serving_conninfo):
+            params = psycopg.conninfo.conninfo_to_dict(conninfo)
+            assert params["keepalives"] == "1" and int(params["keepalives_idle"]) <= 10
+            assert 0 < int(params["tcp_user_timeout"]) <= 30_000
+        release = _lock_postgres_catalog(pg_url)
+        started = time.monotonic()
+        try:
+            waiting = pool.submit(reg.set_tuned, "x", 0.2, 0.5)
+            try:
+                error = waiting.exception(timeout=30)
+            except Waited:
+                error = None
+        finally:
+            release()
+        assert isinstance(error, RegistryUnavailable), error
+        assert time.monotonic() - started < 10
+    finally:
+        pool.shutdown()
+        reg.close()

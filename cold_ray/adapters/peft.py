@@ -1,7 +1,10 @@
 """Read and validate a PEFT LoRA adapter folder against a base model (docs/design.md §4).
 
 Validation happens before anything touches a slot, and every failure is an `AdapterError`
-whose message names the problem and the expected value.
+whose message names the problem and the expected value. Adapter files may come from a client
+of the admin API, so they are read as hostile: only regular files are opened (a FIFO would
+block the read forever, a device never ends), sizes are checked before a byte is read, and
+messages name a file by its name in the adapter folder, never by a path on the server.
 """
 
 from __future__ import annotations
@@ -9,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import safetensors.torch
 import torch
@@ -23,6 +29,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 DEFAULT_MAX_BYTES = 1 << 30
+CONFIG_MAX_BYTES = 1 << 20
 _KEY = re.compile(
     r"^(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$"
 )
@@ -38,6 +45,61 @@ _VOCAB_MODULES = ("embed_tokens", "lm_head", "wte", "word_embeddings")
 
 class AdapterError(ValueError):
     """An adapter that cannot be served; the message says why."""
+
+
+class NotARegularFile(OSError):
+    """A path that is a FIFO, device, socket or folder where a file belongs."""
+
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file (symlinks followed); else raise
+    NotARegularFile. Opened non-blocking, so a FIFO cannot stall the open itself (a regular
+    file reads the same either way); other failures are the OSError of the open."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _KINDS.get(stat.S_IFMT(mode), "not a file")
+            raise NotARegularFile(0, f"not a regular file ({kind})")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def os_reason(e: OSError) -> str:
+    """What went wrong, without the path an OSError's str() carries."""
+    return (e.strerror or type(e).__name__).lower()
+
+
+def read_file(path: Path, limit: int) -> bytes:
+    """The bytes of the adapter file `path`, at most `limit` of them: refused by its size
+    before it is read. AdapterError names the file by its name alone and says why."""
+    name = path.name
+    try:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise AdapterError(f"{name} is {size} bytes, over the limit of {limit}")
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise AdapterError(f"the adapter has no {name}") from None
+    except NotARegularFile as e:
+        raise AdapterError(f"{name} is {e.strerror}") from None
+    except OSError as e:
+        raise AdapterError(f"cannot read {name}: {os_reason(e)}") from None
+    if len(data) > limit:  # grew while it was read
+        raise AdapterError(f"{name} is over the limit of {limit} bytes")
+    return data
 
 
 @dataclass
@@ -72,29 +134,24 @@ def adapter_checksum(weights_sha256: str, config_sha256: str) -> str:
 
 
 def files_checksum(path: str | Path) -> str:
-    """`adapter_checksum` of the adapter folder at `path` as it is on disk now."""
-    config = hashlib.sha256((Path(path) / CONFIG_FILE).read_bytes()).hexdigest()
-    return adapter_checksum(weights_sha256(path), config)
+    """`adapter_checksum` of the adapter folder at `path` as it is on disk now; OSError
+    (NotARegularFile included) when a file cannot be read."""
+    return adapter_checksum(weights_sha256(path), config_sha256(path))
 
 
-def weights_sha256(path: Path) -> str:
+def config_sha256(path: str | Path) -> str:
+    """sha256 of adapter_config.json (a file over the size limit hashes its first bytes: it
+    cannot match a valid config's checksum)."""
+    with open_regular(Path(path) / CONFIG_FILE) as f:
+        return hashlib.sha256(f.read(CONFIG_MAX_BYTES + 1)).hexdigest()
+
+
+def weights_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
-    with open(Path(path) / WEIGHTS_FILE, "rb") as f:
+    with open_regular(Path(path) / WEIGHTS_FILE) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _read_weights(weights_file: Path, max_bytes: int) -> bytes:
-    """The weights' bytes, read once: the checksum and the tensors come from the same read."""
-    try:
-        with open(weights_file, "rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError as e:
-        raise AdapterError(f"cannot read {str(weights_file)!r}: {e}") from e
-    if len(data) > max_bytes:
-        raise AdapterError(f"adapter weights are over the limit of {max_bytes} bytes")
-    return data
 
 
 def _check_finite(weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -110,24 +167,72 @@ def _check_finite(weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tenso
             raise AdapterError(f"layer {layer} {module}: weights contain NaN or inf")
 
 
+# Config keys whose JSON type is checked before they are used (type(None): it may be null): a
+# value of another type is an AdapterError naming the key, not a crash deeper in.
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "peft_type": (str,),
+    "base_model_name_or_path": (str, type(None)),
+    "lora_alpha": (int, float),
+    "alpha_pattern": (dict, type(None)),
+    "use_rslora": (bool,),
+    "use_dora": (bool, type(None)),
+    "bias": (str,),
+    "modules_to_save": (list, type(None)),
+}
+
+
+def _folder(path: Path) -> None:
+    """Refuse a missing adapter folder, or one that cannot be looked at."""
+    try:
+        is_dir = path.is_dir()
+    except OSError as e:
+        raise AdapterError(f"cannot read the adapter folder: {os_reason(e)}") from None
+    if not is_dir:
+        raise AdapterError("the adapter folder is missing or is not a directory")
+
+
+_JSON_NAMES = {
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "true or false",
+    dict: "an object",
+    list: "a list",
+    type(None): "null",
+}
+
+
+def _json_type_ok(value: object, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # a JSON true is no number, though Python's bool is an int
+        return bool in types
+    return isinstance(value, types)
+
+
+def _check_config_types(cfg: dict) -> None:
+    for key, types in _CONFIG_TYPES.items():
+        if key in cfg and not _json_type_ok(cfg[key], types):
+            expected = " or ".join(dict.fromkeys(_JSON_NAMES[t] for t in types))
+            raise AdapterError(f"{CONFIG_FILE}: {key} must be {expected}, got {cfg[key]!r:.80}")
+    for module, alpha in (cfg.get("alpha_pattern") or {}).items():
+        if not _json_type_ok(alpha, (int, float)):
+            raise AdapterError(
+                f"{CONFIG_FILE}: alpha_pattern[{module!r:.40}] must be a number, got {alpha!r:.80}"
+            )
+
+
 def _read_config(path: Path) -> tuple[dict, str]:
     """The adapter's config, checked, and the sha256 of its bytes."""
-    if not path.is_dir():
-        raise AdapterError(f"adapter path {str(path)!r} is not a directory")
-    cfg_file = path / CONFIG_FILE
-    if not cfg_file.exists():
-        raise AdapterError(f"adapter {str(path)!r} has no {CONFIG_FILE} (not a PEFT adapter)")
+    _folder(path)
+    if not os.path.exists(path / CONFIG_FILE):  # never raises: an unreadable one reports below
+        raise AdapterError(f"the adapter has no {CONFIG_FILE} (not a PEFT adapter)")
+    raw = read_file(path / CONFIG_FILE, CONFIG_MAX_BYTES)
     try:
-        raw = cfg_file.read_bytes()
-        if len(raw) > 1 << 20:
-            raise AdapterError(f"{CONFIG_FILE} in {str(path)!r} is over the limit of 1 MiB")
         cfg = json.loads(raw)
-    except OSError as e:
-        raise AdapterError(f"cannot read {str(cfg_file)!r}: {e}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{CONFIG_FILE} in {str(path)!r} is not valid JSON: {e}") from e
+        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
     if not isinstance(cfg, dict):
         raise AdapterError(f"{CONFIG_FILE} must hold a JSON object, got {type(cfg).__name__}")
+    _check_config_types(cfg)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"peft_type {cfg.get('peft_type')!r} is not supported; expected 'LORA'")
     for flag in ("use_dora",):
@@ -145,7 +250,7 @@ def _read_config(path: Path) -> tuple[dict, str]:
 
 
 def _module_scale(cfg: dict, module: str, rank: int) -> float:
-    alpha = cfg.get("alpha_pattern", {}).get(module, cfg.get("lora_alpha", rank))
+    alpha = (cfg.get("alpha_pattern") or {}).get(module, cfg.get("lora_alpha", rank))
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise AdapterError(f"lora_alpha must be a finite number, got {alpha!r}")
     return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
@@ -181,22 +286,18 @@ def load_peft_adapter(
     path = Path(path)
     cfg, config_sha = _read_config(path)
     weights_file = path / WEIGHTS_FILE
-    if not weights_file.exists():
-        pickles = [p for p in PICKLE_FILES if (path / p).exists()]
+    if not os.path.exists(weights_file):  # never raises: an unreadable one reports below
+        pickles = [p for p in PICKLE_FILES if os.path.exists(path / p)]
         if pickles:
             raise AdapterError(
-                f"adapter {str(path)!r} ships pickled weights ({pickles[0]}); refusing to load "
-                f"them because unpickling runs arbitrary code — convert to {WEIGHTS_FILE}"
+                f"the adapter ships pickled weights ({pickles[0]}); refusing to load them "
+                f"because unpickling runs arbitrary code — convert to {WEIGHTS_FILE}"
             )
-        raise AdapterError(f"adapter {str(path)!r} has no {WEIGHTS_FILE}")
-    nbytes = weights_file.stat().st_size
-    if nbytes > max_bytes:
-        raise AdapterError(f"adapter weights are {nbytes} bytes, over the limit of {max_bytes}")
-    if weights_file.is_dir():
-        raise AdapterError(f"{str(weights_file)!r} is a directory, not a safetensors file")
+        raise AdapterError(f"the adapter has no {WEIGHTS_FILE}")
     base = cfg.get("base_model_name_or_path")
     warning = base_warning(base, args)
-    data = _read_weights(weights_file, max_bytes)
+    data = read_file(weights_file, max_bytes)  # the checksum and the tensors: one read
+    nbytes = len(data)
     sha = hashlib.sha256(data).hexdigest()
     checksum = adapter_checksum(sha, config_sha)
     if expected_sha256 is not None and expected_sha256 not in (checksum, sha):
@@ -210,7 +311,7 @@ def load_peft_adapter(
     try:
         tensors = safetensors.torch.load(data)
     except (SafetensorError, ValueError) as e:  # ValueError: header says more than is there
-        raise AdapterError(f"{WEIGHTS_FILE} in {str(path)!r} is corrupt or truncated: {e}") from e
+        raise AdapterError(f"{WEIGHTS_FILE} is corrupt or truncated: {e}") from e
     del data
     for key, tensor in tensors.items():
         m = _KEY.match(key)
@@ -232,7 +333,7 @@ def load_peft_adapter(
             )
         raw.setdefault((layer, module), {})[ab] = tensor
     if not raw:
-        raise AdapterError(f"adapter {str(path)!r} holds no LoRA weights")
+        raise AdapterError(f"{WEIGHTS_FILE} holds no LoRA weights")
 
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     max_r, scale = 0, None

@@ -7,7 +7,9 @@ every replica reads the same bytes and a second fetch of the same adapter is fre
 
 `SourcePolicy` decides what a registry call may read at all: an admin API must not become a
 way to probe or read arbitrary files on the server, so the serving layer passes
-`allowed_roots` (folders and URI prefixes) and `allowed_schemes`.
+`allowed_roots` (folders and URI prefixes) and `allowed_schemes`. Its messages quote a source
+as the caller wrote it, never as resolved on the server: `/proc/self/cwd/x` or a symlink must
+not tell a client the working directory or where the link leads.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from cold_ray.adapters.peft import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, AdapterError
+from cold_ray.adapters.peft import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, AdapterError, os_reason
 from cold_ray.decoding import ColdParams
 
 LOCAL_SCHEMES = ("file", "local")
@@ -108,23 +110,24 @@ class SourcePolicy:
             if not segments or any(s in (".", "..") for s in segments):
                 raise SourceError(f"source URI must name a folder without '.'/'..': {source!r}")
             src = Source(f"{scheme}://{'/'.join(segments)}", scheme, None)
-        self._check_root(src)
+        if not self._under_root(src):
+            raise SourceError(f"source {source!r} is outside the allowed adapter roots")
         return src
 
-    def _check_root(self, src: Source) -> None:
+    def _under_root(self, src: Source) -> bool:
         if self.allowed_roots is None:
-            return
+            return True
         for root in self.allowed_roots:
             r_scheme, r_rest = _split(root)
             if src.local is not None and r_scheme in LOCAL_SCHEMES:
                 base = Path(r_rest).expanduser().resolve()
                 if src.local == base or src.local.is_relative_to(base):
-                    return
+                    return True
             elif src.local is None and r_scheme == src.scheme:
                 prefix = f"{r_scheme}://{r_rest.strip('/')}"
                 if src.uri == prefix or src.uri.startswith(prefix + "/"):
-                    return
-        raise SourceError(f"source {src.uri!r} is outside the allowed adapter roots")
+                    return True
+        return False
 
     def check_files(self, folder: Path) -> None:
         """The adapter's files, after following symlinks, must stay inside the allowed roots."""
@@ -132,8 +135,13 @@ class SourcePolicy:
             return
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             f = folder / name
-            if f.is_symlink() or f.exists():
-                self._check_root(Source(str(f.resolve()), "file", f.resolve()))
+            try:
+                present = f.is_symlink() or f.exists()
+            except OSError as e:
+                raise AdapterError(f"cannot read {name}: {os_reason(e)}") from None
+            resolved = f.resolve()
+            if present and not self._under_root(Source(str(resolved), "file", resolved)):
+                raise SourceError(f"{name} leads outside the allowed adapter roots")
 
 
 def _copy(fs, src: str, dst: Path, max_bytes: int) -> str:

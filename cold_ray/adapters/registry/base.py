@@ -6,34 +6,42 @@ generation in the same transaction, and its dialect's first table. Everything el
 once: schema migrations, validation before an adapter is listed, local copies of remote
 sources, and the in-memory *snapshot* that serves the request path.
 
-The snapshot: `resolver()` answers from a dict held in memory (one lookup, never a database
-call), so an engine's step thread cannot stall on the catalog. A watcher thread keeps it
+The snapshot: `resolver()`, `lookup()` and `listed()` answer from a dict held in memory (one
+lookup, never a database call), so an engine's step thread cannot stall on the catalog and a
+flood of requests for unknown names costs the catalog nothing. A watcher thread keeps it
 current: whenever the generation moves (PostgreSQL: LISTEN/NOTIFY; SQLite: a cheap poll of one
 row) it reloads the whole catalog in one consistent read and swaps the dict. A write made
-through this object refreshes it at once, so a process reads its own writes.
+through this object refreshes it at once, so a process reads its own writes. While the
+watcher cannot reach the catalog, `feed_up` is False and the snapshot stays as last read.
+
+A catalog that cannot be reached (a connection dropped, a timeout, a locked file) raises
+RegistryUnavailable, which the API answers with 503 and Retry-After.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from cold_ray.adapters.peft import (
     CONFIG_FILE,
     DEFAULT_MAX_BYTES,
-    WEIGHTS_FILE,
     AdapterError,
     adapter_checksum,
+    config_sha256,
     files_checksum,
     load_peft_adapter,
+    os_reason,
+    weights_sha256,
 )
 from cold_ray.adapters.sources import (
     DEFAULT_SCHEMES,
@@ -54,6 +62,10 @@ _ANY_SOURCE = SourcePolicy(allowed_schemes=None, allowed_roots=None)  # register
 
 class RegistryError(ValueError):
     """A registry operation that cannot be done; the message says why."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The catalog cannot be reached now (connection lost, timeout, locked file): retry."""
 
 
 class AdapterNotFound(RegistryError, KeyError):
@@ -150,13 +162,23 @@ class AdapterRecord:
 COLUMNS = tuple(f.name for f in fields(AdapterRecord))
 
 
+def _discard(folder: Path) -> None:
+    """Remove a cached copy: moved aside first, so no reader finds half of it."""
+    aside = folder.with_name(f".stale-{uuid.uuid4().hex}")
+    try:
+        folder.rename(aside)
+    except OSError:  # gone already (another replica on this host got there first)
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def config_checksums(rows: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Migration to schema 3: (config sha256, name) for each (name, path) whose config can be
     read here; an entry whose files are elsewhere keeps "" and is checked by its weights."""
     out = []
     for name, path in rows:
         try:
-            out.append((hashlib.sha256((Path(path) / CONFIG_FILE).read_bytes()).hexdigest(), name))
+            out.append((config_sha256(path), name))
         except OSError:
             log.warning("registry migration: %s has no readable %s at %s; its config is not "
                         "checksummed until it is registered again", name, CONFIG_FILE, path)  # fmt: skip
@@ -195,6 +217,8 @@ class AdapterRegistry:
     target = ""  # where the catalog is, for messages (never carries a password)
     create_table = ""  # schema 1's CREATE TABLE adapters, in the backend's column types
     mark = "?"  # the driver's query parameter placeholder
+    # The driver's errors that mean "cannot reach the catalog now" (RegistryUnavailable)
+    unavailable: tuple[type[Exception], ...] = ()
 
     def __init__(
         self,
@@ -216,6 +240,17 @@ class AdapterRegistry:
         self._start_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.feed_up = False  # the watcher reaches the catalog (set by it; True after a load)
+
+    @contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Turn the driver's "cannot reach the catalog" errors into RegistryUnavailable."""
+        try:
+            yield
+        except self.unavailable as e:
+            raise RegistryUnavailable(
+                f"the adapter registry {self.target} is unavailable: {e}"
+            ) from e
 
     # ---- backend primitives ---------------------------------------------------------------
 
@@ -305,8 +340,9 @@ class AdapterRegistry:
         adapter itself); on any error the catalog is unchanged."""
         check_name(name)
         check_tuning(alpha, beta)
-        if not replace and self._read(name) is not None:
-            raise AdapterExists(name)
+        with self._reaching():
+            if not replace and self._read(name) is not None:
+                raise AdapterExists(name)
         src = self.policy.parse(str(source))
         if src.is_remote:
             staging, final = fetch(src, self.cache_dir, max_bytes)
@@ -317,8 +353,12 @@ class AdapterRegistry:
                 raise
             folder = commit(staging, final)
         else:
-            if not src.local.is_dir():
-                raise AdapterError(f"adapter path {src.uri!r} is not a directory")
+            try:  # messages leave the source out: the caller knows it, the server's path not
+                is_dir = src.local.is_dir()
+            except OSError as e:
+                raise AdapterError(f"cannot read the adapter source: {os_reason(e)}") from None
+            if not is_dir:
+                raise AdapterError("the adapter source is not a directory")
             self.policy.check_files(src.local)
             adapter = load_peft_adapter(src.local, args, max_rank, max_bytes)
             folder = src.local
@@ -339,7 +379,8 @@ class AdapterRegistry:
             config_sha256=adapter.config_sha256,
         )
         try:
-            old = self._put(record, replace)
+            with self._reaching():
+                old = self._put(record, replace)
         except BaseException:
             self._drop_blob(record)
             raise
@@ -353,23 +394,28 @@ class AdapterRegistry:
     def get(self, name: str) -> AdapterRecord:
         """The entry as stored now (a database read; the request path uses `resolver()`)."""
         check_name(name)
-        record = self._read(name)
+        with self._reaching():
+            record = self._read(name)
         if record is None:
             raise AdapterNotFound(name)
         return record
 
     def list(self) -> list[AdapterRecord]:
-        return sorted(self._read_all()[1], key=lambda r: r.name)
+        """Every entry as stored now (a database read; the API lists `listed()`)."""
+        with self._reaching():
+            return sorted(self._read_all()[1], key=lambda r: r.name)
 
     def __contains__(self, name: object) -> bool:
-        return (
-            isinstance(name, str) and NAME_RE.fullmatch(name) is not None and bool(self._read(name))
-        )
+        if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
+            return False
+        with self._reaching():
+            return bool(self._read(name))
 
     def remove(self, name: str) -> AdapterRecord:
         """Unlist an adapter; every replica refuses it once the change reaches it."""
         check_name(name)
-        record = self._delete(name)
+        with self._reaching():
+            record = self._delete(name)
         if record is None:
             raise AdapterNotFound(name)
         self._drop_blob(record)
@@ -383,7 +429,8 @@ class AdapterRegistry:
         one transaction: a reader sees the old triple or the new one."""
         check_name(name)
         check_tuning(alpha, beta)
-        record = self._tune(name, alpha, beta, bool(cold_enabled))
+        with self._reaching():
+            record = self._tune(name, alpha, beta, bool(cold_enabled))
         if record is None:
             raise AdapterNotFound(name)
         self._after_write()
@@ -399,10 +446,24 @@ class AdapterRegistry:
         return Path(record.path)
 
     def ensure_local(self, record: AdapterRecord, max_bytes: int = DEFAULT_MAX_BYTES) -> Path:
-        """The record's local folder, fetched from its source if this host lacks it."""
+        """The record's local folder; for a remote source, this host's copy, checked against
+        the registered checksums (a torn write or a flipped bit on this disk) and fetched
+        again from the source when it is missing or does not match. Costs one more read of
+        the weights per load (the load hashes what it reads too): a host's copy can no longer
+        fail its adapter here for good."""
         folder = self.local_folder(record)
-        if (folder / WEIGHTS_FILE).exists() or not record.is_remote:
-            return folder  # a missing local source: the load reports it
+        if not record.is_remote:
+            return folder  # a local source: the load reports a missing or changed one
+        if folder.exists():
+            if self._copy_matches(folder, record):
+                return folder
+            log.warning(
+                "adapter %s: this host's copy does not match the registered checksum; "
+                "fetching it again from %s",
+                record.name,
+                record.source,
+            )
+            _discard(folder)
         staging, final = fetch(_ANY_SOURCE.parse(record.source), self.cache_dir, max_bytes)
         if final.name != folder.name:
             shutil.rmtree(staging, ignore_errors=True)
@@ -411,6 +472,15 @@ class AdapterRegistry:
                 "registration (its checksum differs); register it again"
             )
         return commit(staging, folder)
+
+    @staticmethod
+    def _copy_matches(folder: Path, record: AdapterRecord) -> bool:
+        try:
+            if record.config_sha256 and config_sha256(folder) != record.config_sha256:
+                return False
+            return weights_sha256(folder) == record.sha256
+        except OSError:
+            return False
 
     def files_match(self, record: AdapterRecord) -> bool:
         """True when this host's copy of the adapter still has the registered checksum."""
@@ -424,7 +494,11 @@ class AdapterRegistry:
         folder = self.local_folder(record)
         if folder.parent != self.cache_dir or not folder.exists():
             return  # a local source: never ours to delete
-        if all(self.local_folder(r) != folder for r in self._read_all()[1]):
+        try:
+            records = self._read_all()[1]
+        except self.unavailable:
+            return  # cannot tell whether another entry uses it: keep it
+        if all(self.local_folder(r) != folder for r in records):
             shutil.rmtree(folder, ignore_errors=True)
 
     def _sweep_blobs(self, old: Iterable[AdapterRecord], new: Iterable[AdapterRecord]) -> None:
@@ -449,7 +523,7 @@ class AdapterRegistry:
     def refresh(self) -> bool:
         """Reload the snapshot now if the catalog's generation moved (a database read: never
         call it on an engine's step thread); True if it did."""
-        with self._reload_lock:
+        with self._reload_lock, self._reaching():
             generation, records = self._read_all()
             old = self._snapshot
             if old is not None and old.generation == generation:
@@ -464,13 +538,17 @@ class AdapterRegistry:
 
     def _after_write(self) -> None:
         if self._snapshot is not None:  # read your own writes
-            self.refresh()
+            try:
+                self.refresh()
+            except RegistryUnavailable as e:  # committed all the same: the watcher catches up
+                log.warning("registry %s: reload after a write failed: %s", self.target, e)
 
     def snapshot(self) -> Snapshot:
         """The in-memory catalog, loaded (and its watcher started) on first use."""
         with self._start_lock:
             if self._snapshot is None:
                 self.refresh()
+                self.feed_up = True  # just read; the watcher says when it cannot reach it
             if self._watcher is None and not self._stop.is_set():
                 self._watcher = threading.Thread(target=self._watch_forever, daemon=True,
                                                  name=f"registry-watch-{self.backend}")  # fmt: skip
@@ -484,6 +562,7 @@ class AdapterRegistry:
                 self._watch()
                 return
             except Exception as e:  # the catalog is unreachable: keep serving the snapshot
+                self.feed_up = False
                 log.warning("registry %s: change feed failed (%s); serving the last snapshot, "
                             "retrying in %.1fs", self.target, e, delay)  # fmt: skip
                 if self._stop.wait(delay):
@@ -491,11 +570,23 @@ class AdapterRegistry:
                 delay = min(delay * 2, 10.0)
 
     def lookup(self, name: str) -> AdapterRecord:
-        """The entry from the in-memory snapshot (no database call once it is loaded)."""
+        """The entry from the in-memory snapshot (no database call once it is loaded).
+
+        A name it lacks raises AdapterNotFound while the change feed is up, else
+        RegistryUnavailable: the snapshot cannot say whether the name was added since. How
+        stale the snapshot may be is the backend's watcher's bound (see its module)."""
         record = self.snapshot().records.get(name) if isinstance(name, str) else None
         if record is None:
+            if not self.feed_up:
+                raise RegistryUnavailable(
+                    f"the adapter registry {self.target} cannot be reached to look up {name!r}"
+                )
             raise AdapterNotFound(name)
         return record
+
+    def listed(self) -> list[AdapterRecord]:
+        """Every entry of the in-memory snapshot, by name (no database call once loaded)."""
+        return sorted(self.snapshot().records.values(), key=lambda r: r.name)
 
     def resolver(self) -> Callable[[str], AdapterSource]:
         """An `EngineCore` resolver: one dict lookup in the snapshot, never a database call.

@@ -7,6 +7,15 @@ reaches every replica one round trip after it commits. A dropped connection is r
 first, then a reload: nothing is missed in between); against a connection that dies silently,
 the watcher also compares the generation every `resync_s` seconds.
 
+How stale a snapshot can be: one round trip after commit while the feed is up. A connection
+that goes silent (a partition, a peer that vanished) is noticed by TCP keepalives within
+KEEPALIVE_S when idle and by `tcp_user_timeout` within USER_TIMEOUT_S when data is
+unacknowledged, and any statement on the server ends after `statement_timeout_s`; the watcher
+then reconnects with backoff (0.5 s doubling to 10 s) and reloads. So a deletion is missed at
+most ~KEEPALIVE_S plus the reconnect while the catalog is reachable again, instead of until
+TCP gives up (15 min on Linux); while it cannot be reached, the snapshot is served as last
+read, the feed counts as down, and unknown names get 503 rather than 404.
+
 Credentials never come from the config: the URL names host, port, database and user, and the
 password comes from the environment (`password_env`, default COLD_RAY_REGISTRY_PASSWORD) or
 libpq's own PGPASSWORD / ~/.pgpass. The role needs CREATE on its schema the first time, when
@@ -34,6 +43,17 @@ from cold_ray.adapters.sources import DEFAULT_SCHEMES
 
 CHANNEL = "cold_ray_registry"
 _MIGRATION_LOCK = 0x636F6C64  # pg_advisory_xact_lock key: one migrator at a time
+# libpq TCP settings (defaults for every connection; the URL may set its own): probe an idle
+# connection after 10 s, every 5 s, 3 times; drop one whose sent data stays unacknowledged.
+_TCP = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+KEEPALIVE_S = 10 + 5 * 3
+USER_TIMEOUT_S = 30
 
 
 class PostgresRegistry(AdapterRegistry):
@@ -65,10 +85,15 @@ class PostgresRegistry(AdapterRegistry):
         pool_size: int = 4,
         resync_s: float = 30.0,
         connect_timeout: int = 10,
+        statement_timeout_s: float = 10.0,
+        pool_timeout_s: float = 5.0,
     ):
         """`url`: postgresql://user@host:port/dbname (no password; see the module docstring).
         `cache_dir`: this host's copies of remote sources (default: blobs/ in the cold-ray
-        cache folder, $COLD_RAY_CACHE)."""
+        cache folder, $COLD_RAY_CACHE). `statement_timeout_s`: the longest a statement of the
+        pool or the watcher may run (or wait for a lock); `pool_timeout_s`: the longest a call
+        waits for a pooled connection (while the server is down, for example) before it fails
+        as RegistryUnavailable."""
         from cold_ray.adapters.registry import redact
 
         try:
@@ -87,26 +112,40 @@ class PostgresRegistry(AdapterRegistry):
                          allowed_schemes=allowed_schemes)  # fmt: skip
         self.target = redact(url)
         self.resync_s = resync_s
+        self.unavailable = (psycopg.OperationalError,)  # also PoolTimeout, QueryCanceled
         self._psycopg = psycopg
-        extra: dict = {}
         password = os.environ.get(password_env) if password_env else None
-        if password:
-            extra["password"] = password
         try:
-            if "connect_timeout" not in psycopg.conninfo.conninfo_to_dict(url):
+            given = psycopg.conninfo.conninfo_to_dict(url)
+            extra = {k: v for k, v in _TCP.items() if k not in given}
+            if "connect_timeout" not in given:
                 extra["connect_timeout"] = connect_timeout
+            if password:
+                extra["password"] = password
             self._conninfo = psycopg.conninfo.make_conninfo(url, **extra)
+            # Serving connections (pool, watcher) bound each statement; migrations may wait
+            # for another replica's migration as long as it takes.
+            timeout = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+            options = f"{given['options']} {timeout}" if given.get("options") else timeout
+            self._serving_conninfo = psycopg.conninfo.make_conninfo(self._conninfo, options=options)
         except psycopg.ProgrammingError as e:
             raise RegistryError(f"invalid registry URL {self.target}: {e}") from e
         self._migrate()
         self._pool = psycopg_pool.ConnectionPool(
-            self._conninfo, min_size=1, max_size=pool_size, timeout=30.0,
-            kwargs={"row_factory": dict_row}, name="cold-ray-registry", open=True,
-        )  # fmt: skip
+            self._serving_conninfo,
+            min_size=1,
+            max_size=pool_size,
+            timeout=pool_timeout_s,
+            kwargs={"row_factory": dict_row},
+            name="cold-ray-registry",
+            open=True,
+            check=psycopg_pool.ConnectionPool.check_connection,  # a dead one is replaced first
+        )
 
-    def _connect(self, **kw):
+    def _connect(self, serving: bool = False, **kw):
+        conninfo = self._serving_conninfo if serving else self._conninfo
         try:
-            return self._psycopg.connect(self._conninfo, **kw)
+            return self._psycopg.connect(conninfo, **kw)
         except self._psycopg.OperationalError as e:
             raise RegistryError(f"cannot connect to the registry at {self.target}: {e}") from e
 
@@ -192,9 +231,10 @@ class PostgresRegistry(AdapterRegistry):
             return None
 
     def _watch(self) -> None:
-        with self._connect(autocommit=True) as conn:
+        with self._connect(serving=True, autocommit=True) as conn:
             conn.execute(f"LISTEN {CHANNEL}")
             self.refresh()  # after LISTEN: a change from before is in this read
+            self.feed_up = True
             checked = time.monotonic()
             while not self._stop.is_set():
                 newest = None

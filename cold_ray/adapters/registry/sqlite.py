@@ -3,7 +3,8 @@
 WAL mode with a busy timeout lets several processes on that machine (replicas, the CLI, the
 admin API) read and write the file at once. WAL needs shared memory on one host, so the file
 must not be shared between machines (nor put on NFS); clusters use PostgreSQL. Replicas notice
-changes by polling one row, the catalog's generation, every `poll_s` seconds.
+changes by polling one row, the catalog's generation, every `poll_s` seconds: that is how stale
+a replica's snapshot can be.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cold_ray.adapters.sources import DEFAULT_SCHEMES
 
 class SQLiteRegistry(AdapterRegistry):
     backend = "sqlite"
+    unavailable = (sqlite3.OperationalError,)  # e.g. locked past the busy timeout, disk I/O
     create_table = """CREATE TABLE adapters (
         name TEXT PRIMARY KEY,
         source TEXT NOT NULL,
@@ -184,5 +186,6 @@ class SQLiteRegistry(AdapterRegistry):
         db = self._db()  # this thread's own connection
         while not self._stop.wait(self.poll_s):
             (generation,) = db.execute(GENERATION).fetchone()
+            self.feed_up = True
             if generation != self._snapshot.generation:
                 self.refresh()
