@@ -1,7 +1,9 @@
 """Faults on purpose, against the running app on a local Ray cluster (tiny random model):
 client disconnects (non-streaming, and while queued), an adapter file corrupted after
-registration, hostile adapter files and sources sent to the admin API, an engine replica
-killed mid-stream, and a restart of the whole app on the same registry.
+registration, a torn copy of a remote adapter in the host cache, hostile adapter files and
+sources sent to the admin API, a request that times out in the engine's queue, an outage of
+the PostgreSQL registry, an engine replica killed mid-stream, and a restart of the whole app
+on the same registry.
 
 The tests share one app and run in file order; the restart comes last but one and the log
 check last."""
@@ -18,6 +20,9 @@ import time
 import httpx
 import pytest
 
+from cold_ray.adapters.peft import weights_sha256
+from cold_ray.adapters.sources import cache_key
+from cold_ray.benchmarks.registry import serve_folder
 from cold_ray.serve.config import AppArgs
 from tests.serve_util import free_port, local_ray, long_tiny_model, ray_logs_containing, wait_for
 from tests.test_serve_api import assert_openai_error
@@ -37,6 +42,7 @@ LONG = {
     "temperature": 0,
 }  # fmt: skip  (CoLD by default: two rows)
 APP = {"name": "faults", "route_prefix": "/"}
+ZERO_CPU = {"ray_actor_options": {"num_cpus": 0}}
 
 
 def deploy(cfg: AppArgs) -> None:
@@ -46,29 +52,46 @@ def deploy(cfg: AppArgs) -> None:
     from cold_ray.serve.app import compose, prepare
 
     prepare(cfg)
-    serve.run(compose(cfg, {"ray_actor_options": {"num_cpus": 0}}), **APP)
+    serve.run(compose(cfg, ZERO_CPU), **APP)
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_llama, tiny_adapters):
     root = tmp_path_factory.mktemp("faults")
     model = long_tiny_model(tiny_llama, root / "tiny-long")
-    uploads = root / "uploads"  # the admin API's only adapter root
+    uploads = root / "uploads"  # the admin API's adapter root on this machine
+    store = root / "store"  # and an object store over HTTP (remote sources, fetched to blobs/)
     for i, a in enumerate(tiny_adapters):
         shutil.copytree(a, uploads / f"a{i}")
-    cfg = AppArgs(
-        model=str(model), served_model_name="tiny", registry=str(root / "reg.sqlite"),
-        adapters=[{"name": "startup", "source": str(tiny_adapters[0])}],
-        adapter_roots=[str(uploads)], max_rows=8, max_model_len=4096, max_lora_rank=8,
-        max_loras=2, api_key_env="COLD_FAULT_API_KEY", admin_key_env="COLD_FAULT_ADMIN_KEY",
-    )  # fmt: skip
+        shutil.copytree(a, store / f"a{i}")
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)  # replicas inherit the environment of the cluster's start
     try:
-        with local_ray() as url:
+        with serve_folder(store) as files, local_ray() as url:
+            cfg = AppArgs(
+                model=str(model),
+                served_model_name="tiny",
+                registry=str(root / "reg.sqlite"),
+                adapters=[{"name": "startup", "source": str(tiny_adapters[0])}],
+                adapter_roots=[str(uploads), files],
+                adapter_schemes=["file", "http", "s3"],
+                max_rows=8,
+                max_model_len=4096,
+                max_lora_rank=8,
+                max_loras=2,
+                api_key_env="COLD_FAULT_API_KEY",
+                admin_key_env="COLD_FAULT_ADMIN_KEY",
+            )
             deploy(cfg)
-            yield {"url": url, "cfg": cfg, "root": root, "uploads": uploads,
-                   "adapters": tiny_adapters}  # fmt: skip
+            yield {
+                "url": url,
+                "cfg": cfg,
+                "root": root,
+                "uploads": uploads,
+                "files": files,
+                "store": store,
+                "adapters": tiny_adapters,
+            }
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -96,8 +119,8 @@ def post(app, path="/v1/completions", headers=CLIENT, timeout=60, **body):
         return c.post(path, json=body, headers=headers)
 
 
-def admin(app, method, path, **kwargs):
-    with httpx.Client(base_url=app["url"], timeout=60) as c:
+def admin(app, method, path, timeout=60, **kwargs):
+    with httpx.Client(base_url=app["url"], timeout=timeout) as c:
         return c.request(method, path, headers=ADMIN, **kwargs)
 
 
@@ -232,7 +255,8 @@ def test_hostile_adapter_sources_and_files_are_refused(app, tmp_path):
         str(up / "etc-link"): (400, outside),
         str(up / "passwd-weights"): (400, outside),
         "s3://some-bucket/adapters/x": (400, outside),  # an allowed scheme, not a root
-        "http://169.254.169.254/latest/meta-data/": (400, "'http://' is not allowed"),
+        "http://169.254.169.254/latest/meta-data/": (400, outside),  # http: only the store
+        "ftp://example.com/adapters/x": (400, "'ftp://' is not allowed"),
         f"zip://x::file://{up}/a0": (400, "chained fsspec URLs are not allowed"),
         "memory://adapters/x": (400, "'memory://' is not allowed"),
         str(up / "lying-header"): (422, "corrupt or truncated"),
@@ -248,6 +272,257 @@ def test_hostile_adapter_sources_and_files_are_refused(app, tmp_path):
         assert passwd not in r.text
     assert adapter_names(app) == before
     assert post(app, model="startup").status_code == 200
+
+
+def _hostile_folder(app, name: str, change) -> str:
+    """A copy of a good adapter under the uploads root, broken by `change(folder)`."""
+    folder = app["uploads"] / name
+    shutil.copytree(app["adapters"][0], folder)
+    change(folder)
+    return str(folder)
+
+
+def _config_with(**fields):
+    def change(folder):
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | fields))
+
+    return change
+
+
+def _fifo(name: str):
+    def change(folder):
+        (folder / name).unlink()
+        os.mkfifo(folder / name)
+
+    return change
+
+
+def _sparse_config(folder):
+    """16 GiB of holes: reading it whole would exhaust any replica's memory."""
+    with open(folder / "adapter_config.json", "r+b") as f:
+        f.truncate(16 << 30)
+
+
+def test_hostile_adapter_files_get_a_4xx_at_once(app):
+    """Files that crashed (500) or hung a registration: configs of the wrong types, a FIFO in
+    place of a file (its read would block forever), an unreadable source (a name too long:
+    any OSError, as EACCES is for a server not running as root). Each gets a 4xx naming the
+    file relative to the adapter and why, without a server path."""
+    cases = {
+        "alpha-null": (_config_with(alpha_pattern=None, lora_alpha=16), 201, None),
+        "alpha-list": (_config_with(alpha_pattern=[1, 2]), 422, "alpha_pattern"),
+        "base-list": (
+            _config_with(base_model_name_or_path=["a", "b"]),
+            422,
+            "base_model_name_or_path",
+        ),
+        "rslora-str": (_config_with(use_rslora="yes"), 422, "use_rslora"),
+        "fifo-weights": (
+            _fifo("adapter_model.safetensors"),
+            422,
+            "adapter_model.safetensors is not a regular file",
+        ),
+        "fifo-config": (
+            _fifo("adapter_config.json"),
+            422,
+            "adapter_config.json is not a regular file",
+        ),
+    }
+    before = adapter_names(app)
+    for name, (change, status, needle) in cases.items():
+        source = _hostile_folder(app, name, change)
+        r = admin(
+            app, "POST", "/v1/adapters", json={"name": name, "source": source}, timeout=30
+        )  # a hang fails as a ReadTimeout
+        assert r.status_code == status, (name, r.text)
+        if needle is not None:
+            err = assert_openai_error(r, status)
+            assert needle in err["message"] and str(app["root"]) not in err["message"], err
+    assert admin(app, "DELETE", "/v1/adapters/alpha-null").status_code == 200
+    too_long = str(app["uploads"] / ("x" * 300))
+    r = admin(app, "POST", "/v1/adapters", json={"name": "long", "source": too_long})
+    err = assert_openai_error(r, 422)
+    assert "name too long" in err["message"].lower() and str(app["root"]) not in err["message"]
+    assert adapter_names(app) == before
+    assert post(app, model="startup").status_code == 200
+
+
+def _ingress_pid() -> int:
+    """The ingress replica's process (Ray titles it after the deployment)."""
+    for proc in os.listdir("/proc"):
+        if not proc.isdigit():
+            continue
+        try:
+            with open(f"/proc/{proc}/cmdline", "rb") as f:
+                if b"ServeReplica:faults:ColdIngress" in f.read():
+                    return int(proc)
+        except OSError:
+            continue
+    raise AssertionError("no ingress replica process found")
+
+
+def _vm_size(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("VmSize:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_config_size_is_checked_before_it_is_read(app):
+    """A 16 GiB sparse adapter_config.json is refused by its size alone. The ingress runs with
+    its address space capped 1 GiB above its current size meanwhile: reading the file whole
+    (as it once was, before its size was checked) would raise MemoryError, a 500."""
+    import resource
+
+    source = _hostile_folder(app, "sparse-config", _sparse_config)
+    pid = _ingress_pid()
+    saved = resource.prlimit(pid, resource.RLIMIT_AS)
+    resource.prlimit(pid, resource.RLIMIT_AS, (_vm_size(pid) + (1 << 30), saved[1]))
+    try:
+        r = admin(app, "POST", "/v1/adapters", json={"name": "sparse", "source": source})
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_AS, saved)
+    err = assert_openai_error(r, 422)
+    assert "adapter_config.json is 17179869184 bytes, over the limit" in err["message"], err
+
+
+# ---- a torn copy in the host cache ----------------------------------------------------------
+
+
+def test_torn_host_cache_copy_is_fetched_again(app):
+    """A remote adapter is fetched into this host's cache (blobs/, named by content). A copy
+    that no longer matches the registered checksum there (a torn write, a flipped bit) is
+    checked when it is used and fetched again, not failed on this host for good."""
+    r = admin(app, "POST", "/v1/adapters", json={"name": "remote", "source": f"{app['files']}/a1"})
+    assert r.status_code == 201, r.text
+    src = app["store"] / "a1"
+    key = cache_key(weights_sha256(src), (src / "adapter_config.json").read_bytes())
+    weights = app["root"] / "blobs" / key / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # torn
+    try:
+        r = post(app, model="remote")
+        assert r.status_code == 200, r.text
+        assert weights.read_bytes() == good
+    finally:
+        assert admin(app, "DELETE", "/v1/adapters/remote").status_code == 200
+
+
+# ---- a request that waits too long in the engine's queue -------------------------------------
+
+
+def test_request_timed_out_in_the_queue_is_a_retryable_503(app):
+    """An engine of two rows (one CoLD request) whose requests may wait 1 s: the second
+    request times out in the queue and gets 503 with Retry-After, which clients retry (a 4xx
+    they would not)."""
+    from ray import serve
+
+    from cold_ray.serve.app import compose
+
+    cfg = AppArgs.model_validate(
+        {**app["cfg"].model_dump(), "adapters": [], "max_rows": 2, "request_timeout_s": 1.0}
+    )
+    serve.run(compose(cfg, ZERO_CPU, ZERO_CPU), name="tmo", route_prefix="/tmo")
+    try:
+        with httpx.Client(base_url=app["url"], timeout=60) as c:
+            with c.stream(
+                "POST", "/tmo/v1/completions", json={**LONG, "stream": True}, headers=CLIENT
+            ) as busy:
+                lines = busy.iter_lines()
+                assert next(x for x in lines if x).startswith("data: ")  # both rows taken
+                r = post(app, path="/tmo/v1/completions", model="startup")
+        err = assert_openai_error(r, 503)
+        assert err["code"] == "queue_timeout" and r.headers["retry-after"], (err, r.headers)
+    finally:
+        serve.delete("tmo")
+
+
+# ---- an outage of the PostgreSQL registry -----------------------------------------------------
+
+
+def _set_database_open(pg, db: str, open_: bool) -> None:
+    """Open or close database `db` of the real server; closing also ends every connection
+    to it (the replicas' pools and change feeds)."""
+    import psycopg
+
+    from tests.postgres import PASSWORD
+
+    with psycopg.connect(pg.url("postgres"), password=PASSWORD, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {db} ALLOW_CONNECTIONS {'true' if open_ else 'false'}")
+        if not open_:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (db,)
+            )
+
+
+def test_registry_outage_is_a_503_and_known_adapters_keep_serving(app, request, monkeypatch):
+    """The app on a real PostgreSQL registry whose database goes away (connections ended,
+    new ones refused), then comes back: writes get 503 with Retry-After; /v1/models and known
+    adapters are served from the in-memory snapshot; an unknown name, which the snapshot cannot
+    settle while the change feed is down, is a 503, not a 404 or a 500; after the outage
+    everything works again without a restart."""
+    from ray import serve
+
+    from cold_ray.serve.app import compose, prepare
+    from tests.postgres import PASSWORD
+
+    pg = request.getfixturevalue("pg_server")
+    db = pg.create_database()
+    monkeypatch.setenv("COLD_RAY_REGISTRY_PASSWORD", PASSWORD)  # this process (prepare)
+    cfg = AppArgs.model_validate({**app["cfg"].model_dump(), "registry": pg.url(db)})
+    replica = {"num_cpus": 0, "runtime_env": {"env_vars": {"COLD_RAY_REGISTRY_PASSWORD": PASSWORD}}}
+    prepare(cfg)
+    serve.run(
+        compose(cfg, {"ray_actor_options": replica}, {"ray_actor_options": replica}),
+        name="pgr",
+        route_prefix="/pgr",
+    )
+    source = str(app["uploads"] / "a2")
+    try:
+        assert post(app, path="/pgr/v1/completions", model="startup").status_code == 200
+        _set_database_open(pg, db, False)
+        with httpx.Client(base_url=app["url"] + "/pgr", timeout=60) as c:
+            r = c.post("/v1/adapters", json={"name": "new", "source": source}, headers=ADMIN)
+            assert assert_openai_error(r, 503)["code"] == "registry_unavailable"
+            assert r.headers["retry-after"]
+            r = c.delete("/v1/adapters/startup", headers=ADMIN)
+            assert assert_openai_error(r, 503)["code"] == "registry_unavailable"
+            models = c.get("/v1/models", headers=CLIENT)
+            assert models.status_code == 200, models.text
+            assert [m["id"] for m in models.json()["data"]] == ["tiny", "startup"]
+            assert post(app, path="/pgr/v1/completions", model="startup").status_code == 200
+            unknown = wait_for(
+                lambda: (
+                    (x := post(app, path="/pgr/v1/completions", model="nope")).status_code != 404
+                    and x
+                ),
+                timeout=30,
+                what="the change feed seen down",
+            )
+            assert assert_openai_error(unknown, 503)["code"] == "registry_unavailable"
+            assert unknown.headers["retry-after"]
+
+            _set_database_open(pg, db, True)
+            wait_for(
+                lambda: (
+                    c.post(
+                        "/v1/adapters", json={"name": "new", "source": source}, headers=ADMIN
+                    ).status_code
+                    == 201
+                ),
+                timeout=60,
+                interval=1,
+                what="registry writes after the outage",
+            )
+            wait_for(
+                lambda: post(app, path="/pgr/v1/completions", model="nope").status_code == 404,
+                timeout=30,
+                what="the change feed back",
+            )
+            assert post(app, path="/pgr/v1/completions", model="new").status_code == 200
+    finally:
+        _set_database_open(pg, db, True)
+        serve.delete("pgr")
 
 
 # ---- a replica killed mid-stream ------------------------------------------------------------

@@ -22,6 +22,8 @@ API_KEY, ADMIN_KEY = "client-token-3141", "admin-token-2718"
 ENV = {"COLD_TEST_API_KEY": API_KEY, "COLD_TEST_ADMIN_KEY": ADMIN_KEY}
 CLIENT = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+JSON = {"Content-Type": "application/json"}
+APP_ORIGIN = "https://app.example"  # the /ovl app's one CORS origin
 PROMPT = "the quick brown fox"
 CTX, LIMIT = 32768, 32700  # a long context: a long request outlives any test step
 
@@ -56,7 +58,10 @@ def stack(tmp_path_factory, tiny_llama, tiny_adapters):
             zero_cpu = {"ray_actor_options": {"num_cpus": 0}}
             serve.run(compose(cfg, zero_cpu), name="api", route_prefix="/")
             tight = {**zero_cpu, "max_ongoing_requests": 1, "max_queued_requests": 1}
-            serve.run(compose(cfg, tight), name="ovl", route_prefix="/ovl")
+            browsers = {"cors_origins": [APP_ORIGIN], "allowed_hosts": ["cold.example"]}
+            serve.run(
+                compose(cfg.model_copy(update=browsers), tight), name="ovl", route_prefix="/ovl"
+            )
             with httpx.Client(base_url=url, timeout=60) as client:
                 yield {"url": url, "client": client, "cfg": cfg, "model": model,
                        "adapters": tiny_adapters, "uploads": uploads,
@@ -287,11 +292,11 @@ def test_eval_cli_default_decoding_equals_the_server(stack, tmp_path, capsys):
 BIG = "x " * 20000  # > CTX tokens of the tiny tokenizer, < the 64 KiB body limit
 # (name, method, path, headers, body (dict → JSON, bytes → raw), status)
 HOSTILE = [
-    ("malformed json", "POST", "/v1/completions", CLIENT, b"{prompt: x}", 400),
-    ("truncated json", "POST", "/v1/completions", CLIENT, b'{"prompt": "x", ', 400),
-    ("invalid utf-8", "POST", "/v1/completions", CLIENT, b'{"prompt": "\xff\xfe"}', 400),
-    ("json array", "POST", "/v1/completions", CLIENT, b"[1, 2]", 400),
-    ("empty body", "POST", "/v1/completions", CLIENT, b"", 400),
+    ("malformed json", "POST", "/v1/completions", CLIENT | JSON, b"{prompt: x}", 400),
+    ("truncated json", "POST", "/v1/completions", CLIENT | JSON, b'{"prompt": "x", ', 400),
+    ("invalid utf-8", "POST", "/v1/completions", CLIENT | JSON, b'{"prompt": "\xff\xfe"}', 400),
+    ("json array", "POST", "/v1/completions", CLIENT | JSON, b"[1, 2]", 400),
+    ("empty body", "POST", "/v1/completions", CLIENT | JSON, b"", 400),
     (
         "max_tokens string",
         "POST",
@@ -337,7 +342,7 @@ HOSTILE = [
         "temperature NaN",
         "POST",
         "/v1/completions",
-        CLIENT,
+        CLIENT | JSON,
         b'{"prompt": "x", "temperature": NaN}',
         422,
     ),
@@ -345,7 +350,7 @@ HOSTILE = [
         "alpha inf",
         "POST",
         "/v1/completions",
-        CLIENT,
+        CLIENT | JSON,
         b'{"model": "a0", "prompt": "x", "cold": {"alpha": Infinity}}',
         422,
     ),
@@ -500,18 +505,127 @@ HOSTILE = [
         {"name": "q", "source": "/tmp", "x": 1},
         422,
     ),
+    # what a web page can make a browser send without a CORS preflight, or after DNS rebinding
+    ("no content type", "POST", "/v1/completions", CLIENT, b'{"prompt": "x"}', 415),
+    (
+        "text/plain body",
+        "POST",
+        "/v1/completions",
+        CLIENT | {"Content-Type": "text/plain"},
+        b'{"prompt": "x"}',
+        415,
+    ),
+    (
+        "form body",
+        "POST",
+        "/v1/chat/completions",
+        CLIENT | {"Content-Type": "application/x-www-form-urlencoded"},
+        b"messages=x",
+        415,
+    ),
+    (
+        "registry write, text/plain",
+        "POST",
+        "/v1/adapters",
+        ADMIN | {"Content-Type": "text/plain;charset=UTF-8"},
+        b'{"name": "z", "source": "/tmp"}',
+        415,
+    ),
+    ("rebound host", "GET", "/v1/models", CLIENT | {"Host": "attacker.example"}, None, 421),
+    (
+        "rebound host, write",
+        "POST",
+        "/v1/adapters",
+        ADMIN | {"Host": "attacker.example:8000"},
+        {"name": "z", "source": "/tmp"},
+        421,
+    ),
+    (
+        "loopback lookalike host",
+        "POST",
+        "/v1/completions",
+        CLIENT | {"Host": "127.0.0.1.attacker.example"},
+        {"prompt": "x"},
+        421,
+    ),
 ]
+
+
+def send(client, method, path, headers, body):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    return client.request(method, path, headers=headers, **(kwargs if body is not None else {}))
 
 
 @pytest.mark.parametrize(
     "name,method,path,headers,body,status", HOSTILE, ids=[h[0] for h in HOSTILE]
 )
 def test_hostile_input_gets_openai_error(stack, name, method, path, headers, body, status):
-    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
-    r = stack["client"].request(
-        method, path, headers=headers, **(kwargs if body is not None else {})
+    assert_openai_error(send(stack["client"], method, path, headers, body), status)
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]", "LocalHost."])
+def test_loopback_host_names_are_served(stack, host):
+    """The default Host allow-list: loopback names, with or without the port."""
+    port = stack["url"].rsplit(":", 1)[1]
+    for name in (host, f"{host}:{port}"):
+        r = stack["client"].get("/v1/models", headers=CLIENT | {"Host": name})
+        assert r.status_code == 200, (name, r.text)
+
+
+@pytest.mark.parametrize(
+    "ctype", ["application/json", "application/json; charset=utf-8", "Application/JSON"]
+)
+def test_json_bodies_are_served(stack, ctype):
+    r = stack["client"].post(
+        "/v1/completions",
+        content=b'{"prompt": "x", "max_tokens": 2}',
+        headers=CLIENT | {"Content-Type": ctype},
     )
-    assert_openai_error(r, status)
+    assert r.status_code == 200, r.text
+
+
+def test_cors_and_host_names_as_the_args_say(stack):
+    """The /ovl app lists `cors_origins: [https://app.example]` and `allowed_hosts:
+    [cold.example]`: that origin's page gets its preflight granted, no other does, and the
+    listed name is served beside the loopback ones."""
+    c = stack["client"]
+    ask = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    granted = c.options("/ovl/v1/completions", headers=ask | {"Origin": APP_ORIGIN})
+    assert granted.status_code == 200, granted.text
+    assert granted.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "authorization" in granted.headers["access-control-allow-headers"].lower()
+    refused = c.options("/ovl/v1/completions", headers=ask | {"Origin": "https://attacker.example"})
+    assert "access-control-allow-origin" not in refused.headers
+    r = c.get("/ovl/v1/models", headers=CLIENT | {"Origin": APP_ORIGIN})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == APP_ORIGIN
+    for host, status in (
+        ("cold.example", 200),
+        ("cold.example:443", 200),
+        ("localhost", 200),
+        ("other.example", 421),
+    ):
+        r = c.get("/ovl/v1/models", headers=CLIENT | {"Host": host})
+        assert r.status_code == status, (host, r.text)
+
+
+def test_no_cors_headers_unless_configured(stack):
+    """No `cors_origins` in the args: a preflight from a web page gets no CORS grant, so the
+    browser sends nothing that needs one (a JSON body, an Authorization header)."""
+    page = {"Origin": "https://attacker.example"}
+    pre = stack["client"].options(
+        "/v1/completions",
+        headers=page
+        | {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
+    assert "access-control-allow-origin" not in pre.headers
+    r = complete(stack, headers=CLIENT | page)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
 def test_pickled_adapter_is_refused(stack):
@@ -525,17 +639,14 @@ def test_oversized_chunked_body_is_413(stack):
         for _ in range(40):
             yield b"x" * 4096
 
-    r = stack["client"].post("/v1/completions", content=chunks(), headers=CLIENT)
+    r = stack["client"].post("/v1/completions", content=chunks(), headers=CLIENT | JSON)
     assert_openai_error(r, 413)
 
 
 def test_replica_still_serves_after_hostile_input(stack):
     before = complete(stack, model="a0").headers["x-cold-replica"]
     for _name, method, path, headers, body, _status in HOSTILE:
-        kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
-        stack["client"].request(
-            method, path, headers=headers, **(kwargs if body is not None else {})
-        )
+        send(stack["client"], method, path, headers, body)
     r = complete(stack, model="a0")
     assert r.status_code == 200 and r.headers["x-cold-replica"] == before
     assert engine_stats()["running_rows"] == 0

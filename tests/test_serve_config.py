@@ -228,36 +228,53 @@ def test_tokens(monkeypatch):
     assert status(admin_only, "Bearer a-secret", admin=True) == 200
 
 
+BOTH = {"T_API": "c", "T_ADMIN": "a"}
+
+
 @pytest.mark.parametrize(
-    "host,args,env,refused",
+    "host,args,env,missing",
     [
-        ("127.0.0.1", {}, {}, False),
-        ("localhost", {}, {}, False),
-        ("::1", {}, {}, False),
-        (None, {}, {}, False),  # no HTTP proxy at all
-        ("0.0.0.0", {}, {}, True),
-        ("::", {}, {}, True),
-        ("10.1.2.3", {}, {}, True),
-        ("my-host.example", {}, {}, True),  # a name may resolve to any interface
-        ("0.0.0.0", {}, {"T_API": "c"}, True),  # a client token does not guard writes
-        ("0.0.0.0", {}, {"T_ADMIN": "a"}, False),
-        ("0.0.0.0", {"allow_unauthenticated_admin": True}, {}, False),
-        ("0.0.0.0", {"admin_api": False}, {}, False),
+        ("127.0.0.1", {}, {}, []),
+        ("localhost", {}, {}, []),
+        ("::1", {}, {}, []),
+        (None, {}, {}, []),  # no HTTP proxy at all
+        ("0.0.0.0", {}, {}, ["T_ADMIN", "T_API"]),
+        ("::", {}, {}, ["T_ADMIN", "T_API"]),
+        ("10.1.2.3", {}, {}, ["T_ADMIN", "T_API"]),
+        ("my-host.example", {}, {}, ["T_ADMIN", "T_API"]),  # a name may be any interface's
+        ("0.0.0.0", {}, {"T_API": "c"}, ["T_ADMIN"]),  # a client token does not guard writes
+        ("0.0.0.0", {}, {"T_ADMIN": "a"}, ["T_API"]),  # nor an admin token completions
+        ("0.0.0.0", {}, BOTH, []),
+        ("0.0.0.0", {"allow_unauthenticated_admin": True}, {"T_API": "c"}, []),
+        ("0.0.0.0", {"admin_api": False}, {"T_API": "c"}, []),
+        ("0.0.0.0", {"allow_unauthenticated_clients": True}, {"T_ADMIN": "a"}, []),
+        ("0.0.0.0", {"allow_unauthenticated_admin": True}, {}, ["T_API"]),
+        ("0.0.0.0", {"allow_unauthenticated_clients": True}, {}, ["T_ADMIN"]),
+        (
+            "0.0.0.0",
+            {"allow_unauthenticated_admin": True, "allow_unauthenticated_clients": True},
+            {},
+            [],
+        ),
     ],
 )
-def test_exposure_rule(monkeypatch, host, args, env, refused):
+def test_exposure_rule(monkeypatch, host, args, env, missing):
+    """Beyond loopback a server starts only with both tokens, or each missing one opted out
+    of on purpose; the refusal names what is missing and how to opt out of it."""
     from cold_ray.serve.app import check_exposure
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     cfg = AppArgs(api_key_env="T_API", admin_key_env="T_ADMIN", **args)
-    if not refused:
+    if not missing:
         check_exposure(cfg, host)
         return
     with pytest.raises(RuntimeError) as err:
         check_exposure(cfg, host)
-    assert repr(host) in str(err.value) and "Set T_ADMIN" in str(err.value)
-    assert "allow_unauthenticated_admin: true" in str(err.value)
+    message = str(err.value)
+    assert repr(host) in message and f"Set {' and '.join(missing)} " in message
+    assert ("allow_unauthenticated_admin: true" in message) == ("T_ADMIN" in missing)
+    assert ("allow_unauthenticated_clients: true" in message) == ("T_API" in missing)
 
 
 def test_validate_notes_exposed_configs(tmp_path):

@@ -1,6 +1,7 @@
 """Safe defaults on a real Serve instance: a server whose HTTP host is not loopback refuses to
-start while its registry writes would be open (no admin token), says what to set, and starts
-with an admin token or the explicit opt-out; a failed app build fails once, with its reason.
+start while its registry writes or its completions would be open (an admin or a client token
+missing), says what to set, and starts with both tokens or the explicit opt-outs; a failed app
+build fails once, with its reason.
 
 Serve runs with its HTTP proxy disabled, so nothing listens on 0.0.0.0 during the test: the
 app sees the host from Serve's http_options all the same (as it would under `serve run`)."""
@@ -44,16 +45,30 @@ def exposed(tmp_path_factory, tiny_llama):
 ZERO_CPU = {"ray_actor_options": {"num_cpus": 0}}
 
 
-def test_exposed_without_admin_token_is_refused_with_what_to_set(exposed):
+@pytest.mark.parametrize(
+    "env,missing",
+    [
+        ({}, [ADMIN_ENV, API_ENV]),
+        ({ADMIN_ENV: "s3cret-admin"}, [API_ENV]),
+        ({API_ENV: "s3cret-client"}, [ADMIN_ENV]),
+    ],
+    ids=["no token", "admin token only", "client token only"],
+)
+def test_exposed_without_both_tokens_is_refused_with_what_to_set(
+    exposed, env, missing, monkeypatch
+):
     from ray.serve.exceptions import RayServeException
 
     from cold_ray.serve.app import build_app
 
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     with pytest.raises(RayServeException) as err:
         build_app(exposed)
     message = str(err.value)
-    assert "'0.0.0.0'" in message and ADMIN_ENV in message
-    assert "allow_unauthenticated_admin: true" in message
+    assert "'0.0.0.0'" in message and f"Set {' and '.join(missing)} " in message
+    assert ("allow_unauthenticated_admin: true" in message) == (ADMIN_ENV in missing)
+    assert ("allow_unauthenticated_clients: true" in message) == (API_ENV in missing)
 
 
 def test_ingress_refuses_too_when_composed_directly(exposed):
@@ -70,16 +85,19 @@ def test_ingress_refuses_too_when_composed_directly(exposed):
     serve.delete("direct")
 
 
+OPT_OUTS = {"allow_unauthenticated_admin": True, "allow_unauthenticated_clients": True}
+
+
 @pytest.mark.parametrize(
     "extra,env",
     [
-        ({"allow_unauthenticated_admin": True}, {}),
-        ({}, {ADMIN_ENV: "s3cret-admin"}),
-        ({"admin_api": False}, {}),
-    ],  # fmt: skip
-    ids=["opt-out", "admin token", "no admin api"],
+        (OPT_OUTS, {}),
+        ({}, {ADMIN_ENV: "s3cret-admin", API_ENV: "s3cret-client"}),
+        ({"admin_api": False}, {API_ENV: "s3cret-client"}),
+    ],
+    ids=["opt-outs", "both tokens", "no admin api"],
 )
-def test_exposed_starts_with_opt_out_or_admin_token(exposed, extra, env, monkeypatch):
+def test_exposed_starts_with_opt_outs_or_both_tokens(exposed, extra, env, monkeypatch):
     from ray import serve
 
     from cold_ray.serve.app import build_app, compose
@@ -105,7 +123,7 @@ def test_failed_build_fails_once_with_its_reason(exposed, tmp_path):
     missing = tmp_path / "no-such-model"
     config = ServeDeploySchema.model_validate({"applications": [{
         "name": "broken", "route_prefix": "/broken", "import_path": "cold_ray.serve:build_app",
-        "args": {**exposed, "model": str(missing), "allow_unauthenticated_admin": True},
+        "args": {**exposed, "model": str(missing), **OPT_OUTS},
     }]})  # fmt: skip
     started = time.monotonic()
     _get_global_client().deploy_apps(config, _blocking=False)

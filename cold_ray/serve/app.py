@@ -12,9 +12,9 @@ log = logging.getLogger(__name__)
 
 
 def build_app(args: dict | AppArgs | None = None) -> Application:
-    """Validate `args` (see `AppArgs`), check the server is not exposed without an admin token,
-    prepare the model and the startup adapters once, and compose Ingress → Engine. Deployment
-    options come from the YAML's `deployments:` section.
+    """Validate `args` (see `AppArgs`), check the server is not exposed without both tokens
+    (or their explicit opt-outs), prepare the model and the startup adapters once, and compose
+    Ingress → Engine. Deployment options come from the YAML's `deployments:` section.
 
     Any failure is raised as a RayServeException: Serve retries other exceptions of an app
     build three times (each retry would start the same doomed work again), but reports this
@@ -39,8 +39,9 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
 
 
 def check_exposure(cfg: AppArgs, host: str | None) -> None:
-    """Refuse (RuntimeError saying what to set) a server that listens beyond loopback with an
-    open admin API. `host`: Serve's http_options.host (None: no HTTP proxy)."""
+    """Refuse (RuntimeError saying what to set) a server that listens beyond loopback with its
+    registry writes or its client routes open. `host`: Serve's http_options.host (None: no
+    HTTP proxy)."""
     from cold_ray.serve.auth import Tokens, exposure_problem
 
     problem = exposure_problem(host, Tokens(cfg.api_key_env, cfg.admin_key_env), cfg)

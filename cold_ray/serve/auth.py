@@ -6,10 +6,12 @@ file), are compared in constant time, and are never logged.
 
 The rule for registry writes:
 - admin token set: only the admin token opens them (a client token gets 403);
-- no admin token: they are open only while no token at all is set, and a server that listens
-  beyond loopback refuses to start in that state (`exposure_problem`) unless the operator says
-  `allow_unauthenticated_admin: true` (a trusted network) or turns the admin API off;
+- no admin token: they are open only while no token at all is set;
 - a client token never opens them.
+
+A server that listens beyond loopback starts only with both tokens set (`exposure_problem`),
+or with each missing one opted out of on purpose: `allow_unauthenticated_admin: true` (or
+`admin_api: false`) for registry writes, `allow_unauthenticated_clients: true` for the rest.
 """
 
 from __future__ import annotations
@@ -83,30 +85,43 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to any interface
 
 
-def needs_admin_token(host: str | None, args) -> bool:
-    """Whether a server listening on `host` (Serve's http_options.host; None: no HTTP proxy)
-    starts only with an admin token: its admin API is on, reachable beyond loopback, and not
-    declared open on purpose. `args` is AppArgs."""
-    return (
-        args.admin_api
-        and not args.allow_unauthenticated_admin
-        and host is not None
-        and not is_loopback(host)
-    )
+def required_tokens(host: str | None, args) -> list[str]:
+    """The environment variables a server listening on `host` (Serve's http_options.host;
+    None: no HTTP proxy) must have set to start: none on loopback; beyond it, the admin token
+    (unless the admin API is off or opted out of) and the client token (unless opted out of).
+    `args` is AppArgs."""
+    if host is None or is_loopback(host):
+        return []
+    needed = []
+    if args.admin_api and not args.allow_unauthenticated_admin:
+        needed.append(args.admin_key_env)
+    if not args.allow_unauthenticated_clients:
+        needed.append(args.api_key_env)
+    return needed
 
 
 def exposure_problem(host: str | None, tokens: Tokens, args) -> str | None:
     """Why a server with these settings must not start (None: it may). `host`: Serve's
     http_options.host (None: Serve runs no HTTP proxy). `args` is AppArgs."""
-    if tokens.admin_key is not None or not needs_admin_token(host, args):
+    have = {args.admin_key_env: tokens.admin_key, args.api_key_env: tokens.api_key}
+    missing = [env for env in required_tokens(host, args) if not have[env]]
+    if not missing:
         return None
+    risks = []
+    if args.admin_key_env in missing:
+        risks.append(f"register and delete adapters ({args.admin_key_env} unset)")
+    if args.api_key_env in missing:
+        risks.append(f"use the model and list the adapters ({args.api_key_env} unset)")
+    outs = []
+    if args.admin_key_env in missing:
+        outs.append("`allow_unauthenticated_admin: true` (or `admin_api: false`)")
+    if args.api_key_env in missing:
+        outs.append("`allow_unauthenticated_clients: true`")
     return (
-        f"the HTTP server listens on {host!r}, beyond loopback, and no admin "
-        f"token is set, so anyone who reaches the port could register and delete adapters. "
-        f"Set {args.admin_key_env} (and {args.api_key_env} for clients) in the environment "
-        "of `serve run`, or set `allow_unauthenticated_admin: true` in the app's args on a "
-        "trusted network, or `admin_api: false`, or listen on 127.0.0.1 "
-        "(http_options.host)."
+        f"the HTTP server listens on {host!r}, beyond loopback, so anyone who reaches the port "
+        f"could {' and '.join(risks)}. Set {' and '.join(missing)} in the environment of "
+        f"`serve run`, or on a trusted network set {' and '.join(outs)} in the app's args, or "
+        "listen on 127.0.0.1 (http_options.host)."
     )
 
 

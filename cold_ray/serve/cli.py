@@ -64,7 +64,7 @@ def validate_file(path: str, notes: list[str] | None = None) -> list[str]:
         config = ServeDeploySchema.model_validate(doc)
     except ValidationError as e:
         return [f"not a Serve config: {e}"]
-    from cold_ray.serve.auth import needs_admin_token
+    from cold_ray.serve.auth import is_loopback, required_tokens
 
     problems = []
     host = config.http_options.host
@@ -76,12 +76,19 @@ def validate_file(path: str, notes: list[str] | None = None) -> list[str]:
         except ValidationError as e:
             problems.append(f"application {app.name!r}: {e}")
             continue
-        if notes is not None and needs_admin_token(host, args):
+        needed = required_tokens(host, args)
+        if notes is not None and needed:
             notes.append(
                 f"application {app.name!r} listens on {host!r}: it starts only with "
-                f"{args.admin_key_env} set in the environment of `serve run` (the admin token "
-                "for registry writes; set the client token too), or with "
-                "allow_unauthenticated_admin: true on a trusted network"
+                f"{' and '.join(needed)} set in the environment of `serve run` (registry "
+                "writes and clients), or on a trusted network with "
+                "allow_unauthenticated_admin / allow_unauthenticated_clients: true"
+            )
+        exposed = host is not None and not is_loopback(host)
+        if notes is not None and exposed and args.allowed_hosts is None:
+            notes.append(
+                f"application {app.name!r} listens on {host!r} but answers only loopback Host "
+                "names: list the names its clients use in allowed_hosts (or '*')"
             )
     return problems
 

@@ -186,6 +186,12 @@ class AppArgs(BaseModel):
         "and no admin token is set, leaving registry writes open to anyone who reaches the "
         "port. Without it such a server refuses to start.",
     )
+    allow_unauthenticated_clients: bool = Field(
+        False,
+        description="Trusted networks only: start even though the HTTP host is not loopback "
+        "and no client token is set, leaving completions and listings open to anyone who "
+        "reaches the port. Without it such a server refuses to start.",
+    )
 
     # ---- HTTP API -------------------------------------------------------------------------
     api_key_env: str = Field(
@@ -196,6 +202,19 @@ class AppArgs(BaseModel):
     admin_key_env: str = Field(
         "COLD_RAY_ADMIN_KEY",
         description="Environment variable holding the admin token for registry writes.",
+    )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host header values requests may carry besides the loopback names "
+        "(localhost, 127.0.0.1, [::1]; any port), e.g. ['cold.example.com', '10.0.0.5:8000'] "
+        "('*': any). Others get 421: a web page that rebinds its DNS name to this server "
+        "cannot read or write it. Default: loopback names only, so a server that listens "
+        "beyond loopback lists the names its clients use.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Web origins (scheme://host[:port], or '*') whose pages may call the API "
+        "from a browser (CORS). Default: none.",
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
     max_tokens_limit: int | None = Field(
@@ -224,6 +243,33 @@ class AppArgs(BaseModel):
                 "is bounded in bytes): e.g. host_cache_bytes: 1073741824"
             )
         return data
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str] | None) -> list[str] | None:
+        from cold_ray.serve.guard import parse_host
+
+        for host in value or []:
+            if host != "*" and parse_host(host) is None:
+                raise ValueError(
+                    f"allowed_hosts: {host!r} is not a host name or address with an optional "
+                    "port (e.g. 'cold.example.com', '10.0.0.5:8000', '[::1]'), or '*'"
+                )
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            scheme, sep, rest = origin.partition("://")
+            if origin != "*" and not (
+                sep and scheme in ("http", "https") and rest and "/" not in rest
+            ):
+                raise ValueError(
+                    f"cors_origins: {origin!r} is not an origin: scheme://host[:port] with no "
+                    "path (e.g. 'https://app.example.com'), or '*'"
+                )
+        return value
 
     @field_validator("registry")
     @classmethod

@@ -34,6 +34,7 @@ from ray import serve
 
 from cold_ray import device as devices
 from cold_ray.adapters.peft import AdapterError
+from cold_ray.adapters.registry.base import RegistryUnavailable
 from cold_ray.engine import (
     AsyncEngine,
     ColdParams,
@@ -41,6 +42,7 @@ from cold_ray.engine import (
     SamplingParams,
     UnknownAdapterError,
 )
+from cold_ray.engine.request import RequestTimeout
 from cold_ray.serve.config import AppArgs
 from cold_ray.serve.metrics import EngineMetrics, Sampler
 
@@ -61,6 +63,10 @@ def classify(e: Exception) -> tuple[int, str]:
         return 404, "model_not_found"
     if isinstance(e, ContextLengthError):
         return 400, "context_length_exceeded"
+    if isinstance(e, RequestTimeout):  # the engine was busy, not the request wrong: retry
+        return 503, "queue_timeout"
+    if isinstance(e, RegistryUnavailable):  # a catalog read on a miss (`_lease`): retry
+        return 503, "registry_unavailable"
     if isinstance(e, AdapterError):  # a registered adapter that no longer loads (server side)
         return 500, "adapter_load_failed"
     if isinstance(e, EngineError):
@@ -70,11 +76,22 @@ def classify(e: Exception) -> tuple[int, str]:
     return 500, "internal_error"
 
 
+# Server-side errors whose message the client reads (None: the exception's own); any other
+# 5xx says "internal error" and leaves the detail to the log.
+_TOLD = {
+    "adapter_load_failed": None,
+    "queue_timeout": None,
+    "registry_unavailable": "the adapter registry cannot be reached; retry",
+}
+
+
 def error_item(e: Exception) -> dict:
     status, code = classify(e)
-    message = str(e) if status < 500 or code == "adapter_load_failed" else "internal error"
+    message = str(e) if status < 500 else _TOLD.get(code, "internal error") or str(e)
     if code == "internal_error":
         log.error("request failed", exc_info=e)
+    elif code == "registry_unavailable":
+        log.warning("request failed: %s", e)
     return {"status": status, "error": {"message": message, "code": code}}
 
 

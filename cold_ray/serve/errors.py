@@ -11,11 +11,17 @@ Status policy (docs/design.md §6), the one table the HTTP layer and its tests f
 | 404    | not_found_error         | unknown model/adapter or route                                |
 | 409    | invalid_request_error   | registering an adapter name that already exists               |
 | 413    | invalid_request_error   | request body over `max_body_bytes`                            |
-| 422    | invalid_request_error   | a parameter of the wrong type or out of range                 |
+| 415    | invalid_request_error   | a body whose Content-Type is not application/json             |
+| 421    | invalid_request_error   | a Host header outside `allowed_hosts` (DNS rebinding)         |
+| 422    | invalid_request_error   | a parameter of the wrong type or out of range, an adapter     |
+|        |                         | that cannot be served (the message says which file and why)   |
 | 500    | server_error            | a bug or an adapter that fails to load (message says which)   |
-| 503    | overloaded_error        | queue full (backpressure); server_error when an engine        |
-|        |                         | replica failed or none is available (codes engine_failed,     |
-|        |                         | unavailable): retry either way                                |
+| 503    | overloaded_error        | queue full (backpressure) or a request that waited too long   |
+|        |                         | in the engine's queue (queue_timeout); server_error when an   |
+|        |                         | engine replica failed, none is available or the adapter       |
+|        |                         | registry cannot be reached (engine_failed, unavailable,       |
+|        |                         | registry_unavailable). Every 503 before a response has begun  |
+|        |                         | carries Retry-After: retry                                    |
 """
 
 from __future__ import annotations
@@ -30,14 +36,23 @@ _TYPES = {
     405: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
+    421: "invalid_request_error",
     422: "invalid_request_error",
     500: "server_error",
     503: "overloaded_error",
 }
 
 
-# 503s that are not backpressure: a replica died or none is up (retryable, not overload)
-_SERVER_FAULTS = ("engine_failed", "unavailable")
+# 503s that are not backpressure: a replica died or none is up, the registry cannot be
+# reached (retryable, not overload)
+_SERVER_FAULTS = ("engine_failed", "unavailable", "registry_unavailable")
+RETRY_AFTER_S = {"registry_unavailable": 5}  # seconds a 503 asks a client to wait; else 1
+
+
+def retry_after(code: str | None) -> dict[str, str]:
+    """The Retry-After header of a 503 with error `code`."""
+    return {"retry-after": str(RETRY_AFTER_S.get(code, 1))}
 
 
 class APIError(Exception):

@@ -1,10 +1,13 @@
 """The ingress deployment: an OpenAI-compatible FastAPI app (docs/design.md §6) in front of the
 engine.
 
-It authenticates, bounds and validates the body, resolves `model` (base model or a registered
-adapter) and the decoding (CoLD with the adapter's registry defaults unless the body says
-otherwise), then streams from an engine replica chosen by Serve's model multiplexing. Registry
-reads run in threads: a slow disk or database never stalls the streams on this replica's loop.
+It checks the Host and the body's type against browsers' tricks (`guard.py`), authenticates,
+bounds and validates the body, resolves `model` (base model or a registered adapter) and the
+decoding (CoLD with the adapter's registry defaults unless the body says otherwise), then
+streams from an engine replica chosen by Serve's model multiplexing. Names and listings come
+from the registry's in-memory snapshot (no database read per request); registry writes run in
+threads, so a slow disk or database never stalls the streams on this replica's loop, and a
+registry that cannot be reached is a 503 with Retry-After.
 
 Bodies are read by hand, so that the size limit holds before any parsing and every error keeps
 its OpenAI shape; the request models are declared in the OpenAPI document (`/openapi.json`,
@@ -38,10 +41,12 @@ from cold_ray.adapters.registry import (
     AdapterRecord,
     RegistryError,
 )
+from cold_ray.adapters.registry.base import RegistryUnavailable
 from cold_ray.decoding import ColdOnBaseModel, ColdParams, request_cold
-from cold_ray.serve.auth import Tokens, exposure_problem, serve_http_host
+from cold_ray.serve import guard
+from cold_ray.serve.auth import Tokens, exposure_problem, is_loopback, serve_http_host
 from cold_ray.serve.config import AppArgs
-from cold_ray.serve.errors import APIError, error_body, from_validation_error
+from cold_ray.serve.errors import APIError, error_body, from_validation_error, retry_after
 from cold_ray.serve.metrics import IngressMetrics
 from cold_ray.serve.responses import Call, sse_stream
 from cold_ray.serve.schemas import (
@@ -66,6 +71,7 @@ REQUEST_BODIES = {
     ("post", "/v1/adapters"): AdapterCreate,
 }
 app.openapi = lambda: openapi_document(app, REQUEST_BODIES)
+app.add_middleware(guard.BrowserGuard)  # Host allow-list and CORS, as the ingress configures
 
 
 @app.exception_handler(APIError)
@@ -111,6 +117,24 @@ def _http_host() -> str | None:
         return f"<unknown: {e}>"
 
 
+def _unavailable(e: RegistryUnavailable) -> APIError:
+    """A registry that cannot be reached: 503 and Retry-After; the detail goes to the log."""
+    log.warning("registry unavailable: %s", e)
+    return APIError(
+        503,
+        "the adapter registry cannot be reached; retry later",
+        "registry_unavailable",
+        headers=retry_after("registry_unavailable"),
+    )
+
+
+def _engine_error(item: dict, param: str | None = None) -> APIError:
+    """An engine's error item as an APIError (a 503 asks the client to retry)."""
+    err = item["error"]
+    headers = retry_after(err["code"]) if item["status"] == 503 else None
+    return APIError(item["status"], err["message"], err["code"], param, headers)
+
+
 @serve.deployment(
     name="ColdIngress",
     max_ongoing_requests=1024,
@@ -122,9 +146,17 @@ class ColdIngress:
         self.args = AppArgs.model_validate(args)
         self.engine = engine
         self.tokens = Tokens(self.args.api_key_env, self.args.admin_key_env)
-        problem = exposure_problem(_http_host(), self.tokens, self.args)
+        host = _http_host()
+        problem = exposure_problem(host, self.tokens, self.args)
         if problem is not None:
             raise RuntimeError(f"cold-ray cannot start: {problem}")
+        guard.configure(guard.BrowserPolicy.from_args(self.args))
+        if host is not None and not is_loopback(host) and self.args.allowed_hosts is None:
+            log.warning(
+                "listening on %r, but only loopback Host names are served: list the names "
+                "clients use in allowed_hosts",
+                host,
+            )
         self.base_id = self.args.base_id
         self.registry = self.args.open_registry(allowed_roots=self.args.roots())
         self.registry.snapshot()  # loaded here, so request-path lookups never wait on a disk
@@ -139,6 +171,9 @@ class ColdIngress:
         self.tokens.check(request.headers.get("authorization", ""), admin)
 
     async def _body(self, request: Request, schema: type[BaseModel]):
+        problem = guard.json_body_problem(request.headers.get("content-type"))
+        if problem is not None:
+            raise APIError(415, problem, "unsupported_media_type")
         limit = self.args.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -157,26 +192,27 @@ class ColdIngress:
         except ValidationError as e:
             raise from_validation_error(e) from None
 
-    async def _resolve(self, model: str | None) -> AdapterRecord | None:
+    def _resolve(self, model: str | None) -> AdapterRecord | None:
         """None for the base model, else the adapter's registry record (404 if unknown)."""
         if model is None or model == self.base_id:
             return None
         try:
-            return await self._record(model)
+            return self._record(model)
+        except RegistryUnavailable as e:
+            raise _unavailable(e) from None
         except (AdapterNotFound, RegistryError):
             raise APIError(
                 404, f"model {model!r} does not exist (see GET /v1/models)", "model_not_found",
                 "model",
             ) from None  # fmt: skip
 
-    async def _record(self, name: str) -> AdapterRecord:
-        """From the registry's in-memory snapshot (kept current by its change feed); a miss
-        reads the catalog once, off the loop, so an adapter added a moment ago elsewhere is
-        found before the change reaches this process."""
-        try:
-            return self.registry.lookup(name)
-        except AdapterNotFound:
-            return await asyncio.to_thread(self.registry.get, name)
+    def _record(self, name: str) -> AdapterRecord:
+        """From the registry's in-memory snapshot, never a database read: a flood of unknown
+        names costs the catalog nothing. The snapshot is kept current by the registry's change
+        feed, so an adapter added through another process is found within the feed's bound
+        (one round trip after commit on PostgreSQL, `poll_s` = 0.25 s on SQLite; see the
+        backends); while the feed is down, a name the snapshot lacks is RegistryUnavailable."""
+        return self.registry.lookup(name)
 
     def _decoding(self, body, record: AdapterRecord | None) -> ColdParams | None:
         knob = body.cold
@@ -255,9 +291,8 @@ class ColdIngress:
             raise
         if "error" in first:
             _cancel(gen)
-            err = first["error"]
-            raise APIError(first["status"], err["message"], err["code"],
-                           "model" if err["code"] == "model_not_found" else None)  # fmt: skip
+            param = "model" if first["error"]["code"] == "model_not_found" else None
+            raise _engine_error(first, param)
         self.metrics.ttft.observe(
             time.perf_counter() - started, tags={"decoding": first["meta"]["decoding"]}
         )
@@ -290,7 +325,7 @@ class ColdIngress:
         self._auth(request)
         schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
         body = await self._body(request, schema)
-        record = await self._resolve(body.model)
+        record = self._resolve(body.model)
         cold = self._decoding(body, record)
         if kind == "chat":
             req = self._engine_request(body, record, cold, messages=body.chat())
@@ -314,8 +349,7 @@ class ColdIngress:
         parts, finish, completion_tokens = [], None, 0
         async for item in self._items(call):
             if "error" in item:
-                err = item["error"]
-                raise APIError(item["status"], err["message"], err["code"])
+                raise _engine_error(item)
             parts.append(item["text"])
             finish = item["finish_reason"] or finish
             completion_tokens = item["completion_tokens"]
@@ -361,23 +395,22 @@ class ColdIngress:
             "parent": None,
             "max_model_len": self.args.max_model_len,
         }
-        records = await asyncio.to_thread(self.registry.list)
+        records = self.registry.listed()  # the snapshot: up during a registry outage too
         return {"object": "list", "data": [base] + [self._adapter_view(r) for r in records]}
 
     @app.get("/v1/adapters")
     async def list_adapters(self, request: Request):
         self._auth(request)
-        records = await asyncio.to_thread(self.registry.list)
+        records = self.registry.listed()
         return {"object": "list", "data": [self._adapter_view(r) for r in records]}
 
     @app.get("/v1/adapters/{name}")
     async def get_adapter(self, name: str, request: Request):
         self._auth(request)
-        return self._adapter_view(await self._resolve_adapter(name))
-
-    async def _resolve_adapter(self, name: str) -> AdapterRecord:
         try:
-            return await self._record(name)
+            return self._adapter_view(self._record(name))
+        except RegistryUnavailable as e:
+            raise _unavailable(e) from None
         except (AdapterNotFound, RegistryError):
             raise APIError(404, f"adapter {name!r} does not exist", "adapter_not_found") from None
 
@@ -398,6 +431,8 @@ class ColdIngress:
                            "adapter_exists", "name")  # fmt: skip
         try:
             record = await asyncio.to_thread(self._register, body)
+        except RegistryUnavailable as e:
+            raise _unavailable(e) from None
         except AdapterExists:  # checked before the adapter is read, and again as it is listed
             raise APIError(409, f"adapter {body.name!r} already exists; DELETE it first or "
                            "set replace: true", "adapter_exists", "name") from None  # fmt: skip
@@ -422,6 +457,8 @@ class ColdIngress:
         self._admin(request)
         try:
             await asyncio.to_thread(self.registry.remove, name)
+        except RegistryUnavailable as e:
+            raise _unavailable(e) from None
         except (AdapterNotFound, RegistryError):
             raise APIError(404, f"adapter {name!r} does not exist", "adapter_not_found") from None
         return {"id": name, "object": "adapter", "deleted": True}
