@@ -227,7 +227,9 @@ def _first_lora_a(header: dict) -> dict:
 def test_hostile_adapter_sources_and_files_are_refused(app, tmp_path):
     """Through POST /v1/adapters with the admin token: no server file outside the adapter
     roots is read (paths, file://, traversal, symlinked folders and weights, other schemes),
-    adapters with lying headers or wrong shapes are refused, and nothing is listed."""
+    adapters with lying headers or wrong shapes are refused, and nothing is listed. Messages
+    quote a source as sent, never as resolved on the server (where a link leads, the
+    working directory behind /proc/self/cwd)."""
     from safetensors.torch import load_file, save_file
 
     up, src = app["uploads"], app["adapters"][0]
@@ -252,7 +254,8 @@ def test_hostile_adapter_sources_and_files_are_refused(app, tmp_path):
         "file:///etc/passwd": (400, outside),
         "/etc": (400, outside),
         f"{up}/../../../../../etc/passwd": (400, outside),
-        str(up / "etc-link"): (400, outside),
+        str(up / "etc-link"): (400, f"source '{up}/etc-link' is {outside}"),  # not where to
+        "/proc/self/cwd/adapters": (400, f"source '/proc/self/cwd/adapters' is {outside}"),
         str(up / "passwd-weights"): (400, outside),
         "s3://some-bucket/adapters/x": (400, outside),  # an allowed scheme, not a root
         "http://169.254.169.254/latest/meta-data/": (400, outside),  # http: only the store
@@ -270,6 +273,7 @@ def test_hostile_adapter_sources_and_files_are_refused(app, tmp_path):
         err = assert_openai_error(r, status)
         assert needle in err["message"], (source, err)
         assert passwd not in r.text
+        assert "'/etc" not in err["message"] or source.startswith(("/etc", "file:///etc"))
     assert adapter_names(app) == before
     assert post(app, model="startup").status_code == 200
 
