@@ -21,6 +21,8 @@ GREEDY_TEMPERATURE = 1e-5
 # CoLD knobs (O'Brien & Lewis 2023) when neither the request nor the registry sets them.
 DEFAULT_ALPHA = 0.1
 DEFAULT_BETA = 0.5
+# Alternatives per token a request may ask log-probabilities for (vLLM's default limit).
+MAX_LOGPROBS = 20
 # Beyond this the contrastive score (1+beta)*expert - beta*amateur can overflow fp32.
 MAX_BETA = 1e6
 
@@ -56,6 +58,10 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    # Log-probabilities to report (cold_ray.engine.logprobs): of each generated token with this
+    # many alternatives, and of each prompt token likewise; None: none.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
@@ -74,6 +80,11 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            valid = isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_LOGPROBS
+            if n is not None and not valid:
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {n!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 

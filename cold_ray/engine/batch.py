@@ -13,14 +13,17 @@ from cold_ray.model.llama import DecodeAttention, ForwardBatch, PrefillAttention
 
 def build(
     plan: StepPlan, backend: LoraBackend, device, dtype: torch.dtype
-) -> tuple[torch.Tensor, ForwardBatch, dict]:
-    """(tokens [N], batch, {row: index into the returned hidden states})."""
+) -> tuple[torch.Tensor, ForwardBatch, dict, dict]:
+    """(tokens [N], batch, {row: index into the returned hidden states}, {chunk: index of the
+    hidden state of its first token} for chunks whose request asks for prompt log-probs,
+    whose every position is returned)."""
     tokens: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     adapters: list[int] = []
     out_rows: dict[Row, int] = {}
     out_index: list[int] = []
+    prompt_out: dict = {}
 
     for row in plan.decode:  # one token: the last one generated, at the next position
         out_rows[row] = len(out_index)
@@ -32,11 +35,14 @@ def build(
     num_decode = len(tokens)
     for chunk in plan.prefill:
         n = len(chunk.tokens)
+        if chunk.row.request.params.prompt_logprobs is not None:
+            prompt_out[chunk] = len(out_index)
+            out_index += range(len(tokens), len(tokens) + n - 1)  # the last one follows
         tokens += chunk.tokens
         positions += range(chunk.start, chunk.start + n)
         slots += [chunk.row.slot] * n
         adapters += [chunk.row.adapter_slot] * n
-        if chunk.ends_prompt:
+        if chunk.ends_prompt or chunk in prompt_out:
             out_rows[chunk.row] = len(out_index)
             out_index.append(len(tokens) - 1)
 
@@ -50,7 +56,7 @@ def build(
         prefill=_prefill(plan, num_decode, device, dtype) if plan.prefill else None,
         out_index=as_tensor(out_index),
     )
-    return as_tensor(tokens), batch, out_rows
+    return as_tensor(tokens), batch, out_rows, prompt_out
 
 
 def additive(mask: torch.Tensor, device, dtype) -> torch.Tensor:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from cold_ray.decoding import ColdParams, SamplingParams
 from cold_ray.engine.detok import IncrementalDetokenizer
 from cold_ray.engine.kv_cache import Row
+from cold_ray.engine.logprobs import TokenLogprobs
 from cold_ray.engine.sampling import SeedState
 
 _ids = itertools.count()
@@ -42,6 +43,8 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Exception | None = None
+    logprobs: list[TokenLogprobs] | None = None  # of token_ids, when the request asks
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with the first output
 
 
 @dataclass(eq=False)  # requests are found by identity
@@ -60,6 +63,7 @@ class Request:
     adapter_version: str | None = None  # checksum of the adapter weights its rows run
     arrived: float = field(default_factory=time.monotonic)
     prefix_checked: bool = False  # the prefix cache was asked for its rows' prompt K/V
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # computed so far
 
     @property
     def num_rows(self) -> int:

@@ -17,11 +17,12 @@ import torch
 from cold_ray import device as devices
 from cold_ray.config import EngineConfig
 from cold_ray.engine import batch as step_batch
+from cold_ray.engine import logprobs
 from cold_ray.engine.graphs import DecodeGraphs
 from cold_ray.engine.kv_cache import KVCache
 from cold_ray.engine.request import Request, RequestFailed
 from cold_ray.engine.sampling import FAILED, SamplingError, cold_select, sample_rows
-from cold_ray.engine.scheduler import StepPlan
+from cold_ray.engine.scheduler import StepPlan, StepResult
 from cold_ray.kernels import select_backend
 from cold_ray.model.config import ModelArgs
 from cold_ray.model.llama import ForwardBatch, LlamaModel, PrefillAttention
@@ -101,66 +102,132 @@ class ModelRunner:
 
     # ---- a step ---------------------------------------------------------------------------
 
-    def run(self, plan: StepPlan) -> tuple[torch.Tensor, dict]:
-        """One forward pass over the plan: (final hidden states, {row: index into them})."""
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor, dict, dict]:
+        """One forward pass over the plan: (final hidden states, {row: index into them},
+        {prompt-logprob chunk: index of its first position})."""
         if self.graphs is not None and self.graphs.fits(plan):
-            return self.graphs.run(plan), {row: row.slot for row in plan.decode}
-        tokens, fb, out_rows = step_batch.build(plan, self.backend, self.device, self.dtype)
-        return self.model(tokens, self.cache, fb), out_rows
+            return self.graphs.run(plan), {row: row.slot for row in plan.decode}, {}
+        tokens, fb, out_rows, prompt_out = step_batch.build(
+            plan, self.backend, self.device, self.dtype
+        )
+        return self.model(tokens, self.cache, fb), out_rows, prompt_out
 
-    def select(self, ready: list[Request], hidden, out_rows: dict) -> dict:
+    def execute(self, plan: StepPlan) -> StepResult:
+        """`select(run(plan))`; a failed forward fails every request in it, and only those."""
+        try:
+            hidden, out_rows, prompt_out = self.run(plan)
+        except Exception as e:
+            log.exception("forward pass failed; failing the %d requests in it", len(plan.requests))
+            error = RequestFailed(f"the engine's forward pass failed: {type(e).__name__}: {e}")
+            return StepResult(dict.fromkeys(plan.requests, error))
+        result = self.select(plan.ready, hidden, out_rows)
+        if prompt_out:
+            try:
+                result.prompt_logprobs = self._prompt_logprobs(prompt_out, hidden, out_rows)
+            except Exception as e:  # fails the requests that asked, only those
+                log.exception("prompt log-probabilities failed")
+                error = RequestFailed(f"prompt logprobs failed: {type(e).__name__}: {e}")
+                result.tokens.update((c.row.request, error) for c in prompt_out)
+        return result
+
+    def select(self, ready: list[Request], hidden, out_rows: dict) -> StepResult:
         """Each ready request's next token from its rows' final hidden states (by row), or the
         exception that fails it: a failed batched selection fails its group (plain or CoLD)
         only; a request whose scores are not finite fails alone."""
-        picks: dict[Request, int | Exception] = {}
+        result = StepResult({})
         plain = [q for q in ready if q.cold is None]
         cold = [q for q in ready if q.cold is not None]
         for group, pick in ((plain, self._pick_plain), (cold, self._pick_cold)):
             if not group:
                 continue
             try:
-                tokens = pick(group, hidden, out_rows)
+                tokens, logprobs = pick(group, hidden, out_rows)
             except Exception as e:
                 log.exception("token selection failed for %d requests", len(group))
                 error = RequestFailed(f"token selection failed: {type(e).__name__}: {e}")
-                picks.update((q, error) for q in group)
+                result.tokens.update((q, error) for q in group)
                 continue
-            picks.update((q, SamplingError() if t == FAILED else t) for q, t in zip(group, tokens))
-        return picks
+            for q, t in zip(group, tokens):
+                result.tokens[q] = SamplingError() if t == FAILED else t
+            result.logprobs.update(logprobs)
+        return result
 
-    def execute(self, plan: StepPlan) -> dict:
-        """`select(run(plan))`; a failed forward fails every request in it, and only those."""
-        try:
-            hidden, out_rows = self.run(plan)
-        except Exception as e:
-            log.exception("forward pass failed; failing the %d requests in it", len(plan.requests))
-            error = RequestFailed(f"the engine's forward pass failed: {type(e).__name__}: {e}")
-            return dict.fromkeys(plan.requests, error)
-        return self.select(plan.ready, hidden, out_rows)
-
-    def _pick_plain(self, reqs: list[Request], hidden, out_rows: dict) -> list[int]:
-        h = hidden[[out_rows[q.rows[0]] for q in reqs]]
-        return sample_rows(
-            self.model.logits(h),
+    def _pick_plain(self, reqs: list[Request], hidden, out_rows: dict):
+        logits = self.model.logits(hidden[[out_rows[q.rows[0]] for q in reqs]])
+        tokens = sample_rows(
+            logits,
             None,
             [q.params for q in reqs],
             [q.sampler for q in reqs],
             [len(q.output_ids) for q in reqs],
         )
+        asked = [i for i, q in enumerate(reqs) if q.params.logprobs is not None]
+        if not asked or all(tokens[i] == FAILED for i in asked):
+            return tokens, {}
+        asked = [i for i in asked if tokens[i] != FAILED]
+        found = logprobs.plain(
+            logits[asked],
+            torch.tensor([tokens[i] for i in asked], device=logits.device),
+            [reqs[i].params.logprobs for i in asked],
+        )
+        return tokens, {reqs[i]: lp for i, lp in zip(asked, found)}
 
-    def _pick_cold(self, reqs: list[Request], hidden, out_rows: dict) -> list[int]:
-        expert = hidden[[out_rows[q.rows[0]] for q in reqs]]
+    def _pick_cold(self, reqs: list[Request], hidden, out_rows: dict):
+        expert = self.model.logits(hidden[[out_rows[q.rows[0]] for q in reqs]])
         amateur = hidden[[out_rows[q.rows[1]] for q in reqs]]
-        return cold_select(
+        tokens = cold_select(
             self.backend,
             self.model.lm_weight,
-            self.model.logits(expert),
+            expert,
             amateur,
             [q.cold for q in reqs],
             [q.params for q in reqs],
             [q.sampler for q in reqs],
             [len(q.output_ids) for q in reqs],
         )
+        asked = [i for i, q in enumerate(reqs) if q.params.logprobs is not None]
+        asked = [i for i in asked if tokens[i] != FAILED]
+        if not asked:
+            return tokens, {}
+        # The full amateur head for these rows only: the rest keep the restricted one.
+        found = logprobs.contrastive(
+            expert[asked],
+            self.model.logits(amateur[asked]),
+            *self._knobs(reqs, asked),
+            torch.tensor([tokens[i] for i in asked], device=expert.device),
+            [reqs[i].params.logprobs for i in asked],
+        )
+        return tokens, {reqs[i]: lp for i, lp in zip(asked, found)}
+
+    def _knobs(self, reqs: list[Request], rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = torch.tensor([reqs[i].cold.alpha for i in rows], device=self.device)
+        beta = torch.tensor([reqs[i].cold.beta for i in rows], device=self.device)
+        return alpha, beta
+
+    def _prompt_logprobs(self, prompt_out: dict, hidden, out_rows: dict) -> dict:
+        """{request: TokenLogprobs of the prompt tokens its chunk's positions predict}; a CoLD
+        request's expert and amateur chunks cover the same positions (no prefix reuse)."""
+        found: dict[Request, list] = {}
+        for chunk, first in prompt_out.items():
+            req = chunk.row.request
+            if req.cold is not None and chunk.row is not req.rows[0]:
+                continue  # the amateur's chunk: read beside the expert's below
+            targets = logprobs.prompt_targets(req.prompt_ids, chunk.start, len(chunk.tokens))
+            if not targets:
+                continue
+            at = list(range(first, first + len(targets)))
+            ids = torch.tensor(targets, device=self.device)
+            n_top = [req.params.prompt_logprobs] * len(targets)
+            expert = self.model.logits(hidden[at])
+            if req.cold is None:
+                found[req] = logprobs.plain(expert, ids, n_top)
+                continue
+            amateur_chunk = next(c for c in prompt_out if c.row is req.rows[1])
+            a_first = prompt_out[amateur_chunk]
+            amateur = self.model.logits(hidden[a_first : a_first + len(targets)])
+            knobs = self._knobs([req] * len(targets), list(range(len(targets))))
+            found[req] = logprobs.contrastive(expert, amateur, *knobs, ids, n_top)
+        return found
 
     # ---- scoring (not a step) -------------------------------------------------------------
 

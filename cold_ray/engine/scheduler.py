@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 from cold_ray.config import EngineConfig
 from cold_ray.engine.adapter_loader import AdapterLoader
 from cold_ray.engine.kv_cache import KVCache, Row
+from cold_ray.engine.logprobs import TokenLogprobs
 from cold_ray.engine.prefix_cache import BASE, PrefixCache
 from cold_ray.engine.request import Request, RequestFailed, RequestOutput, RequestTimeout
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # found by identity (a key of the step's outputs)
 class Chunk:
     row: Row
     start: int  # position of the first token
@@ -65,6 +66,15 @@ class StepPlan:
 
     def __bool__(self) -> bool:
         return bool(self.decode or self.prefill)
+
+
+@dataclass
+class StepResult:
+    """What the model runner made of a plan, per request."""
+
+    tokens: dict[Request, int | Exception]  # each ready request's token, or what failed it
+    logprobs: dict[Request, TokenLogprobs] = field(default_factory=dict)  # of those tokens
+    prompt_logprobs: dict[Request, list[TokenLogprobs]] = field(default_factory=dict)
 
 
 def aligned_chunks(rows: list[Row], budget: int) -> list[int]:
@@ -202,9 +212,9 @@ class Scheduler:
                 continue
             if budget <= 0:
                 continue
-            if not req.prefix_checked:
-                self._reuse_prefix(req)
-                req.prefix_checked = True
+            if not req.prefix_checked and req.params.prompt_logprobs is None:
+                self._reuse_prefix(req)  # (a cached prefix has no logits to report)
+            req.prefix_checked = True
             sizes = aligned_chunks(req.rows, budget)
             if not any(sizes) and not plan.prefill:  # always make progress
                 sizes = aligned_chunks(req.rows, sum(min(1, r.prompt_left) for r in req.rows))
@@ -237,10 +247,11 @@ class Scheduler:
 
     # ---- after the forward ----------------------------------------------------------------
 
-    def postprocess(self, plan: StepPlan, tokens: dict[Request, int | Exception]) -> None:
+    def postprocess(self, plan: StepPlan, result: StepResult) -> None:
         """Advance the plan's rows, then give each ready request its token (or its error).
-        `tokens` has an entry for every ready request; a request of the plan that is not ready
-        (mid-prefill) fails only if the forward failed (its entry is then an exception)."""
+        `result.tokens` has an entry for every ready request; a request of the plan that is not
+        ready (mid-prefill) fails only if the forward failed (its entry is then an exception)."""
+        tokens = result.tokens
         failed = {q for q, t in tokens.items() if isinstance(t, Exception)}
         for row in plan.decode:
             row.length += 1
@@ -249,6 +260,8 @@ class Scheduler:
             if self.prefix_cache is not None and chunk.row.request not in failed:
                 self._store_prefix(chunk.row)  # after every chunk: a request starting while
         self.stats["prefill_tokens"] += sum(len(c.tokens) for c in plan.prefill)  # it prefills
+        for req, found in result.prompt_logprobs.items():
+            req.prompt_logprobs = (req.prompt_logprobs or [None]) + found
         for req, token in tokens.items():
             if req.finish_reason is not None:
                 continue  # ended earlier in this step
@@ -256,14 +269,11 @@ class Scheduler:
                 self.finish(req, "error", token)
                 continue
             try:
-                self._append(req, token)
+                self._append(req, token, result.logprobs.get(req))
             except Exception as e:  # e.g. its detokenisation or stop strings
                 log.exception("request %s failed after its token", req.request_id)
-                self.finish(
-                    req,
-                    "error",
-                    RequestFailed(f"could not finish the step: {type(e).__name__}: {e}"),
-                )
+                error = RequestFailed(f"could not finish the step: {type(e).__name__}: {e}")
+                self.finish(req, "error", error)
 
     def _store_prefix(self, row: Row) -> None:
         try:
@@ -272,7 +282,7 @@ class Scheduler:
             log.exception("could not store a prompt prefix; clearing the prefix cache")
             self.prefix_cache.clear()
 
-    def _append(self, req: Request, token: int) -> None:
+    def _append(self, req: Request, token: int, logprobs: TokenLogprobs | None) -> None:
         p = req.params
         req.output_ids.append(token)
         self.stats["generated_tokens"] += 1
@@ -287,31 +297,31 @@ class Scheduler:
                 reason = "length"
             elif len(req.prompt_ids) + len(req.output_ids) >= self.config.max_model_len:
                 reason = "length"
+        out = RequestOutput(
+            req.request_id,
+            text,
+            [token],
+            logprobs=[logprobs] if p.logprobs is not None else None,
+            prompt_logprobs=req.prompt_logprobs if len(req.output_ids) == 1 else None,
+        )
         if reason is None:
-            self._outbox.append(
-                RequestOutput(
-                    req.request_id,
-                    text,
-                    [token],
-                    prompt_tokens=len(req.prompt_ids),
-                    completion_tokens=len(req.output_ids),
-                )
-            )
+            out.prompt_tokens, out.completion_tokens = len(req.prompt_ids), len(req.output_ids)
+            self._outbox.append(out)
         else:
-            self.finish(req, reason, text=text, token_ids=[token])
+            self.finish(req, reason, last=out)
 
     def finish(
         self,
         req: Request,
         reason: str,
         error: Exception | None = None,
-        text: str = "",
-        token_ids: list[int] | None = None,
+        last: RequestOutput | None = None,
     ) -> None:
         """End a request (stop, length, abort, error): free its rows and adapter pin at once and
-        put its final output in the outbox. The rows of a request that ended abnormally are
-        scrubbed: whatever its forward left in them (NaN/inf K/V of an adapter that
-        overflowed) must never reach the next occupant."""
+        put its final output — `last`, the step's output, when the request ends with a token —
+        in the outbox. The rows of a request that ended abnormally are scrubbed: whatever its
+        forward left in them (NaN/inf K/V of an adapter that overflowed) must never reach the
+        next occupant."""
         if req.finish_reason is not None:
             return  # ended already: a request ends exactly once
         if req in self.waiting:
@@ -328,18 +338,10 @@ class Scheduler:
             req.adapter_pinned = False
         req.finish_reason = reason
         self.stats["finished_requests"] += 1
-        if error is None and req.detok is not None:
-            text += req.detok.flush()
         self.stats["failed_requests"] += error is not None
-        self._outbox.append(
-            RequestOutput(
-                req.request_id,
-                text,
-                token_ids or [],
-                finished=True,
-                finish_reason=reason,
-                prompt_tokens=len(req.prompt_ids),
-                completion_tokens=len(req.output_ids),
-                error=error,
-            )
-        )
+        out = last or RequestOutput(req.request_id, "", [])
+        if error is None and req.detok is not None:
+            out.text += req.detok.flush()
+        out.finished, out.finish_reason, out.error = True, reason, error
+        out.prompt_tokens, out.completion_tokens = len(req.prompt_ids), len(req.output_ids)
+        self._outbox.append(out)
