@@ -102,6 +102,11 @@ def test_pipeline_on_tiny_model(tiny_llama, tmp_path):
         checkpoints=(1,), batch_size=2, warmup=1, rank=4)})  # fmt: skip
     kept = run(shorter)
     assert kept["checkpoints"] == again["checkpoints"] and kept["base"] == again["base"]
+    # eval_only trains nothing: a step count with no saved checkpoint is left out.
+    longer = ExperimentConfig(**{**config.__dict__, "eval_only": True, "train": TrainConfig(
+        checkpoints=(1, 2, 3), batch_size=2, warmup=1, rank=4)})  # fmt: skip
+    assert list(run(longer)["checkpoints"]) == ["1", "2"]
+    assert not (tmp_path / "exp" / "adapters" / "step-3").exists()
 
 
 def test_config_rejects_bad_sizes(tmp_path):

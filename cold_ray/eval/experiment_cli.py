@@ -26,6 +26,7 @@ def _run(args: argparse.Namespace) -> int:
             n_test=args.n_test, n_dev=args.n_dev, n_latency=args.n_latency,
             alphas=tuple(args.alphas), betas=tuple(args.betas), train=train,
             max_rows=args.max_rows, threads=args.threads, rounds=args.rounds,
+            eval_only=args.eval_only,
         )  # fmt: skip
         if args.check_logits:
             from cold_ray.eval.qwen_model import compare_with_transformers
@@ -55,18 +56,23 @@ def add_parser(sub) -> None:
     e.add_argument("--lr", type=float, default=5e-4)
     e.add_argument("--rank", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--n-test", type=int, default=300)
-    e.add_argument("--n-dev", type=int, default=150)
-    e.add_argument("--n-latency", type=int, default=30,
+    e.add_argument("--n-test", type=int, default=100)
+    e.add_argument("--n-dev", type=int, default=50)
+    e.add_argument("--n-latency", type=int, default=10,
                    help="test items decoded one at a time per mode for the latency figure")  # fmt: skip
-    e.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.3])
-    e.add_argument("--betas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    e.add_argument("--alphas", type=float, nargs="+", default=[0.1])
+    e.add_argument("--betas", type=float, nargs="+", default=[0.5, 1.0])
     e.add_argument("--max-rows", type=int, default=32)
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--rounds", type=int, default=4,
                    help="test modes alternate over N slices (fair timing on a busy machine)")  # fmt: skip
     e.add_argument("--check-logits", action="store_true",
                    help="first compare the engine's logits with transformers' on a few prompts")  # fmt: skip
+    e.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="evaluate the checkpoints already saved under --adapters; train none",
+    )
     e.add_argument("--fresh", action="store_true",
                    help="evaluate every checkpoint again (default: keep the figures of "
                         "checkpoints already in OUT/results.json from the same configuration)")  # fmt: skip
