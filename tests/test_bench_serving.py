@@ -157,7 +157,8 @@ def test_cold_ray_overrides_hold_the_engine_at_the_thread_budget(threads, replic
         apply_override(config, assignment)
     app = config["applications"][facts["app"]]
     engine = app["deployments"][facts["engine"]]
-    assert engine["name"] == "ColdEngine" and app["args"]["num_threads"] == threads
+    engine_args = app["args"]["engine"] if facts["engine_args"] == "args.engine" else app["args"]
+    assert engine["name"] == "ColdEngine" and engine_args["num_threads"] == threads
     scaling = engine["autoscaling_config"]
     assert (
         scaling["min_replicas"]
@@ -167,13 +168,61 @@ def test_cold_ray_overrides_hold_the_engine_at_the_thread_budget(threads, replic
     )
 
 
+def test_cold_ray_replicas_run_at_the_niceness_vllm_gets(monkeypatch):
+    """Ray starts workers at niceness 15; the benchmark asks for ours, set only while the
+    server starts."""
+    import os
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    env = peer_servers.cold_ray_env()
+    assert env == {"RAY_worker_niceness": str(os.nice(0))}
+    with peer_servers.environment(env):
+        assert os.environ["RAY_worker_niceness"] == env["RAY_worker_niceness"]
+    assert "RAY_worker_niceness" not in os.environ
+    monkeypatch.setenv("RAY_worker_niceness", "7")
+    with pytest.raises(KeyError), peer_servers.environment(env):
+        raise KeyError("a failed start")
+    assert os.environ["RAY_worker_niceness"] == "7"
+
+
+def test_deployment_facts_read_either_layout_of_the_engine_args():
+    """Engine settings under `engine:` (today's YAML) or beside the app's own (the earlier
+    layout): the same facts, and the thread override goes where the settings are."""
+    config, facts = _deployment()
+    args = config["applications"][0]["args"]
+    engine = args.pop("engine", None) or {
+        k: args.pop(k) for k in ("max_model_len", "max_lora_rank")
+    }
+    flat = dict(config, applications=[{**config["applications"][0], "args": {**args, **engine}}])
+    nested = dict(
+        config, applications=[{**config["applications"][0], "args": {**args, "engine": engine}}]
+    )
+    got = {
+        name: peer_servers.deployment_facts(c, "arith-demo")
+        for name, c in (("flat", flat), ("nested", nested))
+    }
+    assert got["flat"]["engine_args"] == "args" and got["nested"]["engine_args"] == "args.engine"
+    for f in got.values():
+        assert (f["max_model_len"], f["max_lora_rank"], f["adapter"]) == (
+            facts["max_model_len"],
+            facts["max_lora_rank"],
+            facts["adapter"],
+        )
+    assert (
+        peer_servers.cold_ray_overrides(got["flat"], 2, 1)[0] == "applications.0.args.num_threads=2"
+    )
+    assert peer_servers.cold_ray_overrides(got["nested"], 2, 1)[0] == (
+        "applications.0.args.engine.num_threads=2"
+    )
+
+
 def test_cold_ray_overrides_without_autoscaling_set_num_replicas():
     config, _ = _deployment()
     del config["applications"][0]["deployments"][0]["autoscaling_config"]
     facts = peer_servers.deployment_facts(config, "arith-demo")
     sets = peer_servers.cold_ray_overrides(facts, 1, 1)
     assert sets == [
-        "applications.0.args.num_threads=1",
+        f"applications.0.{facts['engine_args']}.num_threads=1",
         "applications.0.deployments.0.num_replicas=1",
     ]
 

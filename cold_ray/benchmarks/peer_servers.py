@@ -55,6 +55,7 @@ def deployment_facts(config: dict, adapter: str) -> dict:
     """From a cold-ray Serve config: the indices of the cold-ray application and its engine
     deployment, the model folder, the adapter's folder, max_lora_rank and max_model_len.
     ValueError naming what is missing."""
+    from cold_ray.config import EngineConfig
     from cold_ray.model.loader import default_model_path
 
     for i, app in enumerate(config.get("applications") or []):
@@ -70,16 +71,21 @@ def deployment_facts(config: dict, adapter: str) -> dict:
                 f"adapter {adapter!r} is not registered by the deployment "
                 f"(it registers {sorted(sources)})"
             )
-        model = resolve_local(args["model"]) if args.get("model") else default_model_path()
+        # The engine's settings sit under `engine:` in the app's args, or beside the app's own
+        # in the earlier layout.
+        nested = isinstance(args.get("engine"), dict)
+        engine = args["engine"] if nested else args
+        model = engine.get("model")
         return {
             "app": i,
             "engine": names.index("ColdEngine"),
+            "engine_args": "args.engine" if nested else "args",
             "engine_autoscales": "autoscaling_config"
             in app["deployments"][names.index("ColdEngine")],
-            "model": str(model),
+            "model": str(resolve_local(model) if model else default_model_path()),
             "adapter": str(resolve_local(sources[adapter])),
-            "max_lora_rank": int(args.get("max_lora_rank", 16)),
-            "max_model_len": int(args.get("max_model_len", 2048)),
+            "max_lora_rank": int(engine.get("max_lora_rank", EngineConfig.max_lora_rank)),
+            "max_model_len": int(engine.get("max_model_len", EngineConfig.max_model_len)),
         }
     raise ValueError("no application with import_path cold_ray.serve:build_app")
 
@@ -89,11 +95,32 @@ def cold_ray_overrides(facts: dict, threads: int, replicas: int) -> list[str]:
     intra-op threads each (autoscaling, if configured, pinned to that count)."""
     app = f"applications.{facts['app']}"
     engine = f"{app}.deployments.{facts['engine']}"
-    sets = [f"{app}.args.num_threads={threads}"]
+    sets = [f"{app}.{facts['engine_args']}.num_threads={threads}"]
     if facts["engine_autoscales"]:
         keys = ("min_replicas", "initial_replicas", "max_replicas")
         return sets + [f"{engine}.autoscaling_config.{k}={replicas}" for k in keys]
     return sets + [f"{engine}.num_replicas={replicas}"]
+
+
+def cold_ray_env() -> dict[str, str]:
+    """Ray starts its worker processes (the replicas) at niceness 15, `vllm serve` runs at
+    ours: both servers get the same priority when other work shares the machine."""
+    return {"RAY_worker_niceness": str(os.nice(0))}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """os.environ with `values` set while the block runs (for children started in it)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ---- vLLM -------------------------------------------------------------------------------------

@@ -123,17 +123,21 @@ def start(
         return svc, {
             "command": cmd,
             "env": peers.vllm_serve_env(args.threads),
+            "niceness": os.nice(0),
             "threads": args.threads,
             "pinning": f"OpenMP threads bound to cores {peers.thread_bind(args.threads)}",
         }
     overrides = peers.cold_ray_overrides(facts, args.threads, args.replicas)
-    svc = Service.from_yaml(
-        args.deployment, args.out / "cold-ray", overrides=overrides, timeout=args.start_timeout
-    )
+    env = peers.cold_ray_env()
+    with peers.environment(env):
+        svc = Service.from_yaml(
+            args.deployment, args.out / "cold-ray", overrides=overrides, timeout=args.start_timeout
+        )
     stack.callback(svc.stop)
     yaml_used = args.out / "cold-ray" / "deployment.yaml"
     return svc, {
         "command": ["serve", "run", "--address", "local", str(yaml_used)],
+        "env": env,
         "deployment": str(args.deployment),
         "overrides": overrides,
         "threads": args.threads,
