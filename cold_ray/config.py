@@ -1,76 +1,117 @@
-"""Engine configuration: a frozen dataclass validated on construction."""
+"""Engine configuration: one frozen, validated dataclass. It is the `engine:` section of a
+Serve YAML's `args:` (cold_ray.serve.config.AppArgs nests it as it is), so every field carries
+its own description, and a wrong value fails with a message naming the field."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+from cold_ray.decoding import DEFAULT_MAX_TOKENS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class EngineConfig:
-    model: str | None = None  # HF safetensors folder or .gguf file; None = SmolLM2-135M-Instruct
-    device: str = "cpu"  # cpu | cuda[:i] | npu[:i]
-    dtype: str = "float32"
-    max_loras: int = 4  # adapters resident on the device at once
-    max_lora_rank: int = 16
-    max_rows: int = 32  # batch rows; a CoLD request takes two (expert + amateur)
-    max_model_len: int = 1024  # prompt + generated tokens per request (KV cache per row)
-    # Prompt tokens prefilled per step (a CoLD prompt counts twice); longer prompts are
-    # chunked across steps. Bounds the stall that new prompts put on decoding streams.
-    max_prefill_tokens: int = 256
-    # Prompt-prefix KV kept for reuse across requests (0 = off), in blocks of this many tokens.
-    prefix_cache_bytes: int = 256 << 20
-    prefix_block_size: int = 16
-    # A request that waits this long without getting a row fails with a timeout (None = never).
-    request_timeout_s: float | None = 600.0
-    # Validated adapters kept in host memory for fast reloads, bounded in bytes (0: none).
-    host_cache_bytes: int = 1 << 30
-    max_adapter_bytes: int = 1 << 30
-    lora_backend: str = "auto"  # auto | reference | grouped | triton | ...
-    num_threads: int | None = 1  # intra-op threads; 1 avoids OpenMP spin-wait collapse
-    packed_weights: bool = True  # CPU: base GEMM weights in oneDNN's packed layout
-    # CPU, with packed_weights: keep a second copy of the base weights for decode-sized steps:
-    # panels for the small-GEMM kernel (up to 32 rows), or without it the row-major weights
-    # for 1–2 rows (`bench gemm`); twice the base weights' memory.
-    small_batch_weights: bool = True
-    # CPU, fp32, one thread: compiled C kernels (torch's operators without a compiler) for
-    # decode attention, for the products of steps of up to 32 rows (over small_batch_weights'
-    # panels) and for LoRA deltas of up to 4 rows of an adapter
-    cpu_attention_kernel: bool = True
-    cpu_gemm_kernel: bool = True
-    # CPU, fp32, one thread: residual add + RMS norm, rotary embedding + KV-cache write and
-    # SiLU·mul in C, one call each instead of chains of small torch operators
-    cpu_rowwise_kernels: bool = True
-    # CUDA/NPU: replay decode steps from graphs captured at start (CUDA graphs / ACLGraph),
-    # one per (rows, span) bucket; false runs every step eagerly (debugging, profiling)
-    graph_capture: bool = True
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_loras", "max_lora_rank", "max_rows", "max_model_len",
-                     "max_prefill_tokens", "prefix_block_size"):  # fmt: skip
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_rows < 2:
-            raise ValueError(
-                f"max_rows must be >= 2 (a CoLD request needs two), got {self.max_rows}"
-            )
-        if not isinstance(self.prefix_cache_bytes, int) or self.prefix_cache_bytes < 0:
-            raise ValueError(f"prefix_cache_bytes must be an integer >= 0, got "
-                             f"{self.prefix_cache_bytes!r}")  # fmt: skip
-        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
-            raise ValueError(
-                f"request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}"
-            )
-        if not isinstance(self.host_cache_bytes, int) or self.host_cache_bytes < 0:
-            raise ValueError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes!r}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
+    model: str | None = Field(
+        None, description="HF safetensors folder or .gguf file; None = SmolLM2-135M-Instruct."
+    )
+    device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|cuda|npu)(:\d+)?$",
+        description="cpu, cuda[:i] or npu[:i]. Under Serve, the replica uses the accelerator "
+        "Ray assigned it (ray_actor_options num_gpus / resources NPU).",
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Weights, activations and KV cache (float32 is fastest here)."
+    )
+    max_loras: int = Field(
+        4, ge=1, le=256, description="Adapters resident on the device at once (LRU, pinned)."
+    )
+    max_lora_rank: int = Field(16, ge=1, le=1024, description="Largest adapter rank accepted.")
+    max_rows: int = Field(
+        32, ge=2, le=4096, description="Batch rows (a CoLD request takes two: expert, amateur)."
+    )
+    max_model_len: int = Field(
+        1024, ge=2, le=1 << 20, description="Prompt + generated tokens per request."
+    )
+    default_max_tokens: int = Field(
+        DEFAULT_MAX_TOKENS,
+        ge=1,
+        description="max_tokens of a request that omits it (capped "
+        "by the context left after its prompt).",
+    )
+    max_prefill_tokens: int = Field(
+        256,
+        ge=1,
+        description="Prompt tokens prefilled per step (a CoLD prompt counts twice); "
+        "longer prompts are chunked, so a stream waits at most one chunk for new prompts.",
+    )
+    prefix_cache_bytes: int = Field(
+        256 << 20,
+        ge=0,
+        description="Memory for prompt-prefix K/V reused across requests "
+        "(0: off); the amateur rows' prefixes are shared by every adapter.",
+    )
+    prefix_block_size: int = Field(16, ge=1, le=1024, description="Tokens per prefix block.")
+    request_timeout_s: float | None = Field(
+        600.0,
+        gt=0,
+        description="A request that waits this long without being scheduled "
+        "fails with a timeout (null: never).",
+    )
+    host_cache_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="Host memory for validated adapters kept for fast reloads "
+        "(least recently used go first; 0: none).",
+    )
+    max_adapter_bytes: int = Field(1 << 30, ge=1, description="Largest adapter weights file.")
+    lora_backend: str = Field(
+        "auto",
+        description="BGMV backend: auto, reference, grouped, gather_bmm, triton, "
+        "ascend_native (cold_ray.kernels).",
+    )
+    num_threads: int | None = Field(
+        1, ge=1, description="Torch intra-op threads (1 avoids OpenMP spin-wait collapse)."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template (inline, or a path to a file); default: the tokenizer's.",
+    )
+    packed_weights: bool = Field(
+        True, description="CPU: base weights laid out once for oneDNN (false: plain BLAS)."
+    )
+    small_batch_weights: bool = Field(
+        True,
+        description="CPU, with packed_weights: a second copy of the base weights for "
+        "decode-sized steps (panels for cpu_gemm_kernel, up to 32 rows; else row-major for 1-2 "
+        "rows); twice the base weights' memory.",
+    )
+    cpu_attention_kernel: bool = Field(
+        True,
+        description="CPU, fp32, one thread: decode attention in a C kernel compiled at "
+        "first start (false, or no C compiler: torch SDPA).",
+    )
+    cpu_gemm_kernel: bool = Field(
+        True,
+        description="CPU, fp32, one thread: LoRA deltas of up to 4 rows of an adapter "
+        "and, with small_batch_weights, the products of steps of up to 32 rows, in C.",
+    )
+    cpu_rowwise_kernels: bool = Field(
+        True,
+        description="CPU, fp32, one thread: residual add + RMS norm, rotary embedding + "
+        "KV-cache write and SiLU-mul in C (false, or no C compiler: torch's operators).",
+    )
+    graph_capture: bool = Field(
+        True,
+        description="CUDA/NPU: replay decode steps from graphs captured at start, each "
+        "checked against the eager step (false: every step eager, for debugging).",
+    )
 
     def check_model(self, args) -> None:
         """What this configuration needs of the model (`ModelArgs`); ValueError naming both

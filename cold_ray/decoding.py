@@ -8,6 +8,8 @@ drift apart (docs/design.md §1).
 from __future__ import annotations
 
 import math
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,7 +52,7 @@ class ColdParams:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens: int | None = None  # None: the engine's default_max_tokens, capped by context
     temperature: float = DEFAULT_TEMPERATURE  # below GREEDY_TEMPERATURE: greedy
     top_p: float = DEFAULT_TOP_P
     top_k: int = DEFAULT_TOP_K  # 0 = off
@@ -64,10 +66,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
-            raise ValueError(f"max_tokens must be an integer, got {self.max_tokens!r}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens is not None:
+            if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
+                raise ValueError(f"max_tokens must be an integer, got {self.max_tokens!r}")
+            if self.max_tokens < 1:
+                raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         _finite("temperature", self.temperature)
         _finite("top_p", self.top_p)
         if self.temperature < 0:
@@ -107,6 +110,34 @@ class ColdOnBaseModel(ValueError):
     """CoLD was asked for on the base model, which cannot contrast with itself."""
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request as the API accepted it: what to decode and how. Built once at the door, it
+    crosses the Serve handle as it is; the engine tokenizes it (EngineCore.make_request)."""
+
+    prompt: str | tuple[int, ...] | None = None  # a completion's text or token ids
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # None: the base model
+    cold: ColdParams | None = None  # None: plain decoding
+    messages: tuple[Mapping[str, str], ...] | None = None  # a chat, rendered by the template
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    echo: bool = False  # the first output carries the prompt's text (completions' `echo`)
+    cache_salt: str | None = None  # requests with another salt share no prompt-prefix K/V
+
+    def __post_init__(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("a request has either a prompt or messages")
+        if isinstance(self.prompt, list):
+            object.__setattr__(self, "prompt", tuple(self.prompt))
+        if self.messages is not None:
+            object.__setattr__(self, "messages", tuple(self.messages))
+        if self.cold is not None and self.adapter is None:
+            raise ColdOnBaseModel(
+                "CoLD needs an adapter: the base model cannot contrast with itself; "
+                "set model to an adapter or drop `cold`"
+            )
+
+
 def request_cold(
     adapter: AdapterDefaults | None,
     knob: bool | tuple[float | None, float | None] | None = None,
@@ -117,22 +148,17 @@ def request_cold(
     `adapter`: None for the base model. `knob`: what the request said — None (nothing), True
     (the adapter's defaults), False (plain), or (alpha, beta) where a None takes the default.
     Omitted, an adapter request decodes with CoLD at the adapter's tuned knobs unless tuning
-    turned CoLD off for it (or the operator set `cold_by_default: false`).
+    turned CoLD off for it (or the operator set `cold_by_default: false`); the base model
+    decodes plainly unless asked otherwise (which GenerationRequest then refuses).
     """
-    if adapter is None:
-        if knob is True or isinstance(knob, tuple):
-            raise ColdOnBaseModel(
-                "CoLD needs an adapter: the base model cannot contrast with itself; "
-                "set model to an adapter or drop `cold`"
-            )
-        return None
-    if knob is False:
+    if knob is False or (knob is None and adapter is None):
         return None
     if knob is None and not (cold_by_default and adapter.cold_enabled):
         return None
-    default = adapter.cold or ColdParams()
+    default = (adapter.cold if adapter is not None else None) or ColdParams()
     if not isinstance(knob, tuple):
         return default
     alpha, beta = knob
-    return ColdParams(default.alpha if alpha is None else alpha,
-                      default.beta if beta is None else beta)  # fmt: skip
+    return ColdParams(
+        default.alpha if alpha is None else alpha, default.beta if beta is None else beta
+    )

@@ -5,7 +5,14 @@ import torch
 
 from cold_ray.adapters.peft import AdapterError
 from cold_ray.config import EngineConfig
-from cold_ray.engine import ColdParams, EngineCore, EngineError, SamplingParams, UnknownAdapterError
+from cold_ray.engine import (
+    ColdParams,
+    ContextLengthError,
+    EngineCore,
+    EngineError,
+    SamplingParams,
+    UnknownAdapterError,
+)
 from cold_ray.kernels import reference
 from tests.helpers import hf_model, make_peft_adapter, peft_model
 
@@ -143,9 +150,10 @@ def test_max_tokens_stop_strings_and_context_limit(core):
         assert stopped["finish_reason"] == "stop"
         assert stopped["text"] == full[: full.index(stop)]
     long_prompt = list(range(5, 5 + 60))
-    out = run(
-        core, long_prompt, params=SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
-    )
+    with pytest.raises(ContextLengthError, match="the prompt has 60 and max_tokens asks for 50"):
+        run(core, long_prompt, params=SamplingParams(max_tokens=50))
+    # without max_tokens: up to the context (the default, 256, is capped by the 4 left)
+    out = run(core, long_prompt, params=SamplingParams(temperature=0.0, ignore_eos=True))
     assert out["finish_reason"] == "length" and out["completion_tokens"] == 64 - 60
 
 
@@ -187,13 +195,13 @@ def test_seeded_sampling_reproduces_and_respects_plausibility(core):
     [
         (dict(prompt=""), "prompt is empty"),
         (dict(prompt="   "), "prompt is empty"),
-        (dict(prompt=list(range(64))), "max_model_len is 64"),
+        (dict(prompt=list(range(64))), "the prompt has 64 tokens; this model.s context is 64"),
         (dict(prompt=[5, 10_000]), "token ids"),
         (dict(prompt=[5], cold=ColdParams()), "CoLD needs an adapter"),
     ],
 )
 def test_bad_requests_raise_clear_errors(core, kwargs, match):
-    with pytest.raises(EngineError, match=match):
+    with pytest.raises(ValueError, match=match):  # EngineError, or the request's own check
         core.make_request(kwargs.pop("prompt"), GREEDY, **kwargs)
 
 
@@ -265,7 +273,7 @@ def test_async_engine_streams_and_cancels(tiny_llama, tiny_adapters):
         assert chunks[-1].finished and chunks[-1].finish_reason == "length"
         assert "".join(c.text for c in chunks) == want["text"]
         # a consumer that walks away mid-stream frees its rows
-        stream = await engine.submit(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
+        stream = await engine.submit(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True),
                                      "a0", ColdParams())  # fmt: skip
         async for _ in stream:
             break

@@ -74,6 +74,7 @@ def test_plain_logprobs_are_the_models_distribution(core, models, temperature):
     for i, got in enumerate(lps):
         want = torch.log_softmax(full[len(PROMPT) - 1 + i], dim=-1)
         assert abs(got.logprob - float(want[got.token])) <= TOL
+        assert got.rank == 1 + int((want > want[got.token]).sum())
         check_top(got, want, 3)
         assert got.expert is None and got.amateur is None
 
@@ -108,7 +109,7 @@ def test_prompt_logprobs_cover_every_prompt_token_across_chunks(core, models, co
     params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
     req, outs = run(core, PROMPT, params, adapter, cold)
     got = outs[0].prompt_logprobs
-    assert len(got) == len(PROMPT) and got[0] is None
+    assert len(got) == len(PROMPT) and got[0].token == PROMPT[0] and got[0].logprob is None
     assert all(o.prompt_logprobs is None for o in outs[1:])
     b_all = logits_at(base, PROMPT)
     e_all = logits_at(expert, PROMPT) if cold else b_all

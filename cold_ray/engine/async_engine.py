@@ -8,12 +8,13 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from cold_ray.adapters.sources import AdapterResolver
 from cold_ray.config import EngineConfig
-from cold_ray.decoding import ColdParams, SamplingParams
+from cold_ray.decoding import ColdParams, GenerationRequest, SamplingParams
 from cold_ray.engine.core import EngineCore
 from cold_ray.engine.request import Request, RequestOutput
 
@@ -28,23 +29,30 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
         self._stopped = False
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._thread = threading.Thread(target=self._loop, name="cold-engine", daemon=True)
         self._thread.start()
 
     async def submit(
         self,
-        prompt: str | list[int],
+        request: GenerationRequest | str | list[int],
         params: SamplingParams | None = None,
         adapter: str | None = None,
         cold: ColdParams | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Validate now (raising EngineError/UnknownAdapterError), then stream outputs.
+        """Tokenize and check the request off the event loop (raising EngineError /
+        UnknownAdapterError naming the problem), then stream its outputs.
 
         Closing the iterator early (client gone, task cancelled) aborts the request, which
-        frees its rows and cache at the next step boundary.
+        frees its rows and cache at the next step boundary. Tokenisation (chat templates
+        included) has one thread of its own: a fast tokenizer is not made for concurrent use,
+        and one thread keeps requests in arrival order.
         """
-        req = self.core.make_request(prompt, params, adapter, cold, request_id)
+        loop = asyncio.get_running_loop()
+        req = await loop.run_in_executor(
+            self._tokenizer, self.core.make_request, request, params, adapter, cold, request_id
+        )
         return self._stream(req)
 
     async def _stream(self, req: Request) -> AsyncIterator[RequestOutput]:
@@ -146,4 +154,5 @@ class AsyncEngine:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=5)
+        self._tokenizer.shutdown(wait=False)
         self.core.shutdown()

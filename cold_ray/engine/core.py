@@ -14,6 +14,7 @@ produced is returned, whatever failed after it (docs/design.md §8, §9).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,17 +22,24 @@ import torch
 from cold_ray.adapters.slots import AdapterSlots
 from cold_ray.adapters.sources import AdapterResolver, AdapterSource
 from cold_ray.config import EngineConfig
-from cold_ray.decoding import ColdParams, SamplingParams, request_cold
+from cold_ray.decoding import ColdParams, GenerationRequest, SamplingParams, request_cold
 from cold_ray.engine.adapter_loader import AdapterLoader
 from cold_ray.engine.detok import IncrementalDetokenizer, byte_fallback_ids
 from cold_ray.engine.prefix_cache import PrefixCache
-from cold_ray.engine.request import EngineError, Request, RequestOutput
+from cold_ray.engine.request import ContextLengthError, EngineError, Request, RequestOutput
 from cold_ray.engine.runner import ModelRunner
 from cold_ray.engine.sampling import new_sampler_state
 from cold_ray.engine.scheduler import Scheduler
 from cold_ray.model.loader import read_model_args, resolve_model_path
 
 log = logging.getLogger(__name__)
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """A Jinja template given inline, or the contents of the file it names."""
+    if value is None or "{" in value:
+        return value
+    return Path(value).expanduser().read_text()
 
 
 class EngineCore:
@@ -45,6 +53,7 @@ class EngineCore:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+        self.chat_template = load_chat_template(config.chat_template)
         byte_fallback_ids(self.tokenizer)  # scanned once here, not on the first request
         self.runner = ModelRunner(config, self.args, self.model_path)
         self.stats = {
@@ -64,9 +73,8 @@ class EngineCore:
             if config.prefix_cache_bytes
             else None
         )
-        eos_ids = set(self.args.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
         self.scheduler = Scheduler(
-            config, self.runner.cache, self.adapters, self.prefix_cache, eos_ids, self.stats
+            config, self.runner.cache, self.adapters, self.prefix_cache, self.tokenizer, self.stats
         )
         self.driven_by_thread = False  # set by AsyncEngine: only its thread may step()
 
@@ -88,40 +96,75 @@ class EngineCore:
 
     def make_request(
         self,
-        prompt: str | list[int],
+        request: GenerationRequest | str | list[int],
         params: SamplingParams | None = None,
         adapter: str | None = None,
         cold: ColdParams | None = None,
         request_id: str | None = None,
     ) -> Request:
-        """Tokenize and check what only the model knows (vocabulary, context); raises
-        EngineError / UnknownAdapterError naming the problem."""
-        params = params or SamplingParams()
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt) if prompt.strip() else []  # BOS where wanted
-        else:
-            ids = list(prompt)
-            if any(not isinstance(t, int) or not 0 <= t < self.args.vocab_size for t in ids):
-                raise EngineError(
-                    f"prompt token ids must be integers in [0, {self.args.vocab_size})"
-                )
-        if not ids:
-            raise EngineError("prompt is empty")
-        if len(ids) >= self.config.max_model_len:
-            raise EngineError(
-                f"prompt has {len(ids)} tokens; max_model_len is {self.config.max_model_len} "
-                "(prompt plus at least one generated token)"
+        """Tokenize a request and check what only the model knows — its vocabulary, its
+        context, the adapters it serves; raises EngineError (ContextLengthError) or
+        UnknownAdapterError naming the problem. Scripts may pass a prompt and the knobs
+        instead of a GenerationRequest."""
+        if not isinstance(request, GenerationRequest):
+            extra = {"request_id": request_id} if request_id is not None else {}
+            request = GenerationRequest(
+                request if isinstance(request, str) else tuple(request),
+                params or SamplingParams(),
+                adapter,
+                cold,
+                **extra,
             )
-        if adapter is not None:
-            self.adapters.source(adapter)  # unknown adapter -> UnknownAdapterError now
-        if cold is not None and adapter is None:
-            raise EngineError("CoLD needs an adapter: the base model cannot contrast with itself")
-        req = Request(ids, params, adapter, cold)
-        if request_id is not None:
-            req.request_id = request_id
+        ids = self._tokenize(request)
+        room = self.config.max_model_len - len(ids)
+        if room < 1:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens; this model's context is "
+                f"{self.config.max_model_len} tokens (prompt plus at least one generated token)"
+            )
+        params = request.params
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=min(self.config.default_max_tokens, room))
+        elif params.max_tokens > room:
+            raise ContextLengthError(
+                f"this model's context is {self.config.max_model_len} tokens; the prompt has "
+                f"{len(ids)} and max_tokens asks for {params.max_tokens} more: shorten the "
+                "prompt or lower max_tokens"
+            )
+        if request.adapter is not None:
+            self.adapters.source(request.adapter)  # unknown adapter -> UnknownAdapterError now
+        req = Request(ids, params, request.adapter, request.cold, request.request_id)
+        req.cache_salt, req.echo = request.cache_salt, request.echo
         req.detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         req.sampler = new_sampler_state(params)
         return req
+
+    def _tokenize(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    [dict(m) for m in request.messages],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                    chat_template=self.chat_template,
+                )
+            except Exception as e:  # no template, or the template refused the messages
+                raise EngineError(
+                    f"cannot apply the chat template: {e}; configure chat_template in the "
+                    "engine's config if the model has none"
+                ) from e
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(request.prompt, str):
+            if not request.prompt.strip():
+                raise EngineError("prompt is empty")
+            return self.tokenizer.encode(request.prompt)  # BOS where the model wants one
+        ids = list(request.prompt)
+        vocab = self.args.vocab_size
+        if not ids:
+            raise EngineError("prompt is empty")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise EngineError(f"prompt token ids must be integers in [0, {vocab})")
+        return ids
 
     def add(self, req: Request) -> None:
         self.scheduler.add(req)

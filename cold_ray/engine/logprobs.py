@@ -24,34 +24,39 @@ from cold_ray.kernels.reference import log_alpha
 
 @dataclass(frozen=True)
 class TokenLogprobs:
-    """One position: the token there, its log-probability and the `top` most likely tokens
-    (id, log-probability), most likely first. CoLD positions add `expert` and `amateur`: the
-    log-probabilities of the token and of each `top` entry under each model."""
+    """One position: the token there, its log-probability (None for a prompt's first token,
+    which has no context) and the `top` most likely tokens (id, log-probability), most likely
+    first. CoLD positions add `expert` and `amateur`: the log-probabilities of the token and
+    of each `top` entry under each model."""
 
     token: int
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # of the token in the distribution (1: the likeliest)
     expert: tuple[float, ...] | None = None  # (the token, then each top entry)
     amateur: tuple[float, ...] | None = None
 
 
 def _rows(lp: torch.Tensor, tokens: torch.Tensor, n_top: list[int]):
-    """(chosen log-probs [rows], top ids [rows, k], top log-probs [rows, k]) on the host."""
+    """(chosen log-probs [rows], their ranks, top ids [rows, k], top log-probs [rows, k]) on
+    the host."""
     k = max(n_top, default=0)
-    chosen = lp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    chosen = lp.gather(1, tokens.unsqueeze(1))
+    ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
+    chosen = chosen.squeeze(1).tolist()
     if k:
         top = lp.topk(k, dim=-1)
-        return chosen.tolist(), top.indices.tolist(), top.values.tolist()
-    return chosen.tolist(), [[]] * len(n_top), [[]] * len(n_top)
+        return chosen, ranks, top.indices.tolist(), top.values.tolist()
+    return chosen, ranks, [[]] * len(n_top), [[]] * len(n_top)
 
 
 def plain(logits: torch.Tensor, tokens: torch.Tensor, n_top: list[int]) -> list[TokenLogprobs]:
     """logits: [rows, V], tokens: [rows] -> one TokenLogprobs per row."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen, ids, values = _rows(lp, tokens, n_top)
+    chosen, ranks, ids, values = _rows(lp, tokens, n_top)
     return [
-        TokenLogprobs(t, c, tuple(zip(i[:n], v[:n])))
-        for t, c, i, v, n in zip(tokens.tolist(), chosen, ids, values, n_top)
+        TokenLogprobs(t, c, tuple(zip(i[:n], v[:n])), r)
+        for t, c, r, i, v, n in zip(tokens.tolist(), chosen, ranks, ids, values, n_top)
     ]
 
 
@@ -71,15 +76,14 @@ def contrastive(
     b = beta.float().unsqueeze(-1)
     score = ((1.0 + b) * raw - b * amateur_logits.float()).masked_fill(~valid, -math.inf)
     lp = torch.log_softmax(score, dim=-1)
-    chosen, ids, values = _rows(lp, tokens, n_top)
+    chosen, ranks, ids, values = _rows(lp, tokens, n_top)
     out = []
     for r, (t, c, n) in enumerate(zip(tokens.tolist(), chosen, n_top)):
         # a top list never reaches past the plausible set (those tokens have probability 0)
         top = [(i, v) for i, v in zip(ids[r][:n], values[r][:n]) if v > -math.inf]
         at = torch.tensor([t] + [i for i, _ in top], device=e.device)
-        out.append(
-            TokenLogprobs(t, c, tuple(top), tuple(e[r, at].tolist()), tuple(a[r, at].tolist()))
-        )
+        expert, amateur = tuple(e[r, at].tolist()), tuple(a[r, at].tolist())
+        out.append(TokenLogprobs(t, c, tuple(top), ranks[r], expert, amateur))
     return out
 
 

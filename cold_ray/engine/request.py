@@ -24,6 +24,10 @@ class UnknownAdapterError(EngineError, KeyError):
         return self.args[0]
 
 
+class ContextLengthError(EngineError):
+    """The prompt, or the prompt plus max_tokens, does not fit the model's context."""
+
+
 class RequestTimeout(EngineError):
     """A request waited longer than `request_timeout_s` without being scheduled."""
 
@@ -44,7 +48,10 @@ class RequestOutput:
     completion_tokens: int = 0
     error: Exception | None = None
     logprobs: list[TokenLogprobs] | None = None  # of token_ids, when the request asks
-    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with the first output
+    prompt_logprobs: list[TokenLogprobs] | None = None  # with the first output
+    prompt_text: str | None = None  # with the first output of a request that echoes
+    token_text: dict[int, str] | None = None  # the text of each token its logprobs name
+    served_by: str | None = None  # the replica that served it (set by the serving layer)
 
 
 @dataclass(eq=False)  # requests are found by identity
@@ -63,7 +70,9 @@ class Request:
     adapter_version: str | None = None  # checksum of the adapter weights its rows run
     arrived: float = field(default_factory=time.monotonic)
     prefix_checked: bool = False  # the prefix cache was asked for its rows' prompt K/V
-    prompt_logprobs: list[TokenLogprobs | None] | None = None  # computed so far
+    prompt_logprobs: list[TokenLogprobs] | None = None  # computed so far
+    echo: bool = False  # the first output carries the prompt's text
+    cache_salt: str | None = None  # prefix-cache blocks are shared only within one salt
 
     @property
     def num_rows(self) -> int:

@@ -101,12 +101,13 @@ class Scheduler:
         cache: KVCache,
         adapters: AdapterLoader,
         prefix_cache: PrefixCache | None,
-        eos_ids: set[int],
+        tokenizer,
         stats: dict,
     ):
         self.config = config
         self.cache, self.adapters, self.prefix_cache = cache, adapters, prefix_cache
-        self.eos_ids, self.stats = eos_ids, stats
+        self.tokenizer, self.stats = tokenizer, stats
+        self.eos_ids = set(adapters.args.eos_token_ids) | {tokenizer.eos_token_id} - {None}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._outbox: list[RequestOutput] = []
@@ -195,7 +196,10 @@ class Scheduler:
             adapter_slot, req.adapter_version = self.adapters.pin(req.adapter)
             req.adapter_pinned = True
             identity = (req.adapter, req.adapter_version)
-        for slot, key in [(adapter_slot, identity)] + ([(-1, BASE)] if req.cold else []):
+        keys = [(adapter_slot, identity)] + ([(-1, BASE)] if req.cold else [])
+        if req.cache_salt is not None:  # another tenant's blocks are never this row's
+            keys = [(slot, (key, req.cache_salt)) for slot, key in keys]
+        for slot, key in keys:
             row = Row(req, slot, prefix_key=key)
             self.cache.add(row)
             req.rows.append(row)
@@ -261,7 +265,9 @@ class Scheduler:
                 self._store_prefix(chunk.row)  # after every chunk: a request starting while
         self.stats["prefill_tokens"] += sum(len(c.tokens) for c in plan.prefill)  # it prefills
         for req, found in result.prompt_logprobs.items():
-            req.prompt_logprobs = (req.prompt_logprobs or [None]) + found
+            if req.prompt_logprobs is None:  # the first prompt token has no context to score
+                req.prompt_logprobs = [TokenLogprobs(req.prompt_ids[0], None)]
+            req.prompt_logprobs += found
         for req, token in tokens.items():
             if req.finish_reason is not None:
                 continue  # ended earlier in this step
@@ -297,13 +303,20 @@ class Scheduler:
                 reason = "length"
             elif len(req.prompt_ids) + len(req.output_ids) >= self.config.max_model_len:
                 reason = "length"
+        first = len(req.output_ids) == 1
         out = RequestOutput(
             req.request_id,
             text,
             [token],
             logprobs=[logprobs] if p.logprobs is not None else None,
-            prompt_logprobs=req.prompt_logprobs if len(req.output_ids) == 1 else None,
+            prompt_logprobs=req.prompt_logprobs if first else None,
         )
+        if first and req.echo:
+            out.prompt_text = self.tokenizer.decode(req.prompt_ids)
+        named = [*(out.logprobs or []), *(out.prompt_logprobs or [])]
+        if any(named):
+            ids = {i for lp in named if lp is not None for i in (lp.token, *(t for t, _ in lp.top))}
+            out.token_text = {i: self.tokenizer.decode([i]) for i in ids}
         if reason is None:
             out.prompt_tokens, out.completion_tokens = len(req.prompt_ids), len(req.output_ids)
             self._outbox.append(out)
