@@ -69,18 +69,16 @@ def app(tmp_path_factory, tiny_llama, tiny_adapters):
     try:
         with serve_folder(store) as files, local_ray() as url:
             cfg = AppArgs(
-                model=str(model),
                 served_model_name="tiny",
                 registry=str(root / "reg.sqlite"),
                 adapters=[{"name": "startup", "source": str(tiny_adapters[0])}],
                 adapter_roots=[str(uploads), files],
                 adapter_schemes=["file", "http", "s3"],
-                max_rows=8,
-                max_model_len=4096,
-                max_lora_rank=8,
-                max_loras=2,
                 api_key_env="COLD_FAULT_API_KEY",
                 admin_key_env="COLD_FAULT_ADMIN_KEY",
+                engine=dict(
+                    model=str(model), max_rows=8, max_model_len=4096, max_lora_rank=8, max_loras=2
+                ),
             )
             deploy(cfg)
             yield {
@@ -423,9 +421,9 @@ def test_request_timed_out_in_the_queue_is_a_retryable_503(app):
 
     from cold_ray.serve.app import compose
 
-    cfg = AppArgs.model_validate(
-        {**app["cfg"].model_dump(), "adapters": [], "max_rows": 2, "request_timeout_s": 1.0}
-    )
+    dump = app["cfg"].model_dump()
+    engine = {**dump["engine"], "max_rows": 2, "request_timeout_s": 1.0}
+    cfg = AppArgs.model_validate({**dump, "adapters": [], "engine": engine})
     serve.run(compose(cfg, ZERO_CPU, ZERO_CPU), name="tmo", route_prefix="/tmo")
     try:
         with httpx.Client(base_url=app["url"], timeout=60) as c:

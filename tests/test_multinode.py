@@ -11,7 +11,6 @@ Both leave no Ray or PostgreSQL process behind.
 
 import shutil
 import time
-import uuid
 
 import psutil
 import pytest
@@ -20,6 +19,7 @@ from cold_ray.adapters.peft import weights_sha256
 from cold_ray.adapters.registry import RegistryError, default_registry_path, open_registry
 from cold_ray.adapters.sources import cache_key
 from cold_ray.benchmarks.registry import complete, http_json, node_cluster, pinned, serve_folder
+from cold_ray.engine import UnknownAdapterError
 from cold_ray.model.loader import read_model_args
 from tests.postgres import PASSWORD
 from tests.serve_util import wait_for
@@ -68,7 +68,7 @@ def test_sqlite_on_one_node_is_not_seen_elsewhere_and_the_app_refuses_it(
         assert target_b == str(caches["node_b"] / "registry.sqlite") != str(default_registry_path())
         assert names_b == []  # the replica on node B would answer 404 for a0
 
-        cfg = AppArgs(model=str(tiny_llama), max_lora_rank=8)
+        cfg = AppArgs(engine=dict(model=str(tiny_llama), max_lora_rank=8))
         with pytest.raises(RayServeException, match="SQLite file.*cluster has 2 nodes.*Post") as e:
             build_app(cfg)  # (a failed build is reported to Serve at once, not retried)
         assert isinstance(e.value.__cause__, RegistryError)
@@ -81,21 +81,17 @@ def test_sqlite_on_one_node_is_not_seen_elsewhere_and_the_app_refuses_it(
             ray.get(replica_start.remote(cfg.model_dump()))
 
 
-def _engine_request(adapter: str) -> dict:
-    sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": [],
-                "stop_token_ids": [], "ignore_eos": True}  # fmt: skip
-    return {"request_id": uuid.uuid4().hex, "adapter": adapter, "prompt": "one two three",
-            "messages": None, "max_tokens": 2, "cold": None, "sampling": sampling}  # fmt: skip
-
-
-def _engine_answer(adapter: str) -> dict:
-    """The engine replica's own first answer for `adapter` (past the ingress's check)."""
+def _engine_answer(adapter: str):
+    """The engine replica's own first output for `adapter` (past the ingress's check)."""
     from ray import serve
 
-    handle = serve.get_deployment_handle("ColdEngine", app_name="cold")
-    gen = handle.options(stream=True, multiplexed_model_id=adapter).generate.remote(
-        _engine_request(adapter)
+    from cold_ray.decoding import GenerationRequest, SamplingParams
+
+    request = GenerationRequest(
+        "one two three", SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), adapter
     )
+    handle = serve.get_deployment_handle("ColdEngine", app_name="cold")
+    gen = handle.options(stream=True, multiplexed_model_id=adapter).generate.remote(request)
     first = next(iter(gen))
     gen.cancel()
     return first
@@ -135,11 +131,15 @@ def test_postgres_registry_serves_adapters_on_every_node(
         node_cluster({n: caches[n] for n in ("node_a", "node_b")}) as (cluster, base),
     ):
         cfg = AppArgs(
-            model=str(tiny_llama), served_model_name="tiny", registry=url, max_lora_rank=8,
-            max_rows=4, max_model_len=64, adapter_schemes=["file", "http"],
-            adapter_roots=[files], adapters=[{"name": "boot", "source": f"{files}/a0"}],
-            api_key_env="COLD_TEST_NO_KEY", admin_key_env="COLD_TEST_NO_KEY",
-        )  # fmt: skip
+            served_model_name="tiny",
+            registry=url,
+            adapter_schemes=["file", "http"],
+            adapter_roots=[files],
+            adapters=[{"name": "boot", "source": f"{files}/a0"}],
+            api_key_env="COLD_TEST_NO_KEY",
+            admin_key_env="COLD_TEST_NO_KEY",
+            engine=dict(model=str(tiny_llama), max_lora_rank=8, max_rows=4, max_model_len=64),
+        )
         prepare(cfg)  # registers `boot` from node A (the driver)
         assert fetched("node_a") == {keys[0]} and fetched("node_b") == set()
         serve.run(compose(cfg, pinned("node_b", 1), pinned("node_a", 0)), name="cold",
@@ -179,10 +179,13 @@ def test_postgres_registry_serves_adapters_on_every_node(
         wait_for(lambda: keys[1] not in fetched("node_c"), timeout=30, what="the old copy swept")
 
         # removed on node A: the engine replica on node C refuses it itself
-        assert "meta" in _engine_answer("posted")
+        assert _engine_answer("posted").error is None
         status, _ = http_json("DELETE", f"{base}/v1/adapters/posted")
         assert status == 200 and complete(base, "posted")[0] == 404
         # within 10 s, under the registry's 30 s resync: NOTIFY carried it, not the resync
-        wait_for(lambda: _engine_answer("posted").get("status") == 404, timeout=10,
-                 what="the removal to reach node C")  # fmt: skip
+        wait_for(
+            lambda: isinstance(_engine_answer("posted").error, UnknownAdapterError),
+            timeout=10,
+            what="the removal to reach node C",
+        )
         assert complete(base, "boot")[0] == 200

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import re
+import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,22 +22,37 @@ def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
+def _files(root: Path) -> list[Path]:
+    """The repository's files, relative to `root`: what git tracks or would (build outputs
+    and venvs are not the repository's); every file where `root` is no git checkout."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    if listed.returncode != 0:
+        return [p.relative_to(root) for p in root.rglob("*") if p.is_file()]
+    return [Path(line) for line in listed.stdout.splitlines() if (root / line).exists()]
+
+
 def importable_top_level(root: Path) -> dict[str, str]:
     """{name: what} for each `import name` that `root` satisfies when it is on sys.path: a
     module file, a package (`__init__.py`), or a namespace portion (a folder holding Python
     files anywhere below; a folder of C sources or YAML imports nothing)."""
     found = {}
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
+    for path in sorted(_files(root)):
+        top = path.parts[0]
+        if top.startswith("."):
             continue
-        m = _EXTENSION.match(entry.name)
-        if entry.is_file() and m:
-            found[m.group(1)] = f"module {entry.name}"
-        elif entry.is_dir() and entry.name.isidentifier():
-            if (entry / "__init__.py").exists():
-                found[entry.name] = f"package {entry.name}/"
-            elif any(entry.rglob("*.py")):
-                found[entry.name] = f"namespace folder {entry.name}/ (holds Python files)"
+        m = _EXTENSION.match(top)
+        if len(path.parts) == 1 and m:
+            found[m.group(1)] = f"module {top}"
+        elif len(path.parts) > 1 and top.isidentifier():
+            if path.parts[1] == "__init__.py":
+                found[top] = f"package {top}/"
+            elif path.suffix == ".py":
+                found.setdefault(top, f"namespace folder {top}/ (holds Python files)")
     return found
 
 

@@ -142,10 +142,12 @@ def test_model_and_adapter_loads_never_unpickle(no_unpickling, tmp_path, tiny_ll
     model load, and adapter loads on demand off the step thread all run with unpickling
     disabled."""
     cfg = AppArgs(
-        model=str(tiny_llama), registry=str(tmp_path / "reg.sqlite"), max_lora_rank=8,
+        registry=str(tmp_path / "reg.sqlite"),
         adapters=[{"name": f"a{i}", "source": str(p)} for i, p in enumerate(tiny_adapters)],
-        max_rows=4, max_model_len=64, max_loras=2,
-    )  # fmt: skip
+        engine=dict(
+            model=str(tiny_llama), max_lora_rank=8, max_rows=4, max_model_len=64, max_loras=2
+        ),
+    )
     prepare(cfg)
     registry = Registry(cfg.registry_path())
     core = EngineCore(cfg.engine_config(), resolver=registry.resolver())

@@ -42,13 +42,26 @@ def stack(tmp_path_factory, tiny_llama, tiny_adapters):
     shutil.copy(tiny_adapters[2] / "adapter_config.json", uploads / "pickled")
     (uploads / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
     cfg = AppArgs(
-        model=str(model), served_model_name="tiny", registry=str(root / "reg.sqlite"),
-        adapters=[{"name": "a0", "source": str(tiny_adapters[0]), "alpha": 0.3, "beta": 1.0},
-                  {"name": "a1", "source": str(tiny_adapters[1]), "cold_enabled": False}],
-        adapter_roots=[str(uploads)], max_rows=8, max_model_len=CTX, max_tokens_limit=LIMIT,
-        max_lora_rank=8, max_loras=2, chat_template=CHAT_TEMPLATE, max_body_bytes=64 * 1024,
-        api_key_env="COLD_TEST_API_KEY", admin_key_env="COLD_TEST_ADMIN_KEY",
-    )  # fmt: skip
+        served_model_name="tiny",
+        registry=str(root / "reg.sqlite"),
+        adapters=[
+            {"name": "a0", "source": str(tiny_adapters[0]), "alpha": 0.3, "beta": 1.0},
+            {"name": "a1", "source": str(tiny_adapters[1]), "cold_enabled": False},
+        ],
+        adapter_roots=[str(uploads)],
+        max_tokens_limit=LIMIT,
+        max_body_bytes=64 * 1024,
+        api_key_env="COLD_TEST_API_KEY",
+        admin_key_env="COLD_TEST_ADMIN_KEY",
+        engine=dict(
+            model=str(model),
+            max_rows=8,
+            max_model_len=CTX,
+            max_lora_rank=8,
+            max_loras=2,
+            chat_template=CHAT_TEMPLATE,
+        ),
+    )
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)  # replicas inherit the environment of the cluster's start
     metrics_port = free_port()
@@ -441,7 +454,15 @@ HOSTILE = [
         422,
     ),
     ("n=2", "POST", "/v1/completions", CLIENT, {"prompt": "x", "n": 2}, 400),
-    ("logprobs", "POST", "/v1/completions", CLIENT, {"prompt": "x", "logprobs": 3}, 400),
+    ("logprobs over 20", "POST", "/v1/completions", CLIENT, {"prompt": "x", "logprobs": 21}, 422),
+    (
+        "top_logprobs without logprobs",
+        "POST",
+        "/v1/chat/completions",
+        CLIENT,
+        {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        400,
+    ),
     ("oversized body", "POST", "/v1/completions", CLIENT, {"prompt": "y" * 70_000}, 413),
     ("no token", "POST", "/v1/completions", {}, {"prompt": "x"}, 401),
     (

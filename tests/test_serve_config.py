@@ -30,19 +30,19 @@ def test_configs_pin_devices():
         return app["args"], dep
 
     args, dep = engine("cold.yaml")
-    assert args["device"] == "cpu" and dep["ray_actor_options"]["num_cpus"] >= 1
+    assert args["engine"]["device"] == "cpu" and dep["ray_actor_options"]["num_cpus"] >= 1
     assert dep["max_queued_requests"] > 0 and "autoscaling_config" in dep
     args, dep = engine("cold-gpu.yaml")
-    assert args["device"] == "cuda" and dep["ray_actor_options"]["num_gpus"] == 1
+    assert args["engine"]["device"] == "cuda" and dep["ray_actor_options"]["num_gpus"] == 1
     args, dep = engine("cold-npu.yaml")
-    assert args["device"] == "npu" and dep["ray_actor_options"]["resources"] == {"NPU": 1}
+    assert args["engine"]["device"] == "npu" and dep["ray_actor_options"]["resources"] == {"NPU": 1}
 
 
 def test_invalid_config_is_reported(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "applications:\n  - name: x\n    import_path: cold_ray.serve:build_app\n"
-        "    args: {device: tpu, max_rows: 1, colour: red}\n"
+        "    args: {engine: {device: tpu, max_rows: 1}, colour: red}\n"
     )
     problems = validate_file(str(bad))
     assert len(problems) == 1
@@ -52,9 +52,10 @@ def test_invalid_config_is_reported(tmp_path):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        ({"max_tokens_limit": 2000, "max_model_len": 1024}, "max_tokens_limit 2000"),
-        ({"max_rows": 1}, "max_rows"),
-        ({"dtype": "int8"}, "dtype"),
+        ({"max_tokens_limit": 2000, "engine": {"max_model_len": 1024}}, "max_tokens_limit 2000"),
+        ({"engine": {"max_rows": 1}}, "max_rows"),
+        ({"engine": {"dtype": "int8"}}, "dtype"),
+        ({"max_rows": 4}, "max_rows moved under `engine:`"),
         ({"adapters": [{"name": "x"}]}, "source"),
     ],
 )
@@ -119,20 +120,33 @@ def test_bodies_that_parse():
     assert chat.chat() == [{"role": "system", "content": "be"}, {"role": "user", "content": "hi"}]
 
 
-@pytest.mark.parametrize("field,active", [
-    ("min_tokens", 5), ("min_p", 0.05), ("repetition_penalty", 1.3), ("use_beam_search", True),
-    ("include_stop_str_in_output", True), ("skip_special_tokens", False),
-    ("truncate_prompt_tokens", 8), ("prompt_logprobs", 1), ("allowed_token_ids", [1, 2]),
-    ("bad_words", ["x"]), ("guided_json", {"type": "object"}), ("guided_regex", "a+"),
-    ("guided_choice", ["a", "b"]), ("guided_grammar", "root ::= x"),
-    ("structured_outputs", {"regex": "a"}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field,active",
+    [
+        ("min_tokens", 5),
+        ("min_p", 0.05),
+        ("repetition_penalty", 1.3),
+        ("use_beam_search", True),
+        ("include_stop_str_in_output", True),
+        ("skip_special_tokens", False),
+        ("truncate_prompt_tokens", 8),
+        ("allowed_token_ids", [1, 2]),
+        ("bad_words", ["x"]),
+        ("guided_json", {"type": "object"}),
+        ("guided_regex", "a+"),
+        ("guided_choice", ["a", "b"]),
+        ("guided_grammar", "root ::= x"),
+        ("structured_outputs", {"regex": "a"}),
+    ],
+)
 def test_vllm_sampling_extensions_are_refused_unless_they_ask_for_nothing(field, active):
     """A vLLM client's min_tokens or guided_json must not be dropped as an unknown field."""
     from cold_ray.serve.schemas import VLLM_NO_OPS
 
-    for schema, base in ((CompletionRequest, {"prompt": "x"}),
-                         (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}]})):  # fmt: skip
+    for schema, base in (
+        (CompletionRequest, {"prompt": "x"}),
+        (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}]}),
+    ):
         why = schema.model_validate_json(json.dumps({**base, field: active})).unsupported()
         assert why is not None and why.startswith(f"{field} is not supported"), why
         for idle in VLLM_NO_OPS[field]:  # the values that ask for nothing pass
@@ -175,10 +189,13 @@ def test_startup_adapters_register_once_and_follow_weight_changes(
     src = tmp_path / "demo"
     shutil.copytree(tiny_adapters[0], src)
     cfg = AppArgs(
-        model=str(tiny_llama), registry=str(tmp_path / "reg.sqlite"), max_lora_rank=8,
-        adapters=[{"name": "demo", "source": str(src)},
-                  {"name": "gone", "source": str(tmp_path / "missing"), "required": False}],
-    )  # fmt: skip
+        registry=str(tmp_path / "reg.sqlite"),
+        adapters=[
+            {"name": "demo", "source": str(src)},
+            {"name": "gone", "source": str(tmp_path / "missing"), "required": False},
+        ],
+        engine=dict(model=str(tiny_llama), max_lora_rank=8),
+    )
     args = read_model_args(tiny_llama)
     register_startup_adapters(cfg, args)
     reg = Registry(cfg.registry_path())
@@ -305,9 +322,11 @@ def test_openapi_describes_the_request_bodies():
     refs = re.findall(r'"\$ref": "([^"]+)"', json.dumps(doc))
     assert refs and all(_resolve(doc, r) for r in refs)
     bodies = {}
-    for path, model in [("/v1/completions", "CompletionRequest"),
-                        ("/v1/chat/completions", "ChatCompletionRequest"),
-                        ("/v1/adapters", "AdapterCreate")]:  # fmt: skip
+    for path, model in [
+        ("/v1/completions", "CompletionRequest"),
+        ("/v1/chat/completions", "ChatCompletionRequest"),
+        ("/v1/adapters", "AdapterCreate"),
+    ]:
         op = doc["paths"][path]["post"]
         schema = op["requestBody"]["content"]["application/json"]["schema"]
         assert schema == {"$ref": f"#/components/schemas/{model}"} and op["security"]
@@ -317,13 +336,17 @@ def test_openapi_describes_the_request_bodies():
     assert "cold" in bodies["/v1/completions"]["properties"]
     assert "messages" in bodies["/v1/chat/completions"]["required"]
     assert {"name", "source"} <= set(bodies["/v1/adapters"]["required"])
-    ok = [("/v1/completions", {"prompt": "x", "cold": {"alpha": 0.2}, "max_tokens": 4}),
-          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-          ("/v1/adapters", {"name": "a", "source": "/x", "beta": 0.5})]  # fmt: skip
-    bad = [("/v1/completions", {"prompt": "x", "max_tokens": 0}),
-           ("/v1/completions", {"prompt": "x", "cold": {"alpha": 2}}),
-           ("/v1/chat/completions", {"messages": []}),
-           ("/v1/adapters", {"name": "a"})]  # fmt: skip
+    ok = [
+        ("/v1/completions", {"prompt": "x", "cold": {"alpha": 0.2}, "max_tokens": 4}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/adapters", {"name": "a", "source": "/x", "beta": 0.5}),
+    ]
+    bad = [
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}),
+        ("/v1/completions", {"prompt": "x", "cold": {"alpha": 2}}),
+        ("/v1/chat/completions", {"messages": []}),
+        ("/v1/adapters", {"name": "a"}),
+    ]
     for path, body in ok:
         jsonschema.validate(body, bodies[path])
     for path, body in bad:
@@ -335,58 +358,65 @@ def test_sse_stream_shape():
     import asyncio
     import json
 
+    from cold_ray.decoding import ColdParams, GenerationRequest
+    from cold_ray.engine.request import RequestOutput
+    from cold_ray.serve.errors import EngineReplicaFailed
     from cold_ray.serve.responses import Call, sse_stream
 
-    meta = {"replica": "r", "decoding": "cold", "alpha": 0.1, "beta": 0.5, "prompt_tokens": 3}
-    items = [
-        {"text": "a", "tokens": 1, "finish_reason": None, "completion_tokens": 1, "meta": meta},
-        {"text": "", "tokens": 1, "finish_reason": None, "completion_tokens": 2},  # held back
-        {"text": "bc", "tokens": 1, "finish_reason": "length", "completion_tokens": 3},
-    ]
+    def outputs():
+        first = RequestOutput("r1", "a", [5], prompt_tokens=3, completion_tokens=1)
+        first.served_by = "replica-1"
+        held = RequestOutput("r1", "", [6], prompt_tokens=3, completion_tokens=2)  # held back
+        last = RequestOutput("r1", "bc", [7], True, "length", 3, 3)
+        return [first, held, last]
 
-    async def collect(kind, items):
+    async def collect(chat, items):
         async def gen():
             for i in items:
                 yield i
 
-        call = Call(None, items[0], "m", kind)
+        request = GenerationRequest("hi", adapter="a0", cold=ColdParams(0.1, 0.5))
+        call = Call(request, gen(), items[0], "m", chat, "hi")
         return [line async for line in sse_stream(call, gen(), include_usage=True)]
 
-    lines = asyncio.run(collect("chat", items))
-    assert all(x.startswith("data: ") and x.endswith("\n\n") for x in lines)
-    assert lines[-1] == "data: [DONE]\n\n"
-    chunks = [json.loads(x[6:]) for x in lines[:-1]]
-    assert len(chunks) == 3  # the empty delta is not sent
-    assert chunks[0]["choices"][0]["delta"] == {"content": "a", "role": "assistant"}
-    assert chunks[0]["cold"] == {"decoding": "cold", "alpha": 0.1, "beta": 0.5}
-    assert chunks[1]["choices"][0]["finish_reason"] == "length"
-    assert chunks[2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
-    failed = asyncio.run(collect("completion", [items[0], {"status": 503, "error": {
-        "message": "gone", "code": "engine_failed"}}]))  # fmt: skip
-    assert json.loads(failed[1][6:])["error"]["type"] == "server_error"
+    for chat in (False, True):
+        lines = asyncio.run(collect(chat, outputs()))
+        assert lines[-1] == "data: [DONE]\n\n" and all(line.startswith("data: ") for line in lines)
+        chunks = [json.loads(line[6:]) for line in lines[:-1]]
+        assert len(chunks) == 3  # the held-back output sends nothing
+        assert chunks[0]["cold"] == {"decoding": "cold", "alpha": 0.1, "beta": 0.5}
+        assert "cold" not in chunks[1]
+        text = [
+            c["choices"][0]["delta"]["content"] if chat else c["choices"][0]["text"]
+            for c in chunks[:2]
+        ]
+        assert text == ["a", "bc"]
+        assert chunks[1]["choices"][0]["finish_reason"] == "length"
+        assert chunks[2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    broken = outputs()[:1] + [RequestOutput("r1", "", [], True, "error")]
+    broken[1].error = EngineReplicaFailed("gone")
+    failed = asyncio.run(collect(False, broken))
+    error = json.loads(failed[1][6:])["error"]
+    assert error["type"] == "server_error" and error["code"] == "engine_failed"
 
 
-def test_engine_knobs_pass_through_with_the_engines_defaults():
-    """The app's defaults are the engine's (one place), and every knob reaches the engine."""
+def test_the_engine_section_is_the_engines_config():
+    """`engine:` in the app's args is EngineConfig itself (no copy of its fields to drift): its
+    defaults, its checks, and the replica's device put in its place; engine settings at the
+    top level say where they moved."""
     from cold_ray.config import EngineConfig
 
-    default = AppArgs().engine_config()
-    for name in ("max_prefill_tokens", "prefix_cache_bytes", "prefix_block_size",
-                 "request_timeout_s", "packed_weights", "cpu_attention_kernel", "small_batch_weights",
-                 "cpu_gemm_kernel", "cpu_rowwise_kernels", "graph_capture"):  # fmt: skip
-        assert getattr(default, name) == getattr(EngineConfig, name), name
-    set_ = AppArgs(max_prefill_tokens=64, prefix_cache_bytes=0, prefix_block_size=32,
-                   request_timeout_s=None, packed_weights=False,
-                   cpu_attention_kernel=False, small_batch_weights=False,
-                   cpu_gemm_kernel=False, cpu_rowwise_kernels=False,
-                   graph_capture=False).engine_config()  # fmt: skip
-    assert (set_.max_prefill_tokens, set_.prefix_cache_bytes, set_.prefix_block_size,
-            set_.request_timeout_s, set_.packed_weights, set_.cpu_attention_kernel,
-            set_.small_batch_weights, set_.cpu_gemm_kernel, set_.cpu_rowwise_kernels,
-            set_.graph_capture) == (64, 0, 32, None, False, False, False, False, False,
-                                    False)  # fmt: skip
-    with pytest.raises(ValidationError, match="request_timeout_s"):
-        AppArgs(request_timeout_s=0)
+    assert AppArgs().engine == EngineConfig()
+    args = AppArgs(engine={"max_rows": 8, "graph_capture": False, "device": "cuda"})
+    assert args.engine_config("cuda:1") == EngineConfig(
+        max_rows=8, graph_capture=False, device="cuda:1"
+    )
+    with pytest.raises(ValueError, match="max_rows"):
+        AppArgs(engine={"max_rows": 1})
+    with pytest.raises(ValueError, match="max_rows, model moved under `engine:`"):
+        AppArgs.model_validate({"model": "x", "max_rows": 4})
+    with pytest.raises(ValueError, match="max_tokens_limit 64 must be below max_model_len 64"):
+        AppArgs(engine={"max_model_len": 64}, max_tokens_limit=64)
 
 
 def test_a_cancelled_call_is_a_client_that_went_away_not_an_error(caplog):
@@ -401,12 +431,21 @@ def test_a_cancelled_call_is_a_client_that_went_away_not_an_error(caplog):
 
     from cold_ray.serve.ingress import _unexpected
 
-    request = Request({"type": "http", "method": "POST", "path": "/v1/completions",
-                       "headers": [], "query_string": b""})  # fmt: skip
+    request = Request(
+        {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/completions",
+            "headers": [],
+            "query_string": b"",
+        }
+    )
     with caplog.at_level(logging.INFO, logger="cold_ray.serve.ingress"):
         gone = asyncio.run(_unexpected(request, TaskCancelledError()))
         failed = asyncio.run(_unexpected(request, ValueError("boom")))
     assert gone.status_code == 499 and failed.status_code == 500
     records = [(r.levelno, r.exc_info is not None, r.getMessage()) for r in caplog.records]
-    assert records == [(logging.INFO, False, "/v1/completions: the client disconnected"),
-                       (logging.ERROR, True, "unhandled error on /v1/completions")]  # fmt: skip
+    assert records == [
+        (logging.INFO, False, "/v1/completions: the client disconnected"),
+        (logging.ERROR, True, "unhandled error on /v1/completions"),
+    ]

@@ -31,8 +31,13 @@ def exposed(tmp_path_factory, tiny_llama):
         serve.start(
             proxy_location="Disabled", http_options={"host": "0.0.0.0", "port": free_port()}
         )
-        args = {"model": str(tiny_llama), "registry": str(root / "reg.sqlite"), "max_rows": 4,
-                "max_model_len": 128, "api_key_env": API_ENV, "admin_key_env": ADMIN_ENV}  # fmt: skip
+        engine = {"model": str(tiny_llama), "max_rows": 4, "max_model_len": 128}
+        args = {
+            "engine": engine,
+            "registry": str(root / "reg.sqlite"),
+            "api_key_env": API_ENV,
+            "admin_key_env": ADMIN_ENV,
+        }
         yield args
     finally:
         try:
@@ -123,7 +128,7 @@ def test_failed_build_fails_once_with_its_reason(exposed, tmp_path):
     missing = tmp_path / "no-such-model"
     config = ServeDeploySchema.model_validate({"applications": [{
         "name": "broken", "route_prefix": "/broken", "import_path": "cold_ray.serve:build_app",
-        "args": {**exposed, "model": str(missing), **OPT_OUTS},
+        "args": {**exposed, "engine": {**exposed["engine"], "model": str(missing)}, **OPT_OUTS},
     }]})  # fmt: skip
     started = time.monotonic()
     _get_global_client().deploy_apps(config, _blocking=False)

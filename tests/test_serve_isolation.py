@@ -53,11 +53,21 @@ def url(tmp_path_factory, tiny_llama, tiny_adapters):
 
     root = tmp_path_factory.mktemp("serve_isolation")
     cfg = AppArgs(
-        model=str(tiny_llama), served_model_name="tiny", registry=str(root / "reg.sqlite"),
-        adapters=[{"name": "a0", "source": str(tiny_adapters[0])},
-                  {"name": "a1", "source": str(tiny_adapters[1])}],
-        max_rows=16, max_model_len=256, max_lora_rank=8, max_loras=2, max_prefill_tokens=16,
-    )  # fmt: skip
+        served_model_name="tiny",
+        registry=str(root / "reg.sqlite"),
+        adapters=[
+            {"name": "a0", "source": str(tiny_adapters[0])},
+            {"name": "a1", "source": str(tiny_adapters[1])},
+        ],
+        engine=dict(
+            model=str(tiny_llama),
+            max_rows=16,
+            max_model_len=256,
+            max_lora_rank=8,
+            max_loras=2,
+            max_prefill_tokens=16,
+        ),
+    )
     with local_ray() as base:
         prepare(cfg)
         serve.run(compose(cfg, {"ray_actor_options": {"num_cpus": 0}}), name="iso",

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.serve
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_llama, tiny_adapters):
     root = tmp_path_factory.mktemp("serve_routing")
-    base = dict(model=str(tiny_llama), registry=str(root / "reg.sqlite"), max_rows=4,
-                max_model_len=128, max_lora_rank=8)  # fmt: skip
+    engine = dict(model=str(tiny_llama), max_rows=4, max_model_len=128, max_lora_rank=8)
+    base = dict(registry=str(root / "reg.sqlite"), engine=engine)
     with local_ray(num_cpus=2, resources={"NPU": 2}) as url:
         with httpx.Client(base_url=url, timeout=60) as client:
             yield {"url": url, "client": client, "base": base, "adapters": tiny_adapters}
@@ -26,7 +26,10 @@ def test_adapter_requests_stick_to_the_replica_holding_it(cluster):
     from cold_ray.serve.app import compose, prepare
 
     adapters = [{"name": n, "source": str(p)} for n, p in zip("AB", cluster["adapters"])]
-    cfg = AppArgs(**cluster["base"], max_loras=1, adapters=adapters)
+    cfg = AppArgs(
+        **{**cluster["base"], "engine": {**cluster["base"]["engine"], "max_loras": 1}},
+        adapters=adapters,
+    )
     prepare(cfg)
     engine = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0}}
     serve.run(compose(cfg, engine), name="route", route_prefix="/route")
@@ -80,7 +83,10 @@ def test_npu_replicas_get_distinct_devices(cluster):
 
     from cold_ray.serve.app import compose
 
-    cfg = AppArgs(**cluster["base"], device="npu", simulate_accelerator=True)
+    cfg = AppArgs(
+        **{**cluster["base"], "engine": {**cluster["base"]["engine"], "device": "npu"}},
+        simulate_accelerator=True,
+    )
     engine = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0, "resources": {"NPU": 1}}}
     serve.run(compose(cfg, engine), name="npu", route_prefix="/npu")
     handle = serve.get_deployment_handle("ColdEngine", app_name="npu")
@@ -108,7 +114,10 @@ def test_missing_accelerator_fails_the_start_clearly(cluster):
 
     from cold_ray.serve.app import compose
 
-    cfg = AppArgs(**cluster["base"], device="npu", simulate_accelerator=True)
+    cfg = AppArgs(
+        **{**cluster["base"], "engine": {**cluster["base"]["engine"], "device": "npu"}},
+        simulate_accelerator=True,
+    )
     engine = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}  # no NPU requested
     with pytest.raises(RuntimeError, match="nonpu failed"):
         serve.run(compose(cfg, engine), name="nonpu", route_prefix="/nonpu")

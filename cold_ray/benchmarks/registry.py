@@ -199,9 +199,14 @@ def post_to_first_completion(url: str, model: str | None, adapters: list[Path], 
     store = adapters[0].parent
     runs = []
     with serve_folder(store) as files, node_cluster(caches) as (_, base):
-        cfg = AppArgs(model=model, registry=url, max_lora_rank=16, max_rows=4,
-                      max_model_len=128, adapter_schemes=["file", "http"], adapter_roots=[files],
-                      api_key_env="COLD_BENCH_NO_KEY", admin_key_env="COLD_BENCH_NO_KEY")  # fmt: skip
+        cfg = AppArgs(
+            registry=url,
+            adapter_schemes=["file", "http"],
+            adapter_roots=[files],
+            api_key_env="COLD_BENCH_NO_KEY",
+            admin_key_env="COLD_BENCH_NO_KEY",
+            engine=dict(model=model, max_lora_rank=16, max_rows=4, max_model_len=128),
+        )
         prepare(cfg)
         serve.run(compose(cfg, pinned("node_b", 1), pinned("node_a", 0)), name="cold",
                   route_prefix="/")  # fmt: skip

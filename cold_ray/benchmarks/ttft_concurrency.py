@@ -90,11 +90,18 @@ def _run(a) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="cold-ttft-"))
     rows = 2 * a.concurrency  # every CoLD request admitted at once: no wait for rows
     cfg = AppArgs(
-        model=a.model, registry=str(tmp / "registry.sqlite"), max_rows=rows,
-        max_model_len=a.prompt_words * 12 + a.max_tokens + 64, max_loras=1, max_lora_rank=64,
+        registry=str(tmp / "registry.sqlite"),
         adapters=[{"name": "bench", "source": a.adapter}],
-        api_key_env="COLD_BENCH_NO_KEY", admin_key_env="COLD_BENCH_NO_KEY",
-    )  # fmt: skip
+        api_key_env="COLD_BENCH_NO_KEY",
+        admin_key_env="COLD_BENCH_NO_KEY",
+        engine=dict(
+            model=a.model,
+            max_rows=rows,
+            max_model_len=a.prompt_words * 12 + a.max_tokens + 64,
+            max_loras=1,
+            max_lora_rank=64,
+        ),
+    )
     prepare(cfg)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -42,7 +42,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     target.add_argument("--deployment", help=f"Serve YAML to start (default {DEFAULT_DEPLOYMENT})")
     target.add_argument("--host", help="URL of a running service instead of starting one")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a YAML field, e.g. applications.0.args.model=/path")  # fmt: skip
+                   help="override a YAML field, e.g. applications.0.args.engine.model=/path")  # fmt: skip
     p.add_argument(
         "--port", type=int, default=0, help="HTTP port for the started service (0: free)"
     )

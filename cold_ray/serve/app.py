@@ -52,8 +52,8 @@ def check_exposure(cfg: AppArgs, host: str | None) -> None:
 def compose(cfg: AppArgs, engine_options: dict | None = None, ingress_options: dict | None = None):
     """Bind the two deployments; `*_options` override their decorator defaults (tests,
     benchmarks, Python callers)."""
-    from cold_ray.serve.engine import ColdEngine
     from cold_ray.serve.ingress import ColdIngress
+    from cold_ray.serve.replica import ColdEngine
 
     data = cfg.model_dump()
     engine = ColdEngine.options(**(engine_options or {})).bind(data)
@@ -91,8 +91,8 @@ def register_startup_adapters(cfg: AppArgs, model_args) -> None:
                 continue
             fields = a.model_fields_set
             registry.add(
-                a.name, source, args=model_args, max_rank=cfg.max_lora_rank,
-                max_bytes=cfg.max_adapter_bytes,
+                a.name, source, args=model_args, max_rank=cfg.engine.max_lora_rank,
+                max_bytes=cfg.engine.max_adapter_bytes,
                 alpha=a.alpha if "alpha" in fields or old is None else old.alpha,
                 beta=a.beta if "beta" in fields or old is None else old.beta,
                 cold_enabled=a.cold_enabled if "cold_enabled" in fields or old is None

@@ -6,17 +6,17 @@ they live in the YAML's `deployments:` section, where Serve itself reads them.
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cold_ray.config import EngineConfig
-from cold_ray.decoding import DEFAULT_MAX_TOKENS
 
 # The package folder: `deployments/...` below it is the repository's deployments/ (a link in a
 # checkout, a copy in the wheel), so the shipped YAMLs' relative sources work from anywhere.
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
+ENGINE_FIELDS = {f.name for f in fields(EngineConfig)}
 
 
 class StartupAdapter(BaseModel):
@@ -51,8 +51,10 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # ---- the engine (one per replica) -----------------------------------------------------
-    model: str | None = Field(
-        None, description="HF safetensors folder or .gguf file; None = SmolLM2-135M-Instruct."
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        description="The engine of each replica (cold_ray.config.EngineConfig): model, device, "
+        "dtype, rows, adapter slots, context, prefill budget, prefix cache, kernels.",
     )
     served_model_name: str | None = Field(
         None,
@@ -61,94 +63,10 @@ class AppArgs(BaseModel):
         description="The base model's id in the API (`model` field, /v1/models, adapters' "
         "`parent`), e.g. its hub id; default: the model folder's or GGUF file's name.",
     )
-    device: str = Field(
-        "cpu",
-        pattern=r"^(cpu|cuda|npu)$",
-        description="cpu, cuda or npu. For cuda/npu the replica uses the accelerator Ray "
-        "assigned it (ray_actor_options num_gpus / resources NPU) and fails at start without one.",
-    )
     simulate_accelerator: bool = Field(
         False,
-        description="Tests only: check Ray's accelerator assignment for `device`, then compute "
-        "on CPU (lets CI exercise NPU/GPU pinning with simulated resources).",
-    )
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="Weights/activations dtype (float32 is fastest on CPU)."
-    )
-    max_loras: int = Field(
-        4,
-        ge=1,
-        le=256,
-        description="Adapters resident per replica; also Serve's max_num_models_per_replica.",
-    )
-    max_lora_rank: int = Field(16, ge=1, le=1024, description="Largest adapter rank accepted.")
-    max_rows: int = Field(
-        32, ge=2, le=4096, description="Batch rows per replica (a CoLD request takes two)."
-    )
-    max_model_len: int = Field(
-        1024, ge=2, le=1 << 20, description="Prompt + completion tokens per request."
-    )
-    max_prefill_tokens: int = Field(
-        EngineConfig.max_prefill_tokens, ge=1,
-        description="Prompt tokens prefilled per engine step (CoLD counts twice); longer prompts "
-        "are chunked, so a stream waits at most one chunk's compute for arriving prompts.",
-    )  # fmt: skip
-    prefix_cache_bytes: int = Field(
-        EngineConfig.prefix_cache_bytes, ge=0,
-        description="Memory for prompt-prefix K/V reused across requests (0: off); the "
-        "amateur rows' prefixes are shared by every adapter.",
-    )  # fmt: skip
-    prefix_block_size: int = Field(
-        EngineConfig.prefix_block_size, ge=1, le=1024, description="Tokens per prefix block."
-    )
-    request_timeout_s: float | None = Field(
-        EngineConfig.request_timeout_s, gt=0,
-        description="A request that waits this long without being scheduled fails with a "
-        "timeout (null: never).",
-    )  # fmt: skip
-    packed_weights: bool = Field(
-        EngineConfig.packed_weights,
-        description="CPU: lay base weights out once for oneDNN (false: plain BLAS, debugging).",
-    )
-    small_batch_weights: bool = Field(
-        EngineConfig.small_batch_weights,
-        description="CPU, with packed_weights: keep a second copy of the base weights for "
-        "decode-sized steps (panels for cpu_gemm_kernel, up to 32 rows; else row-major for 1-2 "
-        "rows); twice the base weights' memory.",
-    )
-    cpu_attention_kernel: bool = Field(
-        EngineConfig.cpu_attention_kernel,
-        description="CPU, fp32, one thread: decode attention in a C kernel compiled on first "
-        "start (false, or no C compiler: torch SDPA).",
-    )
-    cpu_gemm_kernel: bool = Field(
-        EngineConfig.cpu_gemm_kernel,
-        description="CPU, fp32, one thread: LoRA deltas of up to 4 rows of an adapter and, with "
-        "small_batch_weights, the base products of steps of up to 32 rows over weights in "
-        "huge-page memory, in a C kernel (false, or no C compiler: BLAS).",
-    )
-    cpu_rowwise_kernels: bool = Field(
-        EngineConfig.cpu_rowwise_kernels,
-        description="CPU, fp32, one thread: residual add + RMS norm, rotary embedding + KV-cache "
-        "write and SiLU-mul in C (false, or no C compiler: torch's operators).",
-    )
-    graph_capture: bool = Field(
-        EngineConfig.graph_capture,
-        description="CUDA/NPU: replay decode steps from graphs captured at start, each checked "
-        "against the eager step (false: every step eager, for debugging and profiling).",
-    )
-    host_cache_bytes: int = Field(
-        1 << 30, ge=0, description="Host memory (bytes) for validated adapters kept for fast "
-        "reloads, per replica; least recently used go first. 0: no host cache.",
-    )  # fmt: skip
-    max_adapter_bytes: int = Field(1 << 30, ge=1, description="Largest adapter weights file.")
-    lora_backend: str = Field("auto", description="BGMV backend: auto, reference, grouped, ...")
-    num_threads: int | None = Field(
-        1, ge=1, description="Torch intra-op threads per replica (1 avoids OpenMP spin-wait)."
-    )
-    chat_template: str | None = Field(
-        None,
-        description="Jinja chat template (inline, or a path to a file); default: the tokenizer's.",
+        description="Tests only: check Ray's accelerator assignment for engine.device, then "
+        "compute on CPU (lets CI exercise NPU/GPU pinning with simulated resources).",
     )
 
     # ---- adapters and the registry --------------------------------------------------------
@@ -220,11 +138,6 @@ class AppArgs(BaseModel):
     max_tokens_limit: int | None = Field(
         None, ge=1, description="Largest max_tokens accepted (422 above); default max_model_len-1."
     )
-    default_max_tokens: int = Field(
-        DEFAULT_MAX_TOKENS,
-        ge=1,
-        description="max_tokens when a request omits it (capped by the context left).",
-    )
     max_stop: int = Field(16, ge=0, le=256, description="Most stop strings per request.")
     max_beta: float = Field(100.0, gt=0, description="Largest CoLD beta accepted (422 above).")
     cold_by_default: bool = Field(
@@ -236,12 +149,16 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _renamed(cls, data):
-        if isinstance(data, dict) and "host_cache_adapters" in data:
-            raise ValueError(
-                "host_cache_adapters was replaced by host_cache_bytes (the host adapter cache "
-                "is bounded in bytes): e.g. host_cache_bytes: 1073741824"
-            )
+    def _moved(cls, data):
+        """Engine settings at the top level of `args:` (this app's earlier layout) fail with
+        the place they moved to, not as unknown fields."""
+        if isinstance(data, dict):
+            moved = sorted(k for k in data if k in ENGINE_FIELDS)
+            if moved:
+                raise ValueError(
+                    f"{', '.join(moved)} moved under `engine:` in the app's args "
+                    f"(e.g. engine: {{{moved[0]}: ...}}); see cold_ray.config.EngineConfig"
+                )
         return data
 
     @field_validator("allowed_hosts")
@@ -282,12 +199,9 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> AppArgs:
-        if self.max_tokens_limit is not None and self.max_tokens_limit >= self.max_model_len:
-            raise ValueError(
-                f"max_tokens_limit {self.max_tokens_limit} must be below max_model_len "
-                f"{self.max_model_len}"
-            )
-        self.engine_config()  # the engine's own checks, at build time
+        limit, context = self.max_tokens_limit, self.engine.max_model_len
+        if limit is not None and limit >= context:
+            raise ValueError(f"max_tokens_limit {limit} must be below max_model_len {context}")
         return self
 
     @property
@@ -298,9 +212,9 @@ class AppArgs(BaseModel):
 
         if self.served_model_name:
             return self.served_model_name
-        if self.model is None:
+        if self.engine.model is None:
             return DEFAULT_MODEL_NAME
-        path = Path(self.model.rstrip("/"))
+        path = Path(self.engine.model.rstrip("/"))
         return path.stem if path.suffix == ".gguf" else path.name
 
     def model_args(self):
@@ -310,12 +224,12 @@ class AppArgs(BaseModel):
 
         from cold_ray.model.loader import read_model_args, resolve_model_path
 
-        args = read_model_args(resolve_model_path(self.model))
+        args = read_model_args(resolve_model_path(self.engine.model))
         return replace(args, name=self.served_model_name) if self.served_model_name else args
 
     @property
     def tokens_limit(self) -> int:
-        return self.max_tokens_limit or self.max_model_len - 1
+        return self.max_tokens_limit or self.engine.max_model_len - 1
 
     def registry_target(self) -> str:
         """`registry`, else $COLD_RAY_REGISTRY, else the default SQLite file."""
@@ -340,8 +254,7 @@ class AppArgs(BaseModel):
         refuse_local_in_cluster(self.registry_target())
         if self.adapter_schemes is not None:
             kw.setdefault("allowed_schemes", self.adapter_schemes)
-        return open_registry(self.registry_target(), password_env=self.registry_password_env,
-                             **kw)  # fmt: skip
+        return open_registry(self.registry_target(), password_env=self.registry_password_env, **kw)
 
     def roots(self) -> list[str]:
         from cold_ray.model.loader import cache_dir
@@ -351,26 +264,5 @@ class AppArgs(BaseModel):
         return [str(cache_dir() / "adapters")]
 
     def engine_config(self, device: str | None = None) -> EngineConfig:
-        return EngineConfig(
-            model=self.model,
-            device=device or "cpu",
-            dtype=self.dtype,
-            max_loras=self.max_loras,
-            max_lora_rank=self.max_lora_rank,
-            max_rows=self.max_rows,
-            max_model_len=self.max_model_len,
-            max_prefill_tokens=self.max_prefill_tokens,
-            prefix_cache_bytes=self.prefix_cache_bytes,
-            prefix_block_size=self.prefix_block_size,
-            request_timeout_s=self.request_timeout_s,
-            packed_weights=self.packed_weights,
-            small_batch_weights=self.small_batch_weights,
-            cpu_attention_kernel=self.cpu_attention_kernel,
-            cpu_gemm_kernel=self.cpu_gemm_kernel,
-            cpu_rowwise_kernels=self.cpu_rowwise_kernels,
-            graph_capture=self.graph_capture,
-            host_cache_bytes=self.host_cache_bytes,
-            max_adapter_bytes=self.max_adapter_bytes,
-            lora_backend=self.lora_backend,
-            num_threads=self.num_threads,
-        )
+        """The engine's configuration on `device` (the one Ray assigned a replica)."""
+        return replace(self.engine, device=device) if device else self.engine

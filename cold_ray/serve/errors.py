@@ -80,6 +80,63 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+class EngineReplicaFailed(RuntimeError):
+    """The engine replica serving a stream died mid-stream (retry: another one serves)."""
+
+
+def classify(e: Exception) -> tuple[int, str]:
+    """(HTTP status, error code) of an exception that ended a request, wherever it was raised
+    (the ingress, an engine replica, the engine's step)."""
+    from cold_ray.adapters.peft import AdapterError
+    from cold_ray.adapters.registry.base import RegistryUnavailable
+    from cold_ray.decoding import ColdOnBaseModel
+    from cold_ray.engine.request import (
+        ContextLengthError,
+        EngineError,
+        RequestTimeout,
+        UnknownAdapterError,
+    )
+
+    if isinstance(e, UnknownAdapterError | KeyError):
+        return 404, "model_not_found"
+    if isinstance(e, ContextLengthError):
+        return 400, "context_length_exceeded"
+    if isinstance(e, ColdOnBaseModel):
+        return 400, "cold_on_base_model"
+    if isinstance(e, RequestTimeout):  # the engine was busy, not the request wrong: retry
+        return 503, "queue_timeout"
+    if isinstance(e, RegistryUnavailable):  # a catalog read on a miss: retry
+        return 503, "registry_unavailable"
+    if isinstance(e, EngineReplicaFailed):
+        return 503, "engine_failed"
+    if isinstance(e, AdapterError):  # a registered adapter that no longer loads (server side)
+        return 500, "adapter_load_failed"
+    if isinstance(e, EngineError):
+        return 400, "invalid_request"
+    if isinstance(e, ValueError):
+        return 422, "invalid_parameter"
+    return 500, "internal_error"
+
+
+# Server-side errors whose message the client reads (None: the exception's own); any other
+# 5xx says "internal error" and leaves the detail to the replica's log.
+_TOLD = {
+    "adapter_load_failed": None,
+    "queue_timeout": None,
+    "registry_unavailable": "the adapter registry cannot be reached; retry",
+    "engine_failed": None,
+}
+
+
+def from_exception(e: Exception, param: str | None = None) -> APIError:
+    """An exception that ended a request, as the APIError the client gets (a 503 asks it to
+    retry)."""
+    status, code = classify(e)
+    message = str(e) if status < 500 else _TOLD.get(code, "internal error") or str(e)
+    headers = retry_after(code) if status == 503 else None
+    return APIError(status, message, code, param, headers)
+
+
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None):
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     if code in _SERVER_FAULTS:

@@ -21,7 +21,6 @@ FastAPI must see `Request` annotations as objects, not as names to look up in mo
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -42,11 +41,26 @@ from cold_ray.adapters.registry import (
     RegistryError,
 )
 from cold_ray.adapters.registry.base import RegistryUnavailable
-from cold_ray.decoding import ColdOnBaseModel, ColdParams, request_cold
+from cold_ray.decoding import (
+    ColdOnBaseModel,
+    ColdParams,
+    GenerationRequest,
+    SamplingParams,
+    request_cold,
+)
+from cold_ray.engine.request import RequestOutput
 from cold_ray.serve import guard
 from cold_ray.serve.auth import Tokens, exposure_problem, is_loopback, serve_http_host
 from cold_ray.serve.config import AppArgs
-from cold_ray.serve.errors import APIError, error_body, from_validation_error, retry_after
+from cold_ray.serve.errors import (
+    APIError,
+    EngineReplicaFailed,
+    classify,
+    error_body,
+    from_exception,
+    from_validation_error,
+    retry_after,
+)
 from cold_ray.serve.metrics import IngressMetrics
 from cold_ray.serve.responses import Call, sse_stream
 from cold_ray.serve.schemas import (
@@ -128,13 +142,6 @@ def _unavailable(e: RegistryUnavailable) -> APIError:
     )
 
 
-def _engine_error(item: dict, param: str | None = None) -> APIError:
-    """An engine's error item as an APIError (a 503 asks the client to retry)."""
-    err = item["error"]
-    headers = retry_after(err["code"]) if item["status"] == 503 else None
-    return APIError(item["status"], err["message"], err["code"], param, headers)
-
-
 @serve.deployment(
     name="ColdIngress",
     max_ongoing_requests=1024,
@@ -202,9 +209,11 @@ class ColdIngress:
             raise _unavailable(e) from None
         except (AdapterNotFound, RegistryError):
             raise APIError(
-                404, f"model {model!r} does not exist (see GET /v1/models)", "model_not_found",
+                404,
+                f"model {model!r} does not exist (see GET /v1/models)",
+                "model_not_found",
                 "model",
-            ) from None  # fmt: skip
+            ) from None
 
     def _record(self, name: str) -> AdapterRecord:
         """From the registry's in-memory snapshot, never a database read: a flood of unknown
@@ -214,61 +223,71 @@ class ColdIngress:
         backends); while the feed is down, a name the snapshot lacks is RegistryUnavailable."""
         return self.registry.lookup(name)
 
-    def _decoding(self, body, record: AdapterRecord | None) -> ColdParams | None:
-        knob = body.cold
-        if isinstance(knob, ColdKnobs):
-            knob = (knob.alpha, knob.beta)
-        try:
-            cold = request_cold(record, knob, self.args.cold_by_default)
-        except ColdOnBaseModel as e:
-            raise APIError(400, str(e), "cold_on_base_model", "cold") from None
-        except ValueError as e:  # a knob out of ColdParams' range (the message names it)
-            raise APIError(422, f"cold: {e}", "invalid_parameter", "cold") from None
-        if cold is not None and cold.beta > self.args.max_beta:
-            raise APIError(
-                422, f"cold.beta {cold.beta} is over the limit of {self.args.max_beta}",
-                "invalid_parameter", "cold.beta",
-            )  # fmt: skip
-        return cold
-
-    def _engine_request(self, body, record, cold, prompt=None, messages=None) -> dict:
+    def _accept(self, body, record: AdapterRecord | None, chat: bool) -> GenerationRequest:
+        """The request the engine will run, built once from the body: the API's own limits
+        are checked here; the engine checks what only the model knows (context, vocabulary),
+        and the request its own consistency (CoLD needs an adapter)."""
         why = body.unsupported()
         if why is not None:
             raise APIError(400, why, "unsupported_parameter")
-        max_tokens = body.limit() if isinstance(body, ChatCompletionRequest) else body.max_tokens
+        max_tokens = body.limit() if chat else body.max_tokens
         if max_tokens is not None and max_tokens > self.args.tokens_limit:
             raise APIError(
-                422, f"max_tokens {max_tokens} is over the limit of {self.args.tokens_limit}",
-                "invalid_parameter", "max_tokens",
-            )  # fmt: skip
+                422,
+                f"max_tokens {max_tokens} is over the limit of {self.args.tokens_limit}",
+                "invalid_parameter",
+                "max_tokens",
+            )
         stops = body.stops()
         if len(stops) > self.args.max_stop:
             raise APIError(
-                422, f"{len(stops)} stop strings given; at most {self.args.max_stop} allowed",
-                "invalid_parameter", "stop",
-            )  # fmt: skip
-        return {
-            "request_id": uuid.uuid4().hex,
-            "adapter": record.name if record is not None else None,
-            "prompt": prompt,
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "cold": (cold.alpha, cold.beta) if cold is not None else None,
-            "sampling": {
-                "temperature": body.temperature,
-                "top_p": body.top_p,
-                "top_k": body.top_k,
-                "seed": body.seed,
-                "stop": stops,
-                "stop_token_ids": body.stop_token_ids or [],
-                "ignore_eos": body.ignore_eos,
-            },
-        }
+                422,
+                f"{len(stops)} stop strings given; at most {self.args.max_stop} allowed",
+                "invalid_parameter",
+                "stop",
+            )
+        knob = (body.cold.alpha, body.cold.beta) if isinstance(body.cold, ColdKnobs) else body.cold
+        try:
+            cold = request_cold(record, knob, self.args.cold_by_default)
+            if cold is not None and cold.beta > self.args.max_beta:
+                raise APIError(
+                    422,
+                    f"cold.beta {cold.beta} is over the limit of {self.args.max_beta}",
+                    "invalid_parameter",
+                    "cold.beta",
+                )
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=max(body.top_k, 0),
+                seed=body.seed,
+                stop=stops,
+                stop_token_ids=tuple(body.stop_token_ids or ()),
+                ignore_eos=body.ignore_eos,
+                logprobs=body.logprob_count(),
+                prompt_logprobs=body.prompt_logprob_count(),
+            )
+            return GenerationRequest(
+                prompt=None if chat else body.single_prompt(),
+                messages=body.chat() if chat else None,
+                params=params,
+                adapter=record.name if record is not None else None,
+                cold=cold,
+                echo=not chat and body.echo,
+                cache_salt=body.cache_salt,
+            )
+        except ColdOnBaseModel as e:
+            raise APIError(400, str(e), "cold_on_base_model", "cold") from None
+        except ValueError as e:  # a value out of range for the engine (the message names it)
+            param = "prompt" if "prompt" in str(e) else None
+            code = "invalid_prompt" if param else "invalid_parameter"
+            raise APIError(400 if param else 422, str(e), code, param) from None
 
-    async def _start(self, req: dict, model: str, kind: str, started: float) -> Call:
+    async def _start(self, request: GenerationRequest, model: str, started: float):
         """Send the request to an engine replica; wait for its first output or its error."""
-        handle = self.engine.options(stream=True, multiplexed_model_id=req["adapter"] or "")
-        gen = handle.generate.remote(req)
+        handle = self.engine.options(stream=True, multiplexed_model_id=request.adapter or "")
+        gen = handle.generate.remote(request)
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:
@@ -276,9 +295,11 @@ class ColdIngress:
         except BackPressureError as e:
             _cancel(gen)
             raise APIError(
-                503, f"server overloaded, retry later ({e.message})", "overloaded",
+                503,
+                f"server overloaded, retry later ({e.message})",
+                "overloaded",
                 headers={"retry-after": "1"},
-            ) from None  # fmt: skip
+            ) from None
         except (DeploymentUnavailableError, RayServeException) as e:
             _cancel(gen)
             raise APIError(503, f"no engine replica available: {e}", "unavailable") from None
@@ -289,80 +310,68 @@ class ColdIngress:
         except asyncio.CancelledError:
             _cancel(gen)
             raise
-        if "error" in first:
+        if first.error is not None:
             _cancel(gen)
-            param = "model" if first["error"]["code"] == "model_not_found" else None
-            raise _engine_error(first, param)
-        self.metrics.ttft.observe(
-            time.perf_counter() - started, tags={"decoding": first["meta"]["decoding"]}
-        )
-        self.metrics.decoded.inc(tags={"decoding": first["meta"]["decoding"], "model": model})
-        return Call(gen, first, model, kind)
+            param = "model" if classify(first.error)[1] == "model_not_found" else None
+            raise from_exception(first.error, param)
+        decoding = "cold" if request.cold else "plain"
+        self.metrics.ttft.observe(time.perf_counter() - started, tags={"decoding": decoding})
+        self.metrics.decoded.inc(tags={"decoding": decoding, "model": model})
+        return gen, first
 
-    async def _items(self, call: Call) -> AsyncIterator[dict]:
+    async def _outputs(self, call: Call) -> AsyncIterator[RequestOutput]:
         """The engine's outputs from the first on; always cancels the engine side at the end
         (a client that went away frees its rows at once)."""
-        tags = {"decoding": call.meta["decoding"]}
+        tags = {"decoding": "cold" if call.request.cold else "plain"}
         last = time.perf_counter()
         try:
             yield call.first
-            async for item in call.gen:
+            async for out in call.gen:
                 now = time.perf_counter()
                 self.metrics.itl.observe(now - last, tags=tags)
                 last = now
-                yield item
+                yield out
         except (RayError, RayServeException) as e:  # e.g. the replica died mid-stream
             log.warning("engine stream failed: %s", e)
-            yield {"status": 503, "error": {"message": "the engine replica failed mid-stream; "
-                                            "retry", "code": "engine_failed"}}  # fmt: skip
+            failed = RequestOutput(call.request.request_id, "", [], finished=True)
+            failed.error = EngineReplicaFailed("the engine replica failed mid-stream; retry")
+            yield failed
         finally:
             _cancel(call.gen)
 
     # ---- generation -----------------------------------------------------------------------
 
-    async def _generate(self, request: Request, kind: str):
+    async def _generate(self, request: Request, chat: bool):
         started = time.perf_counter()
         self._auth(request)
-        schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
-        body = await self._body(request, schema)
+        body = await self._body(request, ChatCompletionRequest if chat else CompletionRequest)
         record = self._resolve(body.model)
-        cold = self._decoding(body, record)
-        if kind == "chat":
-            req = self._engine_request(body, record, cold, messages=body.chat())
-        else:
-            try:
-                prompt = body.single_prompt()
-            except ValueError as e:
-                raise APIError(400, str(e), "invalid_prompt", "prompt") from None
-            req = self._engine_request(body, record, cold, prompt=prompt)
+        accepted = self._accept(body, record, chat)
         model = body.model or self.base_id
-        call = await self._start(req, model, kind, started)
+        gen, first = await self._start(accepted, model, started)
+        prompt = accepted.prompt if isinstance(accepted.prompt, str) else None
+        call = Call(accepted, gen, first, model, chat, prompt)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
-                sse_stream(call, self._items(call), usage), media_type="text/event-stream",
+                sse_stream(call, self._outputs(call), usage),
+                media_type="text/event-stream",
                 headers=call.headers(self.args.debug_headers),
-            )  # fmt: skip
-        return await self._complete(call)
-
-    async def _complete(self, call: Call) -> JSONResponse:
-        parts, finish, completion_tokens = [], None, 0
-        async for item in self._items(call):
-            if "error" in item:
-                raise _engine_error(item)
-            parts.append(item["text"])
-            finish = item["finish_reason"] or finish
-            completion_tokens = item["completion_tokens"]
-        body = call.body("".join(parts), finish, completion_tokens)
-        return JSONResponse(body, headers=call.headers(self.args.debug_headers))
+            )
+        outputs = []
+        async for out in self._outputs(call):
+            if out.error is not None:
+                raise from_exception(out.error)
+            outputs.append(out)
+        return JSONResponse(call.body(outputs), headers=call.headers(self.args.debug_headers))
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._generate(request, "completion")
+        return await self._generate(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        return await self._generate(request, "chat")
+        return await self._generate(request, chat=True)
 
     # ---- models, adapters, health ---------------------------------------------------------
 
@@ -391,9 +400,9 @@ class ColdIngress:
             "object": "model",
             "created": self.created,
             "owned_by": "cold-ray",
-            "root": self.args.model or self.base_id,
+            "root": self.args.engine.model or self.base_id,
             "parent": None,
-            "max_model_len": self.args.max_model_len,
+            "max_model_len": self.args.engine.max_model_len,
         }
         records = self.registry.listed()  # the snapshot: up during a registry outage too
         return {"object": "list", "data": [base] + [self._adapter_view(r) for r in records]}
@@ -424,21 +433,34 @@ class ColdIngress:
         self._admin(request)
         body = await self._body(request, AdapterCreate)
         if body.beta is not None and body.beta > self.args.max_beta:
-            raise APIError(422, f"beta {body.beta} is over the limit of {self.args.max_beta}",
-                           "invalid_parameter", "beta")  # fmt: skip
+            raise APIError(
+                422,
+                f"beta {body.beta} is over the limit of {self.args.max_beta}",
+                "invalid_parameter",
+                "beta",
+            )
         if body.name == self.base_id:
-            raise APIError(409, f"{body.name!r} is the base model's id; choose another name",
-                           "adapter_exists", "name")  # fmt: skip
+            raise APIError(
+                409,
+                f"{body.name!r} is the base model's id; choose another name",
+                "adapter_exists",
+                "name",
+            )
         try:
             record = await asyncio.to_thread(self._register, body)
         except RegistryUnavailable as e:
             raise _unavailable(e) from None
         except AdapterExists:  # checked before the adapter is read, and again as it is listed
-            raise APIError(409, f"adapter {body.name!r} already exists; DELETE it first or "
-                           "set replace: true", "adapter_exists", "name") from None  # fmt: skip
+            raise APIError(
+                409,
+                f"adapter {body.name!r} already exists; DELETE it first or set replace: true",
+                "adapter_exists",
+                "name",
+            ) from None
         except AdapterError as e:  # includes SourceError (policy): the message says which
-            raise APIError(422 if type(e) is AdapterError else 400, str(e), "invalid_adapter",
-                           "source") from None  # fmt: skip
+            raise APIError(
+                422 if type(e) is AdapterError else 400, str(e), "invalid_adapter", "source"
+            ) from None
         except RegistryError as e:
             raise APIError(400, str(e), "invalid_adapter") from None
         return JSONResponse(self._adapter_view(record), status_code=201)
@@ -447,10 +469,16 @@ class ColdIngress:
         if self._model_args is None:
             self._model_args = self.args.model_args()
         return self.registry.add(
-            body.name, body.source, args=self._model_args, max_rank=self.args.max_lora_rank,
-            max_bytes=self.args.max_adapter_bytes, alpha=body.alpha, beta=body.beta,
-            cold_enabled=body.cold_enabled, replace=body.replace,
-        )  # fmt: skip
+            body.name,
+            body.source,
+            args=self._model_args,
+            max_rank=self.args.engine.max_lora_rank,
+            max_bytes=self.args.engine.max_adapter_bytes,
+            alpha=body.alpha,
+            beta=body.beta,
+            cold_enabled=body.cold_enabled,
+            replace=body.replace,
+        )
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(self, name: str, request: Request):

@@ -30,9 +30,11 @@ class ColdKnobs(BaseModel):
         None, gt=0, le=1, description="Plausibility: keep tokens with p >= alpha * max p."
     )
     beta: float | None = Field(
-        None, ge=0, le=decoding.MAX_BETA,
+        None,
+        ge=0,
+        le=decoding.MAX_BETA,
         description="Contrast strength: score = (1+beta)*expert - beta*amateur.",
-    )  # fmt: skip
+    )
 
 
 class StreamOptions(BaseModel):
@@ -64,12 +66,22 @@ class _Common(BaseModel):
         "false (plain decoding). Omitted: CoLD at the adapter's defaults unless its registry "
         "entry disables it; always plain on the base model.",
     )
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=decoding.MAX_LOGPROBS,
+        description="vLLM: log-probabilities of each prompt token, with this many alternatives.",
+    )
+    cache_salt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="vLLM: requests with different salts share no cached prompt prefix (a "
+        "tenant's prompts cannot be probed through another's time to first token).",
+    )
     # Known OpenAI fields this server does not implement: accepted only at their no-op values.
     n: int = Field(1, ge=1, le=128)
     best_of: int | None = Field(None, ge=1, le=128)
-    logprobs: int | StrictBool | None = None
-    top_logprobs: int | None = None
-    echo: StrictBool = False
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -82,7 +94,6 @@ class _Common(BaseModel):
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     truncate_prompt_tokens: int | None = None
-    prompt_logprobs: int | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     guided_json: Any = None
@@ -102,10 +113,6 @@ class _Common(BaseModel):
             return f"n={self.n} is not supported; send n=1 (one choice per request)"
         if self.best_of not in (None, 1):
             return f"best_of={self.best_of} is not supported"
-        if self.logprobs not in (None, False, 0) or self.top_logprobs not in (None, 0):
-            return "logprobs are not supported"
-        if self.echo:
-            return "echo is not supported"
         if self.presence_penalty or self.frequency_penalty:
             return "presence_penalty and frequency_penalty are not supported (use 0)"
         if self.logit_bias:
@@ -116,15 +123,23 @@ class _Common(BaseModel):
         return None
 
 
-# Each vLLM extension with the values that ask for nothing (a 0 of prompt_logprobs included).
+# Each vLLM extension with the values that ask for nothing.
 VLLM_NO_OPS: dict[str, tuple] = {
-    "min_tokens": (0,), "min_p": (0.0,), "repetition_penalty": (1.0,),
-    "use_beam_search": (False,), "include_stop_str_in_output": (False,),
-    "skip_special_tokens": (True,), "truncate_prompt_tokens": (None,),
-    "prompt_logprobs": (None, 0), "allowed_token_ids": (None, []), "bad_words": (None, []),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
-    "guided_grammar": (None,), "structured_outputs": (None,),
-}  # fmt: skip
+    "min_tokens": (0,),
+    "min_p": (0.0,),
+    "repetition_penalty": (1.0,),
+    "use_beam_search": (False,),
+    "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,),
+    "truncate_prompt_tokens": (None,),
+    "allowed_token_ids": (None, []),
+    "bad_words": (None, []),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+}
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
@@ -136,6 +151,24 @@ class CompletionRequest(_Common):
         description="Text or token ids; a list of one prompt is accepted (batches are not)."
     )
     suffix: str | None = None
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=decoding.MAX_LOGPROBS,
+        description="Log-probabilities of each generated token, with this many alternatives.",
+    )
+    echo: StrictBool = Field(
+        False, description="Return the prompt before the completion (with its logprobs)."
+    )
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    def prompt_logprob_count(self) -> int | None:
+        """An echoed prompt's logprobs come with the completion's (OpenAI's echo)."""
+        echoed = self.logprobs if self.echo else None
+        counts = [n for n in (self.prompt_logprobs, echoed) if n is not None]
+        return max(counts) if counts else None
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt; raises ValueError for a batch."""
@@ -181,6 +214,11 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(
         None, ge=1, description="Newer OpenAI name for max_tokens (wins when both are set)."
     )
+    logprobs: StrictBool = Field(False, description="Log-probabilities of each token.")
+    echo: StrictBool = False  # vLLM's chat echo: accepted only off
+    top_logprobs: int | None = Field(
+        None, ge=0, le=decoding.MAX_LOGPROBS, description="Alternatives per token (logprobs)."
+    )
 
     # Accepted only at their no-op values: a client that sends tools or asks for JSON output
     # must not get free text back as if it had been honoured.
@@ -192,6 +230,12 @@ class ChatCompletionRequest(_Common):
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def prompt_logprob_count(self) -> int | None:
+        return self.prompt_logprobs
+
     def unsupported(self) -> str | None:
         if (self.tools or self.functions) and self.tool_choice != "none":
             return "tools (function calling) are not supported; send no tools or tool_choice none"
@@ -200,6 +244,10 @@ class ChatCompletionRequest(_Common):
         kind = (self.response_format or {}).get("type", "text")
         if kind != "text":
             return f"response_format {kind!r} is not supported (only 'text')"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs needs logprobs: true"
+        if self.echo:
+            return "echo is not supported on chat completions"
         return super().unsupported()
 
     def chat(self) -> list[dict]:
@@ -244,8 +292,7 @@ def openapi_document(app, request_bodies: dict[tuple[str, str], type[BaseModel]]
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
 
-    doc = get_openapi(title=app.title, version=app.version, summary=app.summary,
-                      routes=app.routes)  # fmt: skip
+    doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
     components = doc.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
 
@@ -256,11 +303,15 @@ def openapi_document(app, request_bodies: dict[tuple[str, str], type[BaseModel]]
         return {"$ref": f"#/components/schemas/{model.__name__}"}
 
     components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-    error = {"description": "OpenAI-shaped error", "content": {"application/json": {"schema": ref(ErrorResponse)}}}  # fmt: skip
+    error = {
+        "description": "OpenAI-shaped error",
+        "content": {"application/json": {"schema": ref(ErrorResponse)}},
+    }
     for (method, path), model in request_bodies.items():
         doc["paths"][path][method]["requestBody"] = {
-            "required": True, "content": {"application/json": {"schema": ref(model)}},
-        }  # fmt: skip
+            "required": True,
+            "content": {"application/json": {"schema": ref(model)}},
+        }
     for path, ops in doc["paths"].items():
         if path.startswith("/v1/"):
             for op in ops.values():
