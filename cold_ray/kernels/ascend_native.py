@@ -21,7 +21,6 @@ from collections.abc import Sequence
 
 import torch
 
-from cold_ray.kernels.checks import check_expand, check_lora, check_shrink
 from cold_ray.kernels.dispatch import LoraBackend, LoraBatch
 
 
@@ -68,26 +67,9 @@ class AscendNativeBackend(LoraBackend):
         batch.safe_idx = batch.idx.clamp(min=0)  # [rows] for the per-row scale gather
         return batch
 
-    def lora_delta(
-        self,
-        x: torch.Tensor,  # [rows, in]
-        A: torch.Tensor,  # [slots, r, in]
-        B: torch.Tensor,  # [slots, out, r]
-        scale: torch.Tensor,  # [slots]
-        batch: LoraBatch,
-        y: torch.Tensor,  # [rows, out], updated in place
-    ) -> None:
-        """Ascend C BGMV shrink + expand; -1 rows are skipped by the ops.
-
-        Semantics:
-            t = torch.zeros(rows, r, dtype=torch.float32)
-            t[i] += x[i] @ A[idx[i]].T                 for idx[i] >= 0   (bgmv_shrink, 1.0)
-            t[i] *= scale[max(idx[i], 0)]
-            y[i] += t[i] @ B[idx[i]].T                 for idx[i] >= 0   (bgmv_expand)
-        """
-        check_lora(x, A, B, scale, batch, y)
-        if batch.plan == "none":
-            return
+    def _lora_delta(self, x, A, B, scale, batch: LoraBatch, y) -> None:
+        """Ascend C BGMV shrink (scaling 1.0), the per-slot scale on the fp32 intermediate,
+        then expand; -1 rows are skipped by the ops."""
         if x.device != y.device or A.device != x.device or batch.idx.device != x.device:
             raise ValueError(
                 f"x {x.device}, A {A.device}, y {y.device} and idx {batch.idx.device} must "
@@ -99,30 +81,12 @@ class AscendNativeBackend(LoraBackend):
         t.mul_(scale.index_select(0, batch.safe_idx).float().unsqueeze(1))
         ops.bgmv_expand(t, B, batch.idx, y, 0, y.shape[1])
 
-    def shrink(
-        self,
-        x: torch.Tensor,  # [rows, in]
-        A: torch.Tensor,  # [slots, r, in]
-        batch: LoraBatch,
-    ) -> torch.Tensor:  # [rows, r] fp32
-        """Semantics: t[i] = x[i] @ A[idx[i]].T if idx[i] >= 0 else 0 (fp32; bgmv_shrink)."""
-        check_shrink(x, A, batch)
+    def _shrink(self, x, A, batch: LoraBatch) -> torch.Tensor:
         t = torch.zeros(batch.rows, A.shape[1], dtype=torch.float32, device=x.device)
         if batch.plan != "none":
             torch.ops._C_ascend.bgmv_shrink(x, A, batch.idx, t, 1.0)
         return t
 
-    def expand(
-        self,
-        t: torch.Tensor,  # [rows, r]
-        B: torch.Tensor,  # [slots, out, r]
-        scale: torch.Tensor,  # [slots]
-        batch: LoraBatch,
-        y: torch.Tensor,  # [rows, out], updated in place
-    ) -> None:
-        """Semantics: y[i] += scale[k] * t[i] @ B[k].T for k = idx[i] >= 0 (bgmv_expand)."""
-        check_expand(t, B, scale, batch, y)
-        if batch.plan == "none":
-            return
+    def _expand(self, t, B, scale, batch: LoraBatch, y) -> None:
         ts = t.float() * scale.index_select(0, batch.safe_idx).float().unsqueeze(1)
         torch.ops._C_ascend.bgmv_expand(ts, B, batch.idx, y, 0, y.shape[1])

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from cold_ray.kernels import reference
-from cold_ray.kernels.checks import check_amateur_full, check_amateur_head, check_contrastive
 
 
 class ColdStep(NamedTuple):
@@ -62,9 +61,7 @@ def full_torch(
     beta: torch.Tensor,  # [rows]
     with_scores: bool = False,
 ) -> ColdStep:
-    """Semantics: see `LoraBackend.contrastive_full` (same math as reference.contrastive_greedy)."""
-    check_contrastive(expert_logits, alpha, beta)
-    check_amateur_full(expert_logits, amateur_logits)
+    """Semantics: see `LoraBackend.contrastive_full` (which checks the arguments)."""
     e = expert_logits.float()
     threshold = e.amax(dim=-1, keepdim=True) + reference.log_alpha(alpha).unsqueeze(-1)
     b = beta.float().unsqueeze(-1)
@@ -80,9 +77,7 @@ def restricted_torch(
     alpha: torch.Tensor,  # [rows]
     beta: torch.Tensor,  # [rows]
 ) -> ColdStep:
-    """Semantics: see `LoraBackend.contrastive_restricted`."""
-    check_contrastive(expert_logits, alpha, beta)
-    check_amateur_head(expert_logits, amateur_hidden, lm_head)
+    """Semantics: see `LoraBackend.contrastive_restricted` (which checks the arguments)."""
     ids, mask = plausible_candidates(expert_logits, alpha)  # [rows, K] each
     rows, k = ids.shape
     if rows * k < lm_head.shape[0]:

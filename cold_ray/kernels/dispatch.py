@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 import torch
 
 from cold_ray.kernels import contrastive, reference
-from cold_ray.kernels.checks import check_expand, check_index, check_lora, check_shrink
+from cold_ray.kernels.checks import (
+    check_amateur_full,
+    check_amateur_head,
+    check_contrastive,
+    check_expand,
+    check_index,
+    check_lora,
+    check_shrink,
+)
 from cold_ray.kernels.contrastive import ColdStep
 
 log = logging.getLogger(__name__)
@@ -90,17 +98,23 @@ def build_batch(idx: torch.Tensor | Sequence[int], device: torch.device | str) -
         segments.append((k, len(order), len(order) + len(members)))
         order.extend(members)
     perm = torch.tensor(order, dtype=torch.int64, device=device)
-    return LoraBatch(dev_idx, rows, max_slot, num_active, "gather", tuple(segments), perm,
-                     perm_rows=tuple(order))  # fmt: skip
+    return LoraBatch(
+        dev_idx, rows, max_slot, num_active, "gather", tuple(segments), perm, perm_rows=tuple(order)
+    )
 
 
 class LoraBackend:
-    """Interface of every implementation; this base class is the reference (plain torch, fp32).
+    """The contract of every implementation, written once; this base class is also the plain
+    torch reference (fp32). Implementations override only the `_` hooks: the public methods
+    check shapes, dtypes and indices first, so no hook repeats a check or a docstring.
 
-    LoRA contract (docs/design.md §2), rows with idx -1 are never touched:
+    LoRA (docs/design.md §2), rows with idx -1 are never read or written:
         t[i]  = x[i] @ A[k].T                      shrink, k = idx[i] >= 0
         y[i] += scale[k] * t[i] @ B[k].T           expand, in place
-    Contrastive contract (docs/design.md §1): see `contrastive_full` / `contrastive_restricted`.
+    Contrastive step (docs/design.md §1): see `contrastive_full` / `contrastive_restricted`.
+    Precision: the reference and Triton accumulate in fp32; the grouped and gather-BMM paths
+    compute in the input dtype (bit-equal in fp32, within the dtype's tolerance otherwise).
+    `options` are a backend's own tuning knobs (Triton's `split_k`), ignored by the others.
     """
 
     name = "reference"
@@ -112,8 +126,8 @@ class LoraBackend:
         self.device = torch.device(device)
 
     def use_cpu_kernel(self, kernel) -> bool:
-        """Take `kernels/cpu_gemm.py`'s compiled kernel for small CPU steps; False where this
-        backend has no use for it."""
+        """Take `cold_ray/kernels/cpu_gemm.py`'s compiled kernel for small CPU steps; False
+        where this backend has no use for it."""
         return False
 
     # -- LoRA ---------------------------------------------------------------------------------
@@ -133,10 +147,11 @@ class LoraBackend:
         x: torch.Tensor,  # [rows, in]
         A: torch.Tensor,  # [slots, r, in]
         batch: LoraBatch,
+        **options,
     ) -> torch.Tensor:  # [rows, r] fp32, zero on -1 rows
         """Semantics: t[i] = x[i].float() @ A[idx[i]].float().T if idx[i] >= 0 else 0."""
         check_shrink(x, A, batch)
-        return reference.shrink(x, A, batch.idx)
+        return self._shrink(x, A, batch, **options)
 
     def expand(
         self,
@@ -145,10 +160,15 @@ class LoraBackend:
         scale: torch.Tensor,  # [slots]
         batch: LoraBatch,
         y: torch.Tensor,  # [rows, out], updated in place
+        **options,
     ) -> None:
-        """Semantics: y[i] += scale[k] * t[i] @ B[k].T for k = idx[i] >= 0 (fp32, cast back)."""
+        """Semantics:
+        for i with k = idx[i] >= 0:
+            y[i] = (y[i].float() + scale[k] * (t[i].float() @ B[k].float().T)).to(y.dtype)
+        """
         check_expand(t, B, scale, batch, y)
-        reference.expand(t, B, batch.idx, scale, y)
+        if batch.plan != "none":
+            self._expand(t, B, scale, batch, y, **options)
 
     def lora_delta(
         self,
@@ -158,10 +178,13 @@ class LoraBackend:
         scale: torch.Tensor,  # [slots]
         batch: LoraBatch,
         y: torch.Tensor,  # [rows, out], updated in place
+        **options,
     ) -> None:
-        """Semantics: y[i] += scale[k] * (x[i] @ A[k].T) @ B[k].T for k = idx[i] >= 0."""
+        """Semantics: y[i] += scale[k] * (x[i] @ A[k].T) @ B[k].T for k = idx[i] >= 0
+        (shrink, then expand, in one call: the engine's path at every LoRA site)."""
         check_lora(x, A, B, scale, batch, y)
-        reference.lora_delta(x, A, B, scale, batch.idx, y)
+        if batch.plan != "none":
+            self._lora_delta(x, A, B, scale, batch, y, **options)
 
     # -- contrastive step -----------------------------------------------------------------------
     def contrastive_full(
@@ -180,7 +203,9 @@ class LoraBackend:
             scores = where(valid, (1 + beta) * expert - beta * amateur, -inf)   fp32 [rows, V]
             tokens = argmax(scores)   (first index on ties)
         """
-        return contrastive.full_torch(expert_logits, amateur_logits, alpha, beta, with_scores)
+        check_contrastive(expert_logits, alpha, beta)
+        check_amateur_full(expert_logits, amateur_logits)
+        return self._contrastive_full(expert_logits, amateur_logits, alpha, beta, with_scores)
 
     def contrastive_restricted(
         self,
@@ -199,7 +224,9 @@ class LoraBackend:
             tokens    = ids[argmax(scores)]  (lowest token id on ties, as the full step)
         Gives the same tokens as `contrastive_full` with amateur = amateur_hidden @ lm_head.T.
         """
-        return contrastive.restricted_torch(expert_logits, amateur_hidden, lm_head, alpha, beta)
+        check_contrastive(expert_logits, alpha, beta)
+        check_amateur_head(expert_logits, amateur_hidden, lm_head)
+        return self._contrastive_restricted(expert_logits, amateur_hidden, lm_head, alpha, beta)
 
     def contrastive_greedy(
         self,
@@ -210,6 +237,22 @@ class LoraBackend:
     ) -> torch.Tensor:  # [rows] int64
         """Semantics: reference.contrastive_greedy(expert_logits, amateur_logits, alpha, beta)."""
         return self.contrastive_full(expert_logits, amateur_logits, alpha, beta).tokens
+
+    # -- the hooks implementations override (arguments already checked) -------------------------
+    def _shrink(self, x, A, batch: LoraBatch) -> torch.Tensor:
+        return reference.shrink(x, A, batch.idx)
+
+    def _expand(self, t, B, scale, batch: LoraBatch, y) -> None:
+        reference.expand(t, B, batch.idx, scale, y)
+
+    def _lora_delta(self, x, A, B, scale, batch: LoraBatch, y) -> None:
+        reference.lora_delta(x, A, B, scale, batch.idx, y)
+
+    def _contrastive_full(self, expert_logits, amateur_logits, alpha, beta, with_scores):
+        return contrastive.full_torch(expert_logits, amateur_logits, alpha, beta, with_scores)
+
+    def _contrastive_restricted(self, expert_logits, amateur_hidden, lm_head, alpha, beta):
+        return contrastive.restricted_torch(expert_logits, amateur_hidden, lm_head, alpha, beta)
 
 
 # name -> "module:Class"; imported only when picked, so a missing optional package (triton,
@@ -274,14 +317,3 @@ def select_backend(name: str = "auto", device: torch.device | str = "cpu") -> Lo
     backend = cls(device)
     log.info("LoRA backend: %s on %s (%s)", backend.name, device, why)
     return backend
-
-
-__all__ = [
-    "BACKEND_NAMES",
-    "ColdStep",
-    "LoraBackend",
-    "LoraBatch",
-    "auto_backend_name",
-    "build_batch",
-    "select_backend",
-]

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import torch
 
-from cold_ray.kernels.checks import check_expand, check_lora, check_shrink
 from cold_ray.kernels.dispatch import LoraBackend, LoraBatch
 
 
@@ -31,49 +30,22 @@ class GatherBmmBackend(LoraBackend):
         batch.active = (batch.idx >= 0).unsqueeze(1)  # [rows, 1]
         return batch
 
-    def shrink(
-        self,
-        x: torch.Tensor,  # [rows, in]
-        A: torch.Tensor,  # [slots, r, in]
-        batch: LoraBatch,
-    ) -> torch.Tensor:  # [rows, r] fp32
-        """Semantics: t[i] = x[i] @ A[idx[i]].T if idx[i] >= 0 else 0 (fp32 out)."""
-        check_shrink(x, A, batch)
-        t = self._shrink(x, A, batch).float()
-        return t.masked_fill_(~batch.active, 0.0)
+    def _shrink(self, x, A, batch: LoraBatch) -> torch.Tensor:
+        return self._bmm_shrink(x, A, batch).float().masked_fill_(~batch.active, 0.0)
 
-    def expand(
-        self,
-        t: torch.Tensor,  # [rows, r]
-        B: torch.Tensor,  # [slots, out, r]
-        scale: torch.Tensor,  # [slots]
-        batch: LoraBatch,
-        y: torch.Tensor,  # [rows, out], updated in place
-    ) -> None:
-        """Semantics: y[i] += scale[k] * t[i] @ B[k].T for k = idx[i] >= 0."""
-        check_expand(t, B, scale, batch, y)
-        self._expand(t.to(B.dtype), B, scale, batch, y)
+    def _expand(self, t, B, scale, batch: LoraBatch, y) -> None:
+        self._bmm_expand(t.to(B.dtype), B, scale, batch, y)
 
-    def lora_delta(
-        self,
-        x: torch.Tensor,  # [rows, in]
-        A: torch.Tensor,  # [slots, r, in]
-        B: torch.Tensor,  # [slots, out, r]
-        scale: torch.Tensor,  # [slots]
-        batch: LoraBatch,
-        y: torch.Tensor,  # [rows, out], updated in place
-    ) -> None:
-        """Semantics: y[i] += scale[k] * (x[i] @ A[k].T) @ B[k].T for k = idx[i] >= 0."""
-        check_lora(x, A, B, scale, batch, y)
-        self._expand(self._shrink(x, A, batch), B, scale, batch, y)
+    def _lora_delta(self, x, A, B, scale, batch: LoraBatch, y) -> None:
+        self._bmm_expand(self._bmm_shrink(x, A, batch), B, scale, batch, y)
 
     @staticmethod
-    def _shrink(x: torch.Tensor, A: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+    def _bmm_shrink(x: torch.Tensor, A: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
         a = A.index_select(0, batch.safe_idx)  # [rows, r, in]: the per-row weight copy
         return torch.bmm(a, x.unsqueeze(-1)).squeeze(-1)  # [rows, r]
 
     @staticmethod
-    def _expand(t, B, scale, batch: LoraBatch, y: torch.Tensor) -> None:
+    def _bmm_expand(t, B, scale, batch: LoraBatch, y: torch.Tensor) -> None:
         b = B.index_select(0, batch.safe_idx)  # [rows, out, r]: the per-row weight copy
         d = torch.bmm(b, t.unsqueeze(-1)).squeeze(-1)  # [rows, out]
         d = d.float() * scale.index_select(0, batch.safe_idx).float().unsqueeze(1)

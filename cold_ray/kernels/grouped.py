@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cold_ray.kernels.checks import check_expand, check_lora, check_shrink
 from cold_ray.kernels.dispatch import LoraBackend, LoraBatch
 
 
@@ -32,31 +31,13 @@ class GroupedBackend(LoraBackend):
         self.small_gemm = kernel
         return True
 
-    def lora_delta(
-        self,
-        x: torch.Tensor,  # [rows, in]
-        A: torch.Tensor,  # [slots, r, in]
-        B: torch.Tensor,  # [slots, out, r]
-        scale: torch.Tensor,  # [slots]
-        batch: LoraBatch,
-        y: torch.Tensor,  # [rows, out], updated in place
-    ) -> None:
-        """Add the LoRA delta of every adapter row to y, in the input dtype.
-
-        Semantics:
-            for slot k with rows R_k = {i : idx[i] == k}:
-                y[R_k] += scale[k] * (x[R_k] @ A[k].T) @ B[k].T
-        """
-        check_lora(x, A, B, scale, batch, y)
-        plan = batch.plan
-        if plan == "none":
-            return
+    def _lora_delta(self, x, A, B, scale, batch: LoraBatch, y) -> None:
         s = batch.scales(scale)
         kernel = self.small_gemm
         if kernel is not None and (A.shape[1] > kernel.MAX_RANK or x.dtype != torch.float32):
             kernel = None
         most = kernel.MAX_LORA_ROWS if kernel is not None else 0
-        if plan == "runs":
+        if batch.plan == "runs":
             rows = batch.rows
             for k, start, end in batch.segments:
                 if end - start <= most:
@@ -79,14 +60,7 @@ class GroupedBackend(LoraBackend):
             torch.addmm(dk, F.linear(xg[start:end], A[k]), B[k].t(), beta=0, alpha=s[k], out=dk)
         y.index_add_(0, perm, d)
 
-    def shrink(
-        self,
-        x: torch.Tensor,  # [rows, in]
-        A: torch.Tensor,  # [slots, r, in]
-        batch: LoraBatch,
-    ) -> torch.Tensor:  # [rows, r] fp32
-        """Semantics: t[i] = x[i] @ A[idx[i]].T if idx[i] >= 0 else 0 (fp32 out)."""
-        check_shrink(x, A, batch)
+    def _shrink(self, x, A, batch: LoraBatch) -> torch.Tensor:
         t = torch.zeros(batch.rows, A.shape[1], dtype=torch.float32, device=x.device)
         if batch.plan == "runs":
             for k, start, end in batch.segments:
@@ -99,18 +73,7 @@ class GroupedBackend(LoraBackend):
             t.index_copy_(0, batch.perm, tg.float())
         return t
 
-    def expand(
-        self,
-        t: torch.Tensor,  # [rows, r]
-        B: torch.Tensor,  # [slots, out, r]
-        scale: torch.Tensor,  # [slots]
-        batch: LoraBatch,
-        y: torch.Tensor,  # [rows, out], updated in place
-    ) -> None:
-        """Semantics: y[i] += scale[k] * t[i] @ B[k].T for k = idx[i] >= 0 (t cast to B's dtype)."""
-        check_expand(t, B, scale, batch, y)
-        if batch.plan == "none":
-            return
+    def _expand(self, t, B, scale, batch: LoraBatch, y) -> None:
         s = batch.scales(scale)
         t = t.to(B.dtype)
         if batch.plan == "runs":

@@ -11,14 +11,6 @@ import os
 import torch
 
 from cold_ray.kernels import reference
-from cold_ray.kernels.checks import (
-    check_amateur_full,
-    check_amateur_head,
-    check_contrastive,
-    check_expand,
-    check_lora,
-    check_shrink,
-)
 from cold_ray.kernels.contrastive import ColdStep, plausible_candidates
 from cold_ray.kernels.dispatch import LoraBackend, LoraBatch
 from cold_ray.kernels.triton_kernels import kernels
@@ -89,11 +81,21 @@ class TritonBackend(LoraBackend):
         ws = alloc(split, rows, rank, dtype=torch.float32, device=x.device)
         if rows and batch.plan != "none":
             kernels().shrink[(rows, split)](
-                x, A, batch.idx, ws,
-                d_in, rank, k_per_split,
-                x.stride(0), A.stride(0), A.stride(1), ws.stride(0), ws.stride(1),
-                BLOCK_R=block_r, BLOCK_K=block_k,
-            )  # fmt: skip
+                x,
+                A,
+                batch.idx,
+                ws,
+                d_in,
+                rank,
+                k_per_split,
+                x.stride(0),
+                A.stride(0),
+                A.stride(1),
+                ws.stride(0),
+                ws.stride(1),
+                BLOCK_R=block_r,
+                BLOCK_K=block_k,
+            )
         return ws
 
     def _expand_ws(
@@ -107,94 +109,41 @@ class TritonBackend(LoraBackend):
             return
         scale = scale if scale.stride(0) == 1 else scale.contiguous()  # read as scale_ptr + slot
         kernels().expand[(rows, _cdiv(d_out, block_n))](
-            ws, B, batch.idx, scale, y,
-            d_out, rank,
-            ws.stride(0), ws.stride(1), B.stride(0), B.stride(1), y.stride(0),
-            SPLIT_K=ws.shape[0], BLOCK_R=block_r, BLOCK_N=block_n,
-        )  # fmt: skip
+            ws,
+            B,
+            batch.idx,
+            scale,
+            y,
+            d_out,
+            rank,
+            ws.stride(0),
+            ws.stride(1),
+            B.stride(0),
+            B.stride(1),
+            y.stride(0),
+            SPLIT_K=ws.shape[0],
+            BLOCK_R=block_r,
+            BLOCK_N=block_n,
+        )
 
-    def shrink(
-        self,
-        x: torch.Tensor,  # [rows, in]
-        A: torch.Tensor,  # [slots, r, in]
-        batch: LoraBatch,
-        split_k: int | None = None,
-    ) -> torch.Tensor:  # [rows, r] fp32
-        """BGMV shrink, fp32 accumulation; `split_k` forces the K-split (default: heuristic).
-
-        Semantics:
-            t = torch.zeros(rows, r, dtype=torch.float32)
-            for i in range(rows):
-                if idx[i] >= 0:
-                    t[i] = x[i].float() @ A[idx[i]].float().T
-        """
-        check_shrink(x, A, batch)
+    def _shrink(self, x, A, batch: LoraBatch, split_k: int | None = None) -> torch.Tensor:
+        """`split_k` forces the K-split (default: the heuristic)."""
         self._check_device(x=x, A=A, idx=batch.idx)
         ws = self._shrink_ws(x, A, batch, zero=True, split_k=split_k)
         return ws[0] if ws.shape[0] == 1 else ws.sum(0)
 
-    def expand(
-        self,
-        t: torch.Tensor,  # [rows, r]
-        B: torch.Tensor,  # [slots, out, r]
-        scale: torch.Tensor,  # [slots]
-        batch: LoraBatch,
-        y: torch.Tensor,  # [rows, out], updated in place
-    ) -> None:
-        """BGMV expand in place, fp32 accumulation; -1 rows are never read or written.
-
-        Semantics:
-            for i in range(rows):
-                if (k := idx[i]) >= 0:
-                    y[i] = (y[i].float() + scale[k].float() * (t[i].float() @ B[k].float().T)).to(y.dtype)
-        """  # noqa: E501
-        check_expand(t, B, scale, batch, y)
+    def _expand(self, t, B, scale, batch: LoraBatch, y) -> None:
         self._check_device(t=t, B=B, scale=scale, y=y, idx=batch.idx)
         self._expand_ws(t.float().unsqueeze(0), B, scale, batch, y)
 
-    def lora_delta(
-        self,
-        x: torch.Tensor,  # [rows, in]
-        A: torch.Tensor,  # [slots, r, in]
-        B: torch.Tensor,  # [slots, out, r]
-        scale: torch.Tensor,  # [slots]
-        batch: LoraBatch,
-        y: torch.Tensor,  # [rows, out], updated in place
-        split_k: int | None = None,
-    ) -> None:
-        """Shrink into an fp32 workspace, then expand into y (two launches, no other ops).
-
-        Semantics:
-            for i in range(rows):
-                if (k := idx[i]) >= 0:
-                    t = x[i].float() @ A[k].float().T
-                    y[i] = (y[i].float() + scale[k].float() * (t @ B[k].float().T)).to(y.dtype)
-        """
-        check_lora(x, A, B, scale, batch, y)
+    def _lora_delta(self, x, A, B, scale, batch: LoraBatch, y, split_k: int | None = None):
+        """Shrink into an fp32 workspace, then expand into y (two launches, no other ops)."""
         self._check_device(x=x, A=A, B=B, scale=scale, y=y, idx=batch.idx)
         ws = self._shrink_ws(x, A, batch, zero=False, split_k=split_k)
         self._expand_ws(ws, B, scale, batch, y)
 
-    # -- contrastive step -----------------------------------------------------------------------
-    def contrastive_full(
-        self,
-        expert_logits: torch.Tensor,  # [rows, V]
-        amateur_logits: torch.Tensor,  # [rows, V]
-        alpha: torch.Tensor,  # [rows]
-        beta: torch.Tensor,  # [rows]
-        *,
-        with_scores: bool = False,
-    ) -> ColdStep:
-        """Fused CoLD step over full logits: one program per row, no [rows, V] temporaries.
-
-        Semantics:
-            e, a = expert_logits.float(), amateur_logits.float()
-            valid = e >= e.max(-1, keepdim=True).values + reference.log_alpha(alpha)[:, None]
-            scores = torch.where(valid, (1 + beta[:, None]) * e - beta[:, None] * a, -inf)
-            tokens = scores.argmax(-1)          # first index on ties
-        """
-        check_contrastive(expert_logits, alpha, beta)
-        check_amateur_full(expert_logits, amateur_logits)
+    def _contrastive_full(self, expert_logits, amateur_logits, alpha, beta, with_scores):
+        """Fused over full logits: one program per row, no [rows, V] temporaries."""
         self._check_device(expert_logits=expert_logits, amateur_logits=amateur_logits)
         e, a = _unit_stride(expert_logits), _unit_stride(amateur_logits)
         rows, vocab = e.shape
@@ -209,31 +158,24 @@ class TritonBackend(LoraBackend):
                 min(1024, _pow2(vocab)) if self.device.type != "cpu" else min(4096, _pow2(vocab))
             )
             kernels().cold_full[(rows,)](
-                e, a, log_alpha, beta, tokens, scores,
-                vocab, e.stride(0), a.stride(0), scores.stride(0),
-                WRITE_SCORES=with_scores, BLOCK_V=block_v, **self._cold_opts,
-            )  # fmt: skip
+                e,
+                a,
+                log_alpha,
+                beta,
+                tokens,
+                scores,
+                vocab,
+                e.stride(0),
+                a.stride(0),
+                scores.stride(0),
+                WRITE_SCORES=with_scores,
+                BLOCK_V=block_v,
+                **self._cold_opts,
+            )
         return ColdStep(tokens, None, scores if with_scores else None)
 
-    def contrastive_restricted(
-        self,
-        expert_logits: torch.Tensor,  # [rows, V]
-        amateur_hidden: torch.Tensor,  # [rows, H]
-        lm_head: torch.Tensor,  # [V, H]
-        alpha: torch.Tensor,  # [rows]
-        beta: torch.Tensor,  # [rows]
-    ) -> ColdStep:
-        """CoLD step with the amateur head fused at the candidate tokens (no [rows, K, H] gather).
-
-        Semantics:
-            ids, mask = reference.plausible_candidates(expert_logits, alpha)   # [rows, K]
-            amateur = (lm_head[ids].float() @ amateur_hidden.float()[:, :, None])[..., 0]
-            e = expert_logits.float().gather(1, ids)
-            scores = torch.where(mask, (1 + beta[:, None]) * e - beta[:, None] * amateur, -inf)
-            tokens = lowest id among ids[i, j] with scores[i, j] == scores[i].max()
-        """
-        check_contrastive(expert_logits, alpha, beta)
-        check_amateur_head(expert_logits, amateur_hidden, lm_head)
+    def _contrastive_restricted(self, expert_logits, amateur_hidden, lm_head, alpha, beta):
+        """The amateur head fused at the candidate tokens (no [rows, K, H] gather)."""
         self._check_device(
             expert_logits=expert_logits, amateur_hidden=amateur_hidden, lm_head=lm_head
         )
@@ -250,12 +192,26 @@ class TritonBackend(LoraBackend):
             block_c = min(32, _pow2(n_cand))
             block_h = max(16, min(1024, MAX_TILE // block_c, _pow2(hidden)))
             kernels().cold_restricted[(rows,)](
-                e, ids, mask_u8, h, w, beta, tokens, scores,
-                n_cand, hidden,
-                e.stride(0), ids.stride(0), mask_u8.stride(0), h.stride(0), w.stride(0),
+                e,
+                ids,
+                mask_u8,
+                h,
+                w,
+                beta,
+                tokens,
+                scores,
+                n_cand,
+                hidden,
+                e.stride(0),
+                ids.stride(0),
+                mask_u8.stride(0),
+                h.stride(0),
+                w.stride(0),
                 scores.stride(0),
-                BLOCK_C=block_c, BLOCK_H=block_h, **self._cold_opts,
-            )  # fmt: skip
+                BLOCK_C=block_c,
+                BLOCK_H=block_h,
+                **self._cold_opts,
+            )
         return ColdStep(tokens, ids, scores)
 
 
