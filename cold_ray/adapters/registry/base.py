@@ -190,8 +190,23 @@ META_TABLE = (
     "CREATE TABLE IF NOT EXISTS registry_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)"
 )
 GENERATION = "SELECT value FROM registry_meta WHERE key = 'generation'"
-# Schema steps after the first read the same in every SQL dialect; the first (the table, in
-# the backend's column types) is each backend's `create_table`.
+# The adapters table as schema 1 created it, one definition for every backend: (column, kind,
+# constraint); a backend names the SQL type of each kind (`column_types`) and its true.
+ADAPTERS_TABLE = (
+    ("name", "text", "PRIMARY KEY"),
+    ("source", "text", "NOT NULL"),
+    ("path", "text", "NOT NULL"),
+    ("base_model", "text", "NOT NULL"),
+    ("rank", "int", "NOT NULL"),
+    ("target_modules", "text", "NOT NULL"),  # a JSON list
+    ("nbytes", "bigint", "NOT NULL"),
+    ("sha256", "text", "NOT NULL"),
+    ("alpha", "float", ""),
+    ("beta", "float", ""),
+    ("cold_enabled", "bool", "NOT NULL DEFAULT {true}"),
+    ("created_at", "float", "NOT NULL"),
+)
+# Schema steps after the first read the same in every SQL dialect.
 ADDED_COLUMNS = {
     2: "ALTER TABLE adapters ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'",
     3: "ALTER TABLE adapters ADD COLUMN config_sha256 TEXT NOT NULL DEFAULT ''",
@@ -215,7 +230,8 @@ class AdapterRegistry:
 
     backend = ""
     target = ""  # where the catalog is, for messages (never carries a password)
-    create_table = ""  # schema 1's CREATE TABLE adapters, in the backend's column types
+    column_types: dict[str, str] = {}  # ADAPTERS_TABLE's kinds -> this dialect's SQL types
+    true = "TRUE"  # this dialect's literal for true
     mark = "?"  # the driver's query parameter placeholder
     # The driver's errors that mean "cannot reach the catalog now" (RegistryUnavailable)
     unavailable: tuple[type[Exception], ...] = ()
@@ -280,6 +296,14 @@ class AdapterRegistry:
     def _close_backend(self) -> None:
         pass
 
+    def create_table(self) -> str:
+        """Schema 1's CREATE TABLE adapters in this backend's column types."""
+        columns = ",\n    ".join(
+            f"{name} {self.column_types[kind]} {constraint.format(true=self.true)}".rstrip()
+            for name, kind, constraint in ADAPTERS_TABLE
+        )
+        return f"CREATE TABLE adapters (\n    {columns}\n)"
+
     def _schema_tx(self):
         """A context manager: a write transaction that holds the catalog's migration lock (one
         migrator at a time); it yields the connection."""
@@ -303,7 +327,7 @@ class AdapterRegistry:
                     f"registry {self.target} has schema version {version}; this cold-ray reads "
                     f"up to {SCHEMA_VERSION}: upgrade cold-ray"
                 )
-            steps = {1: self.create_table, **ADDED_COLUMNS}
+            steps = {1: self.create_table(), **ADDED_COLUMNS}
             for v in range(version + 1, SCHEMA_VERSION + 1):
                 db.execute(steps[v])
                 if v == 3:

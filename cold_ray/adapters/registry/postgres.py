@@ -58,20 +58,13 @@ USER_TIMEOUT_S = 30
 
 class PostgresRegistry(AdapterRegistry):
     backend = "postgresql"
-    create_table = """CREATE TABLE adapters (
-        name TEXT PRIMARY KEY,
-        source TEXT NOT NULL,
-        path TEXT NOT NULL,
-        base_model TEXT NOT NULL,
-        rank INTEGER NOT NULL,
-        target_modules TEXT NOT NULL,
-        nbytes BIGINT NOT NULL,
-        sha256 TEXT NOT NULL,
-        alpha DOUBLE PRECISION,
-        beta DOUBLE PRECISION,
-        cold_enabled BOOLEAN NOT NULL DEFAULT TRUE,
-        created_at DOUBLE PRECISION NOT NULL
-    )"""
+    column_types = {
+        "text": "TEXT",
+        "int": "INTEGER",
+        "bigint": "BIGINT",
+        "float": "DOUBLE PRECISION",
+        "bool": "BOOLEAN",
+    }
     mark = "%s"
 
     def __init__(
@@ -108,8 +101,9 @@ class PostgresRegistry(AdapterRegistry):
             from cold_ray.model.loader import cache_dir as cold_ray_cache
 
             cache_dir = cold_ray_cache() / "blobs"
-        super().__init__(cache_dir=cache_dir, allowed_roots=allowed_roots,
-                         allowed_schemes=allowed_schemes)  # fmt: skip
+        super().__init__(
+            cache_dir=cache_dir, allowed_roots=allowed_roots, allowed_schemes=allowed_schemes
+        )
         self.target = redact(url)
         self.resync_s = resync_s
         self.unavailable = (psycopg.OperationalError,)  # also PoolTimeout, QueryCanceled
@@ -208,8 +202,9 @@ class PostgresRegistry(AdapterRegistry):
     def _delete(self, name: str) -> AdapterRecord | None:
         try:
             with self._change() as conn:
-                row = conn.execute("DELETE FROM adapters WHERE name = %s RETURNING *",
-                                   (name,)).fetchone()  # fmt: skip
+                row = conn.execute(
+                    "DELETE FROM adapters WHERE name = %s RETURNING *", (name,)
+                ).fetchone()
                 if row is None:
                     raise NoChange  # roll back: the generation stays
             return AdapterRecord.from_row(row)

@@ -31,20 +31,14 @@ from cold_ray.adapters.sources import DEFAULT_SCHEMES
 class SQLiteRegistry(AdapterRegistry):
     backend = "sqlite"
     unavailable = (sqlite3.OperationalError,)  # e.g. locked past the busy timeout, disk I/O
-    create_table = """CREATE TABLE adapters (
-        name TEXT PRIMARY KEY,
-        source TEXT NOT NULL,
-        path TEXT NOT NULL,
-        base_model TEXT NOT NULL,
-        rank INTEGER NOT NULL,
-        target_modules TEXT NOT NULL,  -- JSON list
-        nbytes INTEGER NOT NULL,
-        sha256 TEXT NOT NULL,
-        alpha REAL,
-        beta REAL,
-        cold_enabled INTEGER NOT NULL DEFAULT 1,
-        created_at REAL NOT NULL
-    )"""
+    column_types = {
+        "text": "TEXT",
+        "int": "INTEGER",
+        "bigint": "INTEGER",
+        "float": "REAL",
+        "bool": "INTEGER",
+    }
+    true = "1"
 
     def __init__(
         self,
@@ -60,8 +54,11 @@ class SQLiteRegistry(AdapterRegistry):
         `poll_s`: how often a replica's watcher checks for changes."""
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        super().__init__(cache_dir=cache_dir or self.path.parent / "blobs",
-                         allowed_roots=allowed_roots, allowed_schemes=allowed_schemes)  # fmt: skip
+        super().__init__(
+            cache_dir=cache_dir or self.path.parent / "blobs",
+            allowed_roots=allowed_roots,
+            allowed_schemes=allowed_schemes,
+        )
         self.target = str(self.path)
         self.timeout = timeout
         self.poll_s = poll_s
@@ -76,8 +73,9 @@ class SQLiteRegistry(AdapterRegistry):
         """One connection per thread and process (sqlite3 connections are neither)."""
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
-                                   check_same_thread=False)  # fmt: skip
+            conn = sqlite3.connect(
+                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+            )
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             for _ in range(50):  # switching to WAL needs a moment of exclusive access
@@ -154,8 +152,9 @@ class SQLiteRegistry(AdapterRegistry):
             old = self._select(db, record.name)
             if old is not None and not replace:
                 raise AdapterExists(record.name)
-            db.execute(f"INSERT OR REPLACE INTO adapters ({', '.join(COLUMNS)}) VALUES ({marks})",
-                       row)  # fmt: skip
+            db.execute(
+                f"INSERT OR REPLACE INTO adapters ({', '.join(COLUMNS)}) VALUES ({marks})", row
+            )
         return old
 
     def _delete(self, name: str) -> AdapterRecord | None:
