@@ -307,7 +307,7 @@ def test_client_command_per_server_and_mode(tmp_path):
     assert options["--model"] == "arith-demo" and options["--tokenizer"] == "/models/smollm2"
     assert options["--dataset-name"] == "random" and options["--random-input-len"] == "256"
     assert options["--random-output-len"] == "64" and options["--max-concurrency"] == "16"
-    assert options["--num-prompts"] == "64" and options["--num-warmups"] == "16"
+    assert options["--num-prompts"] == "64" and options["--num-warmups"] == "2"
     assert options["--metric-percentiles"] == "50,99" and options["--temperature"] == "0"
     assert (options["--result-dir"], options["--result-filename"]) == (str(tmp_path), result.name)
     assert json.loads(options["--extra-body"]) == {"cold": True}

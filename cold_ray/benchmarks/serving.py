@@ -19,7 +19,7 @@ SIGTERM):
 The client is `vllm bench serve --backend openai` from the same venv, offline: the local model
 folder as tokenizer, the random dataset (`--input-len` prompt tokens, `--output-len` new tokens
 with `--ignore-eos`, so every request decodes the same count), greedy, `--max-concurrency C`
-over max(`--min-prompts`, C x `--prompts-per-user`) prompts after C warm-up requests. Per
+over max(`--min-prompts`, C x `--prompts-per-user`) prompts after two warm-up requests. Per
 concurrency: cold-ray plain LoRA (`--extra-body '{"cold": false}'`), cold-ray CoLD
 (`'{"cold": true}'`) and vLLM plain LoRA. A run's prompts depend on its (mode, concurrency)
 only: both servers get the same ones, and no run finds another's in a prefix cache.
