@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from cold_ray.config import EngineConfig
 from cold_ray.engine import ColdParams, EngineCore, SamplingParams
@@ -111,6 +112,11 @@ def check_state(core: EngineCore) -> None:
     assert core.slots.refs == pinned
     if core.prefix_cache is not None:  # no block outlives its parent; leaves and counts agree
         check_structure(core.prefix_cache)
+    # a slot's occupant leaves nothing behind (KVCache.scrub): a free slot is zero, but for
+    # position 0, where a decode graph's pad rows work (finite: token 0 on the base model)
+    free = sorted(set(range(core.config.max_rows)) - set(slots))
+    for kv in (core.cache.k[:, free], core.cache.v[:, free]):
+        assert not kv[:, :, :, 1:].any() and torch.isfinite(kv).all(), "stale K/V in a free slot"
 
 
 def run_scenario(seed: int, core: EngineCore, alone: Alone) -> None:
@@ -196,6 +202,19 @@ def test_every_request_decodes_as_if_alone(tiny_llama, tiny_adapters, alone, fuz
         run_scenario(seed, core, alone)
     if core.prefix_cache is not None:
         assert core.prefix_cache.stats["hit_tokens"] > 0, "the scenarios never hit the cache"
+
+
+BF16_SEEDS = 4  # the bf16 slice: the same scenarios, both engines in the CPU's bf16 precision
+
+
+def test_every_request_decodes_as_if_alone_in_bf16(tiny_llama, tiny_adapters, fuzz_seeds):
+    """dtype bfloat16 (bf16 weights and KV cache, fp32 arithmetic) is batch-invariant too."""
+    alone = Alone(_core(tiny_llama, tiny_adapters, max_rows=2, max_prefill_tokens=4096,
+                       prefix_cache_bytes=0, max_loras=3, dtype="bfloat16"))  # fmt: skip
+    core = _core(tiny_llama, tiny_adapters, dtype="bfloat16")
+    assert core.runner.cache.k.dtype == alone.core.runner.cache.k.dtype == torch.bfloat16
+    for seed in range(min(fuzz_seeds, BF16_SEEDS)):
+        run_scenario(seed, core, alone)
 
 
 @pytest.mark.parametrize("attention", ["kernel", "sdpa"])

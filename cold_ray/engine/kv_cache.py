@@ -80,17 +80,20 @@ class KVCache:
         while self._free and by_slot and self._free[0] < by_slot[-1].slot:
             row, hole = by_slot.pop(), heapq.heappop(self._free)
             self.copy(row.slot, hole, row.length)
+            self.scrub(row.slot, row.length)  # the slot it leaves holds nothing of it
             heapq.heappush(self._free, row.slot)
             row.slot = hole
             bisect.insort(by_slot, row, key=lambda r: r.slot)
 
-    def scrub(self, slot: int) -> None:
-        """Zero a slot whose last occupant ended abnormally. Attention reads positions past a
-        row's length under a mask (the next chunk's span, a decode graph's span bucket), and
-        a masked NaN still poisons the sum (0 · NaN = NaN): what a failed forward left in the
-        slot must not reach the next occupant."""
-        self.k[:, slot].zero_()
-        self.v[:, slot].zero_()
+    def scrub(self, slot: int, length: int | None = None) -> None:
+        """Zero positions [0, length) of a slot (None: all of it) as its occupant leaves it.
+        Attention reads positions past a row's length under a mask (the next chunk's span, a
+        decode graph's span bucket), and a masked non-finite value still poisons the sum
+        (0 · NaN = NaN): a row whose forward overflowed can even end normally — a key of −inf
+        only zeroes its own attention weight — and must not leave that to the next occupant.
+        Costs one write of what the row wrote."""
+        self.k[:, slot, :, :length].zero_()
+        self.v[:, slot, :, :length].zero_()
 
     def copy(self, src: int, dst: int, length: int) -> None:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]

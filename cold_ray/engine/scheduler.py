@@ -332,18 +332,16 @@ class Scheduler:
     ) -> None:
         """End a request (stop, length, abort, error): free its rows and adapter pin at once and
         put its final output — `last`, the step's output, when the request ends with a token —
-        in the outbox. The rows of a request that ended abnormally are scrubbed: whatever its
-        forward left in them (NaN/inf K/V of an adapter that overflowed) must never reach the
-        next occupant."""
+        in the outbox. Its rows are scrubbed (KVCache.scrub): whatever its forward left in them
+        (NaN/inf K/V of an adapter that overflowed) must never reach the next occupant."""
         if req.finish_reason is not None:
             return  # ended already: a request ends exactly once
         if req in self.waiting:
             self.waiting.remove(req)
         if req in self.running:
             self.running.remove(req)
-        for row in req.rows:
-            if reason in ("error", "abort"):
-                self.cache.scrub(row.slot)
+        for row in req.rows:  # an error may leave writes past the row's length: all of it
+            self.cache.scrub(row.slot, None if reason == "error" else row.length)
             self.cache.remove(row)
         req.rows = []
         if req.adapter_pinned:
