@@ -311,7 +311,8 @@ def plot(results: dict, path: str | Path) -> None:
     ax.set_ylim(0, 1.05)
     ax2.set_ylabel("mean latency per item, decoded alone (s)")
     ax2.set_ylim(bottom=0)
-    fig.suptitle("Base-9 addition, Qwen2.5-Coder-0.5B-Instruct + LoRA: greedy vs CoLD")
+    model = Path(results["model"]).name
+    fig.suptitle(f"Base-9 addition, {model} + LoRA: expert greedy vs CoLD", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
