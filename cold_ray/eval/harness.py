@@ -18,7 +18,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cold_ray.adapters.demo_task import format_prompt
@@ -42,6 +42,9 @@ class Task:
     extract: extract.Extractor  # model text (or gold answer) -> canonical answer | None
     stop: tuple[str, ...] = ("\nQuestion:",)
     max_tokens: int = 256
+    # Between the prompt and a gold answer scored as its continuation (tune's log-probability
+    # margins): the demo adapter trains on prompt + " " + answer.
+    target_delimiter: str = " "
 
 
 TASKS = {
@@ -57,10 +60,9 @@ def make_task(name: str, extractor: str | None = None, max_tokens: int | None = 
         raise ValueError(f"unknown task {name!r}: expected one of {sorted(TASKS)}")
     task = TASKS[name]
     if extractor is not None:
-        task = Task(task.name, task.prompt, extract.get_extractor(extractor), task.stop,
-                    task.max_tokens)  # fmt: skip
+        task = replace(task, extract=extract.get_extractor(extractor))
     if max_tokens is not None:
-        task = Task(task.name, task.prompt, task.extract, task.stop, max_tokens)
+        task = replace(task, max_tokens=max_tokens)
     return task
 
 

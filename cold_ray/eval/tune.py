@@ -8,6 +8,11 @@ rejects "no difference" at `level` after a Bonferroni correction for the number 
 tried (picking the best of k noisy settings would otherwise look significant by chance).
 Otherwise the adapter is recorded as "CoLD off". Either way the registry entry is written in
 one transaction (`Registry.set_tuned`), which replicas pick up through their resolver.
+
+The report also says *why*, in log-probabilities (cold_ray.eval.margins): teacher-forced on
+each item's gold answer, how often the expert and each setting rank the gold token first, the
+positions a setting fixes and breaks, the change of the gold token's margin over the likeliest
+other token, and a verdict line tying that evidence to the decision.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from cold_ray.eval import margins
 from cold_ray.eval.stats import paired_comparison
 
 if TYPE_CHECKING:  # the engine (torch) loads only when tuning runs, not for `--help`
@@ -38,6 +44,10 @@ class TuneDecision:
     min_gain: float
     tried: list[dict] = field(default_factory=list)  # one per setting, best first
     stored: bool = False  # False for a dry run
+    # Log-probability evidence (cold_ray.eval.margins): the expert on the gold answers and, per
+    # item, the setting the verdict is about; each `tried` entry carries its own `margins`.
+    margins: dict | None = None
+    why: str | None = None  # the verdict line
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,8 +110,10 @@ def tune(
     max_tokens: int | None = None,
     dry_run: bool = False,
     progress: bool = False,
+    explain: bool = True,
 ) -> TuneDecision:
-    """Evaluate greedy and the grid on `items`, decide, and store the result in `registry`.
+    """Evaluate greedy and the grid on `items`, decide, explain the decision with the gold
+    answers' log-probabilities (`explain`), and store the result in `registry`.
 
     `core` must resolve `adapter` (normally through `registry.resolver()`); the registry
     entry is only written after every evaluation finished, in a single transaction.
@@ -116,22 +128,105 @@ def tune(
     greedy = report.result(modes[0]).correct
     candidates = {(m.alpha, m.beta): report.result(m).correct for m in modes[1:]}
     decision = decide(greedy, candidates, level, min_gain)
+    if explain:
+        scores = margins.score(core, items, task, adapter, settings)
+        _explain(decision, scores, greedy, candidates)
     if not dry_run:
         registry.set_tuned(adapter, decision.alpha, decision.beta, decision.cold_enabled)
         decision.stored = True
     return decision
 
 
-def format_decision(adapter: str, d: TuneDecision) -> str:
-    lines = [f"tune {adapter}: grid of {len(d.tried)} settings on n={d.n} validation items; "
-             f"expert greedy {d.greedy_correct}/{d.n}",
-             f"{'alpha':>6} {'beta':>5} {'correct':>9} {'delta':>7} {'+/-':>7} "
-             f"{'p':>7} {'p*k':>7}"]  # fmt: skip
+def _explain(d: TuneDecision, scores: dict, greedy: list[bool], candidates: dict) -> None:
+    """Attach the log-probability evidence and the verdict line to a decision."""
+    expert = scores[margins.EXPERT]
     for t in d.tried:
-        lines.append(f"{t['alpha']:>6g} {t['beta']:>5g} {t['correct']:>4}/{t['n']:<4} "
-                     f"{t['delta']:>+7.3f} {'+{}/-{}'.format(t['gains'], t['losses']):>7} "
-                     f"{t['p_value']:>7.3g} {t['p_bonferroni']:>7.3g}")  # fmt: skip
+        t["margins"] = margins.compare(expert, scores[(t["alpha"], t["beta"])])
+    shown = margins.focus(d.tried, d.cold_enabled)
+    key = (shown["alpha"], shown["beta"])
+    d.margins = {
+        "expert": margins.expert_summary(expert),
+        "setting": {"alpha": shown["alpha"], "beta": shown["beta"]},
+        "items": margins.item_rows(expert, scores[key], greedy, candidates[key]),
+    }
+    d.why = margins.verdict(d.cold_enabled, d.tried, d.greedy_correct, d.level)
+
+
+def _margin_cells(m: dict | None) -> str:
+    if m is None:
+        return ""
+    change = "-" if m["margin_change"] is None else f"{m['margin_change']:+.2f}"
+    share = m["gold_first"] / m["positions"] if m["positions"] else 0.0
+    return (
+        f" {share:>7.1%} {'+{}/-{}'.format(m['fixed'], m['broken']):>9} {m['masked']:>6} "
+        f"{change:>7}"
+    )
+
+
+_RIGHT = {True: "right", False: "wrong"}
+
+
+def _ll(value: float | None) -> str:
+    return "-inf" if value is None else f"{value:.2f}"  # None: a token CoLD cut out
+
+
+def _evidence_lines(d: TuneDecision, shown: int = 10) -> list[str]:
+    """The expert's view of the gold answers, then the items greedy and the best setting
+    disagree on (they decide the paired test), with their gold log-likelihoods."""
+    e = d.margins["expert"]
+    share = e["gold_first"] / e["positions"] if e["positions"] else 0.0
+    margin = "-" if e["mean_margin"] is None else f"{e['mean_margin']:+.2f}"
+    lines = [
+        f"gold answers, teacher-forced: {e['positions']} tokens of {e['items']} items "
+        f"({e['skipped_items']} too long); the expert ranks the gold token first at "
+        f"{share:.1%} (mean margin {margin} nats)"
+    ]
+    s = d.margins["setting"]
+    split = [r for r in d.margins["items"] if r["greedy_correct"] != r["cold_correct"]]
+    if split:
+        lines.append(
+            f"items greedy and alpha={s['alpha']:g} beta={s['beta']:g} disagree on "
+            "(log-likelihood of the gold answer, gold tokens ranked first):"
+        )
+        lines.append(
+            f"{'item':>6} {'greedy':>6} {'cold':>5} {'ll expert':>10} {'ll cold':>9} "
+            f"{'first e/c':>11}"
+        )
+        for r in split[:shown]:
+            if "tokens" in r:  # (an item longer than the context has no scores)
+                first = f"{r['first_expert']}/{r['first_cold']} of {r['tokens']}"
+                lines.append(
+                    f"{r['item']:>6} {_RIGHT[r['greedy_correct']]:>6} "
+                    f"{_RIGHT[r['cold_correct']]:>5} {_ll(r['logprob_expert']):>10} "
+                    f"{_ll(r['logprob_cold']):>9} {first:>11}"
+                )
+        if len(split) > shown:
+            lines.append(f"  ... {len(split) - shown} more in --json")
+    return lines
+
+
+def format_decision(adapter: str, d: TuneDecision) -> str:
+    explained = d.margins is not None
+    head = f"{'alpha':>6} {'beta':>5} {'correct':>9} {'delta':>7} {'+/-':>7} {'p':>7} {'p*k':>7}"
+    if explained:
+        head += f" {'gold@1':>7} {'fix/brk':>9} {'masked':>6} {'dmargin':>7}"
+    lines = [
+        f"tune {adapter}: grid of {len(d.tried)} settings on n={d.n} validation items; "
+        f"expert greedy {d.greedy_correct}/{d.n}",
+        head,
+    ]
+    for t in d.tried:
+        lines.append(
+            f"{t['alpha']:>6g} {t['beta']:>5g} {t['correct']:>4}/{t['n']:<4} "
+            f"{t['delta']:>+7.3f} {'+{}/-{}'.format(t['gains'], t['losses']):>7} "
+            f"{t['p_value']:>7.3g} {t['p_bonferroni']:>7.3g}"
+            f"{_margin_cells(t.get('margins'))}"
+        )
+    if explained:
+        lines += _evidence_lines(d)
     lines.append(d.reason)
+    if d.why:
+        lines.append(d.why)
     if d.cold_enabled:
         result = f"default CoLD alpha={d.alpha:g} beta={d.beta:g}"
     else:
