@@ -1,5 +1,5 @@
 """Engine configuration: one frozen, validated dataclass. It is the `engine:` section of a
-Serve YAML's `args:` (cold_ray.serve.config.AppArgs nests it as it is), so every field carries
+Serve YAML's `args:` (cold_ray.serve.app_args.AppArgs nests it as it is), so every field carries
 its own description, and a wrong value fails with a message naming the field."""
 
 from __future__ import annotations

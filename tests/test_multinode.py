@@ -52,7 +52,7 @@ def test_sqlite_on_one_node_is_not_seen_elsewhere_and_the_app_refuses_it(
     from ray.serve.exceptions import RayServeException
 
     from cold_ray.serve.app import build_app
-    from cold_ray.serve.config import AppArgs
+    from cold_ray.serve.app_args import AppArgs
 
     args = read_model_args(tiny_llama)
     with node_cluster({n: caches[n] for n in ("node_a", "node_b")}):
@@ -111,7 +111,7 @@ def test_postgres_registry_serves_adapters_on_every_node(
     from ray import serve
 
     from cold_ray.serve.app import compose, prepare
-    from cold_ray.serve.config import AppArgs
+    from cold_ray.serve.app_args import AppArgs
 
     server = request.getfixturevalue("pg_server")
     url = server.url(server.create_database())

@@ -18,7 +18,7 @@ from cold_ray.config import EngineConfig
 from cold_ray.engine import ColdParams, EngineCore, SamplingParams
 from cold_ray.engine.kv_cache import KVCache
 from cold_ray.engine.prefix_cache import BASE, PrefixCache
-from cold_ray.model.config import ModelArgs
+from cold_ray.model.args import ModelArgs
 
 ARGS = ModelArgs(vocab_size=50, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
                  num_kv_heads=1, head_dim=4, rms_norm_eps=1e-5, max_position_embeddings=64,

@@ -20,7 +20,7 @@ from cold_ray.adapters.registry import (
 )
 from cold_ray.config import EngineConfig
 from cold_ray.engine import EngineCore, SamplingParams
-from cold_ray.serve.config import AppArgs
+from cold_ray.serve.app_args import AppArgs
 from tests.postgres import PASSWORD
 
 # The catalog as cold-ray wrote it before schema versions: with `warnings` (the last layout)

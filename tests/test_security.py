@@ -20,7 +20,7 @@ from cold_ray.adapters.registry import Registry
 from cold_ray.engine import EngineCore, SamplingParams
 from cold_ray.model.loader import read_model_args
 from cold_ray.serve.app import prepare
-from cold_ray.serve.config import AppArgs
+from cold_ray.serve.app_args import AppArgs
 
 REPO = Path(__file__).resolve().parents[1]
 # (module, attribute) calls that deserialize with pickle, i.e. may run arbitrary code

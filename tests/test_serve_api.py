@@ -13,7 +13,7 @@ import pytest
 
 from cold_ray.config import EngineConfig
 from cold_ray.engine import ColdParams, EngineCore, SamplingParams
-from cold_ray.serve.config import AppArgs
+from cold_ray.serve.app_args import AppArgs
 from tests.serve_util import CHAT_TEMPLATE, free_port, local_ray, long_tiny_model, wait_for
 
 pytestmark = pytest.mark.serve

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from cold_ray.serve.config import AppArgs
+from cold_ray.serve.app_args import AppArgs
 from tests.serve_util import free_port, wait_for
 
 pytestmark = pytest.mark.serve

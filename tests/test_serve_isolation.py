@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from cold_ray.serve.config import AppArgs
+from cold_ray.serve.app_args import AppArgs
 from tests.serve_util import local_ray
 
 pytestmark = pytest.mark.serve

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from cold_ray.serve.config import AppArgs
+from cold_ray.serve.app_args import AppArgs
 from tests.helpers import hf_model, peft_model
 from tests.serve_util import CHAT_TEMPLATE, local_ray
 

@@ -4,7 +4,7 @@ cluster with a simulated {"NPU": 2} resource (the device is forced to CPU for th
 import httpx
 import pytest
 
-from cold_ray.serve.config import AppArgs
+from cold_ray.serve.app_args import AppArgs
 from tests.serve_util import local_ray, wait_for
 
 pytestmark = pytest.mark.serve

@@ -13,7 +13,7 @@ import torch
 from cold_ray.adapters.registry import Registry
 from cold_ray.config import EngineConfig
 from cold_ray.engine import ColdParams, EngineCore, SamplingParams
-from cold_ray.model.config import FUSED_SITES
+from cold_ray.model.args import FUSED_SITES
 from cold_ray.model.loader import read_model_args
 from tests.helpers import make_peft_adapter
 

@@ -23,7 +23,7 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from cold_ray.model.config import TARGET_MODULES, ModelArgs
+from cold_ray.model.args import TARGET_MODULES, ModelArgs
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

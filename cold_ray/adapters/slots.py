@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cold_ray.adapters.peft import AdapterError, PeftAdapter
-from cold_ray.model.config import FUSED_SITES
+from cold_ray.model.args import FUSED_SITES
 from cold_ray.model.llama import LlamaModel
 
 

@@ -25,7 +25,7 @@ import torch
 
 from cold_ray.adapters.demo_task import extract_answer, format_prompt, make_split
 from cold_ray.adapters.peft import CONFIG_FILE, WEIGHTS_FILE
-from cold_ray.model.config import TARGET_MODULES
+from cold_ray.model.args import TARGET_MODULES
 from cold_ray.model.loader import DEFAULT_MODEL_NAME, default_model_path
 
 log = logging.getLogger("train_demo")

@@ -36,7 +36,7 @@ def make_adapter(args, out: Path, rank: int = 16, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from cold_ray.model.config import TARGET_MODULES
+    from cold_ray.model.args import TARGET_MODULES
 
     gen = torch.Generator().manual_seed(seed)
     shapes = args.module_shapes()

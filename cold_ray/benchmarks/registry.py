@@ -192,7 +192,7 @@ def post_to_first_completion(url: str, model: str | None, adapters: list[Path], 
     from ray import serve
 
     from cold_ray.serve.app import compose, prepare
-    from cold_ray.serve.config import AppArgs
+    from cold_ray.serve.app_args import AppArgs
 
     caches = {"node_a": tmp / "cache-a", "node_b": tmp / "cache-b"}
     os.environ["COLD_RAY_CACHE"] = str(caches["node_a"])  # this driver sits on node A

@@ -85,7 +85,7 @@ def measure_bandwidth(mib: int = 256, repeats: int = 5) -> float:
 def model_params(args, max_lora_rank: int) -> dict:
     """Parameter counts a decode row touches: base linears (all layers), the LM head, and one
     adapter slot's padded A and B over the four fused LoRA sites (all layers)."""
-    from cold_ray.model.config import FUSED_SITES
+    from cold_ray.model.args import FUSED_SITES
 
     shapes = args.module_shapes()
     linear = sum(i * o for i, o in shapes.values()) * args.num_layers

@@ -117,7 +117,7 @@ def _serve(a) -> dict:
 
     from cold_ray.model.loader import resolve_model_path
     from cold_ray.serve.app import compose, prepare
-    from cold_ray.serve.config import AppArgs
+    from cold_ray.serve.app_args import AppArgs
 
     tmp = Path(tempfile.mkdtemp(prefix="cold-bench-"))
     cfg = AppArgs(

@@ -85,7 +85,7 @@ def _run(a) -> dict:
     from ray import serve
 
     from cold_ray.serve.app import compose, prepare
-    from cold_ray.serve.config import AppArgs
+    from cold_ray.serve.app_args import AppArgs
 
     tmp = Path(tempfile.mkdtemp(prefix="cold-ttft-"))
     rows = 2 * a.concurrency  # every CoLD request admitted at once: no wait for rows

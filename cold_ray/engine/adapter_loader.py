@@ -21,7 +21,7 @@ from cold_ray.adapters.sources import AdapterResolver, AdapterSource
 from cold_ray.config import EngineConfig
 from cold_ray.decoding import ColdParams
 from cold_ray.engine.request import UnknownAdapterError
-from cold_ray.model.config import ModelArgs
+from cold_ray.model.args import ModelArgs
 
 
 @dataclass

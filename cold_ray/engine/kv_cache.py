@@ -17,7 +17,7 @@ import torch
 
 if TYPE_CHECKING:
     from cold_ray.engine.request import Request
-    from cold_ray.model.config import ModelArgs
+    from cold_ray.model.args import ModelArgs
 
 
 @dataclass(eq=False)

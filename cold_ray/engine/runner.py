@@ -24,7 +24,7 @@ from cold_ray.engine.request import Request, RequestFailed
 from cold_ray.engine.sampling import FAILED, SamplingError, cold_select, sample_rows
 from cold_ray.engine.scheduler import StepPlan, StepResult
 from cold_ray.kernels import select_backend
-from cold_ray.model.config import ModelArgs
+from cold_ray.model.args import ModelArgs
 from cold_ray.model.llama import ForwardBatch, LlamaModel, PrefillAttention
 from cold_ray.model.loader import load_weights
 

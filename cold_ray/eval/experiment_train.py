@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from cold_ray.adapters.train_demo import save_fp16
-from cold_ray.model.config import TARGET_MODULES
+from cold_ray.model.args import TARGET_MODULES
 
 log = logging.getLogger(__name__)
 

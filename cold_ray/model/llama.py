@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from cold_ray.kernels import LoraBackend, LoraBatch
 from cold_ray.kernels.cpu_gemm import to_panels
-from cold_ray.model.config import ModelArgs
+from cold_ray.model.args import ModelArgs
 from cold_ray.model.lora import (
     PANEL_ROWS,
     ROW_MAJOR_ROWS,

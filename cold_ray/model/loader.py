@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from cold_ray.model.config import ModelArgs
+from cold_ray.model.args import ModelArgs
 from cold_ray.model.llama import LlamaModel
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ def __getattr__(name: str):
 
         return build_app
     if name == "AppArgs":
-        from cold_ray.serve.config import AppArgs
+        from cold_ray.serve.app_args import AppArgs
 
         return AppArgs
     raise AttributeError(f"module 'cold_ray.serve' has no attribute {name!r}")

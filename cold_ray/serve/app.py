@@ -6,7 +6,7 @@ import logging
 
 from ray.serve import Application
 
-from cold_ray.serve.config import AppArgs
+from cold_ray.serve.app_args import AppArgs
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ def validate_file(path: str, notes: list[str] | None = None) -> list[str]:
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
-    from cold_ray.serve.config import AppArgs
+    from cold_ray.serve.app_args import AppArgs
 
     try:
         with open(path) as f:

@@ -27,7 +27,7 @@ from ray import serve
 from cold_ray import device as devices
 from cold_ray.decoding import GenerationRequest
 from cold_ray.engine import AsyncEngine, RequestOutput
-from cold_ray.serve.config import AppArgs
+from cold_ray.serve.app_args import AppArgs
 from cold_ray.serve.errors import classify
 from cold_ray.serve.metrics import EngineMetrics, Sampler
 

@@ -51,7 +51,7 @@ from cold_ray.adapters.sources import (
     fetch,
 )
 from cold_ray.decoding import ColdParams
-from cold_ray.model.config import ModelArgs
+from cold_ray.model.args import ModelArgs
 
 log = logging.getLogger("cold_ray.adapters.registry")
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
