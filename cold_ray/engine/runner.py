@@ -135,8 +135,8 @@ class ModelRunner:
         exception that fails it: a failed batched selection fails its group (plain or CoLD)
         only; a request whose scores are not finite fails alone."""
         result = StepResult({})
-        plain = [q for q in ready if q.cold is None]
-        cold = [q for q in ready if q.cold is not None]
+        plain = [req for req in ready if req.cold is None]
+        cold = [req for req in ready if req.cold is not None]
         for group, pick in ((plain, self._pick_plain), (cold, self._pick_cold)):
             if not group:
                 continue
@@ -145,23 +145,23 @@ class ModelRunner:
             except Exception as e:
                 log.exception("token selection failed for %d requests", len(group))
                 error = RequestFailed(f"token selection failed: {type(e).__name__}: {e}")
-                result.tokens.update((q, error) for q in group)
+                result.tokens.update((req, error) for req in group)
                 continue
-            for q, t in zip(group, tokens):
-                result.tokens[q] = SamplingError() if t == FAILED else t
+            for req, t in zip(group, tokens):
+                result.tokens[req] = SamplingError() if t == FAILED else t
             result.logprobs.update(logprobs)
         return result
 
     def _pick_plain(self, reqs: list[Request], hidden, out_rows: dict):
-        logits = self.model.logits(hidden[[out_rows[q.rows[0]] for q in reqs]])
+        logits = self.model.logits(hidden[[out_rows[req.rows[0]] for req in reqs]])
         tokens = sample_rows(
             logits,
             None,
-            [q.params for q in reqs],
-            [q.sampler for q in reqs],
-            [len(q.output_ids) for q in reqs],
+            [req.params for req in reqs],
+            [req.sampler for req in reqs],
+            [len(req.output_ids) for req in reqs],
         )
-        asked = [i for i, q in enumerate(reqs) if q.params.logprobs is not None]
+        asked = [i for i, req in enumerate(reqs) if req.params.logprobs is not None]
         if not asked or all(tokens[i] == FAILED for i in asked):
             return tokens, {}
         asked = [i for i in asked if tokens[i] != FAILED]
@@ -173,19 +173,19 @@ class ModelRunner:
         return tokens, {reqs[i]: lp for i, lp in zip(asked, found)}
 
     def _pick_cold(self, reqs: list[Request], hidden, out_rows: dict):
-        expert = self.model.logits(hidden[[out_rows[q.rows[0]] for q in reqs]])
-        amateur = hidden[[out_rows[q.rows[1]] for q in reqs]]
+        expert = self.model.logits(hidden[[out_rows[req.rows[0]] for req in reqs]])
+        amateur = hidden[[out_rows[req.rows[1]] for req in reqs]]
         tokens = cold_select(
             self.backend,
             self.model.lm_weight,
             expert,
             amateur,
-            [q.cold for q in reqs],
-            [q.params for q in reqs],
-            [q.sampler for q in reqs],
-            [len(q.output_ids) for q in reqs],
+            [req.cold for req in reqs],
+            [req.params for req in reqs],
+            [req.sampler for req in reqs],
+            [len(req.output_ids) for req in reqs],
         )
-        asked = [i for i, q in enumerate(reqs) if q.params.logprobs is not None]
+        asked = [i for i, req in enumerate(reqs) if req.params.logprobs is not None]
         asked = [i for i in asked if tokens[i] != FAILED]
         if not asked:
             return tokens, {}

@@ -256,7 +256,7 @@ class Scheduler:
         `result.tokens` has an entry for every ready request; a request of the plan that is not
         ready (mid-prefill) fails only if the forward failed (its entry is then an exception)."""
         tokens = result.tokens
-        failed = {q for q, t in tokens.items() if isinstance(t, Exception)}
+        failed = {req for req, t in tokens.items() if isinstance(t, Exception)}
         for row in plan.decode:
             row.length += 1
         for chunk in plan.prefill:
