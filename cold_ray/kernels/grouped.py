@@ -8,11 +8,11 @@ these calls on 1-32 rows and per-op overhead (~2-4 µs each) is most of the cost
 - "gather" (slots interleaved, e.g. CoLD expert/amateur pairs with several adapters):
           one `index_select`, a GEMM pair per slot into one buffer, one `index_add_`.
 Rows with index -1 are never read or written, so they stay bit-identical to the base output.
-On CPU the engine may hand it the compiled small-GEMM kernel (`use_cpu_kernel`): a run of up
-to four rows (`MAX_LORA_ROWS`, slots of rank up to `MAX_RANK`) is one C call, and a "gather"
-plan of up to four adapter rows (e.g. the expert rows of up to four CoLD pairs) one call per
-row; the kernel streams the slot's factors with prefetching instead of two BLAS calls on tiny
-shapes.
+On CPU the engine may hand it the compiled GEMM kernel (`use_cpu_kernel`): a run of up to 32
+rows (`MAX_LORA_ROWS`, a decode step's expert rows; slots of rank up to `MAX_RANK`) is one C
+call on the engine's threads, and a "gather" plan of up to four adapter rows (e.g. the expert
+rows of up to four CoLD pairs) one call per row; the kernel streams the slot's factors with
+prefetching instead of two BLAS calls on tiny shapes.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from cold_ray.kernels.dispatch import LoraBackend, LoraBatch
+
+# Interleaved adapter rows (a "gather" plan) the kernel takes one call each: beyond, the calls
+# cost more than one gather and a BLAS pair per slot.
+INTERLEAVED_ROWS = 4
 
 
 class GroupedBackend(LoraBackend):
@@ -47,7 +51,7 @@ class GroupedBackend(LoraBackend):
                 else:
                     y[start:end].addmm_(F.linear(x[start:end], A[k]), B[k].t(), alpha=s[k])
             return
-        if batch.num_active <= most:  # a few interleaved rows: one kernel call each
+        if batch.num_active <= min(most, INTERLEAVED_ROWS):  # one kernel call each
             for k, start, end in batch.segments:
                 for i in batch.perm_rows[start:end]:
                     kernel.lora(x, A, B, k, s[k], y, i, i + 1)

@@ -106,12 +106,22 @@ def test_engine_tokens_equal_with_and_without_the_kernel(tiny_llama):
     assert tokens == expected
 
 
-def test_engine_keeps_sdpa_on_more_than_one_thread(tiny_llama):
-    """The kernel runs on one thread; with more, SDPA's parallel loop is the better choice."""
+@needs_kernel
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_threads_give_the_same_bits(threads):
+    """(token, K/V head) pairs spread over threads: each computed as on one thread."""
+    q, k, v, slots, positions = random_case(11, 64, 3, kv_heads=3, n=9, slots_total=9)
+    want = kernel(q, k, v, slots, positions)
+    assert torch.equal(kernel.with_threads(threads)(q, k, v, slots, positions), want)
+
+
+@needs_kernel
+def test_engine_uses_the_kernel_on_more_than_one_thread(tiny_llama):
     threads = torch.get_num_threads()
     try:
-        core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=32,
-                                       num_threads=2))  # fmt: skip
-        assert core.model.layers[0].self_attn.decode_kernel is None
+        prompts = [[5 + i] * (3 + 7 * i) for i in range(6)]
+        core, tokens = _generate(tiny_llama, prompts, num_threads=2)
+        assert core.model.layers[0].self_attn.decode_kernel.threads == 2
+        assert tokens == _generate(tiny_llama, prompts, cpu_attention_kernel=False)[1]
     finally:
         torch.set_num_threads(threads)

@@ -1,6 +1,6 @@
-"""The compiled small-GEMM kernel over panel-laid weights (`kernels/cpu_gemm.py`): numerics
-against an fp64 reference, the layout, batch invariance, huge-page memory, and its place in
-the engine."""
+"""The compiled panel GEMM kernel over panel-laid weights (`kernels/cpu_gemm.py`): numerics
+against an fp64 reference, the layout, invariance to the batch, the register block and the
+threads, huge-page memory, and its place in the engine."""
 
 import gc
 from pathlib import Path
@@ -44,7 +44,7 @@ def test_panels_lay_out_sixteen_output_features_per_panel_in_one_buffer():
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17])  # groups of eight, remainders
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17, 64, 301])  # blocks, remainders
 @pytest.mark.parametrize("k, out", [(23, 16), (64, 96), (576, 48), (1536, 32)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_fp64_reference(rows, k, out, bias):
@@ -56,16 +56,22 @@ def test_matches_fp64_reference(rows, k, out, bias):
 
 
 @needs_kernel
-def test_a_rows_result_does_not_depend_on_the_batch():
-    """Bit for bit: a row alone, in a group of eight, and in a 17-row call (two groups of
-    eight and one left over) gets the same output."""
-    w, x, b = _case(1, 17, 575, 64)  # odd in-features: the k tail too
+def test_a_rows_result_does_not_depend_on_the_batch_the_block_or_the_threads():
+    """Bit for bit: a row alone, in a block, in a 17-row call and in a prefill-sized call of
+    300 rows (several chunks of rows) gets the same output, at every register block of rows
+    and on 1-4 threads."""
+    w, x, b = _case(1, 300, 575, 96)  # odd in-features: the k tail too
     panels = _panels(w)
     batch = kernel(x, panels, b)
-    for i in range(17):
+    for i in (0, 7, 16, 150, 299):
         assert torch.equal(kernel(x[i : i + 1], panels, b)[0], batch[i]), i
     assert torch.equal(kernel(x[8:16], panels, b), batch[8:16])
-    assert torch.equal(kernel(x[3:6], panels, b), batch[3:6])
+    assert torch.equal(kernel(x[3:20], panels, b), batch[3:20])
+    for block in range(1, 9):
+        for threads in (1, 2, 3, 4):
+            other = kernel.with_blocking(row_block=block).with_threads(threads)
+            assert torch.equal(other(x, panels, b), batch), (block, threads)
+            assert torch.equal(other(x[5:22], panels, b), batch[5:22]), (block, threads)
 
 
 @needs_kernel
@@ -128,20 +134,29 @@ def _core(path, **config):
 
 
 @needs_kernel
-def test_engine_reads_panels_for_small_steps_and_drops_the_row_major_copy(tiny_llama):
-    layer = _core(tiny_llama).model.layers[0].mlp.down_proj
-    assert layer.panels is not None and layer.small_gemm is kernel
-    assert layer.weight.numel() == 0 and layer.packed is not None  # one copy each, no third
+def test_engine_keeps_one_copy_of_the_base_weights_in_panels(tiny_llama):
+    """Every projection is served from its panels alone (no row-major weight, no oneDNN
+    copy); the LM head is the embedding it is tied to, read by rows."""
+    model = _core(tiny_llama).model
+    for layer in model.lora_linears():
+        assert layer.panels is not None and isinstance(layer.gemm, cpu_gemm.PanelGemmKernel)
+        assert layer.weight.numel() == 0 and layer.packed is None
+    assert model.gemm is not None and model.lm_packed is None
+    hidden = torch.randn(3, model.args.hidden_size)
+    assert torch.equal(model.logits(hidden), kernel.by_rows(hidden, model.embed_tokens))
     off = _core(tiny_llama, cpu_gemm_kernel=False).model.layers[0].mlp.down_proj
-    assert off.panels is None and off.weight.numel() > 0  # the row-major copy instead
+    assert off.panels is None and off.packed is not None
+    assert off.weight.numel() > 0  # small_batch_weights: the row-major copy for 1-2 rows
 
 
-def test_engine_keeps_blas_on_more_than_one_thread(tiny_llama):
+@needs_kernel
+def test_engine_runs_the_kernels_on_num_threads(tiny_llama):
     threads = torch.get_num_threads()
     try:
-        core = _core(tiny_llama, num_threads=2)
-        assert core.model.layers[0].mlp.down_proj.panels is None
-        assert core.model.lm_panels is None
+        model = _core(tiny_llama, num_threads=2).model
+        layer = model.layers[0]
+        assert layer.mlp.down_proj.gemm.threads == model.gemm.threads == 2  # LM head too
+        assert layer.self_attn.decode_kernel.threads == layer.rowwise.threads == 2
     finally:
         torch.set_num_threads(threads)
 
@@ -154,7 +169,7 @@ def _lora_case(seed, rows, k, rank, out, slots=3):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 32])
 @pytest.mark.parametrize("k, rank, out", [(23, 8, 16), (64, 24, 40), (576, 48, 960),
                                           (1536, 16, 576)])  # fmt: skip
 def test_lora_matches_fp64_reference(rows, k, rank, out):
@@ -168,21 +183,26 @@ def test_lora_matches_fp64_reference(rows, k, rank, out):
 
 
 @needs_kernel
-def test_lora_row_results_do_not_depend_on_the_batch():
-    x, A, B, y = _lora_case(5, 4, 576, 48, 960)
+def test_lora_row_results_do_not_depend_on_the_batch_or_the_threads():
+    x, A, B, y = _lora_case(5, 19, 576, 48, 960)
     batch = y.clone()
-    kernel.lora(x, A, B, 1, 0.5, batch, 0, 4)
-    for i in range(4):
+    kernel.lora(x, A, B, 1, 0.5, batch, 0, 19)
+    for i in (0, 3, 4, 18):
         alone = y.clone()
         kernel.lora(x, A, B, 1, 0.5, alone, i, i + 1)
         assert torch.equal(alone[i], batch[i]), i
+    for threads in (2, 3):
+        many = y.clone()
+        kernel.with_threads(threads).lora(x, A, B, 1, 0.5, many, 0, 19)
+        assert torch.equal(many, batch), threads
 
 
 @needs_kernel
 def test_lora_refuses_what_it_cannot_take():
+    x, A, B, y = _lora_case(6, 33, 32, 16, 32)
+    with pytest.raises(ValueError, match="up to 32 rows"):
+        kernel.lora(x, A, B, 0, 1.0, y, 0, 33)
     x, A, B, y = _lora_case(6, 5, 32, 16, 32)
-    with pytest.raises(ValueError, match="up to 4 rows"):
-        kernel.lora(x, A, B, 0, 1.0, y, 0, 5)
     for slot, start, end in ((3, 0, 1), (-1, 0, 1), (0, 4, 6), (0, 2, 2)):  # outside the buffers
         with pytest.raises(ValueError, match=f"rows \\[{start}, {end}\\) of x .* slot {slot} "):
             kernel.lora(x, A, B, slot, 1.0, y, start, end)
@@ -200,9 +220,11 @@ def test_lora_refuses_what_it_cannot_take():
                                        ([2, 0, 2, 1], 24), ([0, 1, 0, 1, 2], 24),
                                        ([0, -1, 1, -1, 0, -1, 2, -1], 24),  # 4 of 8 interleaved
                                        ([1, 1, 1, 1, -1, -1, 0, 0, 0, 0, 0], 24),  # runs 4 + 5
+                                       ([2] * 16 + [-1] * 16, 24),  # 16 CoLD pairs' experts
+                                       ([0] * 33, 24),  # a run beyond 32 rows
                                        ([0, -1], 1056)])  # fmt: skip
 def test_grouped_backend_with_the_kernel_matches_the_reference(idx, rank):
-    """Runs, gather and base-only plans; a run of 5 rows, 5 interleaved adapter rows, and a
+    """Runs, gather and base-only plans; a run of 33 rows, 5 interleaved adapter rows, and a
     fused rank over the kernel's 1024 (e.g. q/k/v at max_lora_rank 352), fall back to BLAS.
     Base rows stay untouched, bit for bit."""
     from cold_ray.kernels import select_backend
@@ -231,16 +253,52 @@ def test_the_fallback_for_compilers_without_shufflevector_gives_the_same_bits(tm
 
     from cold_ray.kernels import cpu_kernels
 
-    source = cpu_kernels.SOURCES[1]
-    assert source.name == "cpu_small_gemm.c"
+    source, pool = cpu_kernels.SOURCES[1], cpu_kernels.SOURCES[3]
+    assert source.name == "cpu_gemm.c" and pool.name == "cpu_threads.c"
     out = tmp_path / "fallback.so"
     cmd = [cpu_kernels.compiler(), *cpu_kernels.FLAGS[0], "-DCOLD_RAY_NO_SHUFFLEVECTOR",
-           "-shared", "-fPIC", str(source), "-o", str(out)]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-    fallback = cpu_gemm.SmallGemmKernel(ctypes.CDLL(str(out)))
+           "-shared", "-fPIC", str(source), str(pool), "-o", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=cpu_kernels.COMPILE_TIMEOUT_S)
+    fallback = cpu_gemm.PanelGemmKernel(ctypes.CDLL(str(out)), cpu_kernels.blocking())
     for rows, k, rank, out_features in [(1, 576, 48, 960), (3, 64, 24, 40), (4, 1536, 16, 576)]:
         x, A, B, y = _lora_case(rank, rows, k, rank, out_features)
         want, got = y.clone(), y.clone()
         kernel.lora(x, A, B, 1, 0.3, want, 0, rows)
         fallback.lora(x, A, B, 1, 0.3, got, 0, rows)
         assert torch.equal(got, want), (rows, k, rank, out_features)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 17])
+@pytest.mark.parametrize("k, out", [(5, 7), (64, 96), (577, 1001)])
+def test_row_major_product_matches_fp64_reference(rows, k, out):
+    """The LM head's product over the row-major embedding: output and k tails included."""
+    w, x, _ = _case(rows * k, rows, k, out, bias=False)
+    torch.testing.assert_close(kernel.by_rows(x, w).double(), x.double() @ w.double().T,
+                               rtol=1e-5, atol=2e-6 * k**0.5)  # fmt: skip
+
+
+@needs_kernel
+def test_row_major_product_does_not_depend_on_the_batch_the_block_or_the_threads():
+    w, x, _ = _case(3, 33, 577, 1001, bias=False)
+    batch = kernel.by_rows(x, w)
+    for i in (0, 16, 32):
+        assert torch.equal(kernel.by_rows(x[i : i + 1], w)[0], batch[i]), i
+    for rows in (1, 2, 3, 4):
+        for cols in (1, 2, 3, 4):
+            for threads in (1, 3):
+                other = kernel.with_blocking(dot_rows=rows, dot_cols=cols).with_threads(threads)
+                assert torch.equal(other.by_rows(x, w), batch), (rows, cols, threads)
+
+
+@needs_kernel
+def test_row_major_product_refuses_what_it_cannot_take():
+    w, x, _ = _case(4, 2, 32, 48, bias=False)
+    with pytest.raises(ValueError, match="row-major GEMM kernel"):
+        kernel.by_rows(x.double(), w)
+    with pytest.raises(ValueError, match="row-major GEMM kernel"):
+        kernel.by_rows(x, w[:, :16])
+    with pytest.raises(ValueError, match="row-major GEMM kernel"):
+        kernel.by_rows(x, w.t().contiguous().t())
+    with pytest.raises(ValueError, match="dot_rows must be one of"):
+        kernel.with_blocking(dot_rows=5)

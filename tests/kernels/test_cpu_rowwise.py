@@ -102,3 +102,25 @@ def test_bad_arguments_are_refused_before_any_write():
         kernels.check_rows(torch.tensor([3, 24]), torch.tensor([0, 1]), 24, 5)
     with pytest.raises(ValueError, match=r"slots in \[0, 5\)"):
         kernels.check_rows(torch.tensor([3, 4]), torch.tensor([0, -1]), 24, 5)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_split_long_calls_and_give_the_same_bits(threads):
+    """Prefill-sized calls are split by rows across threads; every row as on one thread."""
+    many = kernels.with_threads(threads)
+    x = torch.randn(300, 576, generator=_gen(9))
+    delta, weight = torch.randn(300, 576, generator=_gen(10)), torch.rand(576, generator=_gen(11))
+    x1, x2 = x.clone(), x.clone()
+    assert torch.equal(many.add_rms_norm(x2, delta, weight, 1e-5),
+                       kernels.add_rms_norm(x1, delta, weight, 1e-5))  # fmt: skip
+    assert torch.equal(x1, x2)
+    gate_up = torch.randn(300, 2 * 1536, generator=_gen(12))
+    assert torch.equal(many.silu_mul(gate_up), kernels.silu_mul(gate_up))
+    heads, cos, sin, _, _, cache, _ = _rope_case(5, rows=400, q_heads=9, kv=3, dim=64, slots=20,
+                                                 max_len=64)  # fmt: skip
+    places = torch.randperm(20 * 64, generator=_gen(13))[:400]  # distinct (slot, position)
+    slot_ids, positions = places // 64, places % 64
+    h1, h2, c1, c2 = heads.clone(), heads.clone(), cache.clone(), cache.clone()
+    kernels.rope_cache_write(h1, cos, sin, positions, slot_ids, c1[0, 1], c1[1, 1], 9)
+    many.rope_cache_write(h2, cos, sin, positions, slot_ids, c2[0, 1], c2[1, 1], 9)
+    assert torch.equal(h1, h2) and torch.equal(c1, c2)
