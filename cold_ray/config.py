@@ -26,8 +26,13 @@ class EngineConfig:
         description="cpu, cuda[:i] or npu[:i]. Under Serve, the replica uses the accelerator "
         "Ray assigned it (ray_actor_options num_gpus / resources NPU).",
     )
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="Weights, activations and KV cache (float32 is fastest here)."
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "float32",
+        description="Precision. CPU: float32, or bfloat16 = base weights and KV cache stored "
+        "in bf16, every sum and CoLD's selection in fp32 (half the bytes; LoRA stays fp32). "
+        "Accelerators: weights, activations and KV cache in that dtype. auto: bfloat16 on a "
+        "CPU with bf16 matrix instructions (AVX512-BF16, AMX, Arm BF16), else float32; "
+        "bfloat16 on CUDA, float16 on NPU. The engine logs what it chose.",
     )
     max_loras: int = Field(
         4, ge=1, le=256, description="Adapters resident on the device at once (LRU, pinned)."
@@ -77,35 +82,43 @@ class EngineConfig:
         "ascend_native (cold_ray.kernels).",
     )
     num_threads: int | None = Field(
-        1, ge=1, description="Torch intra-op threads (1 avoids OpenMP spin-wait collapse)."
+        1,
+        ge=1,
+        description="Cores this replica computes on: the CPU C kernels' threads and torch's "
+        "intra-op threads (null: torch's default). Set OMP_WAIT_POLICY=PASSIVE for more than "
+        "one: OpenMP's spin-waits otherwise fight the kernels' threads.",
     )
     chat_template: str | None = Field(
         None,
         description="Jinja chat template (inline, or a path to a file); default: the tokenizer's.",
     )
     packed_weights: bool = Field(
-        True, description="CPU: base weights laid out once for oneDNN (false: plain BLAS)."
+        True,
+        description="CPU without cpu_gemm_kernel: base weights laid out once for oneDNN "
+        "(false: plain BLAS).",
     )
     small_batch_weights: bool = Field(
         True,
-        description="CPU, with packed_weights: a second copy of the base weights for "
-        "decode-sized steps (panels for cpu_gemm_kernel, up to 32 rows; else row-major for 1-2 "
-        "rows); twice the base weights' memory.",
+        description="CPU with packed_weights and without cpu_gemm_kernel: keep the row-major "
+        "base weights beside the packed ones for 1-2-row steps (twice the base weights' "
+        "memory). With the kernel there is one copy whatever this says.",
     )
     cpu_attention_kernel: bool = Field(
         True,
-        description="CPU, fp32, one thread: decode attention in a C kernel compiled at "
-        "first start (false, or no C compiler: torch SDPA).",
+        description="CPU: decode attention in a C kernel compiled at first start, on "
+        "num_threads threads (false, or no C compiler: torch SDPA).",
     )
     cpu_gemm_kernel: bool = Field(
         True,
-        description="CPU, fp32, one thread: LoRA deltas of up to 4 rows of an adapter "
-        "and, with small_batch_weights, the products of steps of up to 32 rows, in C.",
+        description="CPU: every base product in a C kernel over one copy of the weights "
+        "(projections in panels, the LM head read from the embedding it is tied to), on "
+        "num_threads threads, and LoRA deltas of up to 4 rows of an adapter (false, or no C "
+        "compiler: oneDNN / BLAS).",
     )
     cpu_rowwise_kernels: bool = Field(
         True,
-        description="CPU, fp32, one thread: residual add + RMS norm, rotary embedding + "
-        "KV-cache write and SiLU-mul in C (false, or no C compiler: torch's operators).",
+        description="CPU: residual add + RMS norm, rotary embedding + KV-cache write and "
+        "SiLU-mul in C (false, or no C compiler: torch's operators).",
     )
     graph_capture: bool = Field(
         True,
@@ -128,5 +141,14 @@ class EngineConfig:
             )
 
     @property
+    def resolved_dtype(self) -> str:
+        """`dtype`, with `auto` resolved for `device` and this machine's CPU."""
+        if self.dtype != "auto":
+            return self.dtype
+        from cold_ray.kernels.cpu_kernels import auto_dtype
+
+        return auto_dtype(self.device)
+
+    @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return DTYPES[self.resolved_dtype]

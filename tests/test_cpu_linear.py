@@ -1,7 +1,6 @@
 """The CPU GEMM routes of the base projections: the small-batch product, the packed layout,
-the row-major copy kept for 1–2-row steps and the panels the small-GEMM kernel reads for decode
-steps —
-each against F.linear, each chosen by rows."""
+the row-major copy kept for 1–2-row steps without the C kernels, and the panels the panel GEMM
+kernel reads for every step — each against F.linear, each chosen by rows."""
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ from cold_ray.decoding import ColdParams
 from cold_ray.engine import EngineCore, SamplingParams
 from cold_ray.kernels import cpu_gemm
 from cold_ray.model.lora import (
-    PANEL_ROWS,
     ROW_MAJOR_ROWS,
     LoraLinear,
     linear,
@@ -41,7 +39,7 @@ def test_small_batch_product_matches_f_linear(rows):
 def _route(layer, weight, x):
     """The product the routing rule names for this many rows, computed directly."""
     rows = x.shape[0]
-    if layer.panels is not None and rows <= PANEL_ROWS:
+    if layer.panels is not None:
         return cpu_gemm.load()(x, cpu_gemm.to_panels([weight])[0])
     if layer.weight.numel() and rows <= ROW_MAJOR_ROWS:
         return linear(x, weight)
@@ -56,13 +54,15 @@ def test_lora_linear_reads_each_copy_only_for_its_steps(copy):
     kernel = cpu_gemm.load() if copy == "panels" else None
     if copy == "panels" and not compiler_present():
         pytest.skip(NO_COMPILER)
-    panels = cpu_gemm.to_panels([weight])[0] if kernel else None
-    if not layer.pack_base(small_batch=copy != "none", panels=panels, small_gemm=kernel):
+    if kernel:
+        layer.use_panels(cpu_gemm.to_panels([weight])[0], kernel)
+    elif not layer.pack_base(small_batch=copy == "row-major"):
         pytest.skip("oneDNN packing unavailable in this torch build")
     assert (layer.panels is not None) == (copy == "panels")
+    assert (layer.packed is not None) == (copy != "panels")  # panels replace the packed copy
     # one extra copy at most: the row-major weight is kept only as the small-step copy
     assert layer.weight.numel() == (weight.numel() if copy == "row-major" else 0)
-    for rows in (1, 2, 3, 4, 5, PANEL_ROWS, PANEL_ROWS + 1, 2 * PANEL_ROWS):
+    for rows in (1, 2, 3, 4, 5, 32, 33, 64, 257):
         x = torch.randn(rows, 23, generator=torch.Generator().manual_seed(rows))
         got = layer(x, None)
         torch.testing.assert_close(got, torch.nn.functional.linear(x, weight), **TOL)
@@ -79,7 +79,7 @@ def _run(path, adapters, **config):
     pair = core.generate([[7, 3, 11]], greedy, "a", ColdParams(0.1, 0.5))  # a CoLD pair: 2 rows
     four = core.generate([[4 + i] * (2 + i) for i in range(4)], greedy)  # 3-4 rows
     six = core.generate([[9 + i] * (1 + i) for i in range(6)], greedy)  # 5-6 rows
-    long = core.generate([[3] * 40 + [5]], greedy)  # a 41-token prefill: the packed layout
+    long = core.generate([[3] * 40 + [5]], greedy)  # a 41-token prefill
     lora = core.generate([[6, 2, 8], [3, 3]], greedy, "a")  # one adapter on 2 rows: a run
     # side by side: two CoLD pairs of one adapter, then of two (expert rows lead: one run per
     # adapter; the gathered plan is checked against the reference in test_cpu_gemm.py)
@@ -97,9 +97,15 @@ def _run(path, adapters, **config):
 
 
 def test_engine_tokens_do_not_depend_on_the_small_batch_copy_or_kernels(tiny_llama, tiny_adapters):
-    """Every CPU route of a small step, base and LoRA, gives the same greedy tokens."""
+    """Every CPU route of a step, base and LoRA, gives the same greedy tokens, on one thread
+    and on two."""
     packed_only = _run(tiny_llama, tiny_adapters, small_batch_weights=False, cpu_gemm_kernel=False)
     assert _run(tiny_llama, tiny_adapters, cpu_gemm_kernel=False) == packed_only  # row-major
     assert _run(tiny_llama, tiny_adapters) == packed_only  # panels + LoRA kernel, where built
     torch_ops = _run(tiny_llama, tiny_adapters, cpu_rowwise_kernels=False)
     assert torch_ops == packed_only  # norms, rotary embedding, SiLU in torch
+    threads = torch.get_num_threads()
+    try:
+        assert _run(tiny_llama, tiny_adapters, num_threads=2) == packed_only
+    finally:
+        torch.set_num_threads(threads)

@@ -76,11 +76,10 @@ def versions(tiny_root, tiny_llama, tiny_adapters):
     }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def alone(tiny_llama, versions):
+def _alone(tiny_llama, versions, **config):
     """The simplest correct version: each request by itself on an engine with one row pair."""
     core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=64,
-                                   prefix_cache_bytes=0, max_loras=6))  # fmt: skip
+                                   prefix_cache_bytes=0, max_loras=6, **config))  # fmt: skip
     for name, path in versions.items():
         if name != "broken":
             core.register_adapter(name, path)
@@ -98,6 +97,11 @@ def alone(tiny_llama, versions):
         return memo[key]
 
     return run
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_llama, versions):
+    return _alone(tiny_llama, versions)
 
 
 def random_specs(rng: random.Random, vocab: int) -> list[Spec]:
@@ -311,15 +315,21 @@ def fuzz_seeds(request):
     return request.config.getoption("--fuzz-seeds") or CI_SEEDS
 
 
+BF16_SEEDS = 3  # the bf16 slice: the same scenarios, both engines in the CPU's bf16 precision
+
+
 @pytest.mark.parametrize(
     "variant",
-    [{}, {"max_prefill_tokens": 3, "max_rows": 3, "max_loras": 1}],
-    ids=["default", "one-slot-small-budget"],
+    [{}, {"max_prefill_tokens": 3, "max_rows": 3, "max_loras": 1}, {"dtype": "bfloat16"}],
+    ids=["default", "one-slot-small-budget", "bf16"],
 )
 def test_every_untouched_request_decodes_as_if_alone(
     tiny_llama, versions, alone, fuzz_seeds, variant
 ):
-    for seed in range(fuzz_seeds):
+    seeds = fuzz_seeds
+    if "dtype" in variant:  # against requests alone in the same precision
+        alone, seeds = _alone(tiny_llama, versions, **variant), min(fuzz_seeds, BF16_SEEDS)
+    for seed in range(seeds):
         catalog = {
             n: AdapterSource(str(versions[n]), sha256=files_checksum(versions[n]))
             for n in ("a0", "a1", "a2", "overflow")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cold_ray import device as devices
-from cold_ray.config import EngineConfig
+from cold_ray.config import DTYPES, EngineConfig
 from cold_ray.engine import batch as step_batch
 from cold_ray.engine import logprobs
 from cold_ray.engine.graphs import DecodeGraphs
@@ -35,46 +35,78 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, args: ModelArgs, path: Path):
         self.config, self.args = config, args
         self.device = devices.resolve(config.device)
-        self.dtype = config.torch_dtype
+        self.weight_dtype, self.dtype = self._precision()
         model = LlamaModel(args, config.max_loras, config.max_lora_rank, config.max_model_len)
         load_weights(model, path)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        attention, small_gemm, rowwise = self._cpu_kernels()
-        if config.packed_weights:
-            self.model.pack_cpu_weights(
-                small_batch=config.small_batch_weights, small_gemm=small_gemm
-            )
+        if self.weight_dtype != self.dtype:
+            self.model.round_base_weights(self.weight_dtype)
+        attention, gemm, rowwise = self._cpu_kernels()
+        if gemm is not None or config.packed_weights:
+            self.model.pack_cpu_weights(gemm, small_batch=config.small_batch_weights)
         self.model.init_rope()
         self.backend = select_backend(config.lora_backend, self.device)
         self.model.set_backend(self.backend)
-        if small_gemm is not None and self.backend.use_cpu_kernel(small_gemm):
-            log.info("LoRA of up to %d rows of an adapter: C kernel", small_gemm.MAX_LORA_ROWS)
+        if gemm is not None and self.backend.use_cpu_kernel(gemm):
+            log.info("LoRA of up to %d rows of an adapter: C kernel", gemm.MAX_LORA_ROWS)
         self.model.set_decode_kernel(attention)
         self.model.set_rowwise_kernels(rowwise)
+        # CPU bf16: the cache holds bf16 too (half the memory and the bytes attention reads)
         self.cache = KVCache.allocate(
-            args, config.max_rows, config.max_model_len, self.dtype, self.device
+            args, config.max_rows, config.max_model_len, self.weight_dtype, self.device
         )
         self.graphs = self._decode_graphs()
 
-    def _cpu_kernels(self):
-        """The compiled CPU kernels this runner uses: (decode attention, small GEMM, row-wise
-        ops), each None where it is turned off or cannot be built. One thread, fp32."""
-        config = self.config
-        one_thread = torch.get_num_threads() == 1
-        if not (self.device.type == "cpu" and self.dtype == torch.float32 and one_thread):
-            return None, None, None
-        from cold_ray.kernels import cpu_attention, cpu_gemm, cpu_rowwise
+    def _precision(self) -> tuple[torch.dtype, torch.dtype]:
+        """(storage dtype, arithmetic dtype) for the configured dtype (`auto`: from the device
+        and the CPU's flags). On CPU, bfloat16 stores the base weights and the KV cache in bf16
+        and computes in fp32 (the C kernels widen each value as they read it; without them
+        torch runs fp32 on the bf16 values): CoLD's selection and every sum stay fp32, LoRA
+        adapters stay fp32, and no product ever runs in bf16 arithmetic, whose CPU kernels
+        (oneDNN's AVX512-BF16 / AMX) change with the batch's rows. `auto` takes bf16 on a CPU
+        only where the C GEMM kernel reads it: torch's fallback stores fp32 anyway."""
+        name, chosen = self.config.dtype, self.config.resolved_dtype
+        cpu = self.device.type == "cpu"
+        if name == "auto" and cpu and chosen == "bfloat16" and not self._gemm_available():
+            chosen = "float32"
+        weights = DTYPES[chosen]
+        arithmetic = torch.float32 if cpu and weights == torch.bfloat16 else weights
+        spoken = str(arithmetic).removeprefix("torch.")
+        log.info("precision: dtype %s -> %s weights, %s arithmetic", name, chosen, spoken)
+        return weights, arithmetic
 
+    def _gemm_available(self) -> bool:
+        if not self.config.cpu_gemm_kernel:
+            return False
+        from cold_ray.kernels import cpu_gemm
+
+        return cpu_gemm.load() is not None
+
+    def _cpu_kernels(self):
+        """The compiled CPU kernels this runner uses: (decode attention, panel GEMM, row-wise
+        ops), each None where it is turned off or cannot be built; fp32 only. Each splits its
+        work over `num_threads` threads (torch's intra-op count where unset); their results do
+        not depend on the count."""
+        config = self.config
+        if not (self.device.type == "cpu" and self.dtype == torch.float32):
+            return None, None, None
+        from cold_ray.kernels import cpu_attention, cpu_gemm, cpu_kernels, cpu_rowwise
+
+        threads = config.num_threads or torch.get_num_threads()
         attention = cpu_attention.load() if config.cpu_attention_kernel else None
-        small_gemm = cpu_gemm.load() if config.cpu_gemm_kernel else None
+        gemm = cpu_gemm.load() if config.cpu_gemm_kernel else None
         rowwise = cpu_rowwise.load() if config.cpu_rowwise_kernels else None
         if config.cpu_attention_kernel:
             log.info("decode attention: %s", "C kernel" if attention else "torch SDPA")
-        if config.cpu_gemm_kernel and config.small_batch_weights and config.packed_weights:
-            log.info("decode-sized products: %s", "C kernel" if small_gemm else "BLAS")
+        if config.cpu_gemm_kernel:
+            log.info("base products: %s", "C kernel over one panel copy" if gemm else "BLAS")
         if config.cpu_rowwise_kernels:
             log.info("norms, rotary embedding, SiLU: %s", "C kernels" if rowwise else "torch")
-        return attention, small_gemm, rowwise
+        if attention or gemm or rowwise:
+            log.info("C kernels: %d threads, blocking %s", threads, cpu_kernels.blocking())
+        return tuple(
+            None if k is None else k.with_threads(threads) for k in (attention, gemm, rowwise)
+        )
 
     def _decode_graphs(self) -> DecodeGraphs | None:
         """Decode steps captured as graphs where the device and the LoRA backend allow it."""

@@ -14,10 +14,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from cold_ray.kernels import LoraBackend, LoraBatch
-from cold_ray.kernels.cpu_gemm import to_panels
+from cold_ray.kernels.cpu_gemm import fill_panels, panel_views, release_freed_memory
 from cold_ray.model.args import ModelArgs
 from cold_ray.model.lora import (
-    PANEL_ROWS,
     ROW_MAJOR_ROWS,
     LoraLinear,
     linear,
@@ -142,8 +141,8 @@ class Attention(nn.Module):
         else:
             qk = apply_rope(heads[:, : self.h + self.kvh], *rope)  # q and k heads in one go
             q, k = qk[:, : self.h], qk[:, self.h :]
-            cache.k[layer, fb.slots, :, fb.positions] = k
-            cache.v[layer, fb.slots, :, fb.positions] = v
+            cache.k[layer, fb.slots, :, fb.positions] = k.to(cache.k.dtype)
+            cache.v[layer, fb.slots, :, fb.positions] = v.to(cache.v.dtype)
         if fb.prefill is None:  # decode only: no scatter into a shared output
             out = self._decode(q, cache, layer, fb)
         else:
@@ -162,6 +161,7 @@ class Attention(nn.Module):
         span = d.mask.shape[-1]
         keys = cache.k[layer, : d.span_rows, :, :span]  # views: no gather of the cache
         values = cache.v[layer, : d.span_rows, :, :span]
+        keys, values = keys.to(q.dtype), values.to(q.dtype)  # a bf16 cache widens (a copy)
         if d.slots is not None:  # decode rows are not exactly slots [0, D) in order
             full = q.new_zeros(d.span_rows, self.h, self.d)
             full[d.slots] = q
@@ -176,14 +176,16 @@ class Attention(nn.Module):
     def _prefill(self, q, k, v, cache, layer: int, p: PrefillAttention) -> torch.Tensor:
         # -> [N - start, heads, head_dim]
         if p.fresh:  # one chunk from position 0: its own K/V, plain causal attention
+            if cache.k.dtype != q.dtype:  # a bf16 cache: what it holds, as later steps read it
+                k, v = k.to(cache.k.dtype).to(q.dtype), v.to(cache.v.dtype).to(q.dtype)
             qs, ks, vs = (t[p.start :].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
             out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
             return out[0].transpose(0, 1)
         rows, width = p.pad_index.shape
         span = p.mask.shape[-1]
         qp = q[p.pad_index].transpose(1, 2)  # [P, heads, C, head_dim]
-        keys = cache.k[layer, p.slots, :, :span]  # [P, kv_heads, L, head_dim]
-        values = cache.v[layer, p.slots, :, :span]
+        keys = cache.k[layer, p.slots, :, :span].to(q.dtype)  # [P, kv_heads, L, head_dim]
+        values = cache.v[layer, p.slots, :, :span].to(q.dtype)
         if p.gqa_mask is None:  # row g*C + c of a K/V head is query c: tile the mask once
             p.gqa_mask = p.mask.repeat(1, 1, self.h // self.kvh, 1)
         out = F.scaled_dot_product_attention(
@@ -258,8 +260,8 @@ class LlamaModel(nn.Module):
         )
         self.max_len = max_len
         self.lm_packed: torch.Tensor | None = None
-        self.lm_panels: torch.Tensor | None = None  # see `pack_cpu_weights`
-        self.small_gemm = None
+        self.weight_dtype = torch.float32  # what the base weights hold (`round_base_weights`)
+        self.gemm = None  # the GEMM kernel that reads the LM head by rows (`pack_cpu_weights`)
         self.rowwise = None  # see `set_rowwise_kernels`
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
@@ -274,27 +276,56 @@ class LlamaModel(nn.Module):
     def step_weight_bytes(self) -> int:
         """Bytes of weights one decode step reads: every base projection and the LM head
         (packing keeps the sizes)."""
-        size = self.norm.element_size()
+        size = self.weight_dtype.itemsize
         linears = sum(m.in_features * m.out_features for m in self.lora_linears())
         return (linears + self.lm_weight.numel()) * size
 
-    def pack_cpu_weights(self, lm_head: bool = True, small_batch: bool = False,
-                         small_gemm=None) -> bool:  # fmt: skip
-        """Lay the base GEMM weights out for oneDNN once (CPU, fp32); the LM head gets a packed
-        copy beside the embedding it is tied to. `small_batch` keeps a copy of each projection
-        for small steps (`LoraLinear.pack_base`) and, with the `small_gemm` kernel, panels of
-        the LM head. False where packing is unavailable."""
+    @torch.no_grad()
+    def round_base_weights(self, dtype: torch.dtype) -> None:
+        """Round every base weight — projections, embedding, LM head — to `dtype`'s values in
+        place (bf16 on CPU: the model then computes in fp32 on bf16 weights, which
+        `pack_cpu_weights` stores in half the bytes). Norms and LoRA slots keep fp32."""
+        self.weight_dtype = dtype
+        for w in [m.weight for m in self.lora_linears()] + [self.embed_tokens, self.lm_head]:
+            if w is not None:
+                w.copy_(w.to(dtype))
+
+    def pack_cpu_weights(self, gemm=None, lm_head: bool = True,
+                         small_batch: bool = False) -> bool:  # fmt: skip
+        """Lay the base GEMM weights out once for CPU products (fp32 arithmetic).
+
+        With the GEMM kernel `gemm` (`kernels/cpu_gemm.py`), every projection goes to panels of
+        `weight_dtype` (fp32, or bf16 after `round_base_weights`) that serve steps of any size:
+        one copy, filled and its row-major weight dropped one at a time, so packing never holds
+        two copies of the layers. The LM head stays the row-major embedding it is tied to,
+        which the kernel's row-major product reads: one copy serves lookups, the restricted
+        CoLD head and the head's product (bf16 stores it in bf16). A projection the panels
+        cannot take (out features not a multiple of 16) is packed for oneDNN instead.
+        Without the kernel, every weight is packed for oneDNN, the LM head's packed copy beside
+        the embedding; `small_batch` keeps each projection's row-major weight for 1–2-row steps
+        (`LoraLinear.pack_base`). False where oneDNN packing is needed but unavailable."""
         linears = self.lora_linears()
-        panels = [None] * (len(linears) + 1)
-        if small_batch and small_gemm is not None:
-            panels = to_panels([m.weight for m in linears] + [self.lm_weight])
-        if not all([m.pack_base(small_batch, p, small_gemm) for m, p in zip(linears, panels)]):
-            return False
-        if lm_head:
+        views = [None] * len(linears)
+        if gemm is not None:
+            views = panel_views([m.weight for m in linears], self.weight_dtype)
+        packed = True
+        for m, view in zip(linears, views):
+            if view is not None:
+                m.use_panels(fill_panels(view, m.weight), gemm)
+            else:
+                packed = m.pack_base(small_batch) and packed
+            release_freed_memory()  # the row-major weight just dropped
+        if gemm is not None:
+            self.gemm = gemm
+            for name in ("embed_tokens", "lm_head"):  # rows read as they are, widened
+                weight = getattr(self, name)
+                if weight is not None and weight.dtype != self.weight_dtype:
+                    setattr(self, name, nn.Parameter(weight.to(self.weight_dtype),
+                                                     requires_grad=False))  # fmt: skip
+            release_freed_memory()
+        elif lm_head:
             self.lm_packed = pack_weight(self.lm_weight)
-        if panels[-1] is not None:
-            self.lm_panels, self.small_gemm = panels[-1], small_gemm
-        return True
+        return packed
 
     def set_backend(self, backend: LoraBackend) -> None:
         for m in self.lora_linears():
@@ -322,7 +353,8 @@ class LlamaModel(nn.Module):
         `cache` holds k/v tensors [layers, slots, kv_heads, max_len, head_dim]; each token's
         K/V are written at (its slot, its position) before attention reads them.
         """
-        x = F.embedding(tokens, self.embed_tokens)  # the residual stream, updated in place
+        # the residual stream, updated in place (bf16 embeddings widen to the model's fp32)
+        x = F.embedding(tokens, self.embed_tokens).to(self.norm.dtype)
         if self.rowwise is not None:  # the kernel looks positions up in the tables
             self.rowwise.check_rows(fb.positions, fb.slots, self.max_len, cache.k.shape[1])
             rope = (self.rope_cos, self.rope_sin)
@@ -337,8 +369,8 @@ class LlamaModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, hidden] -> full-vocabulary logits [rows, V]."""
-        if self.lm_panels is not None and hidden.shape[0] <= PANEL_ROWS:
-            return self.small_gemm(hidden, self.lm_panels)
+        if self.gemm is not None:
+            return self.gemm.by_rows(hidden, self.lm_weight)
         if self.lm_packed is not None and hidden.shape[0] > ROW_MAJOR_ROWS:
             return packed_linear(hidden, self.lm_packed, None)
         return linear(hidden, self.lm_weight)

@@ -16,14 +16,12 @@ from cold_ray.kernels import LoraBackend, LoraBatch
 # the whole weight, the transposed product streams it once (`cold-ray bench gemm`: 2.5x at
 # 2 rows, 1.2x at 4; `x @ W.T` wins from 8).
 SMALL_ROWS = 4
-# Without the small-GEMM kernel, steps of up to this many rows read a kept row-major weight
+# Without the panel GEMM kernel, steps of up to this many rows read a kept row-major weight
 # rather than the packed one: MKL streams it at ≈17 GB/s there (one row padded to two: its
 # 2-column GEMM streams faster than its GEMV), the packed layout at ≈11–13 (`cold-ray bench gemm`).
+# With the kernel (`kernels/cpu_gemm.py`) every step reads the one panel copy: ≈ 2–2.7x the
+# packed layout's speed at 1–4 rows (streaming ≈ 25–30 GB/s), level with it on prefill chunks.
 ROW_MAJOR_ROWS = 2
-# With it (`kernels/cpu_gemm.py`), steps of up to this many rows (decode steps) read a panel
-# copy: ≈ 2–2.7x the packed layout's speed at 1–4 rows (streaming ≈ 25–30 GB/s), ≈ 1.6x at 8,
-# level with it at 32, where the products become bound by arithmetic (`cold-ray bench gemm`).
-PANEL_ROWS = 32
 # Row count oneDNN lays packed weights out for; any row count works with the layout.
 PACK_ROWS = 64
 
@@ -83,29 +81,31 @@ class LoraLinear(nn.Module):
         # Set by the model before each forward: the step's adapter metadata and backend.
         self.backend: LoraBackend | None = None
         self.packed: torch.Tensor | None = None  # see `pack_base`; replaces `weight` when set
-        self.panels: torch.Tensor | None = None  # see `pack_base`; read by `small_gemm`
-        self.small_gemm = None
+        self.panels: torch.Tensor | None = None  # see `use_panels`; replaces `weight`
+        self.gemm = None  # the panel GEMM kernel that reads `panels`
 
-    def pack_base(self, small_batch: bool = False, panels=None, small_gemm=None) -> bool:
-        """Lay the base weight out packed for CPU GEMMs. With `small_batch`, a second copy
-        serves small steps (twice the memory): `panels` of this weight (`cpu_gemm.to_panels`)
-        for the `small_gemm` kernel (steps of up to PANEL_ROWS rows), else the row-major weight
-        (up to ROW_MAJOR_ROWS rows). Otherwise the row-major weight is dropped (same memory as
-        before)."""
+    def use_panels(self, panels: torch.Tensor, gemm) -> None:
+        """Serve every step from `panels` (this weight in `cpu_gemm`'s panel layout, filled)
+        through the panel GEMM kernel `gemm`, and drop the row-major weight: one copy."""
+        self.panels, self.gemm = panels, gemm
+        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+
+    def pack_base(self, small_batch: bool = False) -> bool:
+        """Lay the base weight out packed for oneDNN (CPU without the panel GEMM kernel). With
+        `small_batch` the row-major weight stays beside it for steps of up to ROW_MAJOR_ROWS
+        rows (twice the memory); otherwise it is dropped."""
         packed = pack_weight(self.weight)
-        if small_batch and small_gemm is not None and panels is not None:
-            self.panels, self.small_gemm = panels, small_gemm
         if packed is not None:
             self.packed = packed
-            if not small_batch or self.panels is not None:
+            if not small_batch:
                 self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
         return packed is not None
 
     def forward(self, x: torch.Tensor, batch: LoraBatch | None) -> torch.Tensor:
         # x: [tokens, in] -> [tokens, out]; the route is chosen by the step's rows alone
         rows = x.shape[0]
-        if self.panels is not None and rows <= PANEL_ROWS:
-            y = self.small_gemm(x, self.panels, self.bias)
+        if self.panels is not None:
+            y = self.gemm(x, self.panels, self.bias)
         elif self.packed is not None and (rows > ROW_MAJOR_ROWS or not self.weight.numel()):
             y = packed_linear(x, self.packed, self.bias)
         else:
