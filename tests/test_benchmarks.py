@@ -5,6 +5,7 @@ model (their numbers are not checked, only what they count)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -76,17 +77,21 @@ def test_gemm_peak_reports_every_shape_and_the_best():
 
 
 def test_gemm_reports_each_route_for_the_rows_it_serves():
-    """The small-batch routes appear only for the row counts the engine sends them."""
+    """The small-batch route appears only for the row counts it serves; the panel kernel for
+    every count, at this CPU's register block and at each one asked for."""
     from cold_ray.kernels import cpu_gemm
-    from cold_ray.model.lora import PANEL_ROWS, SMALL_ROWS
+    from cold_ray.model.lora import SMALL_ROWS
 
     tiny = {"hidden": 32, "intermediate": 48, "heads": 2, "kv_heads": 1, "head_dim": 16,
-            "layers": 1}  # fmt: skip
-    out = gemm.measure([1, PANEL_ROWS + 1], repeats=1, model=tiny)
+            "layers": 1, "vocab": 64}  # fmt: skip
+    out = gemm.measure([1, 33], repeats=1, model=tiny, threads=2, row_blocks=[2, 8])
     small, big = out
     assert {"linear_gflops", "w_xt_gflops", "small_batch_gflops"} <= small.keys()
-    assert ("panels_gflops" in small) == (cpu_gemm.load() is not None) and SMALL_ROWS < PANEL_ROWS
-    assert "small_batch_gflops" not in big and "panels_gflops" not in big
+    assert "small_batch_gflops" not in big and SMALL_ROWS < 33
+    assert all("head_linear_gflops" in rec for rec in out)
+    kernel = {"panels_gflops", "panels_rb2_gflops", "panels_rb8_gflops", "head_rows_gflops",
+              "head_panels_gflops"}  # fmt: skip
+    assert all((kernel <= rec.keys()) == (cpu_gemm.load() is not None) for rec in out)
     assert all(v > 0 for rec in out for k, v in rec.items() if k.endswith("_gflops"))
 
 
@@ -129,7 +134,7 @@ def test_engine_ratios_and_machine_summary():
                    attention_gflop_per_step=0.1),
                rec("base_greedy", 1, 10.0, gflop_s=5.0, rows=1, weight_bytes=2**30)]  # fmt: skip
     (row,) = bench_engine.ratios(summary)
-    assert row["cold_step_over_greedy"] == 1.5
+    assert row["threads"] == 1 and row["cold_step_over_greedy"] == 1.5
     assert row["cold_step_over_greedy_2b_rows"] == 0.75
     assert row["cold_flop_over_greedy_2b_rows"] == pytest.approx(0.6 / 0.8)  # attention counted
     machines = [{"peak_gflop_s": 40.0, "bandwidth_gib_s": 100.0, "gemm": []},
@@ -143,6 +148,34 @@ def test_engine_ratios_and_machine_summary():
     assert floor["base_greedy"]["floor_step_ms"] == pytest.approx(1000 / 150)
     assert floor["base_greedy"]["fraction_of_floor_speed"] == pytest.approx(1000 / 150 / 10)
     assert floor["greedy"]["floor_step_ms"] == pytest.approx(2000 / 150)
+
+
+def test_engine_compares_each_thread_count_with_one_thread():
+    def rec(mode, batch, threads, tokens_per_s, step_ms):
+        return {"mode": mode, "batch": batch, "threads": threads, "step_ms": step_ms,
+                "tokens_per_s": tokens_per_s, "peak_rss_bytes": 100 * threads}  # fmt: skip
+
+    summary = [rec("cold", 16, 1, 50.0, 100.0), rec("cold", 16, 2, 90.0, 55.0),
+               rec("greedy", 16, 2, 80.0, 40.0), rec("cold", 8, 1, 40.0, 60.0),
+               rec("cold", 8, 2, 60.0, 40.0)]  # fmt: skip
+    rows = {(r["mode"], r["batch"]): r for r in bench_engine.thread_scaling(summary)}
+    assert set(rows) == {("cold", 16), ("cold", 8)}  # greedy at 16 has no 1-thread run
+    assert rows["cold", 16]["tokens_per_s_over_1_thread"] == pytest.approx(1.8)
+    assert rows["cold", 16]["step_speedup_over_1_thread"] == pytest.approx(100 / 55)
+    assert rows["cold", 16]["peak_rss_over_1_thread"] == 2.0
+    assert rows["cold", 16]["goal"] == 1.7 and "goal" not in rows["cold", 8]
+    # ratios are taken within one thread count: CoLD at 2 threads never meets greedy at 1
+    by_threads = {(r["threads"], r["batch"]): r for r in bench_engine.ratios(summary)}
+    assert by_threads[2, 16]["cold_step_over_greedy"] == pytest.approx(55 / 40)
+    assert (1, 16) not in by_threads  # no greedy at 16 on one thread
+
+
+def test_engine_summary_keeps_thread_counts_apart():
+    records = [{"mode": "cold", "batch": 1, "threads": t, "tokens_per_s": v, "step_ms": 1.0,
+                "peak_rss_bytes": 1, "wall_s": 1.0} for t, v in ((None, 1.0), (2, 3.0), (2, 5.0))]  # fmt: skip
+    one, two = bench_engine.summarize(records)
+    assert (one["threads"], one["rounds"], one["tokens_per_s"]) == (1, 1, 1.0)
+    assert (two["threads"], two["rounds"], two["tokens_per_s"]) == (2, 2, 4.0)
 
 
 @pytest.mark.parametrize("mode", ["cold", "greedy", "base_greedy"])
@@ -192,7 +225,10 @@ BAD_ARGUMENTS = [  # (benchmark, argv, what the usage error must name)
     ("engine", ["--engine", "turbo=true"], "turbo"),
     ("engine", ["--engine", "max_rows=8"], "max_rows"),  # the benchmark sets it per run
     ("engine", ["--engine", "cpu_rowwise_kernels=False"], "takes true or false"),
-    ("engine", ["--engine", "num_threads=0"], "num_threads must be >= 1"),
+    ("engine", ["--engine", "num_threads=0"], "num_threads must be greater than or equal to 1"),
+    ("engine", ["--engine", "dtype=fp8"], "dtype must be 'auto', 'float32'"),
+    ("engine", ["--threads", "0"], "--threads"),
+    ("engine", ["--threads", "2", "--engine", "num_threads=2"], "not both"),
     ("prefix", ["--users", "0"], "--users"),
     ("prefix", ["--workloads", "poems"], "poems"),
     ("prefix", ["--decodings", "cold,fast"], "fast"),
@@ -368,3 +404,19 @@ def test_item_latency_small_run(tiny_llama, tiny_adapters, tmp_path, monkeypatch
     bad = ["--model", str(tiny_llama), "--adapter", str(tiny_adapters[0]), "--data",
            str(tmp_path / "missing.jsonl")]  # fmt: skip
     assert item_latency.main(bad) == 2
+
+
+def test_precision_bench_holds_each_engine_to_its_own_definition(tiny_llama, tiny_adapters):
+    """On the tiny model the engine follows the two-model definition of its own precision
+    token for token; margins are reported as numbers."""
+    from cold_ray.benchmarks import precision
+
+    out = precision.run(str(tiny_llama), str(tiny_adapters[0]), 2, 6, 5)
+    for name in ("float32", "bfloat16"):
+        s = out["summary"][name]
+        assert (s["prompts"], s["steps"]) == (2, 10)
+        assert s["engine_same_precision_diverged"] == 0
+        assert s["engine_same_precision_agree_tokens"] == 10
+        assert s["smallest_top2_margin"] > 0
+    assert {r["reference"] for r in out["rows"]} == {"float32", "bfloat16"}
+    json.dumps(out)  # plain numbers only

@@ -1,10 +1,13 @@
 """Engine throughput and memory: CoLD vs plain greedy vs the baselines users would pick.
 
-    cold-ray bench engine --json [--batches 1,4,8,16] [--plot engine.png]
+    cold-ray bench engine --json [--batches 1,4,8,16] [--threads 1,2] [--plot engine.png]
 
-Every (mode, batch) runs in its own child process, so each record's `peak_rss_bytes` is that
-run's own peak. Modes run in alternating order over `--rounds` so that ratios are measured
-side by side on the same (noisy) machine. Thread settings are fixed and reported.
+Every (mode, batch, threads) runs in its own child process, so each record's `peak_rss_bytes`
+is that run's own peak. Modes run in alternating order over `--rounds`, each thread count right
+after the other, so that ratios are measured side by side on the same (noisy) machine. Thread
+settings are fixed and reported: `--threads` gives the engine's `num_threads` (its C kernels
+and torch's intra-op pool) and torch's threads in the transformers modes, OpenMP waits
+passively (`common.THREAD_ENV`).
 
 Modes: cold (adapter, CoLD), greedy (adapter, plain LoRA greedy), base_greedy (no adapter),
 naive_two_model_cold (transformers expert with the merged adapter + a separate transformers
@@ -21,8 +24,10 @@ measures the machine in a child of its own: the best one-thread fp32 GEMM (packe
 (mode, batch): `ratios` (CoLD at B ÷ greedy at B and at 2B rows — step times, and the FLOPs
 the two steps do, which is the step ratio's floor where both are arithmetic-bound — vs naive,
 vs transformers),
-`machine` (peak, bandwidth, each mode's fraction of the peak, the batch-1 steps against the
-bandwidth floor) and `settings` (with the load average at start and end).
+`threads` (with several `--threads`: each run's tokens/s and step over the same mode and batch
+on one thread), `machine` (peak, bandwidth, each mode's fraction of the peak, the batch-1
+steps against the bandwidth floor) and `settings` (with the machine — CPU model and ISA flags —
+and its load average at start and end, and the C kernels' blocking on it).
 """
 
 from __future__ import annotations
@@ -77,8 +82,8 @@ def run_cold_ray(mode: str, batch: int, prompt_len: int, new_tokens: int, adapte
     cold = ColdParams(0.1, 0.5) if mode == "cold" else None
     prompts = _prompts(core.tokenizer, batch, prompt_len)
     warm = list(reversed(prompts[0]))[:16]  # shares no prefix block with the measured prompts
-    core.generate([warm], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), name,
-                  cold)  # fmt: skip
+    warm_params = SamplingParams(temperature=0.0, max_tokens=min(4, new_tokens), ignore_eos=True)
+    core.generate([warm], warm_params, name, cold)  # fits the context the runs are sized for
     candidates = _count_candidates(core)
     hits_before = _prefix_hits(core)
     reqs = [core.make_request(p, params, name, cold) for p in prompts]
@@ -146,14 +151,14 @@ def _prefix_hits(core) -> int:
 
 
 def run_transformers(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: str,
-                     model: str | None = None) -> dict:  # fmt: skip
+                     model: str | None = None, threads: int = 1) -> dict:  # fmt: skip
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cold_ray.kernels import reference
     from cold_ray.model.loader import resolve_model_path
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     path = str(resolve_model_path(model))
     tok = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -200,13 +205,15 @@ def child(args: argparse.Namespace) -> None:
     if args.mode == "machine":
         print(json.dumps({"mode": "machine", **measure_machine()}))
         return
+    engine = json.loads(args.engine_json)
     if args.mode in ENGINE_MODES:
         rec = run_cold_ray(args.mode, args.batch, args.prompt_len, args.new_tokens, args.adapter,
-                           args.model, json.loads(args.engine_json))  # fmt: skip
+                           args.model, engine)  # fmt: skip
     else:
         rec = run_transformers(args.mode, args.batch, args.prompt_len, args.new_tokens,
-                               args.adapter, args.model)  # fmt: skip
-    rec.update(mode=args.mode, batch=args.batch, peak_rss_bytes=_peak_rss(),
+                               args.adapter, args.model, engine.get("num_threads") or 1)  # fmt: skip
+    rec.update(mode=args.mode, batch=args.batch, threads=engine.get("num_threads"),
+               peak_rss_bytes=_peak_rss(),
                tokens_per_s=args.batch * args.new_tokens / rec["wall_s"])  # fmt: skip
     print(json.dumps(rec))
 
@@ -237,18 +244,24 @@ def default_adapter(tmp: str) -> str:
 SUMMED = ("tokens_per_s", "step_ms", "peak_rss_bytes", "wall_s", "prefill_s", "gflop_s")
 
 
+def _threads(record: dict) -> int:
+    return record.get("threads") or 1
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """Median over rounds per (mode, batch)."""
+    """Median over rounds per (mode, batch, threads)."""
     out = []
-    keys = sorted({(r["mode"], r["batch"]) for r in records}, key=lambda k: (k[1], k[0]))
-    for mode, batch in keys:
-        rs = [r for r in records if (r["mode"], r["batch"]) == (mode, batch)]
+    keys = sorted({(r["mode"], r["batch"], _threads(r)) for r in records},
+                  key=lambda k: (k[1], k[0], k[2]))  # fmt: skip
+    for mode, batch, threads in keys:
+        rs = [r for r in records if (r["mode"], r["batch"], _threads(r)) == (mode, batch, threads)]
         med = {k: statistics.median(r[k] for r in rs) for k in SUMMED if k in rs[0]}
         same = {k: rs[0][k] for k in ("lora_backend", "rows", "gflop_per_step",
                                       "attention_gflop_per_step", "weight_bytes") if k in rs[0]}  # fmt: skip
         if rs[0].get("amateur_candidates") is not None:
             same["amateur_candidates"] = statistics.median(r["amateur_candidates"] for r in rs)
-        out.append({"mode": mode, "batch": batch, "rounds": len(rs), **med, **same})
+        out.append({"mode": mode, "batch": batch, "threads": threads, "rounds": len(rs), **med,
+                    **same})  # fmt: skip
     return out
 
 
@@ -260,13 +273,14 @@ def machine_summary(machines: list[dict], summary: list[dict]) -> dict:
     out = {"peak_gflop_s": peak, "bandwidth_gib_s": bandwidth / 2**30,
            "gemm_shapes_by_round": [m["gemm"] for m in machines]}  # fmt: skip
     out["efficiency"] = [
-        {"mode": r["mode"], "batch": r["batch"], "gflop_s": r["gflop_s"],
+        {"mode": r["mode"], "batch": r["batch"], "threads": _threads(r), "gflop_s": r["gflop_s"],
          "fraction_of_peak": r["gflop_s"] / peak}
         for r in summary if "gflop_s" in r
     ]  # fmt: skip
     floor = []
-    for r in summary:
-        if r["batch"] == 1 and "weight_bytes" in r and r["mode"] in ("base_greedy", "greedy"):
+    for r in summary:  # the peak and the bandwidth are one thread's
+        if (r["batch"] == 1 and "weight_bytes" in r and r["mode"] in ("base_greedy", "greedy")
+                and _threads(r) == 1):  # fmt: skip
             floor_ms = r["weight_bytes"] / bandwidth * 1e3
             floor.append({"mode": r["mode"], "step_ms": r["step_ms"], "floor_step_ms": floor_ms,
                           "fraction_of_floor_speed": floor_ms / r["step_ms"], "goal": 0.7})  # fmt: skip
@@ -279,11 +293,19 @@ def _step_gflop(record: dict) -> float:
 
 
 def ratios(summary: list[dict]) -> list[dict]:
+    """Per thread count and batch: CoLD against greedy, naive and transformers."""
+    out = []
+    for threads in sorted({_threads(r) for r in summary}):
+        out += _ratios([r for r in summary if _threads(r) == threads], threads)
+    return out
+
+
+def _ratios(summary: list[dict], threads: int) -> list[dict]:
     by = {(r["mode"], r["batch"]): r for r in summary}
     out = []
     for batch in sorted({r["batch"] for r in summary}):
         get = lambda m, b=batch: by.get((m, b))
-        row = {"batch": batch}
+        row = {"batch": batch, "threads": threads}
         if get("cold") and get("greedy"):
             row["cold_step_over_greedy"] = get("cold")["step_ms"] / get("greedy")["step_ms"]
         if get("cold") and get("greedy", 2 * batch):  # the same rows: B pairs vs 2B plain rows
@@ -300,8 +322,31 @@ def ratios(summary: list[dict]) -> list[dict]:
         if get("base_greedy") and get("hf_generate_greedy"):
             hf = get("hf_generate_greedy")
             row["greedy_speedup_over_hf"] = get("base_greedy")["tokens_per_s"] / hf["tokens_per_s"]
-        if len(row) > 1:
+        if len(row) > 2:
             out.append(row)
+    return out
+
+
+THREAD_GOAL = {"threads": 2, "batch": 16, "tokens_per_s_over_1_thread": 1.7}
+
+
+def thread_scaling(summary: list[dict]) -> list[dict]:
+    """Each run on more than one thread against the same mode and batch on one: tokens/s
+    (prefill included) and the decode step, with the goal where it applies."""
+    one = {(r["mode"], r["batch"]): r for r in summary if _threads(r) == 1}
+    out = []
+    for r in summary:
+        base = one.get((r["mode"], r["batch"]))
+        if _threads(r) == 1 or base is None:
+            continue
+        row = {"mode": r["mode"], "batch": r["batch"], "threads": _threads(r),
+               "tokens_per_s_over_1_thread": r["tokens_per_s"] / base["tokens_per_s"],
+               "peak_rss_over_1_thread": r["peak_rss_bytes"] / base["peak_rss_bytes"]}  # fmt: skip
+        if "step_ms" in r and "step_ms" in base:
+            row["step_speedup_over_1_thread"] = base["step_ms"] / r["step_ms"]
+        if (row["threads"], row["batch"]) == (THREAD_GOAL["threads"], THREAD_GOAL["batch"]):
+            row["goal"] = THREAD_GOAL["tokens_per_s_over_1_thread"]
+        out.append(row)
     return out
 
 
@@ -315,14 +360,17 @@ def runs(modes: list[str], batches: list[int], pair_greedy: bool) -> list[tuple[
 
 def plot(summary: list[dict], machine: dict | None, path: str) -> None:
     fig, (ax, ax2) = pyplot().subplots(1, 2, figsize=(12, 4))
+    counts = sorted({_threads(r) for r in summary})
     for mode in MODES:
-        pts = sorted((r["batch"], r["tokens_per_s"]) for r in summary if r["mode"] == mode)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=mode)
-        pts = sorted((r["rows"], r["gflop_s"]) for r in summary
-                     if r["mode"] == mode and "gflop_s" in r)  # fmt: skip
-        if pts:
-            ax2.plot(*zip(*pts), marker="o", label=mode)
+        for threads in counts:
+            runs_ = [r for r in summary if r["mode"] == mode and _threads(r) == threads]
+            label = mode if len(counts) == 1 else f"{mode}, {threads} thread(s)"
+            pts = sorted((r["batch"], r["tokens_per_s"]) for r in runs_)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+            pts = sorted((r["rows"], r["gflop_s"]) for r in runs_ if "gflop_s" in r)
+            if pts:
+                ax2.plot(*zip(*pts), marker="o", label=label)
     ax.set(xlabel="concurrent requests", ylabel="generated tokens / s (prefill included)")
     ax2.set(xlabel="rows in the decode step", ylabel="effective GFLOP/s (2 x params x rows)")
     if machine:
@@ -335,10 +383,11 @@ def plot(summary: list[dict], machine: dict | None, path: str) -> None:
     save(fig, path)
 
 
-def _run_child(kind: str, batch: int, args, adapter: str) -> dict:
+def _run_child(kind: str, batch: int, args, adapter: str, threads: int | None = None) -> dict:
+    engine = args.engine if threads is None else {**args.engine, "num_threads": threads}
     cmd = [sys.executable, "-m", "cold_ray.benchmarks.engine", "--child", "--mode", kind,
            "--batch", str(batch), "--adapter", adapter, "--prompt-len", str(args.prompt_len),
-           "--new-tokens", str(args.new_tokens), "--engine-json", json.dumps(args.engine)]  # fmt: skip
+           "--new-tokens", str(args.new_tokens), "--engine-json", json.dumps(engine)]  # fmt: skip
     cmd += ["--model", args.model] if args.model else []  # fmt: skip
     return run_json(cmd, f"{kind} B={batch}")
 
@@ -364,10 +413,29 @@ def engine_setting(text: str) -> tuple[str, object]:
     return name, parsed
 
 
+def config_problems(error: Exception) -> str:
+    """What a failed EngineConfig says, one clause per setting: "num_threads must be greater
+    than or equal to 1, got 0" (pydantic's own text names the rule, not the field)."""
+    found = getattr(error, "errors", None)
+    if found is None:  # a plain TypeError / ValueError already says it
+        return str(error)
+    clauses = []
+    for err in found():
+        field = ".".join(str(part) for part in err["loc"]) or "settings"
+        rule = err["msg"].removeprefix("Value error, ")
+        if rule.startswith("Input should be"):
+            rule = "must be" + rule.removeprefix("Input should be")
+        clauses.append(f"{field} {rule}, got {err['input']!r}")
+    return "; ".join(clauses)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cold-ray bench engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--batches", type=positive_ints, default=[1, 4, 8, 16])
+    p.add_argument("--threads", type=positive_ints,
+                   help="thread counts to run each mode at, side by side (the engine's "
+                        "num_threads; default: its setting, 1)")  # fmt: skip
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -396,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     try:  # a bad value fails here, not in every child
         EngineConfig(**args.engine)
     except (TypeError, ValueError) as e:
-        p.error(f"--engine: {e}")
+        p.error(f"--engine: {config_problems(e)}")
+    if args.threads and "num_threads" in args.engine:
+        p.error("give the thread counts with --threads or --engine num_threads=N, not both")
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
@@ -405,16 +475,19 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     from cold_ray.benchmarks.common import machine_record
+    from cold_ray.kernels import cpu_kernels
 
-    plan = runs(modes, args.batches, not args.no_pair_greedy)
+    counts = args.threads or [None]  # None: the engine's own num_threads
+    plan = [(m, b, t) for m, b in runs(modes, args.batches, not args.no_pair_greedy)
+            for t in counts]  # fmt: skip
     records, machines, host = [], [], machine_record()
     with tempfile.TemporaryDirectory() as tmp:
         adapter = args.adapter or default_adapter(tmp)
         for rnd in range(args.rounds):
-            order = [("machine", 0)] + plan
-            for kind, batch in order if rnd % 2 == 0 else order[::-1]:
+            order = [("machine", 0, None)] + plan
+            for kind, batch, threads in order if rnd % 2 == 0 else order[::-1]:
                 try:
-                    rec = _run_child(kind, batch, args, adapter)
+                    rec = _run_child(kind, batch, args, adapter, threads)
                 except RuntimeError as e:
                     print(e, file=sys.stderr)
                     return 1
@@ -425,16 +498,19 @@ def main(argv: list[str] | None = None) -> int:
                           f"{rec['bandwidth_gib_s']:.1f} GiB/s", file=sys.stderr)  # fmt: skip
                     continue
                 records.append(rec)
-                print(f"# {kind} B={batch}: {rec['tokens_per_s']:.1f} tok/s, "
-                      f"{rec['step_ms']:.1f} ms/step", file=sys.stderr)  # fmt: skip
+                print(f"# {kind} B={batch} threads={_threads(rec)}: "
+                      f"{rec['tokens_per_s']:.1f} tok/s, {rec['step_ms']:.1f} ms/step",
+                      file=sys.stderr)  # fmt: skip
     summary = summarize(records)
     mach = machine_summary(machines, summary)
     result = summary + [{"mode": "ratios", "rows": ratios(summary)},
+                        {"mode": "threads", "rows": thread_scaling(summary)},
                         {"mode": "machine", **mach},
-                        {"mode": "settings", "threads": THREAD_ENV,
+                        {"mode": "settings", "threads": THREAD_ENV, "thread_counts": args.threads,
                          "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                          "rounds": args.rounds, "adapter": adapter, "model": args.model,
-                         "engine": args.engine, "host_at_start": host, "host_at_end": machine_record()}]  # fmt: skip
+                         "engine": args.engine, "kernel_blocking": cpu_kernels.blocking().record(),
+                         "host_at_start": host, "host_at_end": machine_record()}]  # fmt: skip
     if args.plot:
         plot(summary, mach, args.plot)
     print(json.dumps(result, indent=None if args.json else 2))
