@@ -184,6 +184,7 @@ def test_engine_run_counts_a_full_decode_step(tiny_llama, tiny_adapters, mode):
     rows = 4 if mode == "cold" else 2
     assert rec["rows"] == rows and rec["decode_steps"] >= 1 and rec["prefix_hit_tokens"] == 0
     assert 0 < rec["prefill_s"] < rec["wall_s"]
+    assert (rec["weight_dtype"], rec["compute_dtype"]) == ("float32", "float32")  # the default
     from cold_ray.model.loader import read_model_args
 
     counts = roofline.model_params(read_model_args(tiny_llama), 16)

@@ -128,6 +128,9 @@ def run_cold_ray(mode: str, batch: int, prompt_len: int, new_tokens: int, adapte
         "weight_bytes": roofline.weight_bytes(counts, lora=mode != "base_greedy"),
         "prefix_hit_tokens": _prefix_hits(core) - hits_before,
         "lora_backend": core.backend.name,
+        # what `dtype` resolved to on this machine: storage, and the arithmetic on it
+        "weight_dtype": str(core.runner.weight_dtype).removeprefix("torch."),
+        "compute_dtype": str(core.runner.dtype).removeprefix("torch."),
     }
 
 
@@ -257,7 +260,8 @@ def summarize(records: list[dict]) -> list[dict]:
         rs = [r for r in records if (r["mode"], r["batch"], _threads(r)) == (mode, batch, threads)]
         med = {k: statistics.median(r[k] for r in rs) for k in SUMMED if k in rs[0]}
         same = {k: rs[0][k] for k in ("lora_backend", "rows", "gflop_per_step",
-                                      "attention_gflop_per_step", "weight_bytes") if k in rs[0]}  # fmt: skip
+                                      "attention_gflop_per_step", "weight_bytes", "weight_dtype",
+                                      "compute_dtype") if k in rs[0]}  # fmt: skip
         if rs[0].get("amateur_candidates") is not None:
             same["amateur_candidates"] = statistics.median(r["amateur_candidates"] for r in rs)
         out.append({"mode": mode, "batch": batch, "threads": threads, "rounds": len(rs), **med,
