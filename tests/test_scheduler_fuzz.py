@@ -217,6 +217,22 @@ def test_every_request_decodes_as_if_alone_in_bf16(tiny_llama, tiny_adapters, fu
         run_scenario(seed, core, alone)
 
 
+THREAD_SEEDS = 3  # the two-thread slice
+
+
+def test_every_request_decodes_on_two_threads_as_alone_on_one(tiny_llama, tiny_adapters, alone,
+                                                               fuzz_seeds):  # fmt: skip
+    """num_threads 2 (the C kernels split their work, torch runs two intra-op threads): a
+    request's tokens depend neither on its batch nor on the thread count."""
+    threads = torch.get_num_threads()
+    try:
+        core = _core(tiny_llama, tiny_adapters, num_threads=2)
+        for seed in range(min(fuzz_seeds, THREAD_SEEDS)):
+            run_scenario(seed, core, alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("attention", ["kernel", "sdpa"])
 def test_graphed_decode_steps_decode_as_if_alone(tiny_llama, tiny_adapters, alone_gather,
                                                  fuzz_seeds, attention):  # fmt: skip
