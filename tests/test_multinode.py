@@ -18,7 +18,13 @@ import pytest
 from cold_ray.adapters.peft import weights_sha256
 from cold_ray.adapters.registry import RegistryError, default_registry_path, open_registry
 from cold_ray.adapters.sources import cache_key
-from cold_ray.benchmarks.registry import complete, http_json, node_cluster, pinned, serve_folder
+from cold_ray.benchmarks.serving.registry import (
+    complete,
+    http_json,
+    node_cluster,
+    pinned,
+    serve_folder,
+)
 from cold_ray.engine import UnknownAdapterError
 from cold_ray.model.loader import read_model_args
 from tests.postgres import PASSWORD

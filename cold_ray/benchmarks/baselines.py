@@ -71,7 +71,7 @@ def run_peft(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cold_ray.benchmarks.engine import _prompts
+    from cold_ray.benchmarks.common import token_prompts
     from cold_ray.kernels import reference
     from cold_ray.model.loader import default_model_path
     from cold_ray.workloads import adapter_mix
@@ -81,7 +81,7 @@ def run_peft(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
     tok = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter, adapter_name="a").eval()
-    prompts = torch.tensor(_prompts(tok, batch, prompt_len))
+    prompts = torch.tensor(token_prompts(tok, batch, prompt_len))
     if mode == "peft_mixed_greedy":
         names = ["a" if s >= 0 else "__base__" for s in adapter_mix("interleaved_base", batch, 1)]
         kw = dict(do_sample=False, pad_token_id=tok.eos_token_id)
@@ -197,7 +197,7 @@ def run_vllm(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
              venv: Path) -> dict:  # fmt: skip
     from transformers import AutoTokenizer
 
-    from cold_ray.benchmarks.engine import _prompts
+    from cold_ray.benchmarks.common import token_prompts
     from cold_ray.model.loader import default_model_path
 
     python = ensure_vllm_venv(venv)
@@ -207,7 +207,7 @@ def run_vllm(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
            "defaults": mode.endswith("_default"),
            "max_lora_rank": max(8, rank), "batch": batch, "new_tokens": new_tokens,
            "max_model_len": prompt_len + new_tokens + 16,
-           "prompts": _prompts(AutoTokenizer.from_pretrained(model), batch, prompt_len)}  # fmt: skip
+           "prompts": token_prompts(AutoTokenizer.from_pretrained(model), batch, prompt_len)}  # fmt: skip
     # The same thread budget as the other modes: vLLM binds its OpenMP threads to these cores
     # (its default, "auto", would take every core of the machine).
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))

@@ -1,17 +1,22 @@
-"""What the benchmarks share: one-thread child processes and their JSON, the record of the
-machine and command a result came from, the argument type for comma-separated counts, and
-the plotting boilerplate."""
+"""What the benchmarks share: where the demo adapter is, deterministic token prompts, a free
+port, one-thread child processes and their JSON, the record of the machine and command a
+result came from, the argument type for comma-separated counts, and the plotting
+boilerplate."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1]  # cold_ray/: its deployments/ ship in the wheel
+DEMO_ADAPTER = PACKAGE / "deployments" / "adapters" / "arith-demo"
 
 # One intra-op thread, no OpenMP spin-waiting: what an engine replica runs with.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
@@ -27,6 +32,23 @@ def best_seconds(fn: Callable, repeats: int, *args) -> float:
         fn(*args)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def token_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    """`count` distinct deterministic prompts of exactly `length` tokens (overlapping windows
+    of one text, three tokens apart)."""
+    text = " ".join(f"item {i} costs {i * 7 % 13} coins and weighs {i % 5} kg." for i in range(400))
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) < 3 * (count - 1) + length:
+        raise ValueError(f"{count} prompts of {length} tokens need more than {len(ids)} tokens")
+    return [ids[i * 3 : i * 3 + length] for i in range(count)]
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def positive_ints(text: str) -> list[int]:
@@ -99,22 +121,44 @@ def cpu_isa(cpuinfo: str) -> dict:
     return {"isa_flags": present, "bf16_instructions": any(f in flags for f in BF16_MATRIX_FLAGS)}
 
 
+def host_record() -> dict:
+    """CPU model, cores, memory, Python, OS and load average, without importing torch (the
+    load test's parent process records it)."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem, 1) if mem else None,
+            "python": platform.python_version(), "platform": platform.platform(),
+            # other work on the machine skews every number: say how busy it was
+            "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
+
+
 def machine_record() -> dict:
-    """What a benchmark ran on: CPU model, its ISA flags, cores, memory and load (the load
-    test's `machine()`), and the torch build: version, the CPU capability its kernels dispatch
-    to (e.g. AVX2, AVX512), and the intra-op threads of this process."""
+    """What a benchmark ran on: `host_record()`, the CPU's ISA flags, and the torch build: version,
+    the CPU capability its kernels dispatch to (e.g. AVX2, AVX512), and the intra-op threads
+    of this process."""
     import platform
 
     import torch
-
-    from cold_ray.loadtest.runner import machine
 
     try:
         isa = cpu_isa(Path("/proc/cpuinfo").read_text())
     except OSError:
         isa = {"isa_flags": None, "bf16_instructions": None}
     return {
-        **machine(),
+        **host_record(),
         "arch": platform.machine(),
         **isa,
         "torch": torch.__version__,

@@ -34,7 +34,7 @@ from cold_ray.benchmarks.common import (
     run_children,
     save,
 )
-from cold_ray.loadtest.stats import percentile
+from cold_ray.benchmarks.serving.loadtest.stats import percentile
 
 DEMO_ADAPTER = Path(__file__).resolve().parents[1] / "deployments" / "adapters" / "arith-demo"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cold_ray.benchmarks import kernels as bench
+from cold_ray.benchmarks.micro import kernels as bench
 
 REQUIRED = {"impl", "op", "rows", "rank", "hidden", "ms", "extra_bytes"}
 

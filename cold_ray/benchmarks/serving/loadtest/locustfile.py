@@ -13,7 +13,7 @@ prompts in-process).
 Besides Locust's request time it reports two custom metrics through request events:
 `TTFT` (time to the first streamed token) and `ITL` (each gap between streamed chunks). With
 `--records PATH` every finished request is also appended to PATH as one JSON line (see
-`cold_ray.loadtest.stats`), from which `cold-ray loadtest` computes exact percentiles and
+`cold_ray.benchmarks.serving.loadtest.stats`), from which `cold-ray loadtest` computes exact percentiles and
 tokens/s.
 
 Run it through `cold-ray loadtest` (which starts the service and writes the report), or by
@@ -34,7 +34,7 @@ import time
 import requests
 from locust import User, constant_throughput, events, task
 
-from cold_ray.loadtest.stats import PROMPT_MODES, LengthDist, request_prompt
+from cold_ray.benchmarks.serving.loadtest.stats import PROMPT_MODES, LengthDist, request_prompt
 from cold_ray.workloads import MIX_KINDS, adapter_mix
 
 

@@ -45,38 +45,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from cold_ray.benchmarks import peer_servers as peers
+from cold_ray.benchmarks import goals
 from cold_ray.benchmarks.common import machine_record, positive_ints
+from cold_ray.benchmarks.serving import peers
 
 SERVERS = ("cold-ray", "vllm")
-GOAL_CONCURRENCY = 16
+GOAL_CONCURRENCY = 16  # where goals.py compares the servers
 DEFAULT_DEPLOYMENT = "deployments/cold.yaml"
-
-
-def goals(runs: list[dict], concurrency: int = GOAL_CONCURRENCY) -> list[dict]:
-    """The issue's goals at `concurrency`, cold-ray plain LoRA over vLLM plain LoRA: output
-    tokens/s ratio >= 1 and TTFT p50 ratio <= 1. Empty when either run is missing."""
-    at = {(r["server"], r["mode"]): r for r in runs if r["concurrency"] == concurrency}
-    ours, theirs = at.get(("cold-ray", "lora")), at.get(("vllm", "lora"))
-    if ours is None or theirs is None:
-        return []
-    tps = ours["output_tok_s"] / theirs["output_tok_s"]
-    ttft = ours["ttft_ms_p50"] / theirs["ttft_ms_p50"]
-    what = f"cold-ray plain LoRA {{}} / vLLM plain LoRA's, concurrency {concurrency}"
-    return [
-        {
-            "what": what.format("output tok/s"),
-            "ratio": round(tps, 3),
-            "goal": ">= 1",
-            "met": tps >= 1,
-        },
-        {
-            "what": what.format("TTFT p50"),
-            "ratio": round(ttft, 3),
-            "goal": "<= 1",
-            "met": ttft <= 1,
-        },
-    ]
 
 
 def measure(
@@ -113,7 +88,7 @@ def start(
     server: str, args: argparse.Namespace, facts: dict, venv: Path, stack: contextlib.ExitStack
 ):
     """Start `server`, register its stop on `stack`; (service, what was started)."""
-    from cold_ray.loadtest.service import Service
+    from cold_ray.benchmarks.serving.loadtest.service import Service
 
     if server == "vllm":
         svc, cmd = peers.start_vllm(
@@ -181,7 +156,7 @@ def run(args: argparse.Namespace, facts: dict) -> dict:
     )
     return {
         "runs": runs,
-        "goals": goals(runs),
+        "goals": goals.check_run("serving:vllm", {"runs": runs}),
         "servers": servers,
         "client": {"example_command": example, "vllm_venv": str(venv)},
         "workload": {k: v for k, v in vars(work).items()},
@@ -239,7 +214,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
     from cold_ray.benchmarks.baselines import vllm_venv_default
 
     p = argparse.ArgumentParser(
-        prog="cold-ray bench serving",
+        prog="cold-ray bench serving --scenario vllm",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cold_ray.benchmarks.common import positive_ints
-from cold_ray.loadtest.stats import PROMPT_MODES, THRESHOLDS, check_thresholds
+from cold_ray.benchmarks.serving.loadtest.stats import PROMPT_MODES, THRESHOLDS, check_thresholds
 from cold_ray.workloads import MIX_KINDS
 
 DEFAULT_DEPLOYMENT = "deployments/cold.yaml"
@@ -79,7 +79,7 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 
 
 def workload_from(args: argparse.Namespace, **changes):
-    from cold_ray.loadtest.runner import Workload
+    from cold_ray.benchmarks.serving.loadtest.runner import Workload
 
     fields = {k: getattr(args, k) for k in Workload.__dataclass_fields__ if hasattr(args, k)}
     fields.update(changes)
@@ -104,14 +104,14 @@ def add_parser(subparsers) -> None:
     add_workload_args(p)
     p.set_defaults(func=main_args)
 
-    from cold_ray.loadtest import soak
+    from cold_ray.benchmarks.serving.loadtest import soak
 
     soak.add_parser(subparsers)
 
 
 @contextmanager
 def service_for(args: argparse.Namespace):
-    from cold_ray.loadtest.service import Service
+    from cold_ray.benchmarks.serving.loadtest.service import Service
 
     if args.host:
         yield Service.attach(args.host)
@@ -128,8 +128,12 @@ def service_for(args: argparse.Namespace):
 
 def one_run(url: str, args, users: int, out: Path, workload, procs: list | None = None) -> dict:
     """One Locust run into `out`: records → summary.json + run.png; returns the summary."""
-    from cold_ray.loadtest.report import plot_run
-    from cold_ray.loadtest.runner import LocustPlacement, build_summary, run_locust
+    from cold_ray.benchmarks.serving.loadtest.report import plot_run
+    from cold_ray.benchmarks.serving.loadtest.runner import (
+        LocustPlacement,
+        build_summary,
+        run_locust,
+    )
 
     placement = LocustPlacement(args.locust_nice, args.locust_cpus)
     spawn = args.spawn_rate or users
@@ -154,7 +158,7 @@ def _line(summary: dict) -> str:
 
 
 def main_args(args: argparse.Namespace) -> int:
-    from cold_ray.loadtest.service import ServiceError
+    from cold_ray.benchmarks.serving.loadtest.service import ServiceError
 
     args.out.mkdir(parents=True, exist_ok=True)
     try:
@@ -185,7 +189,7 @@ def _judge(summary: dict, args: argparse.Namespace, out: Path) -> int:
 
 
 def _sweep(url: str, args: argparse.Namespace) -> int:
-    from cold_ray.loadtest.report import plot_sweep
+    from cold_ray.benchmarks.serving.loadtest.report import plot_sweep
 
     points = []
     for decoding in [d for d in args.sweep_decodings.split(",") if d]:
@@ -208,7 +212,7 @@ def _sweep(url: str, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m cold_ray.loadtest.cli ...` == `cold-ray loadtest ...`."""
+    """`python -m cold_ray.benchmarks.serving.loadtest.cli ...` == `cold-ray loadtest ...`."""
     parser = argparse.ArgumentParser(prog="cold-ray")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["loadtest", *(argv if argv is not None else sys.argv[1:])])

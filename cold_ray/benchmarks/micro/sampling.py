@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 
+from cold_ray.benchmarks import goals
 from cold_ray.benchmarks.common import machine_record
 
 TEXT = (
@@ -194,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_record(),
         "engine_step_ms": step_ms,
         "sampler": sampler,
-        "sampler_goal_met": all(r["fraction_of_step"] <= 0.05 for r in sampler),
         "detok": detok,
         "detok_1024_over_16": flat,
     }
+    result["goals"] = goals.check_run("sampling", result)
     core.shutdown()
     print(json.dumps(result, indent=None if args.json else 2))
     return 0

@@ -25,7 +25,7 @@ import time
 
 
 def add_parser(subparsers) -> None:
-    from cold_ray.loadtest.cli import add_target_args, add_workload_args
+    from cold_ray.benchmarks.serving.loadtest.cli import add_target_args, add_workload_args
 
     p = subparsers.add_parser(
         "soak", help="bounded overload soak: 503-only errors, bounded queue, no leaks",
@@ -80,7 +80,7 @@ class EngineGauges:
     def read(self) -> dict | None:
         from http.client import HTTPException
 
-        from cold_ray.loadtest.service import http_get
+        from cold_ray.benchmarks.serving.loadtest.service import http_get
 
         urls = [self.url] if self.url else self.service.metrics_urls()
         for url in urls:
@@ -142,9 +142,9 @@ def checks(summary: dict, samples: list[dict], final: dict | None, args) -> dict
 
 
 def main_args(args: argparse.Namespace) -> int:
-    from cold_ray.loadtest.cli import _line, one_run, service_for, workload_from
-    from cold_ray.loadtest.report import plot_soak
-    from cold_ray.loadtest.service import ServiceError
+    from cold_ray.benchmarks.serving.loadtest.cli import _line, one_run, service_for, workload_from
+    from cold_ray.benchmarks.serving.loadtest.report import plot_soak
+    from cold_ray.benchmarks.serving.loadtest.service import ServiceError
 
     args.out.mkdir(parents=True, exist_ok=True)
     try:

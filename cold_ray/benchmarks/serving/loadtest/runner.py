@@ -18,7 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cold_ray.loadtest.stats import summarize, summarize_by
+from cold_ray.benchmarks.common import host_record
+from cold_ray.benchmarks.serving.loadtest.stats import summarize, summarize_by
 
 
 @dataclass
@@ -70,7 +71,7 @@ def parse_duration(text: str) -> float:
 
 
 def locustfile_path() -> str:
-    return importlib.util.find_spec("cold_ray.loadtest.locustfile").origin
+    return importlib.util.find_spec("cold_ray.benchmarks.serving.loadtest.locustfile").origin
 
 
 def run_locust(
@@ -144,29 +145,6 @@ def build_summary(
         "locust": {"nice": placement.nice, "cpus": placement.cpus, "exit_code": locust_rc,
                    "log": str(out_dir / "locust.log"), "csv": str(out_dir / "locust_stats.csv")},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine(),
+        "machine": host_record(),
     }  # fmt: skip
     return summary
-
-
-def machine() -> dict:
-    """What the numbers came from."""
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem, 1) if mem else None,
-            "python": platform.python_version(), "platform": platform.platform(),
-            # other work on the machine skews every number: say how busy it was
-            "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip

@@ -26,9 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from cold_ray.benchmarks import goals
 from cold_ray.benchmarks.common import machine_record
-
-GOALS = {"cold_load_ms": 100.0, "host_cache_load_ms": 10.0, "throughput_ratio": 0.90}
 
 
 def make_adapter(args, out: Path, rank: int = 16, seed: int = 0) -> Path:
@@ -180,14 +179,8 @@ def run(opts: argparse.Namespace) -> dict:
         "lora_backend": core.backend.name,
         **latency,
         **tput,
-        "goals": GOALS,
     }
-    result["meets_goals"] = {
-        "cold_load_ms": latency["cold_load_ms"]["median"] <= GOALS["cold_load_ms"],
-        "host_cache_load_ms": latency["host_cache_load_ms"]["median"]
-        <= GOALS["host_cache_load_ms"],
-        "throughput_ratio": tput["throughput_ratio"] >= GOALS["throughput_ratio"],
-    }
+    result["goals"] = goals.check_run("serving:adapter_load", result)
     return result
 
 

@@ -13,6 +13,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from cold_ray.benchmarks.common import PACKAGE, free_port
+
 MODES = ("lora", "cold")  # plain decoding with the adapter; CoLD (cold-ray only)
 EXTRA_BODY = {"lora": {"cold": False}, "cold": {"cold": True}}
 PERCENTILES = (50, 99)
@@ -51,7 +53,7 @@ def resolve_local(path: str | Path) -> Path:
     here = Path(path)
     if here.exists() or here.is_absolute():
         return here.absolute()
-    return Path(__file__).resolve().parents[1] / path
+    return PACKAGE / path
 
 
 def deployment_facts(config: dict, adapter: str) -> dict:
@@ -180,7 +182,7 @@ def vllm_ran_with(log_text: str) -> dict:
 def start_vllm(venv: Path, facts: dict, adapter: str, threads: int, out: Path, timeout: float):
     """`vllm serve` in a process group of its own, healthy and listing its models, as a
     loadtest Service; its command line beside it. Stopped again if it never gets healthy."""
-    from cold_ray.loadtest.service import Service, ServiceError, free_port
+    from cold_ray.benchmarks.serving.loadtest.service import Service, ServiceError
 
     port = free_port()
     cmd = vllm_serve_command(venv, facts, adapter, port)
