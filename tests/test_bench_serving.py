@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cold_ray.benchmarks import baselines, common, goals
+from cold_ray.benchmarks import common, goals
+from cold_ray.benchmarks.engine import baselines
 from cold_ray.benchmarks.serving import peers, vllm_bench
 from cold_ray.benchmarks.serving.loadtest.service import apply_override
 

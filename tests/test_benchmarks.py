@@ -10,9 +10,11 @@ import os
 
 import pytest
 
-from cold_ray.benchmarks import attention, gemm, item_latency, itl, prefix, roofline
-from cold_ray.benchmarks import engine as bench_engine
-from cold_ray.workloads import (
+from cold_ray.benchmarks import goals
+from cold_ray.benchmarks.engine import throughput as bench_engine
+from cold_ray.benchmarks.micro import attention, gemm, roofline
+from cold_ray.benchmarks.serving import arrivals, item_latency
+from cold_ray.benchmarks.workloads import (
     PREFIX_KINDS,
     SYSTEM_PROMPT,
     fewshot_prefix,
@@ -259,9 +261,10 @@ BAD_ARGUMENTS = [  # (benchmark, argv, what the usage error must name)
 def test_bad_arguments_are_usage_errors_naming_the_problem(bench, argv, named, capsys):
     """Refused before anything runs (engine parses in main, which would otherwise start
     benchmark children), with argparse's usage error saying which value was wrong."""
-    parse = {"engine": bench_engine.main, "prefix": prefix.parse_args, "itl": itl.parse_args,
-             "item_latency": item_latency.parse_args, "gemm": gemm.main,
-             "attention": attention.parse_args}[bench]  # fmt: skip
+    parse = {"engine": bench_engine.main, "item_latency": item_latency.parse_args,
+             "prefix": lambda a: arrivals.parse_args("prefix", a),
+             "itl": lambda a: arrivals.parse_args("itl", a),
+             "gemm": gemm.main, "attention": attention.parse_args}[bench]  # fmt: skip
     with pytest.raises(SystemExit) as e:
         parse(argv)
     assert e.value.code == 2
@@ -295,7 +298,7 @@ def test_shared_prefix_workloads_share_their_prefix_token_wise(kind, smollm2):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(smollm2))
-    ids = [prefix.prompt_ids(tok, body) for body in shared_prefix_requests(kind, 16)]
+    ids = [arrivals.prompt_ids(tok, body) for body in shared_prefix_requests(kind, 16)]
     common = len(os.path.commonprefix(ids))
     shared_text = fewshot_prefix(8) if kind == "fewshot" else SYSTEM_PROMPT
     assert common >= len(tok.encode(shared_text, add_special_tokens=False)) - 1
@@ -304,41 +307,64 @@ def test_shared_prefix_workloads_share_their_prefix_token_wise(kind, smollm2):
     assert len({tuple(x[common:]) for x in ids}) == 16
 
 
+def _run(workload, decoding, variant, p50, tps, digest="d", itl=None):
+    return {"scenario": "prefix" if workload != "streams" else "itl", "workload": workload,
+            "decoding": decoding, "variant": variant, "ttft_ms": {"p50": p50, "p95": 2 * p50},
+            "tokens_per_s": tps, "prefix_hit_rate": 0.9 if variant == "cache on" else None,
+            "prompt_tokens_computed_fraction": 0.1, "tokens_digest": digest,
+            "itl_ms": itl or {"p50": None, "p99": None, "max": None, "count": 0},
+            "long_ttft_ms": {"p50": 9.0} if isinstance(variant, int) else None}  # fmt: skip
+
+
 def test_prefix_compare_ratios_goals_and_exactness():
-    def run(workload, decoding, cache, p50, tps, digest="d"):
-        return {"workload": workload, "decoding": decoding, "cache": cache,
-                "ttft_ms": {"p50": p50, "p95": 2 * p50}, "tokens_per_s": tps,
-                "prefix_hit_rate": 0.9 if cache else None,
-                "prompt_tokens_computed_fraction": 0.1 if cache else 1.0,
-                "tokens_digest": digest}  # fmt: skip
-
-    rows = prefix.compare([run("chat", "cold", True, 20.0, 30.0), run("chat", "cold", False, 100.0, 10.0),
-                           run("fewshot", "plain", True, 50.0, 12.0, "x"),
-                           run("fewshot", "plain", False, 100.0, 10.0)])  # fmt: skip
-    chat, few = rows
-    assert chat["ttft_p50_on_over_off"] == 0.2 and chat["tokens_per_s_on_over_off"] == 3.0
-    assert all(chat["goals"].values()) and chat["same_tokens_on_and_off"]
-    assert not any(few["goals"].values()) and not few["same_tokens_on_and_off"]
+    rows = arrivals.compare([
+        _run("chat", "cold", "cache on", 20.0, 30.0), _run("chat", "cold", "cache off", 100.0, 10.0),
+        _run("fewshot", "cold", "cache on", 50.0, 12.0, "x"),
+        _run("fewshot", "cold", "cache off", 100.0, 10.0)])  # fmt: skip
+    chat, chat_off, few, _ = rows
+    assert chat["ttft_p50_over_reference"] == 0.2 and chat["tokens_per_s_over_reference"] == 3.0
+    assert chat["same_tokens_as_reference"] and not few["same_tokens_as_reference"]
+    assert "ttft_p50_over_reference" not in chat_off  # the reference itself
+    got = {g["goal"]: (g["values"], g["met"]) for g in goals.check_run(
+        "serving:prefix", {"comparison": rows})}  # fmt: skip
+    assert got["prefix_ttft"] == ({"chat CoLD": 0.2, "fewshot CoLD": 0.5}, False)
+    assert got["prefix_tokens"] == ({"chat CoLD": 3.0, "fewshot CoLD": 1.2}, False)
 
 
-def test_prefix_settings_alternate_cache_order():
-    args = prefix.parse_args(["--rounds", "2", "--workloads", "chat", "--decodings", "cold"])
-    first, second = prefix.settings(args)
-    assert [s["cache"] for s in first] == [True, False]
-    assert [s["cache"] for s in second] == [False, True]
+def test_itl_compare_against_no_arrivals():
+    quiet = {"p50": 2.0, "p99": 4.0, "max": 5.0, "count": 9}
+    rows = arrivals.compare([
+        _run("streams", "plain", "none", 1.0, 10.0, itl=quiet),
+        _run("streams", "plain", 64, 1.0, 10.0, itl={**quiet, "p50": 3.0, "p99": 12.0})])  # fmt: skip
+    assert rows[1]["itl_p50_over_reference"] == 1.5 and rows[1]["itl_p99_over_reference"] == 3.0
+    assert rows[1]["long_ttft_p50_ms"] == 9.0 and "long_ttft_p50_ms" not in rows[0]
+
+
+def test_settings_keep_variants_adjacent_and_alternate_their_order(capsys):
+    args = arrivals.parse_args("prefix", ["--rounds", "2", "--workloads", "chat", "--decodings",
+                                          "cold"])  # fmt: skip
+    assert [s["variant"] for s in arrivals.settings(args)] == [
+        "cache on", "cache off", "cache off", "cache on"]  # fmt: skip
+    args = arrivals.parse_args("itl", ["--budgets", "64,1024", "--rounds", "2"])
+    assert [s["variant"] for s in arrivals.settings(args)] == ["none", 64, 1024, 1024, 64, "none"]
+    with pytest.raises(SystemExit):
+        arrivals.parse_args("itl", ["--stream-tokens", "40", "--arrive-at", "16",
+                                    "--arrive-every", "24", "--long-prompts", "2"])  # fmt: skip
+    assert "raise it above 40" in capsys.readouterr().err
 
 
 def test_prefix_run_hits_the_cache_and_keeps_the_tokens(tiny_llama, tiny_adapters):
     """One user, two requests back to back: the second reuses the first's prefix blocks; with
     the cache off nothing is reused; both give the same tokens."""
-    base = {"users": 1, "requests_per_user": 2, "interval_ms": 0.0, "new_tokens": 3,
-            "shots": 0, "max_prefill_tokens": 64, "prefix_cache_mib": 4, "seed": 0,
-            "adapter": str(tiny_adapters[0]), "model": str(tiny_llama),
-            "workload": "fewshot", "decoding": "cold"}  # fmt: skip
-    on = prefix.run_setting({**base, "cache": True})
-    off = prefix.run_setting({**base, "cache": False})
+    args = arrivals.parse_args("prefix", [
+        "--users", "1", "--requests-per-user", "2", "--interval-ms", "0", "--new-tokens", "3",
+        "--shots", "0", "--max-prefill-tokens", "64", "--prefix-cache-mib", "4",
+        "--adapter", str(tiny_adapters[0]), "--model", str(tiny_llama), "--workloads",
+        "fewshot", "--decodings", "cold"])  # fmt: skip
+    on, off = (arrivals.run_setting(s) for s in arrivals.settings(args))
     assert on["requests"] == off["requests"] == 2
     assert on["generated_tokens"] == off["generated_tokens"] == 6
+    assert on["itl_ms"]["count"] == off["itl_ms"]["count"] == 2 * 2
     assert on["prefix_hit_rate"] > 0 and on["prefix_cache"]["hit_tokens"] % 16 == 0
     assert off["prefix_hit_rate"] is None and off["prompt_tokens_computed_fraction"] == 1.0
     assert (
@@ -347,38 +373,23 @@ def test_prefix_run_hits_the_cache_and_keeps_the_tokens(tiny_llama, tiny_adapter
     assert on["tokens_digest"] == off["tokens_digest"]
 
 
-# ---- bench itl --------------------------------------------------------------------------------
-
-
-def test_itl_arguments_and_order(capsys):
-    with pytest.raises(SystemExit):
-        itl.parse_args(["--stream-tokens", "40", "--arrive-at", "16", "--arrive-every", "24",
-                        "--long-prompts", "2"])  # fmt: skip
-    assert "raise it above 40" in capsys.readouterr().err
-    args = itl.parse_args(["--budgets", "64,1024", "--rounds", "2"])
-    assert [s["budget"] for s in itl.settings(args)] == ["none", 64, 1024, 1024, 64, "none"]
-
-
 def test_itl_run_stamps_every_stream_token(tiny_llama, tiny_adapters):
     from transformers import AutoTokenizer
 
-    s = {"streams": 2, "stream_tokens": 12, "long_prompts": 2, "long_len": 40,
-         "long_new_tokens": 2, "arrive_at": 3, "arrive_every": 4, "decoding": "cold",
-         "adapter": str(tiny_adapters[0]), "model": str(tiny_llama)}  # fmt: skip
-    got = itl.run_setting({**s, "budget": 16})
-    assert got["itl_ms"]["count"] == 2 * (12 - 3)  # the same gaps in every setting
-    assert got["prefill_tokens"] >= 2 * 2 * 40  # both long prompts, both CoLD rows
-    assert got["long_ttft_ms"]["max"] >= got["long_ttft_ms"]["p50"] > 0
-    quiet = itl.run_setting({**s, "budget": "none"})
-    assert quiet["itl_ms"]["count"] == 2 * (12 - 3) and quiet["long_ttft_ms"] is None
+    args = arrivals.parse_args("itl", [
+        "--streams", "2", "--stream-tokens", "12", "--long-prompts", "2", "--long-len", "40",
+        "--long-new-tokens", "2", "--arrive-at", "3", "--arrive-every", "4", "--decoding",
+        "cold", "--budgets", "16", "--adapter", str(tiny_adapters[0]), "--model",
+        str(tiny_llama)])  # fmt: skip
+    quiet, busy = (arrivals.run_setting(s) for s in arrivals.settings(args))
+    assert busy["itl_ms"]["count"] == quiet["itl_ms"]["count"] == 2 * (12 - 3)  # same gaps
+    assert busy["prompt_tokens_computed"] >= 2 * 2 * 40  # both long prompts, both CoLD rows
+    assert busy["long_ttft_ms"]["max"] >= busy["long_ttft_ms"]["p50"] > 0
+    assert quiet["long_ttft_ms"] is None
+    assert busy["tokens_digest"] == quiet["tokens_digest"]  # arrivals change no stream's tokens
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
-    longs = itl.long_prompts(tok, 3, 40)
+    longs = arrivals.long_prompts(tok, 3, 40)
     assert [len(x) for x in longs] == [40] * 3 and len({tuple(x) for x in longs}) == 3
-    rows = itl.compare([{"budget": "none", "itl_ms": {"p50": 2.0, "p99": 4.0, "max": 5.0},
-                         "long_ttft_ms": None},
-                        {"budget": 64, "itl_ms": {"p50": 3.0, "p99": 12.0, "max": 20.0},
-                         "long_ttft_ms": {"p50": 9.0}}])  # fmt: skip
-    assert rows[1]["itl_p50_over_none"] == 1.5 and rows[1]["itl_p99_over_none"] == 3.0
 
 
 # ---- bench item_latency -----------------------------------------------------------------------
@@ -410,7 +421,7 @@ def test_item_latency_small_run(tiny_llama, tiny_adapters, tmp_path, monkeypatch
 def test_precision_bench_holds_each_engine_to_its_own_definition(tiny_llama, tiny_adapters):
     """On the tiny model the engine follows the two-model definition of its own precision
     token for token; margins are reported as numbers."""
-    from cold_ray.benchmarks import precision
+    from cold_ray.benchmarks.micro import precision
 
     out = precision.run(str(tiny_llama), str(tiny_adapters[0]), 2, 6, 5)
     for name in ("float32", "bfloat16"):

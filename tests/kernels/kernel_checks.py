@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cold_ray.benchmarks.workloads import adapter_mix
 from cold_ray.kernels import reference
-from cold_ray.workloads import adapter_mix
 
 # (atol, rtol) per dtype of the compared output. Low-precision rows round the base output and
 # (for grouped/gather-BMM) the rank-r intermediate; the worst case over the sweep uses about

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cold_ray.benchmarks.workloads import MIX_KINDS
 from cold_ray.kernels import reference, select_backend
-from cold_ray.workloads import MIX_KINDS
 from tests.kernels.kernel_checks import (
     assert_base_rows_untouched,
     assert_close,

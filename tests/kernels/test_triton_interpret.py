@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cold_ray.benchmarks.workloads import MIX_KINDS
 from cold_ray.kernels import reference, select_backend
 from cold_ray.kernels.dispatch import triton_importable
-from cold_ray.workloads import MIX_KINDS
 from tests.helpers import NO_TRITON
 from tests.kernels.kernel_checks import (
     assert_base_rows_untouched,

@@ -1,4 +1,4 @@
-"""The shared adapter-mix generator (cold_ray.workloads) used by tests, benchmarks, Locust."""
+"""The shared adapter-mix generator (cold_ray.benchmarks.workloads) used by tests, benchmarks, Locust."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from cold_ray.workloads import MIX_KINDS, adapter_mix
+from cold_ray.benchmarks.workloads import MIX_KINDS, adapter_mix
 
 
 @pytest.mark.parametrize("kind", MIX_KINDS)

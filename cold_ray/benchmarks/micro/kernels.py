@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from cold_ray.benchmarks.common import machine_record
+from cold_ray.benchmarks.workloads import MIX_KINDS, adapter_mix
 from cold_ray.device import synchronize
 from cold_ray.kernels import select_backend
 from cold_ray.kernels.dispatch import ascend_native_available, device_type
-from cold_ray.workloads import MIX_KINDS, adapter_mix
 
 log = logging.getLogger("benchmarks.kernels")
 

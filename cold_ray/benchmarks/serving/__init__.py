@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, the question it answers)
+# name -> (module[:function, default main], the question it answers)
 SCENARIOS = {
     "vllm": (
         "cold_ray.benchmarks.serving.vllm_bench",
@@ -19,15 +19,15 @@ SCENARIOS = {
         "streams), optionally against another installation",
     ),
     "prefix": (
-        "cold_ray.benchmarks.prefix",
+        "cold_ray.benchmarks.serving.arrivals",
         "what the prefix cache buys on shared-prefix workloads (TTFT, tokens/s, on vs off)",
     ),
     "itl": (
-        "cold_ray.benchmarks.itl",
+        "cold_ray.benchmarks.serving.arrivals:main_itl",
         "how smooth decoding streams stay while long prompts arrive, per prefill budget",
     ),
     "item_latency": (
-        "cold_ray.benchmarks.item_latency",
+        "cold_ray.benchmarks.serving.item_latency",
         "latency per task item, CoLD vs greedy, alone and batched",
     ),
     "loadtest": (
@@ -69,5 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.help and not any(a.startswith("--scenario") for a in given):
         p.print_help()
         return 0
-    module = importlib.import_module(SCENARIOS[args.scenario][0])
-    return module.main(rest + (["--help"] if args.help else []))
+    module, _, function = SCENARIOS[args.scenario][0].partition(":")
+    run = getattr(importlib.import_module(module), function or "main")
+    return run(rest + (["--help"] if args.help else []))

@@ -123,7 +123,7 @@ def start(
 
 def run(args: argparse.Namespace, facts: dict) -> dict:
     """Each server in turn: start it, measure it, stop it. The summary without the machine."""
-    from cold_ray.benchmarks.baselines import ensure_vllm_venv
+    from cold_ray.benchmarks.engine.baselines import ensure_vllm_venv
 
     venv = Path(args.vllm_venv)
     ensure_vllm_venv(venv)  # the client lives there too
@@ -211,7 +211,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
     """The arguments and the deployment's facts; usage errors name the bad value."""
     import yaml
 
-    from cold_ray.benchmarks.baselines import vllm_venv_default
+    from cold_ray.benchmarks.engine.baselines import vllm_venv_default
 
     p = argparse.ArgumentParser(
         prog="cold-ray bench serving --scenario vllm",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cold_ray.benchmarks.common import positive_ints
 from cold_ray.benchmarks.serving.loadtest.stats import PROMPT_MODES, THRESHOLDS, check_thresholds
-from cold_ray.workloads import MIX_KINDS
+from cold_ray.benchmarks.workloads import MIX_KINDS
 
 DEFAULT_DEPLOYMENT = "deployments/cold.yaml"
 

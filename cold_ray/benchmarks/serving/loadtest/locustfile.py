@@ -2,7 +2,7 @@
 
 Each simulated user sends one request after another (closed loop; `--think-time` or
 `--rps-per-user` open it up): completions or chat completions, streamed or not, CoLD or plain,
-on an adapter drawn from the shared workload generator (`cold_ray.workloads.adapter_mix`), with
+on an adapter drawn from the shared workload generator (`cold_ray.benchmarks.workloads.adapter_mix`), with
 prompt and output lengths drawn from `--prompt-tokens` / `--max-tokens` distributions
 (`fixed:N`, `uniform:LO:HI`, `normal:MEAN:STD`, `lognormal:MEDIAN:SIGMA`, `choice:A,B`).
 `--prompt-mode fewshot` sends prompts that share one few-shot prefix (`--shots` worked
@@ -35,14 +35,14 @@ import requests
 from locust import User, constant_throughput, events, task
 
 from cold_ray.benchmarks.serving.loadtest.stats import PROMPT_MODES, LengthDist, request_prompt
-from cold_ray.workloads import MIX_KINDS, adapter_mix
+from cold_ray.benchmarks.workloads import MIX_KINDS, adapter_mix
 
 
 @events.init_command_line_parser.add_listener
 def _options(parser):
     g = parser.add_argument_group("cold-ray workload")
     g.add_argument("--mix", choices=MIX_KINDS, default="zipf",
-                   help="adapter mix from cold_ray.workloads: identical = one hot adapter")  # fmt: skip
+                   help="adapter mix from cold_ray.benchmarks.workloads: identical = one hot adapter")  # fmt: skip
     g.add_argument("--adapters", default="",
                    help="comma-separated adapter names (default: every adapter in /v1/models)")  # fmt: skip
     g.add_argument("--cold-fraction", type=float, default=0.5,

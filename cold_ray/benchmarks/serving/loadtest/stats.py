@@ -119,9 +119,9 @@ def request_prompt(mode: str, rng: random.Random, target_tokens: int, chat: bool
     worked examples + a question drawn from the demo task's test split; a chat request carries
     either as its user turn. `system`: always chat — one shared long system prompt and a drawn
     question as the user turn. The shared modes build what `cold-ray bench prefix` measures
-    (`cold_ray.workloads`), so a prefix cache sees the same reuse in both.
+    (`cold_ray.benchmarks.workloads`), so a prefix cache sees the same reuse in both.
     """
-    from cold_ray import workloads
+    from cold_ray.benchmarks import workloads
 
     if mode == "random":
         text = make_prompt(rng, target_tokens)

@@ -108,7 +108,7 @@ def run(model: str | None, adapter: str | None, prompts: int, prompt_len: int,
     """The four runs per prompt, compared (see the module's docstring)."""
     import torch
 
-    from cold_ray.benchmarks.engine import default_adapter
+    from cold_ray.benchmarks.engine.throughput import default_adapter
     from cold_ray.model.loader import resolve_model_path
 
     torch.set_num_threads(1)
@@ -123,7 +123,7 @@ def _run(path: str, model: str | None, adapter: str, prompts: int, prompt_len: i
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from cold_ray.benchmarks.engine import _prompts
+    from cold_ray.benchmarks.common import token_prompts
     from cold_ray.config import EngineConfig
     from cold_ray.engine import ColdParams, EngineCore, SamplingParams
 
@@ -133,7 +133,7 @@ def _run(path: str, model: str | None, adapter: str, prompts: int, prompt_len: i
                                        max_model_len=prompt_len + new_tokens + 1))  # fmt: skip
         core.register_adapter("adapter", adapter)
         engines[dtype] = core
-    texts = _prompts(engines["float32"].tokenizer, prompts, prompt_len)
+    texts = token_prompts(engines["float32"].tokenizer, prompts, prompt_len)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     got = {d: [c.generate([p], params, "adapter", ColdParams(ALPHA, BETA))[0]["token_ids"]
                for p in texts] for d, c in engines.items()}  # fmt: skip

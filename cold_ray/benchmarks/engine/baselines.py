@@ -72,9 +72,9 @@ def run_peft(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cold_ray.benchmarks.common import token_prompts
+    from cold_ray.benchmarks.workloads import adapter_mix
     from cold_ray.kernels import reference
     from cold_ray.model.loader import default_model_path
-    from cold_ray.workloads import adapter_mix
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     path = str(default_model_path())
@@ -289,7 +289,7 @@ def parse_modes(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Every (round, batch, mode) in a child process; returns the per-run records."""
-    from cold_ray.benchmarks.engine import default_adapter
+    from cold_ray.benchmarks.engine.throughput import default_adapter
 
     modes = parse_modes(args.modes)
     batches = [int(b) for b in args.batches.split(",")]
@@ -303,7 +303,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         for rnd in range(args.rounds):
             for batch in batches:
                 for mode in modes if rnd % 2 == 0 else modes[::-1]:
-                    cmd = [sys.executable, "-m", "cold_ray.benchmarks.baselines", "--child",
+                    cmd = [sys.executable, "-m", "cold_ray.benchmarks.engine.baselines", "--child",
                            "--mode", mode, "--batch", str(batch), "--adapter", adapter,
                            "--prompt-len", str(args.prompt_len), "--new-tokens",
                            str(args.new_tokens), "--vllm-venv", venv]  # fmt: skip
@@ -334,7 +334,7 @@ RAN_WITH = (
 def summarize(records: list[dict]) -> list[dict]:
     """Medians over rounds per (mode, batch) as in bench engine, with what each mode ran with,
     in MODES' order: vLLM at its defaults first."""
-    from cold_ray.benchmarks import engine
+    from cold_ray.benchmarks.engine import throughput as engine
 
     ran_with = {r["mode"]: {k: r[k] for k in RAN_WITH if k in r} for r in records}
     rows = [{**r, **ran_with[r["mode"]]} for r in engine.summarize(records)]

@@ -18,7 +18,7 @@ import os
 import sys
 
 from cold_ray.benchmarks.common import best_seconds, machine_record, positive_ints
-from cold_ray.benchmarks.gemm import SMOLLM2
+from cold_ray.benchmarks.micro.gemm import SMOLLM2
 
 
 def measure(rows: int, context: int, repeats: int = 5, model: dict = SMOLLM2) -> dict:

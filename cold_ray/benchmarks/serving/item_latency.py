@@ -1,6 +1,6 @@
 """The paper's end-to-end metric: mean latency per task item, CoLD vs expert greedy.
 
-    cold-ray bench item_latency --json [--n 50] [--plot item_latency.png]
+    cold-ray bench serving --scenario item_latency --json [--n 50] [--plot item_latency.png]
 
 On the demo adapter's test split (or `--data`: a JSONL of {question, answer}, a pulled
 dataset name, or demo:SPLIT, as `cold-ray eval` takes), with the evaluation harness's prompt,
@@ -26,10 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from cold_ray.benchmarks.common import grouped_bars, pyplot, report, save
+from cold_ray.benchmarks.common import DEMO_ADAPTER, grouped_bars, pyplot, report, save
 
 MODES = ("cold", "greedy")
-DEMO_ADAPTER = Path(__file__).resolve().parents[1] / "deployments" / "adapters" / "arith-demo"
 
 
 def _requests(core, items: list[dict], mode: str, task, args) -> list:
@@ -137,7 +136,7 @@ def plot(result: dict, path: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="cold-ray bench item_latency", description=__doc__,
+    p = argparse.ArgumentParser(prog="cold-ray bench serving --scenario item_latency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--data", default="demo:test", help="items (default: the demo test split)")
     p.add_argument("--n", type=int, default=50, help="first N items")

@@ -39,20 +39,21 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-from cold_ray.benchmarks.common import THREAD_ENV, positive_ints, pyplot, run_json, save
+from cold_ray.benchmarks import goals
+from cold_ray.benchmarks.common import (
+    DEMO_ADAPTER,
+    THREAD_ENV,
+    positive_ints,
+    pyplot,
+    run_json,
+    save,
+    token_prompts,
+)
 
 MODES = ("cold", "greedy", "base_greedy", "naive_two_model_cold", "hf_generate_greedy")
 ENGINE_MODES = ("cold", "greedy", "base_greedy")  # cold-ray's own engine
 BENCH_SETS = {"model", "max_rows", "max_model_len", "max_loras"}  # set per run by the benchmark
-
-
-def _prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
-    """Distinct deterministic prompts of exactly `length` tokens."""
-    text = " ".join(f"item {i} costs {i * 7 % 13} coins and weighs {i % 5} kg." for i in range(400))
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return [ids[b * 3 : b * 3 + length] for b in range(batch)]
 
 
 def _peak_rss() -> int:
@@ -65,7 +66,7 @@ def run_cold_ray(mode: str, batch: int, prompt_len: int, new_tokens: int, adapte
     decodes) and the median pure-decode step after it, with the step's arithmetic."""
     import torch
 
-    from cold_ray.benchmarks import roofline
+    from cold_ray.benchmarks.micro import roofline
     from cold_ray.config import EngineConfig
     from cold_ray.engine import ColdParams, EngineCore, SamplingParams
 
@@ -80,7 +81,7 @@ def run_cold_ray(mode: str, batch: int, prompt_len: int, new_tokens: int, adapte
         core.load_adapter(name)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     cold = ColdParams(0.1, 0.5) if mode == "cold" else None
-    prompts = _prompts(core.tokenizer, batch, prompt_len)
+    prompts = token_prompts(core.tokenizer, batch, prompt_len)
     warm = list(reversed(prompts[0]))[:16]  # shares no prefix block with the measured prompts
     warm_params = SamplingParams(temperature=0.0, max_tokens=min(4, new_tokens), ignore_eos=True)
     core.generate([warm], warm_params, name, cold)  # fits the context the runs are sized for
@@ -165,7 +166,7 @@ def run_transformers(mode: str, batch: int, prompt_len: int, new_tokens: int, ad
     path = str(resolve_model_path(model))
     tok = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    x = torch.tensor(_prompts(tok, batch, prompt_len))
+    x = torch.tensor(token_prompts(tok, batch, prompt_len))
     if mode == "hf_generate_greedy":
         base.generate(x[:1, :8], max_new_tokens=4, do_sample=False)  # warm
         start = time.perf_counter()
@@ -197,7 +198,7 @@ def run_transformers(mode: str, batch: int, prompt_len: int, new_tokens: int, ad
 
 def measure_machine() -> dict:
     """The GEMM peak and memory bandwidth, measured in a child like every mode."""
-    from cold_ray.benchmarks import roofline
+    from cold_ray.benchmarks.micro import roofline
 
     gemm = roofline.measure_gemm_peak()
     return {"peak_gflop_s": gemm["peak_gflop_s"], "gemm": gemm["shapes"],
@@ -223,9 +224,8 @@ def child(args: argparse.Namespace) -> None:
 
 def default_adapter(tmp: str) -> str:
     """The demo adapter if present, else a random rank-16 all-linear PEFT adapter."""
-    demo = Path(__file__).resolve().parents[1] / "deployments" / "adapters" / "arith-demo"
-    if (demo / "adapter_config.json").exists():
-        return str(demo)
+    if (DEMO_ADAPTER / "adapter_config.json").exists():
+        return str(DEMO_ADAPTER)
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -287,7 +287,8 @@ def machine_summary(machines: list[dict], summary: list[dict]) -> dict:
                 and _threads(r) == 1):  # fmt: skip
             floor_ms = r["weight_bytes"] / bandwidth * 1e3
             floor.append({"mode": r["mode"], "step_ms": r["step_ms"], "floor_step_ms": floor_ms,
-                          "fraction_of_floor_speed": floor_ms / r["step_ms"], "goal": 0.7})  # fmt: skip
+                          "fraction_of_floor_speed": floor_ms / r["step_ms"],
+                          "goal": goals.threshold("batch1_floor")})  # fmt: skip
     out["bandwidth_floor"] = floor
     return out
 
@@ -315,7 +316,9 @@ def _ratios(summary: list[dict], threads: int) -> list[dict]:
         if get("cold") and get("greedy", 2 * batch):  # the same rows: B pairs vs 2B plain rows
             cold, greedy = get("cold"), get("greedy", 2 * batch)
             row["cold_step_over_greedy_2b_rows"] = cold["step_ms"] / greedy["step_ms"]
-            row["cold_step_over_greedy_2b_rows_goal"] = 0.9
+            row["cold_step_over_greedy_2b_rows_goal"] = goals.threshold(
+                "cold_step_over_greedy_2b_rows"
+            )
             if "gflop_per_step" in cold and "gflop_per_step" in greedy:
                 # the ratio if both steps ran at one FLOP rate (arithmetic-bound): its floor
                 row["cold_flop_over_greedy_2b_rows"] = _step_gflop(cold) / _step_gflop(greedy)
@@ -331,7 +334,7 @@ def _ratios(summary: list[dict], threads: int) -> list[dict]:
     return out
 
 
-THREAD_GOAL = {"threads": 2, "batch": 16, "tokens_per_s_over_1_thread": 1.7}
+THREAD_GOAL_AT = (2, 16)  # (threads, requests) where goals.py's `two_threads` applies
 
 
 def thread_scaling(summary: list[dict]) -> list[dict]:
@@ -348,8 +351,8 @@ def thread_scaling(summary: list[dict]) -> list[dict]:
                "peak_rss_over_1_thread": r["peak_rss_bytes"] / base["peak_rss_bytes"]}  # fmt: skip
         if "step_ms" in r and "step_ms" in base:
             row["step_speedup_over_1_thread"] = base["step_ms"] / r["step_ms"]
-        if (row["threads"], row["batch"]) == (THREAD_GOAL["threads"], THREAD_GOAL["batch"]):
-            row["goal"] = THREAD_GOAL["tokens_per_s_over_1_thread"]
+        if (row["threads"], row["batch"]) == THREAD_GOAL_AT:
+            row["goal"] = goals.threshold("two_threads")
         out.append(row)
     return out
 
@@ -389,7 +392,7 @@ def plot(summary: list[dict], machine: dict | None, path: str) -> None:
 
 def _run_child(kind: str, batch: int, args, adapter: str, threads: int | None = None) -> dict:
     engine = args.engine if threads is None else {**args.engine, "num_threads": threads}
-    cmd = [sys.executable, "-m", "cold_ray.benchmarks.engine", "--child", "--mode", kind,
+    cmd = [sys.executable, "-m", "cold_ray.benchmarks.engine.throughput", "--child", "--mode", kind,
            "--batch", str(batch), "--adapter", adapter, "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--engine-json", json.dumps(engine)]  # fmt: skip
     cmd += ["--model", args.model] if args.model else []  # fmt: skip
@@ -515,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                          "rounds": args.rounds, "adapter": adapter, "model": args.model,
                          "engine": args.engine, "kernel_blocking": cpu_kernels.blocking().record(),
                          "host_at_start": host, "host_at_end": machine_record()}]  # fmt: skip
+    result.append({"mode": "goals", "rows": goals.check_run("engine", result)})
     if args.plot:
         plot(summary, mach, args.plot)
     print(json.dumps(result, indent=None if args.json else 2))
