@@ -1,4 +1,4 @@
-"""Smoke test of `benchmarks/kernels.py` on a tiny grid: record fields, JSON, the PNG."""
+"""Smoke test of `cold_ray/benchmarks/micro/kernels.py` on a tiny grid: record fields, JSON, the PNG."""
 
 from __future__ import annotations
 

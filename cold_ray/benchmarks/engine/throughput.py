@@ -17,7 +17,7 @@ With cold in the modes, greedy also runs at 2B for every batch B (`--no-pair-gre
 Per cold-ray run: `prefill_s` is the time until every request has its first token (chunked
 prefill spreads the prompts over steps, mixed with early decodes), `step_ms` the median step
 that decodes every request and prefills nothing, `gflop_s` that step's 2 x params touched x
-rows per second (`benchmarks/roofline.py` says what is counted; a CoLD amateur row's head is
+rows per second (`micro/roofline.py` says what is counted; a CoLD amateur row's head is
 the K candidate tokens the restricted step really computed, measured). Each round also
 measures the machine in a child of its own: the best one-thread fp32 GEMM (packed oneDNN and
 `torch.mm`) and the memory-read bandwidth. The JSON then has, besides one record per

@@ -2,7 +2,7 @@
 with a candidate-restricted vs a full amateur LM head.
 
     cold-ray bench kernels --json [--plot kernels.png]
-    python -m benchmarks.kernels --json --rows 64 --ranks 64 --hidden 4096 --mix uniform
+    cold-ray bench kernels --json --rows 64 --ranks 64 --hidden 4096 --mix uniform
 
 Prints a JSON list of records (`--json`) or a table: impl, op, rows, rank, hidden, ms (median
 per call), extra_bytes, plus mix/dtype/device and, for the CoLD step, vocab/head/candidates.

@@ -1,7 +1,6 @@
 """Adapter load latency and decode throughput while adapters load.
 
-    cold-ray bench adapter_load [--repeats 10] [--rows 8] [--out adapter_load.json]
-    python -m benchmarks.adapter_load ...
+    cold-ray bench serving --scenario adapter_load [--repeats 10] [--rows 8] [--out FILE]
 
 Measures, on the default model (SmolLM2-135M) with rank-16 adapters on all seven linears
 (random fp16 weights, the demo adapter's shape and size):
@@ -185,7 +184,7 @@ def run(opts: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cold-ray bench adapter_load", description=__doc__,
+    p = argparse.ArgumentParser(prog="cold-ray bench serving --scenario adapter_load", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--repeats", type=int, default=10, help="load-latency samples")

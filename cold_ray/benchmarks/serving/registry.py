@@ -1,6 +1,6 @@
 """The adapter registry's speed on the request path and across nodes.
 
-    cold-ray bench registry [--backend both] [--adapters 1000] [--calls 200000]
+    cold-ray bench serving --scenario registry [--backend both] [--adapters 1000] [--calls 200000]
                             [--repeats 5] [--registry postgresql://...] [--out registry.json]
 
 Measures:
@@ -250,7 +250,7 @@ def _model_id(model: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cold-ray bench registry", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="cold-ray bench serving --scenario registry", description=__doc__.split("\n")[0])
     p.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
     p.add_argument("--adapters", type=int, default=1000, help="catalog size for lookups")
     p.add_argument("--calls", type=int, default=200_000, help="timed lookups per phase")

@@ -1,7 +1,7 @@
 """An independent client against the server: vLLM's own `vllm bench serve` measures cold-ray
 and `vllm serve` of the same model and adapter, on the same machine and thread budget.
 
-    cold-ray bench serving [--concurrency 1,8,16,32] [--out DIR] [--json]
+    cold-ray bench serving [--scenario vllm] [--concurrency 1,8,16,32] [--out DIR] [--json]
     cold-ray bench serving --servers cold-ray          # cold-ray only: no vLLM server started
 
 The servers run one at a time, each started here and stopped here (also on an error, Ctrl-C or

@@ -2,26 +2,27 @@
 
 Each simulated user sends one request after another (closed loop; `--think-time` or
 `--rps-per-user` open it up): completions or chat completions, streamed or not, CoLD or plain,
-on an adapter drawn from the shared workload generator (`cold_ray.benchmarks.workloads.adapter_mix`), with
-prompt and output lengths drawn from `--prompt-tokens` / `--max-tokens` distributions
-(`fixed:N`, `uniform:LO:HI`, `normal:MEAN:STD`, `lognormal:MEDIAN:SIGMA`, `choice:A,B`).
+on an adapter drawn from the shared workload generator
+(`cold_ray.benchmarks.workloads.adapter_mix`), with prompt and output lengths drawn from
+`--prompt-tokens` / `--max-tokens` distributions (`fixed:N`, `uniform:LO:HI`,
+`normal:MEAN:STD`, `lognormal:MEDIAN:SIGMA`, `choice:A,B`).
 `--prompt-mode fewshot` sends prompts that share one few-shot prefix (`--shots` worked
 examples, then a different question each), `--prompt-mode system` chat requests that share one
-long system prompt: the mixes a prefix cache is for (`cold-ray bench prefix` measures the same
-prompts in-process).
+long system prompt: the mixes a prefix cache is for (`bench serving --scenario prefix`
+measures the same prompts in-process).
 
 Besides Locust's request time it reports two custom metrics through request events:
 `TTFT` (time to the first streamed token) and `ITL` (each gap between streamed chunks). With
 `--records PATH` every finished request is also appended to PATH as one JSON line (see
-`cold_ray.benchmarks.serving.loadtest.stats`), from which `cold-ray loadtest` computes exact percentiles and
-tokens/s.
+`cold_ray.benchmarks.serving.loadtest.stats`), from which `cold-ray loadtest` computes exact
+percentiles and tokens/s.
 
 Run it through `cold-ray loadtest` (which starts the service and writes the report), or by
 hand — in a process of its own: gevent must patch the standard library before torch, ray or
 transformers are imported (otherwise a RecursionError in ssl):
 
-    locust -f loadtest/locustfile.py --headless -u 8 -r 8 -t 30s --host http://127.0.0.1:8000 \
-        --mix zipf --cold-fraction 0.5 --stream-fraction 1 --max-tokens fixed:64
+    locust -f cold_ray/benchmarks/serving/loadtest/locustfile.py --headless -u 8 -r 8 -t 30s \
+        --host http://127.0.0.1:8000 --mix zipf --cold-fraction 0.5 --stream-fraction 1 --max-tokens fixed:64
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def request_prompt(mode: str, rng: random.Random, target_tokens: int, chat: bool
     `random`: `make_prompt` of about `target_tokens`; `fewshot`: one shared prefix of `shots`
     worked examples + a question drawn from the demo task's test split; a chat request carries
     either as its user turn. `system`: always chat — one shared long system prompt and a drawn
-    question as the user turn. The shared modes build what `cold-ray bench prefix` measures
+    question as the user turn. The shared modes build what `cold-ray bench serving --scenario prefix` measures
     (`cold_ray.benchmarks.workloads`), so a prefix cache sees the same reuse in both.
     """
     from cold_ray.benchmarks import workloads
