@@ -250,8 +250,14 @@ def _model_id(model: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cold-ray bench serving --scenario registry", description=__doc__.split("\n")[0])
-    p.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
+    p = argparse.ArgumentParser(
+        prog="cold-ray bench serving --scenario registry", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--backend",
+        choices=["sqlite", "postgresql", "both"],
+        help="default: both with --registry, else sqlite",
+    )
     p.add_argument("--adapters", type=int, default=1000, help="catalog size for lookups")
     p.add_argument("--calls", type=int, default=200_000, help="timed lookups per phase")
     p.add_argument("--repeats", type=int, default=6,
@@ -267,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     from cold_ray.benchmarks.serving.adapter_load import make_adapter
     from cold_ray.model.loader import read_model_args, resolve_model_path
 
+    a.backend = a.backend or ("both" if a.registry else "sqlite")
     if a.backend != "sqlite" and a.registry is None:
         p.error(f"--backend {a.backend} needs --registry postgresql://... (`python -m "
                 "tests.postgres` starts a throwaway server)")  # fmt: skip
@@ -290,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["post_to_first_completion"] = post_to_first_completion(
                     url, str(model_path), adapters, tmp
                 )
-    result["goals"] = goals.check_run("registry", result)
+    result["goals"] = goals.check_run("serving:registry", result)
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:
