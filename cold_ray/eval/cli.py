@@ -158,7 +158,7 @@ def _data_list(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    from cold_ray.eval import data, experiment_cli, tune
+    from cold_ray.eval import data, experiment_cli, lm_eval_check, tune
 
     e = sub.add_parser("eval", help="accuracy of expert greedy vs CoLD vs base greedy on a task")
     e.add_argument("--adapter", required=True, help="registry name or PEFT adapter folder")
@@ -203,3 +203,4 @@ def add_parser(sub) -> None:
     ls.set_defaults(func=_data_list)
 
     experiment_cli.add_parser(sub)
+    lm_eval_check.add_parser(sub)
