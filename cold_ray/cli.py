@@ -58,9 +58,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from cold_ray.benchmarks import BENCHMARKS
+    from cold_ray.benchmarks import module_of
 
-    return importlib.import_module(BENCHMARKS[args.what][0]).main(args.rest)
+    return importlib.import_module(module_of(args.what)).main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,8 +18,14 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1]  # cold_ray/: its deployments/ ship in the wheel
 DEMO_ADAPTER = PACKAGE / "deployments" / "adapters" / "arith-demo"
 
-# One intra-op thread, no OpenMP spin-waiting: what an engine replica runs with.
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
+
+def thread_env(threads: int) -> dict[str, str]:
+    """`threads` intra-op threads, no OpenMP spin-waiting (it collapses a shared machine)."""
+    return {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
+            "MKL_NUM_THREADS": str(threads)}  # fmt: skip
+
+
+THREAD_ENV = thread_env(1)  # what an engine replica runs with
 
 
 def best_seconds(fn: Callable, repeats: int, *args) -> float:
@@ -44,6 +50,41 @@ def token_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     return [ids[i * 3 : i * 3 + length] for i in range(count)]
 
 
+def make_adapter(args, out: Path, rank: int = 16, seed: int = 0) -> Path:
+    """A random PEFT LoRA (fp16, all seven linears) that fits `args`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cold_ray.model.args import TARGET_MODULES
+
+    gen = torch.Generator().manual_seed(seed)
+    shapes = args.module_shapes()
+    tensors = {}
+    for layer in range(args.num_layers):
+        for m in TARGET_MODULES:
+            fan_in, fan_out = shapes[m]
+            kind = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{kind}.{m}"
+            tensors[f"{key}.lora_A.weight"] = (
+                torch.randn(rank, fan_in, generator=gen) * 0.02
+            ).half()
+            tensors[f"{key}.lora_B.weight"] = (
+                torch.randn(fan_out, rank, generator=gen) * 0.02
+            ).half()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "bias": "none",
+        "target_modules": list(TARGET_MODULES),
+        "base_model_name_or_path": args.name,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on now."""
     with socket.socket() as s:
@@ -60,6 +101,13 @@ def positive_ints(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def require_positive(parser: argparse.ArgumentParser, args, *names: str) -> None:
+    """A usage error naming the first of `names` (argument attributes) below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
 def run_json(cmd: list[str], what: str, cwd: str | None = None) -> dict:

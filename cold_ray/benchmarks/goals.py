@@ -35,15 +35,13 @@ class Goal:
             values = self.read(results) if all(r in results for r in self.runs) else []
         except (KeyError, TypeError, ValueError, ZeroDivisionError, StopIteration):
             values = []
+        met = all(self.holds(v) for _, v in values) if values else None
         return {
             "goal": self.name,
-            "what": self.what,
-            "op": self.op,
-            "threshold": self.threshold,
+            **{k: getattr(self, k) for k in ("what", "op", "threshold", "key")},
             "runs": list(self.runs),
-            "key": self.key,
-            "values": {where: round(v, 4) for where, v in values},
-            "met": all(self.holds(v) for _, v in values) if values else None,
+            "values": {w: round(v, 4) for w, v in values},
+            "met": met,
         }
 
 
@@ -62,7 +60,10 @@ def _tokens_per_s(result: list[dict], mode: str, batch: int) -> float | None:
     return None
 
 
-def _engine_ratio(key: str, batch: int) -> Callable[[dict], Values]:
+Reader = tuple[str, Callable[[dict], Values]]  # (where in the JSON, in words; the reader)
+
+
+def _engine_ratio(key: str, batch: int) -> Reader:
     def read(results: dict) -> Values:
         rows = _records(results["engine"], "ratios")["rows"]
         return [
@@ -71,10 +72,10 @@ def _engine_ratio(key: str, batch: int) -> Callable[[dict], Values]:
             if r["batch"] == batch and (r.get("threads") or 1) == 1 and key in r
         ]
 
-    return read
+    return f"engine ratios: {key} at batch {batch}", read
 
 
-def _tokens_ratio(num: tuple[str, str], den: tuple[str, str], batch: int):
+def _tokens_ratio(num: tuple[str, str], den: tuple[str, str], batch: int) -> Reader:
     """tokens/s of (run, mode) `num` over `den` at `batch`, one thread each."""
 
     def read(results: dict) -> Values:
@@ -82,7 +83,7 @@ def _tokens_ratio(num: tuple[str, str], den: tuple[str, str], batch: int):
         b = _tokens_per_s(results[den[0]], den[1], batch)
         return [(f"batch {batch}", a / b)] if a and b else []
 
-    return read
+    return f"tokens_per_s: {num[0]} {num[1]} / {den[0]} {den[1]} at batch {batch}", read
 
 
 def _floor(results: dict) -> Values:
@@ -103,17 +104,17 @@ def _threads(results: dict) -> Values:
     ]
 
 
-def _prefix(key: str) -> Callable[[dict], Values]:
+def _prefix(key: str) -> Reader:
     def read(results: dict) -> Values:
         rows = results["serving:prefix"]["comparison"]
         return [
             (f"{r['workload']} CoLD", r[key]) for r in rows if r["decoding"] == "cold" and key in r
         ]
 
-    return read
+    return f"comparison, cache on: {key}", read
 
 
-def _vllm(key: str, concurrency: int = 16) -> Callable[[dict], Values]:
+def _vllm(key: str, concurrency: int = 16) -> Reader:
     def read(results: dict) -> Values:
         at = {
             (r["server"], r["mode"]): r
@@ -125,15 +126,15 @@ def _vllm(key: str, concurrency: int = 16) -> Callable[[dict], Values]:
             return []
         return [(f"concurrency {concurrency}", ours[key] / theirs[key])]
 
-    return read
+    return f"runs: {key} of cold-ray lora / vllm lora at concurrency {concurrency}", read
 
 
-def _adapter_load(key: str) -> Callable[[dict], Values]:
+def _adapter_load(key: str) -> Reader:
     def read(results: dict) -> Values:
         value = results["serving:adapter_load"][key]
         return [("median", value["median"] if isinstance(value, dict) else value)]
 
-    return read
+    return key, read
 
 
 def _registry(results: dict) -> Values:
@@ -172,58 +173,25 @@ registry_lookup_p99_ms        | <= 1.0  | serving:registry   | registry lookup p
 sampler_fraction_of_step      | <= 0.05 | sampling           | sampler time ÷ a 32-row decode step, each knob mix
 """
 E, B = "engine", "baselines"
-# name -> (where in the runs' JSON, the reader that takes the value from there)
-READ = {
-    "cold_over_greedy_batch1": (
-        "engine: tokens_per_s of cold / greedy at batch 1",
-        _tokens_ratio((E, "cold"), (E, "greedy"), 1),
-    ),
-    "cold_step_over_greedy_2b_rows": (
-        "engine ratios: cold_step_over_greedy_2b_rows",
-        _engine_ratio("cold_step_over_greedy_2b_rows", 16),
-    ),
-    "cold_over_naive": (
-        "engine ratios: cold_speedup_over_naive",
-        _engine_ratio("cold_speedup_over_naive", 8),
-    ),
-    "greedy_over_hf": (
-        "engine ratios: greedy_speedup_over_hf",
-        _engine_ratio("greedy_speedup_over_hf", 16),
-    ),
+# name -> (where in the runs' JSON, in words; the reader that takes the values from there)
+READ: dict[str, Reader] = {
+    "cold_over_greedy_batch1": _tokens_ratio((E, "cold"), (E, "greedy"), 1),
+    "cold_step_over_greedy_2b_rows": _engine_ratio("cold_step_over_greedy_2b_rows", 16),
+    "cold_over_naive": _engine_ratio("cold_speedup_over_naive", 8),
+    "greedy_over_hf": _engine_ratio("greedy_speedup_over_hf", 16),
     "batch1_floor": ("engine machine: bandwidth_floor fraction_of_floor_speed", _floor),
-    "two_threads": ("engine threads: tokens_per_s_over_1_thread (--threads 1,2)", _threads),
-    "cold_over_vllm_lora_default": (
-        "tokens_per_s: engine cold / baselines vllm_lora_default",
-        _tokens_ratio((E, "cold"), (B, "vllm_lora_default"), 16),
-    ),
-    "cold_over_vllm_lora_fp32": (
-        "tokens_per_s: engine cold / baselines vllm_lora_fp32_eager",
-        _tokens_ratio((E, "cold"), (B, "vllm_lora_fp32_eager"), 16),
-    ),
-    "base_over_vllm_base_fp32": (
-        "tokens_per_s: engine base_greedy / baselines vllm_base_fp32_eager",
-        _tokens_ratio((E, "base_greedy"), (B, "vllm_base_fp32_eager"), 16),
-    ),
-    "cold_over_peft_cold": (
-        "tokens_per_s: engine cold / baselines peft_mixed_cold",
-        _tokens_ratio((E, "cold"), (B, "peft_mixed_cold"), 16),
-    ),
-    "prefix_ttft": (
-        "comparison, cache on: ttft_p50_over_reference",
-        _prefix("ttft_p50_over_reference"),
-    ),
-    "prefix_tokens": (
-        "comparison, cache on: tokens_per_s_over_reference",
-        _prefix("tokens_per_s_over_reference"),
-    ),
-    "served_tokens_over_vllm": ("runs: output_tok_s at concurrency 16", _vllm("output_tok_s")),
-    "served_ttft_over_vllm": ("runs: ttft_ms_p50 at concurrency 16", _vllm("ttft_ms_p50")),
-    "adapter_cold_load_ms": ("cold_load_ms.median", _adapter_load("cold_load_ms")),
-    "adapter_host_cache_load_ms": (
-        "host_cache_load_ms.median",
-        _adapter_load("host_cache_load_ms"),
-    ),
-    "decode_while_loading": ("throughput_ratio", _adapter_load("throughput_ratio")),
+    "two_threads": ("engine threads: tokens_per_s_over_1_thread", _threads),
+    "cold_over_vllm_lora_default": _tokens_ratio((E, "cold"), (B, "vllm_lora_default"), 16),
+    "cold_over_vllm_lora_fp32": _tokens_ratio((E, "cold"), (B, "vllm_lora_fp32_eager"), 16),
+    "base_over_vllm_base_fp32": _tokens_ratio((E, "base_greedy"), (B, "vllm_base_fp32_eager"), 16),
+    "cold_over_peft_cold": _tokens_ratio((E, "cold"), (B, "peft_mixed_cold"), 16),
+    "prefix_ttft": _prefix("ttft_p50_over_reference"),
+    "prefix_tokens": _prefix("tokens_per_s_over_reference"),
+    "served_tokens_over_vllm": _vllm("output_tok_s"),
+    "served_ttft_over_vllm": _vllm("ttft_ms_p50"),
+    "adapter_cold_load_ms": _adapter_load("cold_load_ms"),
+    "adapter_host_cache_load_ms": _adapter_load("host_cache_load_ms"),
+    "decode_while_loading": _adapter_load("throughput_ratio"),
     "registry_lookup_p99_ms": ("lookup_*: resolver_while_changing.p99_ms", _registry),
     "sampler_fraction_of_step": ("sampler: fraction_of_step", _sampler),
 }

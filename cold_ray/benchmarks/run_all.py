@@ -28,139 +28,57 @@ import time
 import traceback
 from pathlib import Path
 
-from cold_ray.benchmarks import BENCHMARKS, goals
+from cold_ray.benchmarks import goals, module_of
+
+ENGINE = "--json --plot {out}/%s.png --batches 1,8,16 --prompt-len %s --new-tokens %s"
+VLLM = "vllm_lora_default,vllm_base_default,vllm_lora_fp32_eager,vllm_base_fp32_eager"
+LOAD = "--deployment deployments/cold.yaml --stream-fraction 1 --max-tokens fixed:64 --ignore-eos"
+# run -> (its `cold-ray bench` arguments at full size, at --quick size or None: left out);
+# {out} is run_all's --out folder
+RUNS = {
+    "engine": (
+        ENGINE % ("engine", 128, 64) + " --rounds 2 --threads 1,2",
+        ENGINE % ("engine", 64, 24),
+    ),
+    "baselines": (
+        ENGINE % ("baselines", 128, 64) + f" --modes {VLLM},peft_mixed_cold,peft_mixed_greedy",
+        ENGINE % ("baselines", 64, 24) + " --modes peft_mixed_cold,peft_mixed_greedy",
+    ),
+    "serving:overhead": ("--rounds 2", "--concurrency 2 --max-tokens 8"),
+    "serving:prefix": ("--json", "--json --users 4 --shots 2 --new-tokens 8 --interval-ms 100"),
+    "serving:itl": (
+        "--json",
+        "--json --streams 2 --long-prompts 2 --long-len 200 --stream-tokens 48 --budgets 64,256",
+    ),
+    "serving:item_latency": ("--json --batched", "--json --batched --n 4"),
+    "serving:adapter_load": ("", "--repeats 3 --rounds 2"),
+    "serving:registry": ("", "--adapters 100 --calls 20000 --repeats 2"),
+    "serving:vllm": ("--json --out {out}/vllm", None),
+    "serving:loadtest": (f"{LOAD} --sweep 1,8,32 --duration 60s --out {{out}}/loadtest", None),
+    "serving:soak": (f"{LOAD} --duration 10m --max-queue 64 --out {{out}}/soak", None),
+    "gemm": ("--json", "--json --rows 1,16 --repeats 1"),
+    "attention": ("--json", "--json --rows 1,8 --context 128 --repeats 1"),
+    "roofline": ("--json", "--json --repeats 1"),
+    "sampling": ("--json", "--json --repeats 3 --steps 4"),
+    "kernels": (
+        "--json --plot {out}/kernels.png",
+        "--json --plot {out}/kernels.png --rows 1,32 --ranks 16 --hidden 576 --cold-rows 1,32",
+    ),
+    "precision": ("--json", "--json --prompts 2 --new-tokens 8"),
+    "device": ("--json", "--json --quick"),
+}
 
 
 def plan(out: Path, quick: bool, registry: str | None) -> dict[str, list[str]]:
     """Run name -> its `cold-ray bench` arguments (after the benchmark's name), in run order."""
-    q = quick
-    engine = (
-        ["--batches", "1,8,16", "--prompt-len", "64", "--new-tokens", "24"]
-        if q
-        else ["--batches", "1,8,16", "--prompt-len", "128", "--new-tokens", "64", "--rounds", "2"]
-    )
-    serving = lambda scenario, *a: ["--scenario", scenario, *a]  # noqa: E731
-    runs = {
-        "engine": [
-            "--json",
-            *engine,
-            "--plot",
-            str(out / "engine.png"),
-            *([] if q else ["--threads", "1,2"]),
-        ],
-        "baselines": [
-            "--json",
-            *engine,
-            "--plot",
-            str(out / "baselines.png"),
-            "--modes",
-            "peft_mixed_cold,peft_mixed_greedy"
-            if q
-            else ",".join(
-                [
-                    "vllm_lora_default",
-                    "vllm_base_default",
-                    "vllm_lora_fp32_eager",
-                    "vllm_base_fp32_eager",
-                    "peft_mixed_cold",
-                    "peft_mixed_greedy",
-                ]
-            ),
-        ],
-        "serving:overhead": serving(
-            "overhead", *(["--concurrency", "2", "--max-tokens", "8"] if q else ["--rounds", "2"])
-        ),
-        "serving:prefix": serving(
-            "prefix",
-            "--json",
-            *(
-                ["--users", "4", "--shots", "2", "--new-tokens", "8", "--interval-ms", "100"]
-                if q
-                else []
-            ),
-        ),
-        "serving:itl": serving(
-            "itl",
-            "--json",
-            *(
-                [
-                    "--streams",
-                    "2",
-                    "--long-prompts",
-                    "2",
-                    "--long-len",
-                    "200",
-                    "--stream-tokens",
-                    "48",
-                    "--budgets",
-                    "64,256",
-                ]
-                if q
-                else []
-            ),
-        ),
-        "serving:item_latency": serving(
-            "item_latency", "--json", "--batched", *(["--n", "4"] if q else [])
-        ),
-        "serving:adapter_load": serving(
-            "adapter_load", *(["--repeats", "3", "--rounds", "2"] if q else [])
-        ),
-        "serving:registry": serving(
-            "registry",
-            *(["--registry", registry] if registry else ["--backend", "sqlite"]),
-            *(["--adapters", "100", "--calls", "20000", "--repeats", "2"] if q else []),
-        ),
-        "serving:vllm": serving("vllm", "--json", "--out", str(out / "vllm")),
-        "serving:loadtest": serving(
-            "loadtest",
-            "--deployment",
-            "deployments/cold.yaml",
-            "--sweep",
-            "1,8,32",
-            "--duration",
-            "60s",
-            "--out",
-            str(out / "loadtest"),
-            "--stream-fraction",
-            "1",
-            "--max-tokens",
-            "fixed:64",
-            "--ignore-eos",
-        ),
-        "serving:soak": serving(
-            "soak",
-            "--deployment",
-            "deployments/cold.yaml",
-            "--duration",
-            "10m",
-            "--out",
-            str(out / "soak"),
-            "--max-queue",
-            "64",
-        ),
-        "gemm": ["--json", *(["--rows", "1,16", "--repeats", "1"] if q else [])],
-        "attention": [
-            "--json",
-            *(["--rows", "1,8", "--context", "128", "--repeats", "1"] if q else []),
-        ],
-        "roofline": ["--json", *(["--repeats", "1"] if q else [])],
-        "sampling": ["--json", *(["--repeats", "3", "--steps", "4"] if q else [])],
-        "kernels": [
-            "--json",
-            "--plot",
-            str(out / "kernels.png"),
-            *(
-                ["--rows", "1,32", "--ranks", "16", "--hidden", "576", "--cold-rows", "1,32"]
-                if q
-                else []
-            ),
-        ],
-        "precision": ["--json", *(["--prompts", "2", "--new-tokens", "8"] if q else [])],
-        "device": ["--json", *(["--quick"] if q else [])],
-    }
-    if q:
-        for name in ("serving:vllm", "serving:loadtest", "serving:soak"):
-            del runs[name]
+    runs = {}
+    for name, (full, small) in RUNS.items():
+        text = small if quick else full
+        if text is None:
+            continue
+        scenario = ["--scenario", name.split(":")[1]] if ":" in name else []
+        extra = ["--registry", registry] if name == "serving:registry" and registry else []
+        runs[name] = scenario + [a.replace("{out}", str(out)) for a in text.split()] + extra
     return runs
 
 
@@ -171,7 +89,7 @@ REPORT_FILES = {"serving:loadtest": "loadtest/sweep.json", "serving:soak": "soak
 def call(name: str, argv: list[str], out: Path) -> object:
     """`cold-ray bench <name> argv` in this process; the JSON it printed (or wrote)."""
     bench = name.split(":")[0]
-    module = importlib.import_module(BENCHMARKS[bench][0])
+    module = importlib.import_module(module_of(bench))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = module.main(argv)

@@ -43,6 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from cold_ray.benchmarks.common import machine_record, thread_env
+from cold_ray.benchmarks.engine import throughput as engine
+
 MODES = (
     "vllm_lora_default",
     "vllm_base_default",
@@ -56,11 +59,6 @@ FORMER_NAMES = {
     "vllm_base_greedy": "vllm_base_fp32_eager",
 }
 VLLM_VERSION = "0.32.0"
-
-
-def thread_env(threads: int) -> dict:
-    return {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
-            "MKL_NUM_THREADS": str(threads)}  # fmt: skip
 
 
 # ---- transformers + PEFT --------------------------------------------------------------------
@@ -237,12 +235,6 @@ def run_vllm(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
 # ---- driver ---------------------------------------------------------------------------------
 
 
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def child(args: argparse.Namespace) -> None:
     if args.mode.startswith("vllm"):
         rec = run_vllm(args.mode, args.batch, args.prompt_len, args.new_tokens, args.adapter,
@@ -252,7 +244,7 @@ def child(args: argparse.Namespace) -> None:
         rec["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     else:
         rec = run_peft(args.mode, args.batch, args.prompt_len, args.new_tokens, args.adapter)
-        rec.update(peak_rss_bytes=_peak_rss(), dtype="float32", compilation_mode="NONE")
+        rec.update(peak_rss_bytes=engine.peak_rss(), dtype="float32", compilation_mode="NONE")
     rec.update(mode=args.mode, batch=args.batch,
                tokens_per_s=args.batch * args.new_tokens / rec["wall_s"])  # fmt: skip
     print(json.dumps(rec))
@@ -289,14 +281,12 @@ def parse_modes(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Every (round, batch, mode) in a child process; returns the per-run records."""
-    from cold_ray.benchmarks.engine.throughput import default_adapter
-
     modes = parse_modes(args.modes)
     batches = [int(b) for b in args.batches.split(",")]
     venv = args.vllm_venv or str(vllm_venv_default())
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = args.adapter or default_adapter(tmp)
+        adapter = args.adapter or engine.default_adapter(tmp)
         if any(m.startswith("vllm") for m in modes):
             ensure_vllm_venv(Path(venv))
         env = {**os.environ, **thread_env(args.threads)}
@@ -334,38 +324,12 @@ RAN_WITH = (
 def summarize(records: list[dict]) -> list[dict]:
     """Medians over rounds per (mode, batch) as in bench engine, with what each mode ran with,
     in MODES' order: vLLM at its defaults first."""
-    from cold_ray.benchmarks.engine import throughput as engine
-
     ran_with = {r["mode"]: {k: r[k] for k in RAN_WITH if k in r} for r in records}
     rows = [{**r, **ran_with[r["mode"]]} for r in engine.summarize(records)]
     return sorted(rows, key=lambda r: (MODES.index(r["mode"]), r["batch"]))
 
 
-def plot(summary: list[dict], path: str, title: str = "") -> None:
-    """tokens/s vs concurrent requests, one line per mode present in `summary`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for mode in sorted({r["mode"] for r in summary if "batch" in r}):
-        pts = sorted((r["batch"], r["tokens_per_s"]) for r in summary if r.get("mode") == mode)
-        ax.plot(*zip(*pts), marker="o", label=mode, lw=2.5 if mode == "cold" else 1.2)
-    ax.set_xlabel("concurrent requests")
-    ax.set_ylabel("generated tokens / s")
-    ax.set_xscale("log", base=2)
-    ax.set_title(title or "tokens/s (requests x new tokens / wall incl. prefill)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from cold_ray.benchmarks.common import machine_record
-
     args = build_parser().parse_args(argv)
     if args.child:
         child(args)
@@ -377,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = summarize(records)
     if args.plot:
-        plot(summary, args.plot)
+        engine.plot(summary, None, args.plot)
     settings = {"mode": "settings", "threads": thread_env(args.threads),
                 "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                 "machine": machine_record()}  # fmt: skip

@@ -39,13 +39,16 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from cold_ray.benchmarks import goals
 from cold_ray.benchmarks.common import (
     DEMO_ADAPTER,
     THREAD_ENV,
+    make_adapter,
     positive_ints,
     pyplot,
+    require_positive,
     run_json,
     save,
     token_prompts,
@@ -56,7 +59,7 @@ ENGINE_MODES = ("cold", "greedy", "base_greedy")  # cold-ray's own engine
 BENCH_SETS = {"model", "max_rows", "max_model_len", "max_loras"}  # set per run by the benchmark
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -217,7 +220,7 @@ def child(args: argparse.Namespace) -> None:
         rec = run_transformers(args.mode, args.batch, args.prompt_len, args.new_tokens,
                                args.adapter, args.model, engine.get("num_threads") or 1)  # fmt: skip
     rec.update(mode=args.mode, batch=args.batch, threads=engine.get("num_threads"),
-               peak_rss_bytes=_peak_rss(),
+               peak_rss_bytes=peak_rss(),
                tokens_per_s=args.batch * args.new_tokens / rec["wall_s"])  # fmt: skip
     print(json.dumps(rec))
 
@@ -226,22 +229,9 @@ def default_adapter(tmp: str) -> str:
     """The demo adapter if present, else a random rank-16 all-linear PEFT adapter."""
     if (DEMO_ADAPTER / "adapter_config.json").exists():
         return str(DEMO_ADAPTER)
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from cold_ray.model.loader import default_model_path, read_model_args
 
-    from cold_ray.model.loader import default_model_path
-
-    base = AutoModelForCausalLM.from_pretrained(str(default_model_path()), dtype=torch.float32)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-    model.save_pretrained(tmp)
-    return tmp
+    return str(make_adapter(read_model_args(default_model_path()), Path(tmp), rank=16))
 
 
 SUMMED = ("tokens_per_s", "step_ms", "peak_rss_bytes", "wall_s", "prefill_s", "gflop_s")
@@ -366,9 +356,14 @@ def runs(modes: list[str], batches: list[int], pair_greedy: bool) -> list[tuple[
 
 
 def plot(summary: list[dict], machine: dict | None, path: str) -> None:
-    fig, (ax, ax2) = pyplot().subplots(1, 2, figsize=(12, 4))
+    """tokens/s against requests per mode (and thread count); GFLOP/s against rows where the
+    runs measured it (cold-ray's, not the baselines')."""
+    flops = any("gflop_s" in r for r in summary)
+    fig, axes = pyplot().subplots(1, 2 if flops else 1, figsize=(12 if flops else 7, 4),
+                                  squeeze=False)  # fmt: skip
+    ax, ax2 = axes[0][0], axes[0][-1]
     counts = sorted({_threads(r) for r in summary})
-    for mode in MODES:
+    for mode in dict.fromkeys(r["mode"] for r in summary):
         for threads in counts:
             runs_ = [r for r in summary if r["mode"] == mode and _threads(r) == threads]
             label = mode if len(counts) == 1 else f"{mode}, {threads} thread(s)"
@@ -379,11 +374,12 @@ def plot(summary: list[dict], machine: dict | None, path: str) -> None:
             if pts:
                 ax2.plot(*zip(*pts), marker="o", label=label)
     ax.set(xlabel="concurrent requests", ylabel="generated tokens / s (prefill included)")
-    ax2.set(xlabel="rows in the decode step", ylabel="effective GFLOP/s (2 x params x rows)")
-    if machine:
+    if flops:
+        ax2.set(xlabel="rows in the decode step", ylabel="effective GFLOP/s (2 x params x rows)")
+    if machine and flops:
         ax2.axhline(machine["peak_gflop_s"], color="black", lw=1, ls="--",
                     label=f"measured GEMM peak {machine['peak_gflop_s']:.0f}")  # fmt: skip
-    for a in (ax, ax2):
+    for a in {ax, ax2}:
         a.set_xscale("log", base=2)
         a.legend(fontsize=7)
         a.grid(alpha=0.3)
@@ -478,9 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
         p.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
-    for name in ("prompt_len", "new_tokens", "rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(p, args, "prompt_len", "new_tokens", "rounds")
     from cold_ray.benchmarks.common import machine_record
     from cold_ray.kernels import cpu_kernels
 

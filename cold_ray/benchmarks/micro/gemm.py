@@ -23,7 +23,7 @@ import json
 import os
 import sys
 
-from cold_ray.benchmarks.common import best_seconds, machine_record, positive_ints
+from cold_ray.benchmarks.common import best_seconds, machine_record, positive_ints, require_positive
 
 SMOLLM2 = {"hidden": 576, "intermediate": 1536, "heads": 9, "kv_heads": 3, "head_dim": 64,
            "layers": 30, "vocab": 49152}  # fmt: skip
@@ -127,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if any(b > 8 for b in args.row_blocks):
         p.error(f"--row-blocks must lie in [1, 8], got {args.row_blocks}")
-    for name in ("threads", "repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    require_positive(p, args, "threads", "repeats")
     import torch
 
     from cold_ray.kernels import cpu_kernels

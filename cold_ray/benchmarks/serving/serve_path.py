@@ -35,17 +35,7 @@ from pathlib import Path
 
 SIDES = ("inproc", "serve")
 DEMO = Path(__file__).resolve().parents[2] / "deployments" / "adapters" / "arith-demo"
-SETTINGS = (
-    "kind",
-    "decoding",
-    "concurrency",
-    "max_tokens",
-    "prompt_words",
-    "repeat",
-    "rounds",
-    "model",
-    "adapter",
-)
+SETTINGS = "kind decoding concurrency max_tokens prompt_words repeat rounds model adapter".split()
 
 
 def _prompt(i: int, words: int) -> str:
@@ -54,14 +44,9 @@ def _prompt(i: int, words: int) -> str:
 
 
 def _engine(a) -> dict:
-    rows = a.concurrency * (2 if a.decoding == "cold" else 1)  # all admitted at once
-    return dict(
-        model=a.model,
-        max_rows=max(rows, 2),
-        max_loras=1,
-        max_lora_rank=64,
-        max_model_len=a.prompt_words * 12 + a.max_tokens + 64,
-    )
+    rows = max(2, a.concurrency * (2 if a.decoding == "cold" else 1))  # all admitted at once
+    length = a.prompt_words * 12 + a.max_tokens + 64
+    return dict(model=a.model, max_rows=rows, max_loras=1, max_lora_rank=64, max_model_len=length)
 
 
 async def _waves(one, a) -> tuple[list[float], int, float]:
@@ -111,23 +96,20 @@ async def _http(url: str, a) -> tuple[list[float], int, float]:
     import httpx
 
     async def one(i: int, max_tokens: int) -> tuple[float, int]:
-        body = {
-            "model": "bench",
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
-            "cold": a.decoding == "cold",
-            "stream_options": {"include_usage": True},
-        }
-        path = "/v1/completions"
+        body = dict(
+            model="bench",
+            max_tokens=max_tokens,
+            temperature=0,
+            ignore_eos=True,
+            stream=True,
+            cold=a.decoding == "cold",
+            stream_options={"include_usage": True},
+        )
+        text = _prompt(i, a.prompt_words)
         if a.kind == "chat":
-            path, body["messages"] = (
-                "/v1/chat/completions",
-                [{"role": "user", "content": _prompt(i, a.prompt_words)}],
-            )
+            path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": text}]
         else:
-            body["prompt"] = _prompt(i, a.prompt_words)
+            path, body["prompt"] = "/v1/completions", text
         t0, ttft, n = time.perf_counter(), None, 0
         async with client.stream("POST", path, json=body) as r:
             if r.status_code != 200:
@@ -159,12 +141,13 @@ def _serve(a) -> tuple[list[float], int, float]:
 
     tmp = Path(tempfile.mkdtemp(prefix="cold-bench-serve-"))
     engine = _engine(a)
+    adapters, no_key = [{"name": "bench", "source": a.adapter}], "COLD_BENCH_NO_KEY"
     cfg = AppArgs(
         registry=str(tmp / "registry.sqlite"),
-        adapters=[{"name": "bench", "source": a.adapter}],
-        api_key_env="COLD_BENCH_NO_KEY",
-        admin_key_env="COLD_BENCH_NO_KEY",
+        adapters=adapters,
         engine=engine,
+        api_key_env=no_key,
+        admin_key_env=no_key,
     )
     prepare(cfg)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -174,11 +157,9 @@ def _serve(a) -> tuple[list[float], int, float]:
             port = s.getsockname()[1]
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         rows = engine["max_rows"]
-        options = {
-            "ray_actor_options": {"num_cpus": 1},
-            "max_ongoing_requests": rows,
-            "max_queued_requests": rows,
-        }
+        options = dict(
+            ray_actor_options={"num_cpus": 1}, max_ongoing_requests=rows, max_queued_requests=rows
+        )
         serve.run(compose(cfg, options), name="bench", route_prefix="/")
         return asyncio.run(_http(f"http://127.0.0.1:{port}", a))
     finally:
@@ -191,27 +172,22 @@ def _side(a) -> dict:
     ttfts, tokens, seconds = _serve(a) if a.side == "serve" else asyncio.run(_inproc(a))
     import cold_ray.config  # cold_ray is a namespace package: no __file__ of its own
 
-    return {
-        "ttft_s": ttfts,
-        "tokens": tokens,
-        "seconds": seconds,
-        "cold_ray": str(Path(cold_ray.config.__file__).parent),
-        "loadavg_1m": os.getloadavg()[0],
-    }
+    where = str(Path(cold_ray.config.__file__).parent)
+    return dict(
+        ttft_s=ttfts, tokens=tokens, seconds=seconds, cold_ray=where, loadavg_1m=os.getloadavg()[0]
+    )
 
 
 def _child(side: str, python: str, a) -> dict:
     from cold_ray.benchmarks.common import run_json
 
-    cmd = [
-        python,
-        str(Path(__file__).resolve()),
-        "--side",
-        "inproc" if side == "inproc" else "serve",
-        *(f"--{k.replace('_', '-')}={getattr(a, k)}" for k in SETTINGS[:5]),
-        f"--repeat={a.repeat}",
-        f"--adapter={a.adapter}",
-    ] + ([f"--model={a.model}"] if a.model else [])
+    given = [
+        f"--{k.replace('_', '-')}={getattr(a, k)}"
+        for k in SETTINGS
+        if k != "rounds" and getattr(a, k) is not None
+    ]
+    cmd = [python, str(Path(__file__).resolve()), "--side", side if side == "inproc" else "serve"]
+    cmd += given
     # cwd elsewhere: Ray puts the driver's working directory on its workers' sys.path, which
     # would let a checkout there shadow the cold_ray installed for `python`
     return run_json(cmd, f"{side} side", cwd=tempfile.gettempdir())
@@ -223,17 +199,18 @@ def summarize(runs: list[dict]) -> dict:
 
     ttfts = [t for r in runs for t in r["ttft_s"]]
     ms = lambda q: round(1000 * percentile(ttfts, q), 1)  # noqa: E731
-    return {
-        "requests": len(ttfts),
-        "tokens_per_s": round(sum(r["tokens"] for r in runs) / sum(r["seconds"] for r in runs), 2),
-        "ttft_p50_ms": ms(50),
-        "ttft_p90_ms": ms(90),
-        "ttft_p99_ms": ms(99),
-        "ttft_max_ms": round(1000 * max(ttfts), 1),
-        "per_round_p99_ms": [round(1000 * percentile(r["ttft_s"], 99), 1) for r in runs],
-        "loadavg_1m": [round(r["loadavg_1m"], 2) for r in runs],
-        "cold_ray": runs[0]["cold_ray"],
-    }
+    tokens_per_s = sum(r["tokens"] for r in runs) / sum(r["seconds"] for r in runs)
+    return dict(
+        requests=len(ttfts),
+        tokens_per_s=round(tokens_per_s, 2),
+        ttft_p50_ms=ms(50),
+        ttft_p90_ms=ms(90),
+        ttft_p99_ms=ms(99),
+        ttft_max_ms=round(1000 * max(ttfts), 1),
+        per_round_p99_ms=[round(1000 * percentile(r["ttft_s"], 99), 1) for r in runs],
+        loadavg_1m=[round(r["loadavg_1m"], 2) for r in runs],
+        cold_ray=runs[0]["cold_ray"],
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -255,9 +232,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline-python", help="interpreter of another cold-ray installation")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    for name in ("concurrency", "max_tokens", "prompt_words", "repeat", "rounds"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.side:  # a child, perhaps under another installation: the parent checked the rest
+        return a
+    from cold_ray.benchmarks.common import require_positive
+
+    require_positive(p, a, "concurrency", "max_tokens", "prompt_words", "repeat", "rounds")
     a.sides = [s for s in a.sides.split(",") if s]
     if not a.sides or set(a.sides) - set(SIDES):
         p.error(f"--sides: expected some of {SIDES}, got {a.sides}")

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from cold_ray.benchmarks import goals
-from cold_ray.benchmarks.common import machine_record, positive_ints
+from cold_ray.benchmarks.common import machine_record, positive_ints, require_positive
 from cold_ray.benchmarks.serving import peers
 
 SERVERS = ("cold-ray", "vllm")
@@ -249,16 +249,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             p.error(f"{name}: {bad or 'nothing'} not among {allowed}")
-    for name in (
-        "input_len",
-        "output_len",
-        "prompts_per_user",
-        "min_prompts",
-        "threads",
-        "replicas",
-    ):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(
+        p, args, "input_len", "output_len", "prompts_per_user", "min_prompts", "threads", "replicas"
+    )
     if args.threads > (os.cpu_count() or 1):
         p.error(f"--threads {args.threads} exceeds this machine's {os.cpu_count()} CPUs")
     args.deployment = peers.resolve_local(args.deployment or DEFAULT_DEPLOYMENT)

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cold_ray.benchmarks.common import pyplot as _plt
+
 COLORS = {"cold": "tab:blue", "plain": "tab:orange", "base": "tab:green"}
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _cdf(ax, values: list[float], label: str, color: str | None) -> None:
