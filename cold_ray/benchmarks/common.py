@@ -85,6 +85,19 @@ def make_adapter(args, out: Path, rank: int = 16, seed: int = 0) -> Path:
     return out
 
 
+def choice_list(allowed: tuple[str, ...], what: str):
+    """argparse type: "a,b" -> ["a", "b"], each one of `allowed`; else a usage error naming it."""
+
+    def parse(text: str) -> list[str]:
+        values = [v for v in text.split(",") if v]
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad}; choose from {list(allowed)}")
+        return values
+
+    return parse
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on now."""
     with socket.socket() as s:

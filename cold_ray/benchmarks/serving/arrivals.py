@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from cold_ray.benchmarks import goals
 from cold_ray.benchmarks.common import (
     DEMO_ADAPTER,
+    choice_list,
     grouped_bars,
     positive_ints,
     provenance,
@@ -305,14 +306,6 @@ def plot(rows: list[dict], scenario: str, path: str) -> None:
     save(fig, path)
 
 
-def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
-    values = [v for v in text.split(",") if v]
-    bad = [v for v in values if v not in allowed]
-    if bad or not values:
-        raise argparse.ArgumentTypeError(f"unknown {what} {bad}; choose from {list(allowed)}")
-    return values
-
-
 def parse_args(scenario: str, argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog=f"cold-ray bench serving --scenario {scenario}",
@@ -323,12 +316,12 @@ def parse_args(scenario: str, argv: list[str] | None) -> argparse.Namespace:
     if scenario == "prefix":
         p.add_argument(
             "--workloads",
-            type=lambda t: _choices(t, PREFIX_KINDS, "workloads"),
+            type=choice_list(PREFIX_KINDS, "workloads"),
             default=list(PREFIX_KINDS),
         )
         p.add_argument(
             "--decodings",
-            type=lambda t: _choices(t, DECODINGS, "decodings"),
+            type=choice_list(DECODINGS, "decodings"),
             default=list(DECODINGS),
         )
         p.add_argument("--users", type=int, default=16)

@@ -46,7 +46,12 @@ import time
 from pathlib import Path
 
 from cold_ray.benchmarks import goals
-from cold_ray.benchmarks.common import machine_record, positive_ints, require_positive
+from cold_ray.benchmarks.common import (
+    choice_list,
+    machine_record,
+    positive_ints,
+    require_positive,
+)
 from cold_ray.benchmarks.serving import peers
 
 SERVERS = ("cold-ray", "vllm")
@@ -68,13 +73,8 @@ def measure(
             load = os.getloadavg()[0]
             peers.run_client(cmd, args.out / "client.log", args.client_timeout)
             rec = peers.summarize_result(json.loads(result.read_text()), work.output_len)
-            rec.update(
-                server=server,
-                mode=mode,
-                concurrency=concurrency,
-                loadavg_1m_before=round(load, 2),
-                result_file=result.name,
-            )
+            rec.update(server=server, mode=mode, concurrency=concurrency)
+            rec.update(loadavg_1m_before=round(load, 2), result_file=result.name)
             records.append(rec)
             print(
                 f"# {server} {mode} c={concurrency}: {rec['output_tok_s']:.1f} tok/s, "
@@ -181,21 +181,9 @@ def plot(runs: list[dict], path: Path) -> None:
         label = f"{server} {'CoLD' if mode == 'cold' else 'plain LoRA'}"
         axes[0].plot(xs, [r["output_tok_s"] for r in pts], marker="o", color=f"C{i}", label=label)
         for ax, metric in zip(axes[1:], ("ttft", "itl")):
-            ax.plot(
-                xs,
-                [r[f"{metric}_ms_p50"] for r in pts],
-                marker="o",
-                color=f"C{i}",
-                label=f"{label} p50",
-            )
-            ax.plot(
-                xs,
-                [r[f"{metric}_ms_p99"] for r in pts],
-                ls="--",
-                marker="x",
-                color=f"C{i}",
-                label=f"{label} p99",
-            )
+            for q, style in (("p50", {"marker": "o"}), ("p99", {"ls": "--", "marker": "x"})):
+                ys = [r[f"{metric}_ms_{q}"] for r in pts]
+                ax.plot(xs, ys, color=f"C{i}", label=f"{label} {q}", **style)
     titles = ("output tokens / s", "time to first token (ms)", "inter-token latency (ms)")
     for ax, title in zip(axes, titles):
         ax.set(title=title, xlabel="concurrent requests (--max-concurrency)")
@@ -219,8 +207,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--concurrency", type=positive_ints, default=[1, 8, 16, 32])
-    p.add_argument("--servers", default=",".join(SERVERS), help="cold-ray,vllm or one of them")
-    p.add_argument("--modes", default=",".join(peers.MODES), help="lora,cold (cold: cold-ray)")
+    p.add_argument("--servers", type=choice_list(SERVERS, "servers"), default=list(SERVERS))
+    p.add_argument(
+        "--modes",
+        type=choice_list(peers.MODES, "modes"),
+        default=list(peers.MODES),
+        help="lora,cold (cold: cold-ray only)",
+    )
     p.add_argument("--input-len", type=int, default=256, help="prompt tokens")
     p.add_argument("--output-len", type=int, default=64, help="new tokens (EOS ignored)")
     p.add_argument("--prompts-per-user", type=int, default=4)
@@ -240,15 +233,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--client-timeout", type=float, default=1800, help="seconds for one run")
     p.add_argument("--json", action="store_true", help="print the summary as one line")
     args = p.parse_args(argv)
-    args.servers = [s for s in args.servers.split(",") if s]
-    args.modes = [m for m in args.modes.split(",") if m]
-    for name, values, allowed in (
-        ("--servers", args.servers, SERVERS),
-        ("--modes", args.modes, peers.MODES),
-    ):
-        bad = [v for v in values if v not in allowed]
-        if bad or not values:
-            p.error(f"{name}: {bad or 'nothing'} not among {allowed}")
     require_positive(
         p, args, "input_len", "output_len", "prompts_per_user", "min_prompts", "threads", "replicas"
     )
