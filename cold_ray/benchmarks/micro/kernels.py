@@ -40,7 +40,7 @@ from cold_ray.device import synchronize
 from cold_ray.kernels import select_backend
 from cold_ray.kernels.dispatch import ascend_native_available, device_type
 
-log = logging.getLogger("benchmarks.kernels")
+log = logging.getLogger(__name__)
 
 LORA_OPS = ("shrink", "expand", "lora_delta")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
