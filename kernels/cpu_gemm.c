@@ -33,65 +33,87 @@
 #pragma GCC optimize("no-associative-math")
 #endif
 
-typedef float vec16 __attribute__((vector_size(64), aligned(4)));
-
 /* How far ahead the kernels ask for weights (in 16-float steps of the stream, 4 KiB): the
  * hardware prefetcher alone ramps up too slowly on the many short streams of a step. */
 #define PREFETCH_STEPS 64
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-ALWAYS_INLINE vec16 load16(const float *p) {
-    vec16 v;
+/* The panel loop works in the CPU's own vector width: one AVX-512 register holds a panel's 16
+ * floats, elsewhere a panel is PARTS registers of LANES floats. (GCC lowers a 64-byte vector on
+ * AVX2 through the stack: every accumulator is stored and reloaded at each step, 10x slower.)
+ * Lane by lane the arithmetic is the same, so the result does not depend on the width. */
+#if defined(__AVX512F__)
+#define LANES 16
+#else
+#define LANES 8
+#endif
+#define PARTS (16 / LANES)
+typedef float vreg __attribute__((vector_size(LANES * 4)));
+typedef uint16_t u16xl __attribute__((vector_size(LANES * 2), aligned(2)));
+typedef uint32_t u32xl __attribute__((vector_size(LANES * 4)));
+
+ALWAYS_INLINE vreg loadv(const float *p) {
+    vreg v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-/* 16 bf16 values widened to fp32: a bf16 is the top half of the fp32 with the same value. */
-ALWAYS_INLINE vec16 load16_bf16(const uint16_t *p) {
-    u16x16 h;
+ALWAYS_INLINE vreg loadv_bf16(const uint16_t *p) {
+    u16xl h;
     memcpy(&h, p, sizeof h);
-    u32x16 wide = __builtin_convertvector(h, u32x16) << 16;
-    vec16 v;
+    u32xl wide = __builtin_convertvector(h, u32xl) << 16;
+    vreg v;
     memcpy(&v, &wide, sizeof v);
     return v;
 }
 
-/* Weights k * 16 .. k * 16 + 15 of a panel, fp32 or bf16 (`bf16` is a constant at each call). */
-ALWAYS_INLINE vec16 weights16(const void *wp, int64_t k, int bf16) {
-    return bf16 ? load16_bf16((const uint16_t *)wp + k * 16) : load16((const float *)wp + k * 16);
+/* Part q of weights k * 16 .. k * 16 + 15 of a panel, fp32 or bf16 (`bf16` is a constant at
+ * each call). */
+ALWAYS_INLINE vreg weights_part(const void *wp, int64_t k, int q, int bf16) {
+    return bf16 ? loadv_bf16((const uint16_t *)wp + k * 16 + q * LANES)
+                : loadv((const float *)wp + k * 16 + q * LANES);
 }
 
 /* One panel (16 output features) for `rows` (1-8) rows of x; `rows` and `bf16` are constants
  * at each call site, so the loops over rows unroll and the accumulators stay in registers. */
 ALWAYS_INLINE void panel(const float *x, const void *w, const float *bias, float *y,
                          int64_t rows, int64_t k_in, int64_t n_out, int64_t p, int bf16) {
-    vec16 acc[8][2];
-    memset(acc, 0, sizeof acc);
+    vreg acc[8][2][PARTS];
+    for (int r = 0; r < 8; r++)
+        for (int q = 0; q < PARTS; q++) acc[r][0][q] = acc[r][1][q] = (vreg){0};
     const int64_t size = bf16 ? 2 : 4;
     const char *wp = (const char *)w + p * 16 * k_in * size;
     int64_t k = 0;
     for (; k + 2 <= k_in; k += 2) {
         __builtin_prefetch(wp + (k + PREFETCH_STEPS) * 16 * size);
         __builtin_prefetch(wp + (k + PREFETCH_STEPS + 1) * 16 * size);
-        vec16 w0 = weights16(wp, k, bf16), w1 = weights16(wp, k + 1, bf16);
+        vreg w0[PARTS], w1[PARTS];
+        for (int q = 0; q < PARTS; q++) {
+            w0[q] = weights_part(wp, k, q, bf16);
+            w1[q] = weights_part(wp, k + 1, q, bf16);
+        }
         for (int64_t r = 0; r < rows; r++) {
-            acc[r][0] += x[r * k_in + k] * w0;
-            acc[r][1] += x[r * k_in + k + 1] * w1;
+            const float x0 = x[r * k_in + k], x1 = x[r * k_in + k + 1];
+            for (int q = 0; q < PARTS; q++) {
+                acc[r][0][q] += x0 * w0[q];
+                acc[r][1][q] += x1 * w1[q];
+            }
         }
     }
     if (k < k_in) {
-        vec16 wk = weights16(wp, k, bf16);
-        for (int64_t r = 0; r < rows; r++) acc[r][0] += x[r * k_in + k] * wk;
+        vreg wk[PARTS];
+        for (int q = 0; q < PARTS; q++) wk[q] = weights_part(wp, k, q, bf16);
+        for (int64_t r = 0; r < rows; r++)
+            for (int q = 0; q < PARTS; q++) acc[r][0][q] += x[r * k_in + k] * wk[q];
     }
-    vec16 b = {0};
-    if (bias) b = load16(bias + p * 16);
-    for (int64_t r = 0; r < rows; r++) {
-        vec16 sum = (acc[r][0] + acc[r][1]) + b;
-        memcpy(y + r * n_out + p * 16, &sum, sizeof sum);
+    for (int q = 0; q < PARTS; q++) {
+        vreg b = {0};
+        if (bias) b = loadv(bias + p * 16 + q * LANES);
+        for (int64_t r = 0; r < rows; r++) {
+            vreg sum = (acc[r][0][q] + acc[r][1][q]) + b;
+            memcpy(y + r * n_out + p * 16 + q * LANES, &sum, sizeof sum);
+        }
     }
 }
 
@@ -183,75 +205,16 @@ void gemm_panels_bf16(const float *x, const uint16_t *w, const float *bias, floa
     gemm(x, w, bias, y, rows, k_in, n_out, block, cache_bytes, threads, 1);
 }
 
-/* The sum of a vector's lanes by a fixed tree: lanes j and j + 8, then j + 4, j + 2, j + 1. */
-ALWAYS_INLINE float hsum16(vec16 v) {
-    float lanes[16];
-    memcpy(lanes, &v, sizeof lanes);
-    for (int width = 8; width >= 1; width /= 2)
-        for (int j = 0; j < width; j++) lanes[j] += lanes[j + width];
-    return lanes[0];
-}
-
-/* Sum of a[i] * b[i] for i < n: 16 lanes, then hsum16's tree, then the tail in order. */
-ALWAYS_INLINE float dot(const float *a, const float *b, int64_t n) {
-    vec16 acc = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc += load16(a + i) * load16(b + i);
-    float sum = hsum16(acc);
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
-/* GCC before 12 has no __builtin_shufflevector; COLD_RAY_NO_SHUFFLEVECTOR forces the fallback
- * (the tests build it to check that both give the same bits). */
-#if defined(__has_builtin) && !defined(COLD_RAY_NO_SHUFFLEVECTOR)
-#if __has_builtin(__builtin_shufflevector)
-#define HAVE_SHUFFLEVECTOR 1
-#endif
-#endif
-
-/* out[j] = hsum16(v[j]) for 16 vectors at once: the same tree, as four levels of pairwise
- * halving across vectors (no per-vector horizontal sum). */
-#ifdef HAVE_SHUFFLEVECTOR
-ALWAYS_INLINE vec16 reduce16(const vec16 *v) {
-    vec16 w1[8], w2[4], w3[2];
-    for (int i = 0; i < 8; i++)  /* [lanes of v[2i] | v[2i+1]], 8 partial sums each */
-        w1[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17,
-                                        18, 19, 20, 21, 22, 23) +
-                __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24,
-                                        25, 26, 27, 28, 29, 30, 31);
-    for (int i = 0; i < 4; i++)  /* four outputs, 4 partial sums each */
-        w2[i] = __builtin_shufflevector(w1[2 * i], w1[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16,
-                                        17, 18, 19, 24, 25, 26, 27) +
-                __builtin_shufflevector(w1[2 * i], w1[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20,
-                                        21, 22, 23, 28, 29, 30, 31);
-    for (int i = 0; i < 2; i++)  /* eight outputs, 2 partial sums each */
-        w3[i] = __builtin_shufflevector(w2[2 * i], w2[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16,
-                                        17, 20, 21, 24, 25, 28, 29) +
-                __builtin_shufflevector(w2[2 * i], w2[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18,
-                                        19, 22, 23, 26, 27, 30, 31);
-    return __builtin_shufflevector(w3[0], w3[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24,
-                                   26, 28, 30) +
-           __builtin_shufflevector(w3[0], w3[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25,
-                                   27, 29, 31);
-}
-#else
-ALWAYS_INLINE vec16 reduce16(const vec16 *v) {
-    vec16 out;
-    for (int q = 0; q < 16; q++) out[q] = hsum16(v[q]);
-    return out;
-}
-#endif
-
 /* Products with a row-major weight W [n_out, k_in] (fp32 or bf16): y[r][o] = dot(x[r], W[o]).
  * The LM head reads the tied embedding this way, so one copy of its rows serves lookups, the
  * restricted CoLD head and the head's product. A block of `nc` outputs by `nr` rows keeps
  * nr x nc 16-lane accumulators in registers (cpu_gemm.py picks the block from the CPU's
  * registers); the block's rows of W leave memory once and are read from L1 for the next rows
- * of x. Every output is dot()'s order — lane j sums k = j (mod 16) in order, hsum16's tree,
+ * of x. Every output is dot()'s order — lane j sums k = j (mod 16) in order, hsum_parts's tree,
  * then the tail in order — whatever the rows, the block or the threads. */
-ALWAYS_INLINE vec16 row16(const char *row, int64_t k, int bf16) {
-    return bf16 ? load16_bf16((const uint16_t *)row + k) : load16((const float *)row + k);
+ALWAYS_INLINE vreg row_part(const char *row, int64_t k, int q, int bf16) {
+    return bf16 ? loadv_bf16((const uint16_t *)row + k + q * LANES)
+                : loadv((const float *)row + k + q * LANES);
 }
 
 ALWAYS_INLINE float row_at(const char *row, int64_t k, int bf16) {
@@ -262,27 +225,56 @@ ALWAYS_INLINE float row_at(const char *row, int64_t k, int bf16) {
     return f;
 }
 
+/* The sum of 16 lanes (held as PARTS registers, lanes 0-7 first on AVX2) by a fixed tree:
+ * lanes j and j + 8, then j + 4, j + 2, j + 1. */
+ALWAYS_INLINE float hsum_parts(const vreg *v) {
+    float lanes[16];
+    memcpy(lanes, v, sizeof lanes);
+    for (int width = 8; width >= 1; width /= 2)
+        for (int j = 0; j < width; j++) lanes[j] += lanes[j + width];
+    return lanes[0];
+}
+
+/* Sum of a[i] * b[i] for i < n: 16 lanes (lane j sums i = j mod 16 in order), hsum_parts's
+ * tree, then the tail in order. */
+ALWAYS_INLINE float dot(const float *a, const float *b, int64_t n) {
+    vreg acc[PARTS];
+    for (int q = 0; q < PARTS; q++) acc[q] = (vreg){0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int q = 0; q < PARTS; q++)
+            acc[q] += loadv(a + i + q * LANES) * loadv(b + i + q * LANES);
+    float sum = hsum_parts(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
 /* Outputs [o0, o0 + nc) of rows [0, nr) of x (nr, nc in 1-4, bf16: constants at each call);
- * `ahead`: ask for the next block's rows of W while reading this one's. */
+ * `ahead`: ask for the next block's rows of W while reading this one's. Lanes in the CPU's
+ * vector width (see `panel`): lane j still sums k = j (mod 16) in order. */
 ALWAYS_INLINE void dot_block(const float *x, const char *w, float *y, int64_t k_in,
                              int64_t n_out, int64_t o0, int nr, int nc, int bf16, int ahead) {
-    vec16 acc[4][4];
-    memset(acc, 0, sizeof acc);
+    vreg acc[4][4][PARTS];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++)
+            for (int q = 0; q < PARTS; q++) acc[r][c][q] = (vreg){0};
     const int64_t size = bf16 ? 2 : 4, whole = k_in / 16 * 16, row = k_in * size;
     const char *wb = w + o0 * row;
     for (int64_t k = 0; k < whole; k += 16) {
-        vec16 xv[4], wv[4];
+        vreg xv[4][PARTS], wv[4][PARTS];
         for (int c = 0; c < nc; c++) {
             if (ahead) __builtin_prefetch(wb + (nc + c) * row + k * size);
-            wv[c] = row16(wb + c * row, k, bf16);
+            for (int q = 0; q < PARTS; q++) wv[c][q] = row_part(wb + c * row, k, q, bf16);
         }
-        for (int r = 0; r < nr; r++) xv[r] = load16(x + r * k_in + k);
         for (int r = 0; r < nr; r++)
-            for (int c = 0; c < nc; c++) acc[r][c] += xv[r] * wv[c];
+            for (int q = 0; q < PARTS; q++) xv[r][q] = loadv(x + r * k_in + k + q * LANES);
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < nc; c++)
+                for (int q = 0; q < PARTS; q++) acc[r][c][q] += xv[r][q] * wv[c][q];
     }
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < nc; c++) {
-            float sum = hsum16(acc[r][c]);
+            float sum = hsum_parts(acc[r][c]);
             for (int64_t k = whole; k < k_in; k++) /* a fused multiply-add in every variant */
                 sum = __builtin_fmaf(x[r * k_in + k], row_at(wb + c * row, k, bf16), sum);
             y[r * n_out + o0 + c] = sum;
@@ -369,8 +361,7 @@ void gemm_rows(const float *x, const void *w, float *y, int64_t rows, int64_t k_
  * y[r] += scale * B (A x[r]) for r < rows (at most 4), with A: [rank, k_in], B: [n_out, rank],
  * x: [rows, k_in] contiguous, y rows `y_stride` floats apart; rank at most 1024 (the shrunk
  * rows live on the stack). Returns -1 beyond those limits. Each factor is read from memory
- * once for all rows; 16 outputs of the expansion are reduced together (no per-output
- * horizontal sum). */
+ * once for all rows; every sum is dot()'s order. */
 int lora_small(const float *x, const float *A, const float *B, float scale, float *y,
                int64_t rows, int64_t k_in, int64_t rank, int64_t n_out, int64_t y_stride) {
     if (rank > 1024 || rows > 4 || rows < 0) return -1;
@@ -381,27 +372,12 @@ int lora_small(const float *x, const float *A, const float *B, float scale, floa
         for (int64_t r = 0; r < rows; r++) t[r][j] = scale * dot(x + r * k_in, A + j * k_in, k_in);
     }
     for (int64_t c = 0; c < 32 * rank && c < n_out * rank; c += 16) __builtin_prefetch(B + c);
-    int64_t o = 0, whole = rank / 16 * 16;
-    for (; o + 16 <= n_out; o += 16) {
+    for (int64_t o = 0; o < n_out; o++) {
         const float *b = B + o * rank;
-        if (o + 32 < n_out)  /* the block of 16 outputs two blocks ahead */
+        if (o % 16 == 0 && o + 32 < n_out) /* the block of 16 outputs two blocks ahead */
             for (int64_t c = 0; c < 16 * rank; c += 16) __builtin_prefetch(b + 32 * rank + c);
-        for (int64_t r = 0; r < rows; r++) {
-            vec16 acc[16];
-            memset(acc, 0, sizeof acc);
-            for (int64_t j = 0; j < whole; j += 16) {
-                vec16 tj = load16(t[r] + j);
-                for (int q = 0; q < 16; q++) acc[q] += tj * load16(b + q * rank + j);
-            }
-            vec16 sum = reduce16(acc);
-            for (int q = 0; q < 16; q++)  /* rank's tail beyond whole vectors, in order */
-                for (int64_t j = whole; j < rank; j++) sum[q] += t[r][j] * b[q * rank + j];
-            vec16 out = load16(y + r * y_stride + o) + sum;
-            memcpy(y + r * y_stride + o, &out, sizeof out);
-        }
+        for (int64_t r = 0; r < rows; r++) y[r * y_stride + o] += dot(t[r], b, rank);
     }
-    for (; o < n_out; o++)
-        for (int64_t r = 0; r < rows; r++) y[r * y_stride + o] += dot(t[r], B + o * rank, rank);
     return 0;
 }
 

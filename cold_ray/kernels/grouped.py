@@ -8,11 +8,11 @@ these calls on 1-32 rows and per-op overhead (~2-4 µs each) is most of the cost
 - "gather" (slots interleaved, e.g. CoLD expert/amateur pairs with several adapters):
           one `index_select`, a GEMM pair per slot into one buffer, one `index_add_`.
 Rows with index -1 are never read or written, so they stay bit-identical to the base output.
-On CPU the engine may hand it the compiled GEMM kernel (`use_cpu_kernel`): a run of up to 32
-rows (`MAX_LORA_ROWS`, a decode step's expert rows; slots of rank up to `MAX_RANK`) is one C
-call on the engine's threads, and a "gather" plan of up to four adapter rows (e.g. the expert
-rows of up to four CoLD pairs) one call per row; the kernel streams the slot's factors with
-prefetching instead of two BLAS calls on tiny shapes.
+On CPU the engine may hand it the compiled GEMM kernel (`use_cpu_kernel`): a run of up to
+`RUN_ROWS` rows (slots of rank up to `MAX_RANK`) is one C call on the engine's threads, and a
+"gather" plan of up to four adapter rows (e.g. the expert rows of up to four CoLD pairs) one
+call per row; the kernel streams the slot's factors with prefetching instead of two BLAS calls
+on tiny shapes.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from cold_ray.kernels.dispatch import LoraBackend, LoraBatch
 # Interleaved adapter rows (a "gather" plan) the kernel takes one call each: beyond, the calls
 # cost more than one gather and a BLAS pair per slot.
 INTERLEAVED_ROWS = 4
+# Rows of a run the kernel takes: its expansion sums each output over the rank by a fixed tree,
+# which costs more than BLAS's pair of GEMMs from 4 rows on (AVX2, rank 16, SmolLM2's shapes:
+# 43 vs 18 µs at 4 rows, 366 vs 28 at 16).
+RUN_ROWS = 4
 
 
 class GroupedBackend(LoraBackend):
@@ -40,7 +44,7 @@ class GroupedBackend(LoraBackend):
         kernel = self.small_gemm
         if kernel is not None and (A.shape[1] > kernel.MAX_RANK or x.dtype != torch.float32):
             kernel = None
-        most = kernel.MAX_LORA_ROWS if kernel is not None else 0
+        most = min(kernel.MAX_LORA_ROWS, RUN_ROWS) if kernel is not None else 0
         if batch.plan == "runs":
             rows = batch.rows
             for k, start, end in batch.segments:

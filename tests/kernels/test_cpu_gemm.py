@@ -246,29 +246,6 @@ def test_grouped_backend_with_the_kernel_matches_the_reference(idx, rank):
 
 
 @needs_kernel
-def test_the_fallback_for_compilers_without_shufflevector_gives_the_same_bits(tmp_path):
-    """GCC before 12 builds the scalar reduction: it must follow the same summation tree."""
-    import ctypes
-    import subprocess
-
-    from cold_ray.kernels import cpu_kernels
-
-    source, pool = cpu_kernels.SOURCES[1], cpu_kernels.SOURCES[3]
-    assert source.name == "cpu_gemm.c" and pool.name == "cpu_threads.c"
-    out = tmp_path / "fallback.so"
-    cmd = [cpu_kernels.compiler(), *cpu_kernels.FLAGS[0], "-DCOLD_RAY_NO_SHUFFLEVECTOR",
-           "-shared", "-fPIC", str(source), str(pool), "-o", str(out)]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, timeout=cpu_kernels.COMPILE_TIMEOUT_S)
-    fallback = cpu_gemm.PanelGemmKernel(ctypes.CDLL(str(out)), cpu_kernels.blocking())
-    for rows, k, rank, out_features in [(1, 576, 48, 960), (3, 64, 24, 40), (4, 1536, 16, 576)]:
-        x, A, B, y = _lora_case(rank, rows, k, rank, out_features)
-        want, got = y.clone(), y.clone()
-        kernel.lora(x, A, B, 1, 0.3, want, 0, rows)
-        fallback.lora(x, A, B, 1, 0.3, got, 0, rows)
-        assert torch.equal(got, want), (rows, k, rank, out_features)
-
-
-@needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 17])
 @pytest.mark.parametrize("k, out", [(5, 7), (64, 96), (577, 1001)])
 def test_row_major_product_matches_fp64_reference(rows, k, out):
