@@ -32,9 +32,12 @@ def _generate(args: argparse.Namespace) -> int:
         )
         cold = None if args.no_cold or args.adapter is None else ColdParams(args.alpha, args.beta)
         config = EngineConfig(
-            model=args.model, device=args.device, max_lora_rank=args.max_lora_rank,
-            max_rows=2, max_model_len=args.max_model_len,
-        )  # fmt: skip
+            model=args.model,
+            device=args.device,
+            max_lora_rank=args.max_lora_rank,
+            max_rows=2,
+            max_model_len=args.max_model_len,
+        )
         core = EngineCore(config)
         adapter = None
         if args.adapter is not None:
@@ -81,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=_positive_int, default=d.DEFAULT_MAX_TOKENS)
     g.add_argument("--max-model-len", type=_positive_int, default=2048)
     g.add_argument("--max-lora-rank", type=_positive_int, default=64)
-    g.add_argument("--temperature", type=float, default=d.DEFAULT_TEMPERATURE,
-                   help="0 = greedy")  # fmt: skip
+    g.add_argument("--temperature", type=float, default=d.DEFAULT_TEMPERATURE, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=d.DEFAULT_TOP_P)
     g.add_argument("--top-k", type=int, default=d.DEFAULT_TOP_K)
     g.add_argument("--seed", type=int)
@@ -107,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench)
 
     # Sub-command trees that live beside the code they drive.
-    for name in ("cold_ray.adapters.cli", "cold_ray.eval.cli", "cold_ray.serve.cli",
-                 "cold_ray.benchmarks.serving.loadtest.cli"):  # fmt: skip
+    for name in (
+        "cold_ray.adapters.cli",
+        "cold_ray.eval.cli",
+        "cold_ray.serve.cli",
+        "cold_ray.benchmarks.serving.loadtest.cli",
+    ):
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).add_parser(sub)
     return parser

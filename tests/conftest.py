@@ -54,5 +54,9 @@ def tiny_adapters(tiny_root, tiny_llama):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--fuzz-seeds", type=int, default=None,
-                     help="seeds per randomized differential test (default: the CI slice)")  # fmt: skip
+    parser.addoption(
+        "--fuzz-seeds",
+        type=int,
+        default=None,
+        help="seeds per randomized differential test (default: the CI slice)",
+    )

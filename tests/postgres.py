@@ -76,8 +76,15 @@ class PostgresServer:
 
     def _run(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
         # user=: drop to the postgres user as root; cwd: a folder it may read
-        return subprocess.run(argv, user=self._as, cwd=self.root, capture_output=True,
-                              text=True, timeout=timeout, check=True)  # fmt: skip
+        return subprocess.run(
+            argv,
+            user=self._as,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        )
 
     def start(self) -> PostgresServer:
         pwfile = self.root / "pw"
@@ -85,13 +92,38 @@ class PostgresServer:
         if self._as:
             shutil.chown(pwfile, self._as)
         try:
-            self._run(_binary("initdb"), "-D", str(self.data), "-U", USER, "--pwfile", str(pwfile),
-                      "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")  # fmt: skip
-            options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-                       "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                       "-c max_connections=300")  # fmt: skip
-            self._run(_binary("pg_ctl"), "-D", str(self.data), "-o", options,
-                      "-l", str(self.root / "log"), "-w", "-t", "60", "start")  # fmt: skip
+            self._run(
+                _binary("initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                USER,
+                "--pwfile",
+                str(pwfile),
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            )
+            options = (
+                f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                "-c max_connections=300"
+            )
+            self._run(
+                _binary("pg_ctl"),
+                "-D",
+                str(self.data),
+                "-o",
+                options,
+                "-l",
+                str(self.root / "log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            )
         except subprocess.CalledProcessError as e:
             log = (self.root / "log").read_text() if (self.root / "log").exists() else ""
             self.stop()
@@ -114,8 +146,16 @@ class PostgresServer:
     def stop(self) -> None:
         if self.data.exists() and (self.data / "postmaster.pid").exists():
             try:
-                self._run(_binary("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w",
-                          "stop", timeout=60)  # fmt: skip
+                self._run(
+                    _binary("pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                    timeout=60,
+                )
             except subprocess.CalledProcessError:
                 pass
         self.started = False

@@ -55,9 +55,13 @@ def local_ray(num_cpus: int = 2, resources: dict | None = None, metrics_port: in
 
     kwargs = {"_metrics_export_port": metrics_port} if metrics_port else {}
     ray.init(
-        address="local", num_cpus=num_cpus, resources=resources or {},
-        include_dashboard=False, log_to_driver=False, **kwargs,
-    )  # fmt: skip
+        address="local",
+        num_cpus=num_cpus,
+        resources=resources or {},
+        include_dashboard=False,
+        log_to_driver=False,
+        **kwargs,
+    )
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

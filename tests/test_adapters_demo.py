@@ -41,8 +41,22 @@ def test_worked_answers_are_correct():
 
 def test_training_script_saves_an_fp16_adapter_the_engine_accepts(tmp_path, tiny_llama):
     out = tmp_path / "demo"
-    train_main(["--out", str(out), "--steps", "2", "--batch-size", "2", "--rank", "4",
-                "--model", str(tiny_llama), "--base-name", "tiny-llama"])  # fmt: skip
+    train_main(
+        [
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--rank",
+            "4",
+            "--model",
+            str(tiny_llama),
+            "--base-name",
+            "tiny-llama",
+        ]
+    )
     tensors = load_file(out / "adapter_model.safetensors")
     assert {t.dtype for t in tensors.values()} == {torch.float16}
     adapter = load_peft_adapter(out, read_model_args(tiny_llama), max_rank=4)

@@ -28,8 +28,11 @@ ADAPTERS = (None, "a0", "a1", "a2")
 
 @pytest.fixture(scope="module")
 def alone(tiny_llama, tiny_adapters):
-    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=64,
-                                   prefix_cache_bytes=0, max_loras=3))  # fmt: skip
+    core = EngineCore(
+        EngineConfig(
+            model=str(tiny_llama), max_rows=2, max_model_len=64, prefix_cache_bytes=0, max_loras=3
+        )
+    )
     for i, a in enumerate(tiny_adapters):
         core.register_adapter(f"a{i}", a)
     memo: dict = {}
@@ -45,9 +48,17 @@ def alone(tiny_llama, tiny_adapters):
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama, tiny_adapters):
-    engine = AsyncEngine(EngineConfig(model=str(tiny_llama), max_rows=4, max_model_len=64,
-                                      max_loras=2, max_prefill_tokens=6,
-                                      prefix_cache_bytes=24 << 10, prefix_block_size=4))  # fmt: skip
+    engine = AsyncEngine(
+        EngineConfig(
+            model=str(tiny_llama),
+            max_rows=4,
+            max_model_len=64,
+            max_loras=2,
+            max_prefill_tokens=6,
+            prefix_cache_bytes=24 << 10,
+            prefix_block_size=4,
+        )
+    )
     for i, a in enumerate(tiny_adapters):
         engine.core.register_adapter(f"a{i}", a)
     yield engine

@@ -84,15 +84,27 @@ def test_gemm_reports_each_route_for_the_rows_it_serves():
     from cold_ray.kernels import cpu_gemm
     from cold_ray.model.lora import SMALL_ROWS
 
-    tiny = {"hidden": 32, "intermediate": 48, "heads": 2, "kv_heads": 1, "head_dim": 16,
-            "layers": 1, "vocab": 64}  # fmt: skip
+    tiny = {
+        "hidden": 32,
+        "intermediate": 48,
+        "heads": 2,
+        "kv_heads": 1,
+        "head_dim": 16,
+        "layers": 1,
+        "vocab": 64,
+    }
     out = gemm.measure([1, 33], repeats=1, model=tiny, threads=2, row_blocks=[2, 8])
     small, big = out
     assert {"linear_gflops", "w_xt_gflops", "small_batch_gflops"} <= small.keys()
     assert "small_batch_gflops" not in big and SMALL_ROWS < 33
     assert all("head_linear_gflops" in rec for rec in out)
-    kernel = {"panels_gflops", "panels_rb2_gflops", "panels_rb8_gflops", "head_rows_gflops",
-              "head_panels_gflops"}  # fmt: skip
+    kernel = {
+        "panels_gflops",
+        "panels_rb2_gflops",
+        "panels_rb8_gflops",
+        "head_rows_gflops",
+        "head_panels_gflops",
+    }
     assert all((kernel <= rec.keys()) == (cpu_gemm.load() is not None) for rec in out)
     assert all(v > 0 for rec in out for k, v in rec.items() if k.endswith("_gflops"))
 
@@ -118,7 +130,12 @@ def test_attention_bench_counts_the_kv_bytes_of_ragged_rows():
 
 def test_engine_plan_pairs_cold_at_b_with_greedy_at_2b():
     assert bench_engine.runs(["cold", "greedy"], [1, 2], pair_greedy=True) == [
-        ("cold", 1), ("greedy", 1), ("cold", 2), ("greedy", 2), ("greedy", 4)]  # fmt: skip
+        ("cold", 1),
+        ("greedy", 1),
+        ("cold", 2),
+        ("greedy", 2),
+        ("greedy", 4),
+    ]
     assert ("greedy", 2) in bench_engine.runs(["cold"], [1], True)
     assert bench_engine.runs(["cold"], [1], False) == [("cold", 1)]
     assert bench_engine.runs(["greedy"], [1], True) == [("greedy", 1)]
@@ -126,22 +143,32 @@ def test_engine_plan_pairs_cold_at_b_with_greedy_at_2b():
 
 def test_engine_ratios_and_machine_summary():
     def rec(mode, batch, step_ms, **kw):
-        return {"mode": mode, "batch": batch, "step_ms": step_ms, "tokens_per_s": 1.0,
-                "peak_rss_bytes": 1, **kw}  # fmt: skip
+        return {
+            "mode": mode,
+            "batch": batch,
+            "step_ms": step_ms,
+            "tokens_per_s": 1.0,
+            "peak_rss_bytes": 1,
+            **kw,
+        }
 
-    summary = [rec("cold", 1, 30.0, gflop_s=8.0, rows=2, gflop_per_step=0.5,
-                   attention_gflop_per_step=0.1),
-               rec("greedy", 1, 20.0, gflop_s=6.0, rows=1, weight_bytes=2 * 2**30),
-               rec("greedy", 2, 40.0, gflop_s=6.0, rows=2, gflop_per_step=0.7,
-                   attention_gflop_per_step=0.1),
-               rec("base_greedy", 1, 10.0, gflop_s=5.0, rows=1, weight_bytes=2**30)]  # fmt: skip
+    summary = [
+        rec("cold", 1, 30.0, gflop_s=8.0, rows=2, gflop_per_step=0.5, attention_gflop_per_step=0.1),
+        rec("greedy", 1, 20.0, gflop_s=6.0, rows=1, weight_bytes=2 * 2**30),
+        rec(
+            "greedy", 2, 40.0, gflop_s=6.0, rows=2, gflop_per_step=0.7, attention_gflop_per_step=0.1
+        ),
+        rec("base_greedy", 1, 10.0, gflop_s=5.0, rows=1, weight_bytes=2**30),
+    ]
     (row,) = bench_engine.ratios(summary)
     assert row["threads"] == 1 and row["cold_step_over_greedy"] == 1.5
     assert row["cold_step_over_greedy_2b_rows"] == 0.75
     assert row["cold_flop_over_greedy_2b_rows"] == pytest.approx(0.6 / 0.8)  # attention counted
-    machines = [{"peak_gflop_s": 40.0, "bandwidth_gib_s": 100.0, "gemm": []},
-                {"peak_gflop_s": 80.0, "bandwidth_gib_s": 200.0, "gemm": []},
-                {"peak_gflop_s": 60.0, "bandwidth_gib_s": 150.0, "gemm": []}]  # fmt: skip
+    machines = [
+        {"peak_gflop_s": 40.0, "bandwidth_gib_s": 100.0, "gemm": []},
+        {"peak_gflop_s": 80.0, "bandwidth_gib_s": 200.0, "gemm": []},
+        {"peak_gflop_s": 60.0, "bandwidth_gib_s": 150.0, "gemm": []},
+    ]
     m = bench_engine.machine_summary(machines, summary)
     assert m["peak_gflop_s"] == 60.0 and m["bandwidth_gib_s"] == 150.0  # medians
     frac = {(e["mode"], e["batch"]): e["fraction_of_peak"] for e in m["efficiency"]}
@@ -154,12 +181,22 @@ def test_engine_ratios_and_machine_summary():
 
 def test_engine_compares_each_thread_count_with_one_thread():
     def rec(mode, batch, threads, tokens_per_s, step_ms):
-        return {"mode": mode, "batch": batch, "threads": threads, "step_ms": step_ms,
-                "tokens_per_s": tokens_per_s, "peak_rss_bytes": 100 * threads}  # fmt: skip
+        return {
+            "mode": mode,
+            "batch": batch,
+            "threads": threads,
+            "step_ms": step_ms,
+            "tokens_per_s": tokens_per_s,
+            "peak_rss_bytes": 100 * threads,
+        }
 
-    summary = [rec("cold", 16, 1, 50.0, 100.0), rec("cold", 16, 2, 90.0, 55.0),
-               rec("greedy", 16, 2, 80.0, 40.0), rec("cold", 8, 1, 40.0, 60.0),
-               rec("cold", 8, 2, 60.0, 40.0)]  # fmt: skip
+    summary = [
+        rec("cold", 16, 1, 50.0, 100.0),
+        rec("cold", 16, 2, 90.0, 55.0),
+        rec("greedy", 16, 2, 80.0, 40.0),
+        rec("cold", 8, 1, 40.0, 60.0),
+        rec("cold", 8, 2, 60.0, 40.0),
+    ]
     rows = {(r["mode"], r["batch"]): r for r in bench_engine.thread_scaling(summary)}
     assert set(rows) == {("cold", 16), ("cold", 8)}  # greedy at 16 has no 1-thread run
     assert rows["cold", 16]["tokens_per_s_over_1_thread"] == pytest.approx(1.8)
@@ -173,8 +210,18 @@ def test_engine_compares_each_thread_count_with_one_thread():
 
 
 def test_engine_summary_keeps_thread_counts_apart():
-    records = [{"mode": "cold", "batch": 1, "threads": t, "tokens_per_s": v, "step_ms": 1.0,
-                "peak_rss_bytes": 1, "wall_s": 1.0} for t, v in ((None, 1.0), (2, 3.0), (2, 5.0))]  # fmt: skip
+    records = [
+        {
+            "mode": "cold",
+            "batch": 1,
+            "threads": t,
+            "tokens_per_s": v,
+            "step_ms": 1.0,
+            "peak_rss_bytes": 1,
+            "wall_s": 1.0,
+        }
+        for t, v in ((None, 1.0), (2, 3.0), (2, 5.0))
+    ]
     one, two = bench_engine.summarize(records)
     assert (one["threads"], one["rounds"], one["tokens_per_s"]) == (1, 1, 1.0)
     assert (two["threads"], two["rounds"], two["tokens_per_s"]) == (2, 2, 4.0)
@@ -210,10 +257,20 @@ def test_engine_settings_reach_the_engine(tiny_llama, tiny_adapters, monkeypatch
     assert bench_engine.engine_setting("lora_backend=gather_bmm") == ("lora_backend", "gather_bmm")
     seen = []
     init = EngineCore.__init__
-    monkeypatch.setattr(EngineCore, "__init__",
-                        lambda self, config, *a: seen.append(config) or init(self, config, *a))  # fmt: skip
-    bench_engine.run_cold_ray("greedy", 1, 8, 2, str(tiny_adapters[0]), str(tiny_llama),
-                              {"cpu_rowwise_kernels": False, "lora_backend": "gather_bmm"})  # fmt: skip
+    monkeypatch.setattr(
+        EngineCore,
+        "__init__",
+        lambda self, config, *a: seen.append(config) or init(self, config, *a),
+    )
+    bench_engine.run_cold_ray(
+        "greedy",
+        1,
+        8,
+        2,
+        str(tiny_adapters[0]),
+        str(tiny_llama),
+        {"cpu_rowwise_kernels": False, "lora_backend": "gather_bmm"},
+    )
     assert [(c.cpu_rowwise_kernels, c.lora_backend) for c in seen] == [(False, "gather_bmm")]
 
 
@@ -261,10 +318,14 @@ BAD_ARGUMENTS = [  # (benchmark, argv, what the usage error must name)
 def test_bad_arguments_are_usage_errors_naming_the_problem(bench, argv, named, capsys):
     """Refused before anything runs (engine parses in main, which would otherwise start
     benchmark children), with argparse's usage error saying which value was wrong."""
-    parse = {"engine": bench_engine.main, "item_latency": item_latency.parse_args,
-             "prefix": lambda a: arrivals.parse_args("prefix", a),
-             "itl": lambda a: arrivals.parse_args("itl", a),
-             "gemm": gemm.main, "attention": attention.parse_args}[bench]  # fmt: skip
+    parse = {
+        "engine": bench_engine.main,
+        "item_latency": item_latency.parse_args,
+        "prefix": lambda a: arrivals.parse_args("prefix", a),
+        "itl": lambda a: arrivals.parse_args("itl", a),
+        "gemm": gemm.main,
+        "attention": attention.parse_args,
+    }[bench]
     with pytest.raises(SystemExit) as e:
         parse(argv)
     assert e.value.code == 2
@@ -308,59 +369,113 @@ def test_shared_prefix_workloads_share_their_prefix_token_wise(kind, smollm2):
 
 
 def _run(workload, decoding, variant, p50, tps, digest="d", itl=None):
-    return {"scenario": "prefix" if workload != "streams" else "itl", "workload": workload,
-            "decoding": decoding, "variant": variant, "ttft_ms": {"p50": p50, "p95": 2 * p50},
-            "tokens_per_s": tps, "prefix_hit_rate": 0.9 if variant == "cache on" else None,
-            "prompt_tokens_computed_fraction": 0.1, "tokens_digest": digest,
-            "itl_ms": itl or {"p50": None, "p99": None, "max": None, "count": 0},
-            "long_ttft_ms": {"p50": 9.0} if isinstance(variant, int) else None}  # fmt: skip
+    return {
+        "scenario": "prefix" if workload != "streams" else "itl",
+        "workload": workload,
+        "decoding": decoding,
+        "variant": variant,
+        "ttft_ms": {"p50": p50, "p95": 2 * p50},
+        "tokens_per_s": tps,
+        "prefix_hit_rate": 0.9 if variant == "cache on" else None,
+        "prompt_tokens_computed_fraction": 0.1,
+        "tokens_digest": digest,
+        "itl_ms": itl or {"p50": None, "p99": None, "max": None, "count": 0},
+        "long_ttft_ms": {"p50": 9.0} if isinstance(variant, int) else None,
+    }
 
 
 def test_prefix_compare_ratios_goals_and_exactness():
-    rows = arrivals.compare([
-        _run("chat", "cold", "cache on", 20.0, 30.0), _run("chat", "cold", "cache off", 100.0, 10.0),
-        _run("fewshot", "cold", "cache on", 50.0, 12.0, "x"),
-        _run("fewshot", "cold", "cache off", 100.0, 10.0)])  # fmt: skip
+    rows = arrivals.compare(
+        [
+            _run("chat", "cold", "cache on", 20.0, 30.0),
+            _run("chat", "cold", "cache off", 100.0, 10.0),
+            _run("fewshot", "cold", "cache on", 50.0, 12.0, "x"),
+            _run("fewshot", "cold", "cache off", 100.0, 10.0),
+        ]
+    )
     chat, chat_off, few, _ = rows
     assert chat["ttft_p50_over_reference"] == 0.2 and chat["tokens_per_s_over_reference"] == 3.0
     assert chat["same_tokens_as_reference"] and not few["same_tokens_as_reference"]
     assert "ttft_p50_over_reference" not in chat_off  # the reference itself
-    got = {g["goal"]: (g["values"], g["met"]) for g in goals.check_run(
-        "serving:prefix", {"comparison": rows})}  # fmt: skip
+    got = {
+        g["goal"]: (g["values"], g["met"])
+        for g in goals.check_run("serving:prefix", {"comparison": rows})
+    }
     assert got["prefix_ttft"] == ({"chat CoLD": 0.2, "fewshot CoLD": 0.5}, False)
     assert got["prefix_tokens"] == ({"chat CoLD": 3.0, "fewshot CoLD": 1.2}, False)
 
 
 def test_itl_compare_against_no_arrivals():
     quiet = {"p50": 2.0, "p99": 4.0, "max": 5.0, "count": 9}
-    rows = arrivals.compare([
-        _run("streams", "plain", "none", 1.0, 10.0, itl=quiet),
-        _run("streams", "plain", 64, 1.0, 10.0, itl={**quiet, "p50": 3.0, "p99": 12.0})])  # fmt: skip
+    rows = arrivals.compare(
+        [
+            _run("streams", "plain", "none", 1.0, 10.0, itl=quiet),
+            _run("streams", "plain", 64, 1.0, 10.0, itl={**quiet, "p50": 3.0, "p99": 12.0}),
+        ]
+    )
     assert rows[1]["itl_p50_over_reference"] == 1.5 and rows[1]["itl_p99_over_reference"] == 3.0
     assert rows[1]["long_ttft_p50_ms"] == 9.0 and "long_ttft_p50_ms" not in rows[0]
 
 
 def test_settings_keep_variants_adjacent_and_alternate_their_order(capsys):
-    args = arrivals.parse_args("prefix", ["--rounds", "2", "--workloads", "chat", "--decodings",
-                                          "cold"])  # fmt: skip
+    args = arrivals.parse_args(
+        "prefix", ["--rounds", "2", "--workloads", "chat", "--decodings", "cold"]
+    )
     assert [s["variant"] for s in arrivals.settings(args)] == [
-        "cache on", "cache off", "cache off", "cache on"]  # fmt: skip
+        "cache on",
+        "cache off",
+        "cache off",
+        "cache on",
+    ]
     args = arrivals.parse_args("itl", ["--budgets", "64,1024", "--rounds", "2"])
     assert [s["variant"] for s in arrivals.settings(args)] == ["none", 64, 1024, 1024, 64, "none"]
     with pytest.raises(SystemExit):
-        arrivals.parse_args("itl", ["--stream-tokens", "40", "--arrive-at", "16",
-                                    "--arrive-every", "24", "--long-prompts", "2"])  # fmt: skip
+        arrivals.parse_args(
+            "itl",
+            [
+                "--stream-tokens",
+                "40",
+                "--arrive-at",
+                "16",
+                "--arrive-every",
+                "24",
+                "--long-prompts",
+                "2",
+            ],
+        )
     assert "raise it above 40" in capsys.readouterr().err
 
 
 def test_prefix_run_hits_the_cache_and_keeps_the_tokens(tiny_llama, tiny_adapters):
     """One user, two requests back to back: the second reuses the first's prefix blocks; with
     the cache off nothing is reused; both give the same tokens."""
-    args = arrivals.parse_args("prefix", [
-        "--users", "1", "--requests-per-user", "2", "--interval-ms", "0", "--new-tokens", "3",
-        "--shots", "0", "--max-prefill-tokens", "64", "--prefix-cache-mib", "4",
-        "--adapter", str(tiny_adapters[0]), "--model", str(tiny_llama), "--workloads",
-        "fewshot", "--decodings", "cold"])  # fmt: skip
+    args = arrivals.parse_args(
+        "prefix",
+        [
+            "--users",
+            "1",
+            "--requests-per-user",
+            "2",
+            "--interval-ms",
+            "0",
+            "--new-tokens",
+            "3",
+            "--shots",
+            "0",
+            "--max-prefill-tokens",
+            "64",
+            "--prefix-cache-mib",
+            "4",
+            "--adapter",
+            str(tiny_adapters[0]),
+            "--model",
+            str(tiny_llama),
+            "--workloads",
+            "fewshot",
+            "--decodings",
+            "cold",
+        ],
+    )
     on, off = (arrivals.run_setting(s) for s in arrivals.settings(args))
     assert on["requests"] == off["requests"] == 2
     assert on["generated_tokens"] == off["generated_tokens"] == 6
@@ -376,11 +491,33 @@ def test_prefix_run_hits_the_cache_and_keeps_the_tokens(tiny_llama, tiny_adapter
 def test_itl_run_stamps_every_stream_token(tiny_llama, tiny_adapters):
     from transformers import AutoTokenizer
 
-    args = arrivals.parse_args("itl", [
-        "--streams", "2", "--stream-tokens", "12", "--long-prompts", "2", "--long-len", "40",
-        "--long-new-tokens", "2", "--arrive-at", "3", "--arrive-every", "4", "--decoding",
-        "cold", "--budgets", "16", "--adapter", str(tiny_adapters[0]), "--model",
-        str(tiny_llama)])  # fmt: skip
+    args = arrivals.parse_args(
+        "itl",
+        [
+            "--streams",
+            "2",
+            "--stream-tokens",
+            "12",
+            "--long-prompts",
+            "2",
+            "--long-len",
+            "40",
+            "--long-new-tokens",
+            "2",
+            "--arrive-at",
+            "3",
+            "--arrive-every",
+            "4",
+            "--decoding",
+            "cold",
+            "--budgets",
+            "16",
+            "--adapter",
+            str(tiny_adapters[0]),
+            "--model",
+            str(tiny_llama),
+        ],
+    )
     quiet, busy = (arrivals.run_setting(s) for s in arrivals.settings(args))
     assert busy["itl_ms"]["count"] == quiet["itl_ms"]["count"] == 2 * (12 - 3)  # same gaps
     assert busy["prompt_tokens_computed"] >= 2 * 2 * 40  # both long prompts, both CoLD rows
@@ -399,9 +536,24 @@ def test_item_latency_small_run(tiny_llama, tiny_adapters, tmp_path, monkeypatch
     import json
 
     monkeypatch.setenv("COLD_RAY_CACHE", str(tmp_path))  # the demo split is written there
-    argv = ["--model", str(tiny_llama), "--adapter", str(tiny_adapters[0]), "--n", "3",
-            "--max-tokens", "4", "--max-model-len", "256", "--batched", "--rounds", "2",
-            "--json", "--plot", str(tmp_path / "il.png")]  # fmt: skip
+    argv = [
+        "--model",
+        str(tiny_llama),
+        "--adapter",
+        str(tiny_adapters[0]),
+        "--n",
+        "3",
+        "--max-tokens",
+        "4",
+        "--max-model-len",
+        "256",
+        "--batched",
+        "--rounds",
+        "2",
+        "--json",
+        "--plot",
+        str(tmp_path / "il.png"),
+    ]
     assert item_latency.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     for part in ("alone", "batched"):
@@ -409,12 +561,22 @@ def test_item_latency_small_run(tiny_llama, tiny_adapters, tmp_path, monkeypatch
             r = out[part][mode]
             assert r["items"] == 3 and 1 <= r["completion_tokens_mean"] <= 4
             assert r["latency_ms_median"] > 0 and 0 <= r["accuracy"] <= 1
-    assert set(out["ratios_cold_over_greedy"]) == {"alone_latency_mean", "alone_latency_median",
-                                                   "alone_ms_per_token", "completion_tokens_mean",
-                                                   "batched_wall_per_item"}  # fmt: skip
+    assert set(out["ratios_cold_over_greedy"]) == {
+        "alone_latency_mean",
+        "alone_latency_median",
+        "alone_ms_per_token",
+        "completion_tokens_mean",
+        "batched_wall_per_item",
+    }
     assert (tmp_path / "il.png").stat().st_size > 0
-    bad = ["--model", str(tiny_llama), "--adapter", str(tiny_adapters[0]), "--data",
-           str(tmp_path / "missing.jsonl")]  # fmt: skip
+    bad = [
+        "--model",
+        str(tiny_llama),
+        "--adapter",
+        str(tiny_adapters[0]),
+        "--data",
+        str(tmp_path / "missing.jsonl"),
+    ]
     assert item_latency.main(bad) == 2
 
 

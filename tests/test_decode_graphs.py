@@ -80,8 +80,9 @@ def test_each_graph_is_checked_against_the_eager_step(tiny_llama, tiny_adapters)
         graphs.check_replay(_Stale(), graphs.forward(*key), *key)
 
 
-def test_an_engine_whose_graphs_fail_their_check_runs_eagerly(tiny_llama, tiny_adapters,
-                                                              monkeypatch, caplog):  # fmt: skip
+def test_an_engine_whose_graphs_fail_their_check_runs_eagerly(
+    tiny_llama, tiny_adapters, monkeypatch, caplog
+):
     from contextlib import nullcontext
 
     from cold_ray import device as devices
@@ -116,8 +117,9 @@ def test_captured_steps_replay_the_eager_steps(tiny_llama, tiny_adapters, dtype)
     runs = {}
     for name, core in (("graphed", graphed), ("eager", eager)):
         runs[name] = [o["token_ids"] for o in core.generate(prompts, params)]
-        runs[name] += [o["token_ids"] for o in core.generate(prompts[:2], params, "a0",
-                                                             ColdParams())]  # fmt: skip
+        runs[name] += [
+            o["token_ids"] for o in core.generate(prompts[:2], params, "a0", ColdParams())
+        ]
         runs[name] += [o["token_ids"] for o in core.generate(prompts[1:], params, "a1")]
     if dtype == "float32":
         assert runs["graphed"] == runs["eager"]

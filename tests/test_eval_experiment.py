@@ -63,10 +63,17 @@ def test_answer_loss_matches_full_logits(tiny_llama):
 
 def test_pipeline_on_tiny_model(tiny_llama, tmp_path):
     config = ExperimentConfig(
-        out=tmp_path / "exp", model=str(tiny_llama), n_test=6, n_dev=4, n_latency=2,
-        alphas=(0.1,), betas=(0.5, 1.0), max_rows=8, rounds=2,
+        out=tmp_path / "exp",
+        model=str(tiny_llama),
+        n_test=6,
+        n_dev=4,
+        n_latency=2,
+        alphas=(0.1,),
+        betas=(0.5, 1.0),
+        max_rows=8,
+        rounds=2,
         train=TrainConfig(checkpoints=(2, 1), batch_size=2, warmup=1, rank=4),
-    )  # fmt: skip
+    )
     results = run(config)
     assert json.loads((tmp_path / "exp" / "results.json").read_text()) == json.loads(
         json.dumps(results)
@@ -98,13 +105,22 @@ def test_pipeline_on_tiny_model(tiny_llama, tmp_path):
         for mode in ("greedy", "cold"):
             assert again["checkpoints"][steps][mode]["correct"] == c[mode]["correct"]
     # Without `fresh`, figures of the same configuration are kept, also for a shorter list.
-    shorter = ExperimentConfig(**{**config.__dict__, "train": TrainConfig(
-        checkpoints=(1,), batch_size=2, warmup=1, rank=4)})  # fmt: skip
+    shorter = ExperimentConfig(
+        **{
+            **config.__dict__,
+            "train": TrainConfig(checkpoints=(1,), batch_size=2, warmup=1, rank=4),
+        }
+    )
     kept = run(shorter)
     assert kept["checkpoints"] == again["checkpoints"] and kept["base"] == again["base"]
     # eval_only trains nothing: a step count with no saved checkpoint is left out.
-    longer = ExperimentConfig(**{**config.__dict__, "eval_only": True, "train": TrainConfig(
-        checkpoints=(1, 2, 3), batch_size=2, warmup=1, rank=4)})  # fmt: skip
+    longer = ExperimentConfig(
+        **{
+            **config.__dict__,
+            "eval_only": True,
+            "train": TrainConfig(checkpoints=(1, 2, 3), batch_size=2, warmup=1, rank=4),
+        }
+    )
     assert list(run(longer)["checkpoints"]) == ["1", "2"]
     assert not (tmp_path / "exp" / "adapters" / "step-3").exists()
 

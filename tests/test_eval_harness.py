@@ -37,8 +37,9 @@ class ScriptedCore:
             req.output_ids = list(range(len(text.split()) or 1))
             half = len(text) // 2  # streamed in two pieces, like the engine's deltas
             outs.append(RequestOutput(req.request_id, text[:half], []))
-            outs.append(RequestOutput(req.request_id, text[half:], [], finished=True,
-                                      finish_reason="stop"))  # fmt: skip
+            outs.append(
+                RequestOutput(req.request_id, text[half:], [], finished=True, finish_reason="stop")
+            )
         self.waiting = self.waiting[self.per_step :]
         return outs
 
@@ -65,8 +66,13 @@ def _script(adapter, cold, prompt):
     return OUTPUTS[kind][int(prompt.rsplit("q", 1)[1][0])]
 
 
-TASK = Task("gsm8k", lambda q: f"Question: {q}\nAnswer:", harness.extract.gsm8k,
-            stop=("\nQuestion:",), max_tokens=32)  # fmt: skip
+TASK = Task(
+    "gsm8k",
+    lambda q: f"Question: {q}\nAnswer:",
+    harness.extract.gsm8k,
+    stop=("\nQuestion:",),
+    max_tokens=32,
+)
 
 
 @pytest.mark.parametrize("kw", [{}, {"interleave": True}, {"rounds": 2}, {"rounds": 5}])
@@ -99,8 +105,10 @@ def test_accuracy_on_known_outputs(kw):
 def test_items_and_modes_are_validated(tmp_path):
     f = tmp_path / "t.jsonl"
     f.write_text('{"question": "q", "answer": 3}\n\n{"question": "r", "answer": "#### 4"}\n')
-    assert harness.load_items(f) == [{"question": "q", "answer": "3"},
-                                     {"question": "r", "answer": "#### 4"}]  # fmt: skip
+    assert harness.load_items(f) == [
+        {"question": "q", "answer": "3"},
+        {"question": "r", "answer": "#### 4"},
+    ]
     assert len(harness.load_items(f, n=1)) == 1
     f.write_text('{"question": "q"}\n')
     with pytest.raises(ValueError, match="t.jsonl:1: expected an object"):
@@ -109,8 +117,13 @@ def test_items_and_modes_are_validated(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         harness.load_items(f)
     with pytest.raises(ValueError, match="no answer can be extracted"):
-        evaluate(ScriptedCore(_script), [{"question": "q0", "answer": "none"}], "ad",
-                 [Mode("greedy")], TASK)  # fmt: skip
+        evaluate(
+            ScriptedCore(_script),
+            [{"question": "q0", "answer": "none"}],
+            "ad",
+            [Mode("greedy")],
+            TASK,
+        )
     with pytest.raises(ValueError, match="need an adapter"):
         evaluate(ScriptedCore(_script), ITEMS, None, [Mode("greedy")], TASK)
     with pytest.raises(ValueError, match="alpha must be in"):
@@ -194,16 +207,18 @@ def test_harness_outputs_equal_plain_engine_generation(core):
     # alpha = 1 keeps only the expert's argmax: CoLD-greedy equals expert greedy (docs/design.md §1)
     assert report.results[2].texts == report.results[0].texts
     # scoring items with gold = the greedy output: greedy is right on every item
-    gold_items = [{"question": q, "answer": t} for q, t in zip(QUESTIONS, report.results[0].texts)
-                  if t.strip()]  # fmt: skip
+    gold_items = [
+        {"question": q, "answer": t}
+        for q, t in zip(QUESTIONS, report.results[0].texts)
+        if t.strip()
+    ]
     again = evaluate(core, gold_items, "ad", [Mode("greedy")], TINY)
     assert again.results[0].num_correct == len(gold_items)
 
 
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    report = evaluate(ScriptedCore(_script), ITEMS, "ad", harness.default_modes([(0.1, 0.5)]),
-                      TASK)  # fmt: skip
+    report = evaluate(ScriptedCore(_script), ITEMS, "ad", harness.default_modes([(0.1, 0.5)]), TASK)
     harness.plot(report, tmp_path / "eval.png")
     assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
     harness.plot(json.loads(json.dumps(report.to_dict())), tmp_path / "again.png")  # from --json

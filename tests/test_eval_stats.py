@@ -133,8 +133,11 @@ def test_decide_bonferroni_over_the_grid():
     greedy = [False] * 100
     gain = [True] * 8 + [False] * 92
     assert decide(greedy, {(0.1, 0.5): gain}).cold_enabled
-    grid = {(a, b): (gain if (a, b) == (0.1, 0.5) else greedy)
-            for a in (0.05, 0.1, 0.3) for b in (0.1, 0.5, 1.0)}  # fmt: skip
+    grid = {
+        (a, b): (gain if (a, b) == (0.1, 0.5) else greedy)
+        for a in (0.05, 0.1, 0.3)
+        for b in (0.1, 0.5, 1.0)
+    }
     d = decide(greedy, grid)
     assert not d.cold_enabled and d.tried[0]["p_bonferroni"] == pytest.approx(9 * 2 / 256)
 

@@ -14,8 +14,9 @@ from cold_ray.eval.tune import format_decision, tune
 from cold_ray.model.loader import read_model_args
 
 WORDS = "the quick brown fox jumps over lazy dog one two three four five six seven eight".split()
-PROMPTS = [f"{WORDS[i % 16]} {WORDS[(3 * i + 1) % 16]} {WORDS[(5 * i + 2) % 16]} ="
-           for i in range(16)]  # fmt: skip
+PROMPTS = [
+    f"{WORDS[i % 16]} {WORDS[(3 * i + 1) % 16]} {WORDS[(5 * i + 2) % 16]} =" for i in range(16)
+]
 TASK = Task("tiny", lambda q: q, lambda t: t.strip() or None, stop=(), max_tokens=6)
 PARAMS = SamplingParams(temperature=0.0, max_tokens=TASK.max_tokens)
 WIN = ColdParams(0.1, 1.0)

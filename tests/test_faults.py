@@ -40,7 +40,7 @@ LONG = {
     "max_tokens": 4000,
     "ignore_eos": True,
     "temperature": 0,
-}  # fmt: skip  (CoLD by default: two rows)
+}  # CoLD by default: two rows
 APP = {"name": "faults", "route_prefix": "/"}
 ZERO_CPU = {"ray_actor_options": {"num_cpus": 0}}
 
@@ -140,9 +140,11 @@ class RawRequest:
     def __init__(self, app, body: dict):
         host, port = app["url"].removeprefix("http://").split(":")
         data = json.dumps(body).encode()
-        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\n"
-                f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n")  # fmt: skip
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        )
         self.sock = socket.create_connection((host, int(port)), timeout=30)
         self.sock.sendall(head.encode() + data)
 
@@ -183,8 +185,9 @@ def test_vanished_clients_free_rows_kv_and_queue_at_once(app):
 
 def test_adapter_corrupted_after_registration_fails_alone(app):
     for name, folder in (("victim", "a1"), ("bystander", "a2")):
-        r = admin(app, "POST", "/v1/adapters",
-                  json={"name": name, "source": str(app["uploads"] / folder)})  # fmt: skip
+        r = admin(
+            app, "POST", "/v1/adapters", json={"name": name, "source": str(app["uploads"] / folder)}
+        )
         assert r.status_code == 201, r.text
     pid = replica_info()["pid"]
     weights = app["uploads"] / "a1" / "adapter_model.safetensors"
@@ -232,11 +235,15 @@ def test_hostile_adapter_sources_and_files_are_refused(app, tmp_path):
 
     up, src = app["uploads"], app["adapters"][0]
     shutil.copytree(src, up / "lying-header")
-    _rewrite_header(up / "lying-header" / "adapter_model.safetensors",
-                    lambda h: _first_lora_a(h).__setitem__("shape", [64, 64]))  # fmt: skip
+    _rewrite_header(
+        up / "lying-header" / "adapter_model.safetensors",
+        lambda h: _first_lora_a(h).__setitem__("shape", [64, 64]),
+    )
     shutil.copytree(src, up / "lying-offsets")
-    _rewrite_header(up / "lying-offsets" / "adapter_model.safetensors",
-                    lambda h: _first_lora_a(h).__setitem__("data_offsets", [0, 1 << 40]))  # fmt: skip
+    _rewrite_header(
+        up / "lying-offsets" / "adapter_model.safetensors",
+        lambda h: _first_lora_a(h).__setitem__("data_offsets", [0, 1 << 40]),
+    )
     shutil.copytree(src, up / "wrong-shape")
     t = load_file(up / "wrong-shape" / "adapter_model.safetensors")
     key = next(k for k in t if "v_proj.lora_B" in k)
@@ -542,8 +549,9 @@ def test_replica_killed_mid_stream_fails_cleanly_and_is_replaced(app):
         results.append(post(app, timeout=60, **LONG))
 
     with httpx.Client(base_url=app["url"], timeout=30) as c:  # a hang fails as a ReadTimeout
-        with c.stream("POST", "/v1/completions", json={**LONG, "stream": True},
-                      headers=CLIENT) as r:  # fmt: skip
+        with c.stream(
+            "POST", "/v1/completions", json={**LONG, "stream": True}, headers=CLIENT
+        ) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
             while not next(lines).startswith("data: "):
@@ -583,8 +591,12 @@ def test_replica_killed_mid_stream_fails_cleanly_and_is_replaced(app):
 def test_app_restart_keeps_the_registry_and_reloads_adapters_on_demand(app):
     from ray import serve
 
-    r = admin(app, "POST", "/v1/adapters",
-              json={"name": "dyn", "source": str(app["uploads"] / "a2"), "beta": 0.7})  # fmt: skip
+    r = admin(
+        app,
+        "POST",
+        "/v1/adapters",
+        json={"name": "dyn", "source": str(app["uploads"] / "a2"), "beta": 0.7},
+    )
     assert r.status_code == 201, r.text
     want = post(app, model="dyn", max_tokens=12, ignore_eos=True).json()
     with httpx.Client(base_url=app["url"], timeout=60) as c:

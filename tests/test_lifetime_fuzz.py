@@ -68,18 +68,29 @@ def versions(tiny_root, tiny_llama, tiny_adapters):
         shutil.copytree(tiny_adapters[0], broken)
         (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
     return {
-        "a0": tiny_adapters[0], "a1": tiny_adapters[1], "a2": tiny_adapters[2],
+        "a0": tiny_adapters[0],
+        "a1": tiny_adapters[1],
+        "a2": tiny_adapters[2],
         "a1-v2": make_peft_adapter(tiny_llama, tiny_root / "a1-v2", rank=4, seed=21),
-        "overflow": make_peft_adapter(tiny_llama, tiny_root / "overflow-fz", rank=4, seed=3,
-                                      std=1e19),
+        "overflow": make_peft_adapter(
+            tiny_llama, tiny_root / "overflow-fz", rank=4, seed=3, std=1e19
+        ),
         "broken": broken,
-    }  # fmt: skip
+    }
 
 
 def _alone(tiny_llama, versions, **config):
     """The simplest correct version: each request by itself on an engine with one row pair."""
-    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=64,
-                                   prefix_cache_bytes=0, max_loras=6, **config))  # fmt: skip
+    core = EngineCore(
+        EngineConfig(
+            model=str(tiny_llama),
+            max_rows=2,
+            max_model_len=64,
+            prefix_cache_bytes=0,
+            max_loras=6,
+            **config,
+        )
+    )
     for name, path in versions.items():
         if name != "broken":
             core.register_adapter(name, path)
@@ -132,9 +143,12 @@ class Scenario:
         self.specs = random_specs(self.rng, core.args.vocab_size)
         last = max(s.arrive for s in self.specs) + 4
         self.faults = {self.rng.randrange(last): self.rng.choice(PHASES) for _ in range(3)}
-        self.registry_events = {self.rng.randrange(last): self.rng.choice(
-            ["replace a1", "restore a1", "delete a2", "restore a2", "timeout"])
-            for _ in range(2)}  # fmt: skip
+        self.registry_events = {
+            self.rng.randrange(last): self.rng.choice(
+                ["replace a1", "restore a1", "delete a2", "restore a2", "timeout"]
+            )
+            for _ in range(2)
+        }
         self.tracked: list[Tracked] = []
         self.step = 0
         self._wrap()
@@ -266,8 +280,9 @@ class Scenario:
         self.core.add(t.req)
 
     def _record(self, out) -> None:
-        t = next(t for t in self.tracked if t.req is not None and t.req.request_id
-                 == out.request_id)  # fmt: skip
+        t = next(
+            t for t in self.tracked if t.req is not None and t.req.request_id == out.request_id
+        )
         t.tokens += out.token_ids
         t.text += out.text
         if out.finished:
@@ -335,9 +350,16 @@ def test_every_untouched_request_decodes_as_if_alone(
             for n in ("a0", "a1", "a2", "overflow")
         }
         catalog["broken"] = AdapterSource(str(versions["broken"]), sha256="0" * 64)
-        config = dict(model=str(tiny_llama), max_rows=5, max_model_len=64, max_loras=2,
-                      max_prefill_tokens=7, prefix_cache_bytes=24 << 10, prefix_block_size=4,
-                      request_timeout_s=600.0)  # fmt: skip
+        config = dict(
+            model=str(tiny_llama),
+            max_rows=5,
+            max_model_len=64,
+            max_loras=2,
+            max_prefill_tokens=7,
+            prefix_cache_bytes=24 << 10,
+            prefix_block_size=4,
+            request_timeout_s=600.0,
+        )
         core = EngineCore(EngineConfig(**{**config, **variant}), resolver=catalog.__getitem__)
         try:
             Scenario(seed, core, catalog, versions).run(alone)

@@ -30,11 +30,22 @@ from cold_ray.benchmarks.serving.loadtest.stats import (
 
 
 def _record(t0, latency_ms, ok=True, status=200, ttft=None, itl=(), tokens=10, decoding="cold"):
-    return {"t_start": t0, "t_end": t0 + latency_ms / 1000, "endpoint": "completions",
-            "stream": ttft is not None, "decoding": decoding, "model": "a", "status": status,
-            "ok": ok, "error": None if ok else "boom", "latency_ms": latency_ms,
-            "ttft_ms": ttft, "itl_ms": list(itl), "prompt_tokens": 5,
-            "completion_tokens": tokens if ok else 0}  # fmt: skip
+    return {
+        "t_start": t0,
+        "t_end": t0 + latency_ms / 1000,
+        "endpoint": "completions",
+        "stream": ttft is not None,
+        "decoding": decoding,
+        "model": "a",
+        "status": status,
+        "ok": ok,
+        "error": None if ok else "boom",
+        "latency_ms": latency_ms,
+        "ttft_ms": ttft,
+        "itl_ms": list(itl),
+        "prompt_tokens": 5,
+        "completion_tokens": tokens if ok else 0,
+    }
 
 
 def test_percentile_interpolates_like_numpy():
@@ -165,8 +176,10 @@ def test_durations_overrides_and_locust_args():
     apply_override(config, "applications.0.args.model=/tmp/m")
     apply_override(config, "applications.0.args.adapters=[]")
     apply_override(config, "http_options.port=8123")
-    assert config == {"applications": [{"args": {"model": "/tmp/m", "adapters": []}}],
-                      "http_options": {"port": 8123}}  # fmt: skip
+    assert config == {
+        "applications": [{"args": {"model": "/tmp/m", "adapters": []}}],
+        "http_options": {"port": 8123},
+    }
     with pytest.raises(ValueError):
         apply_override(config, "applications.3.args=1")
     args = Workload(mix="identical", ignore_eos=True, adapters="").locust_args()
@@ -251,9 +264,24 @@ def _loadtest(*argv):
 def test_headless_locust_run_against_stub(stub_url, tmp_path):
     # 6 s: Locust runs niced, and on a loaded machine a 3 s run once finished no request at all
     out = tmp_path / "run"
-    proc = _loadtest("--host", stub_url, "--users", "3", "--duration", "6s", "--out", str(out),
-                     "--max-tokens", "uniform:4:12", "--mix", "uniform", "--max-failure-rate",
-                     "0", "--locust-nice", "5")  # fmt: skip
+    proc = _loadtest(
+        "--host",
+        stub_url,
+        "--users",
+        "3",
+        "--duration",
+        "6s",
+        "--out",
+        str(out),
+        "--max-tokens",
+        "uniform:4:12",
+        "--mix",
+        "uniform",
+        "--max-failure-rate",
+        "0",
+        "--locust-nice",
+        "5",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["requests"] > 10 and s["failures"] == 0 and s["rejected_503"] == 0
@@ -272,9 +300,22 @@ def test_headless_locust_run_against_stub(stub_url, tmp_path):
     assert "TTFT" in stats_csv and "ITL" in stats_csv  # custom Locust metrics
 
     # the same service with an impossible TTFT limit: a non-zero exit naming the limit
-    proc = _loadtest("--host", stub_url, "--users", "1", "--duration", "3s", "--out",
-                     str(tmp_path / "strict"), "--stream-fraction", "1", "--max-tokens",
-                     "fixed:4", "--max-p95-ttft-ms", "0.0001")  # fmt: skip
+    proc = _loadtest(
+        "--host",
+        stub_url,
+        "--users",
+        "1",
+        "--duration",
+        "3s",
+        "--out",
+        str(tmp_path / "strict"),
+        "--stream-fraction",
+        "1",
+        "--max-tokens",
+        "fixed:4",
+        "--max-p95-ttft-ms",
+        "0.0001",
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "THRESHOLD MISSED: p95 time to first token" in proc.stderr
 
@@ -285,22 +326,57 @@ def test_shared_prefix_prompt_modes(stub_url, tmp_path):
     from cold_ray.benchmarks.workloads import SYSTEM_PROMPT, fewshot_prefix, question_pool
 
     prefix, pool = fewshot_prefix(3), set(question_pool())
-    proc = _loadtest("--host", stub_url, "--users", "2", "--duration", "4s", "--out",
-                     str(tmp_path / "fewshot"), "--prompt-mode", "fewshot", "--shots", "3",
-                     "--max-tokens", "fixed:2", "--mix", "uniform", "--locust-nice", "0")  # fmt: skip
+    proc = _loadtest(
+        "--host",
+        stub_url,
+        "--users",
+        "2",
+        "--duration",
+        "4s",
+        "--out",
+        str(tmp_path / "fewshot"),
+        "--prompt-mode",
+        "fewshot",
+        "--shots",
+        "3",
+        "--max-tokens",
+        "fixed:2",
+        "--mix",
+        "uniform",
+        "--locust-nice",
+        "0",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     texts = [b["prompt"] if "prompt" in b else b["messages"][-1]["content"] for b in _Stub.bodies]
     assert len(texts) > 2 and {"prompt", "messages"} <= {k for b in _Stub.bodies for k in b}
     assert all(t.startswith(prefix) and t.endswith("\nAnswer:") for t in texts)
-    questions = [t[len(prefix) :].removeprefix("Question: ").removesuffix("\nAnswer:")
-                 for t in texts]  # fmt: skip
+    questions = [
+        t[len(prefix) :].removeprefix("Question: ").removesuffix("\nAnswer:") for t in texts
+    ]
     assert set(questions) <= pool and len(set(questions)) > 1
     assert prefix.count("\n#### ") == 3  # three worked examples
 
     _Stub.bodies.clear()
-    proc = _loadtest("--host", stub_url, "--users", "2", "--duration", "4s", "--out",
-                     str(tmp_path / "system"), "--prompt-mode", "system", "--chat-fraction",
-                     "0", "--max-tokens", "fixed:2", "--mix", "uniform", "--locust-nice", "0")  # fmt: skip
+    proc = _loadtest(
+        "--host",
+        stub_url,
+        "--users",
+        "2",
+        "--duration",
+        "4s",
+        "--out",
+        str(tmp_path / "system"),
+        "--prompt-mode",
+        "system",
+        "--chat-fraction",
+        "0",
+        "--max-tokens",
+        "fixed:2",
+        "--mix",
+        "uniform",
+        "--locust-nice",
+        "0",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(_Stub.bodies) > 2
     for b in _Stub.bodies:
@@ -331,8 +407,10 @@ def test_soak_gauges_and_verdicts():
     assert parse_gauges("ray_other 1\n") == {}
     args = argparse.Namespace(rss_baseline_s=120, max_rss_growth=0.05, max_queue=10)
     summary = summarize([_record(0.0, 100), _record(1.0, 5, ok=False, status=503)])
-    samples = [{"t": t, "rss_mib": 1000 + (t > 60) * 100 + t / 100, "engine": {"waiting_requests": 3}}
-               for t in range(0, 600, 5)]  # fmt: skip
+    samples = [
+        {"t": t, "rss_mib": 1000 + (t > 60) * 100 + t / 100, "engine": {"waiting_requests": 3}}
+        for t in range(0, 600, 5)
+    ]
     zero = dict.fromkeys(("running_rows", "running_requests", "waiting_requests"), 0.0)
     ok = checks(summary, samples, zero, args)
     assert all(v["passed"] for v in ok.values()), ok  # a warm-up jump before minute 2 is fine
@@ -377,8 +455,10 @@ def test_soak_gauges_skip_ports_that_do_not_speak_http():
     http = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
     threading.Thread(target=http.serve_forever, daemon=True).start()
     try:
-        urls = [f"http://127.0.0.1:{binary.getsockname()[1]}/metrics",
-                f"http://127.0.0.1:{http.server_address[1]}/metrics"]  # fmt: skip
+        urls = [
+            f"http://127.0.0.1:{binary.getsockname()[1]}/metrics",
+            f"http://127.0.0.1:{http.server_address[1]}/metrics",
+        ]
         service = type("Service", (), {"metrics_urls": lambda self: urls})()
         gauges = EngineGauges(service)
         assert gauges.read()["running_rows"] == 3.0
@@ -391,6 +471,8 @@ def test_soak_gauges_skip_ports_that_do_not_speak_http():
 def test_soak_plot_takes_samples_taken_before_the_gauges_were_exported(tmp_path):
     from cold_ray.benchmarks.serving.loadtest.report import plot_soak
 
-    samples = [{"t": 0.0, "rss_mib": 300.0, "engine": None},
-               {"t": 5.0, "rss_mib": 2500.0, "engine": {"running_rows": 4.0}}]  # fmt: skip
+    samples = [
+        {"t": 0.0, "rss_mib": 300.0, "engine": None},
+        {"t": 5.0, "rss_mib": 2500.0, "engine": {"running_rows": 4.0}},
+    ]
     assert plot_soak(samples, tmp_path / "soak.png").stat().st_size > 0

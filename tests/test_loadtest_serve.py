@@ -33,14 +33,29 @@ def adapter_overrides(tmp_path_factory):
 def test_short_locust_run_against_cpu_deployment(tmp_path, adapter_overrides):
     out = tmp_path / "lt"
     cmd = [
-        sys.executable, "-m", "cold_ray.benchmarks.serving.loadtest.cli",
-        "--deployment", str(REPO / "deployments" / "cold.yaml"),
-        "--set", f"applications.0.args.registry={tmp_path / 'registry.sqlite'}",
+        sys.executable,
+        "-m",
+        "cold_ray.benchmarks.serving.loadtest.cli",
+        "--deployment",
+        str(REPO / "deployments" / "cold.yaml"),
+        "--set",
+        f"applications.0.args.registry={tmp_path / 'registry.sqlite'}",
         *adapter_overrides,
-        "--users", "3", "--duration", "6s", "--out", str(out),
-        "--max-tokens", "uniform:4:12", "--prompt-tokens", "uniform:48:96",
-        "--mix", "identical", "--max-failure-rate", "0",
-    ]  # fmt: skip
+        "--users",
+        "3",
+        "--duration",
+        "6s",
+        "--out",
+        str(out),
+        "--max-tokens",
+        "uniform:4:12",
+        "--prompt-tokens",
+        "uniform:48:96",
+        "--mix",
+        "identical",
+        "--max-failure-rate",
+        "0",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO)
     serve_log = (out / "serve.log").read_text()[-3000:] if (out / "serve.log").exists() else ""
     assert proc.returncode == 0, proc.stdout + proc.stderr + serve_log

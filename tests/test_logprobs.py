@@ -21,8 +21,15 @@ PROMPT = [5, 17, 42, 99, 3, 250, 7, 8, 120, 64, 33, 12]
 
 @pytest.fixture(scope="module")
 def core(tiny_llama, tiny_adapters):
-    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=8, max_model_len=64,
-                                   max_prefill_tokens=5, prefix_block_size=4))  # fmt: skip
+    core = EngineCore(
+        EngineConfig(
+            model=str(tiny_llama),
+            max_rows=8,
+            max_model_len=64,
+            max_prefill_tokens=5,
+            prefix_block_size=4,
+        )
+    )
     core.register_adapter("a0", tiny_adapters[0])
     return core
 
@@ -65,8 +72,9 @@ def check_top(got, lp: torch.Tensor, n: int):
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_plain_logprobs_are_the_models_distribution(core, models, temperature):
     base, _ = models
-    params = SamplingParams(temperature=temperature, seed=7, max_tokens=6, ignore_eos=True,
-                            logprobs=3)  # fmt: skip
+    params = SamplingParams(
+        temperature=temperature, seed=7, max_tokens=6, ignore_eos=True, logprobs=3
+    )
     req, outs = run(core, PROMPT, params)
     lps = [lp for o in outs for lp in (o.logprobs or [])]
     assert [lp.token for lp in lps] == req.output_ids
@@ -130,8 +138,9 @@ def test_asking_changes_no_token(core):
     amateur head and the full one pick alike)."""
     for adapter, cold in [(None, None), ("a0", ColdParams(0.1, 0.5))]:
         plain = SamplingParams(temperature=0.9, seed=3, max_tokens=8, ignore_eos=True)
-        asked = SamplingParams(temperature=0.9, seed=3, max_tokens=8, ignore_eos=True,
-                               logprobs=2, prompt_logprobs=1)  # fmt: skip
+        asked = SamplingParams(
+            temperature=0.9, seed=3, max_tokens=8, ignore_eos=True, logprobs=2, prompt_logprobs=1
+        )
         a, _ = run(core, PROMPT, plain, adapter, cold)
         b, _ = run(core, PROMPT, asked, adapter, cold)
         assert a.output_ids == b.output_ids

@@ -125,8 +125,10 @@ def test_postgres_registry_serves_adapters_on_every_node(
     store = tmp_path / "store"  # an object store every node reaches (over HTTP)
     for i, a in enumerate(tiny_adapters):
         shutil.copytree(a, store / f"a{i}")
-    keys = [cache_key(weights_sha256(a), (a / "adapter_config.json").read_bytes())
-            for a in tiny_adapters]  # the name of each adapter's copy in a node's cache  # fmt: skip
+    keys = [
+        cache_key(weights_sha256(a), (a / "adapter_config.json").read_bytes())
+        for a in tiny_adapters
+    ]  # the name of each adapter's copy in a node's cache
 
     def fetched(node: str) -> set[str]:
         blobs = caches[node] / "blobs"
@@ -148,8 +150,9 @@ def test_postgres_registry_serves_adapters_on_every_node(
         )
         prepare(cfg)  # registers `boot` from node A (the driver)
         assert fetched("node_a") == {keys[0]} and fetched("node_b") == set()
-        serve.run(compose(cfg, pinned("node_b", 1), pinned("node_a", 0)), name="cold",
-                  route_prefix="/")  # fmt: skip
+        serve.run(
+            compose(cfg, pinned("node_b", 1), pinned("node_a", 0)), name="cold", route_prefix="/"
+        )
         assert _engine_cache() == str(caches["node_b"])
 
         # registered at start, served on node B from node B's own cache
@@ -158,29 +161,43 @@ def test_postgres_registry_serves_adapters_on_every_node(
         assert fetched("node_b") == {keys[0]}
 
         # registered through the API on node A, served on node B
-        status, body = http_json("POST", f"{base}/v1/adapters",
-                                 {"name": "posted", "source": f"{files}/a1"})  # fmt: skip
+        status, body = http_json(
+            "POST", f"{base}/v1/adapters", {"name": "posted", "source": f"{files}/a1"}
+        )
         assert status == 201, body
         wait_for(lambda: complete(base, "posted")[0] == 200, timeout=30, what="posted served")
         assert fetched("node_b") == {keys[0], keys[1]}
 
         # a node that joins later serves both, fetching them into its own cache
-        cluster.add_node(num_cpus=1, resources={"node_c": 100},
-                         env_vars={"COLD_RAY_CACHE": str(caches["node_c"]), "OMP_NUM_THREADS": "1"})  # fmt: skip
-        serve.run(compose(cfg, pinned("node_c", 1), pinned("node_a", 0)), name="cold",
-                  route_prefix="/")  # fmt: skip
-        wait_for(lambda: _engine_cache() == str(caches["node_c"]), timeout=60,
-                 what="the engine on node C")  # fmt: skip
+        cluster.add_node(
+            num_cpus=1,
+            resources={"node_c": 100},
+            env_vars={"COLD_RAY_CACHE": str(caches["node_c"]), "OMP_NUM_THREADS": "1"},
+        )
+        serve.run(
+            compose(cfg, pinned("node_c", 1), pinned("node_a", 0)), name="cold", route_prefix="/"
+        )
+        wait_for(
+            lambda: _engine_cache() == str(caches["node_c"]),
+            timeout=60,
+            what="the engine on node C",
+        )
         for name in ("boot", "posted"):
             assert complete(base, name)[0] == 200
         assert fetched("node_c") == {keys[0], keys[1]}
 
         # replaced on node A: the replica on node C serves the new version
-        status, body = http_json("POST", f"{base}/v1/adapters",
-                                 {"name": "posted", "source": f"{files}/a2", "replace": True})  # fmt: skip
+        status, body = http_json(
+            "POST",
+            f"{base}/v1/adapters",
+            {"name": "posted", "source": f"{files}/a2", "replace": True},
+        )
         assert status == 201 and body["sha256"] == weights_sha256(tiny_adapters[2])
-        wait_for(lambda: complete(base, "posted")[0] == 200 and keys[2] in fetched("node_c"),
-                 timeout=30, what="the new version served on node C")  # fmt: skip
+        wait_for(
+            lambda: complete(base, "posted")[0] == 200 and keys[2] in fetched("node_c"),
+            timeout=30,
+            what="the new version served on node C",
+        )
         # the old version's copy goes once no entry refers to it
         wait_for(lambda: keys[1] not in fetched("node_c"), timeout=30, what="the old copy swept")
 

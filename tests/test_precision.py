@@ -51,10 +51,14 @@ def bf16_core(request, tiny_llama, tiny_adapters):
     compiler) in the same precision."""
     if request.param == "kernels" and not compiler_present():
         pytest.skip(NO_COMPILER)
-    off = {} if request.param == "kernels" else dict(
-        cpu_gemm_kernel=False, cpu_attention_kernel=False, cpu_rowwise_kernels=False)  # fmt: skip
-    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=8, max_model_len=64,
-                                   dtype="bfloat16", **off))  # fmt: skip
+    off = (
+        {}
+        if request.param == "kernels"
+        else dict(cpu_gemm_kernel=False, cpu_attention_kernel=False, cpu_rowwise_kernels=False)
+    )
+    core = EngineCore(
+        EngineConfig(model=str(tiny_llama), max_rows=8, max_model_len=64, dtype="bfloat16", **off)
+    )
     for i, a in enumerate(tiny_adapters):
         core.register_adapter(f"a{i}", a)
     return core
@@ -66,8 +70,9 @@ def _run(core, prompt, adapter=None, cold=None):
 
 
 @pytest.mark.parametrize("alpha,beta", [(0.1, 0.5), (0.3, 1.0)])
-def test_cold_equals_the_two_model_definition_in_bf16(bf16_core, bf16_keys, tiny_llama,
-                                                      tiny_adapters, alpha, beta):  # fmt: skip
+def test_cold_equals_the_two_model_definition_in_bf16(
+    bf16_core, bf16_keys, tiny_llama, tiny_adapters, alpha, beta
+):
     expert = _round_(peft_model(tiny_llama, tiny_adapters[0]))
     amateur = _round_(hf_model(tiny_llama))
     for prompt in PROMPTS:
@@ -75,8 +80,9 @@ def test_cold_equals_the_two_model_definition_in_bf16(bf16_core, bf16_keys, tiny
         assert _run(bf16_core, prompt, "a0", ColdParams(alpha, beta)) == want, prompt
 
 
-def test_plain_greedy_in_bf16_equals_the_rounded_models(bf16_core, bf16_keys, tiny_llama,
-                                                        tiny_adapters):  # fmt: skip
+def test_plain_greedy_in_bf16_equals_the_rounded_models(
+    bf16_core, bf16_keys, tiny_llama, tiny_adapters
+):
     base, expert = _round_(hf_model(tiny_llama)), _round_(peft_model(tiny_llama, tiny_adapters[1]))
     for prompt in PROMPTS:
         assert _run(bf16_core, prompt) == greedy(base, prompt)
@@ -117,16 +123,20 @@ def test_auto_serves_what_this_cpu_is_fast_at(tiny_llama):
 
 
 @pytest.mark.parametrize("gemm_kernel", [True, False])
-def test_auto_takes_bf16_only_where_the_gemm_kernel_reads_it(tiny_llama, monkeypatch,
-                                                             gemm_kernel):  # fmt: skip
+def test_auto_takes_bf16_only_where_the_gemm_kernel_reads_it(tiny_llama, monkeypatch, gemm_kernel):
     """On a CPU with bf16 instructions (its flags stood in for here), `auto` stores bf16 only
     where the C GEMM kernel reads it: torch's fallback would hold fp32 weights anyway."""
     from cold_ray.kernels import cpu_kernels
 
     bf16_cpu = "flags : fpu avx2 fma avx512f avx512_bf16 amx_bf16\n"
     monkeypatch.setattr(cpu_kernels, "auto_dtype", lambda device: auto_dtype(device, bf16_cpu))
-    config = EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=16, dtype="auto",
-                          cpu_gemm_kernel=gemm_kernel)  # fmt: skip
+    config = EngineConfig(
+        model=str(tiny_llama),
+        max_rows=2,
+        max_model_len=16,
+        dtype="auto",
+        cpu_gemm_kernel=gemm_kernel,
+    )
     assert config.resolved_dtype == "bfloat16"
     runner = EngineCore(config).runner
     stored = BF16 if gemm_kernel and compiler_present() else torch.float32

@@ -20,9 +20,19 @@ from cold_ray.engine.kv_cache import KVCache
 from cold_ray.engine.prefix_cache import BASE, PrefixCache
 from cold_ray.model.args import ModelArgs
 
-ARGS = ModelArgs(vocab_size=50, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
-                 num_kv_heads=1, head_dim=4, rms_norm_eps=1e-5, max_position_embeddings=64,
-                 tie_word_embeddings=True, attention_bias=False)  # fmt: skip
+ARGS = ModelArgs(
+    vocab_size=50,
+    hidden_size=8,
+    intermediate_size=8,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=4,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=64,
+    tie_word_embeddings=True,
+    attention_bias=False,
+)
 
 
 def signature(identity, tokens: list[int]) -> float:
@@ -115,13 +125,20 @@ def smol():
 def test_a_hit_decodes_what_a_miss_decodes_on_smollm2(smol):
     """Exactness on the real model: CoLD and plain, prefix cache hot vs a cold engine."""
     smol.register_adapter("arith", "deployments/adapters/arith-demo")
-    system = ("You are a careful assistant. Solve each arithmetic problem step by step and "
-              "give the final answer after ####.\n") * 3  # fmt: skip
-    questions = ["Question: Ann has 3 boxes of 4 pens. How many pens?\nAnswer:",
-                 "Question: Tom reads 12 pages a day for 5 days. How many pages?\nAnswer:"]  # fmt: skip
+    system = (
+        "You are a careful assistant. Solve each arithmetic problem step by step and "
+        "give the final answer after ####.\n"
+    ) * 3
+    questions = [
+        "Question: Ann has 3 boxes of 4 pens. How many pens?\nAnswer:",
+        "Question: Tom reads 12 pages a day for 5 days. How many pages?\nAnswer:",
+    ]
     params = SamplingParams(temperature=0.0, max_tokens=24)
-    cases = [(q, a, c) for q in questions for a, c in [("arith", ColdParams()), ("arith", None),
-                                                        (None, None)]]  # fmt: skip
+    cases = [
+        (q, a, c)
+        for q in questions
+        for a, c in [("arith", ColdParams()), ("arith", None), (None, None)]
+    ]
     smol.prefix_cache.clear()
     misses = []
     for q, a, c in cases:
@@ -157,8 +174,15 @@ def test_the_amateur_prefix_is_shared_by_every_adapter(smol, tmp_path):
 def test_a_request_reuses_blocks_of_one_still_prefilling(tiny_llama):
     """Blocks are kept after every chunk, so a request scheduled while another with the same
     prefix is mid-prompt reuses what that one has computed so far — and decodes the same."""
-    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=4, max_model_len=64,
-                                   max_prefill_tokens=8, prefix_block_size=4))  # fmt: skip
+    core = EngineCore(
+        EngineConfig(
+            model=str(tiny_llama),
+            max_rows=4,
+            max_model_len=64,
+            max_prefill_tokens=8,
+            prefix_block_size=4,
+        )
+    )
     shared = [(7 * i) % 250 + 3 for i in range(24)]
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     first = core.make_request(shared + [9, 10], params)
@@ -170,6 +194,7 @@ def test_a_request_reuses_blocks_of_one_still_prefilling(tiny_llama):
         core.step()
     # the second is first scheduled in the step that ends the first's prompt (24 tokens in)
     assert core.prefix_cache.stats["hit_tokens"] == 24
-    alone = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=64,
-                                    prefix_cache_bytes=0))  # fmt: skip
+    alone = EngineCore(
+        EngineConfig(model=str(tiny_llama), max_rows=2, max_model_len=64, prefix_cache_bytes=0)
+    )
     assert second.output_ids == alone.generate([shared + [11, 12]], params)[0]["token_ids"]

@@ -20,8 +20,13 @@ def _ci_reads(stage: str) -> str:
     script = (ROOT / ".ci" / "run").read_text()
     start = script.index("readme_command() {")
     body = script[start : script.index("\n}\n", start) + 3]
-    out = subprocess.run(["bash", "-c", f"{body}\nreadme_command {stage}"], cwd=ROOT,
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        ["bash", "-c", f"{body}\nreadme_command {stage}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 

@@ -60,8 +60,15 @@ def test_add_get_list_survives_restart(make_reg, reg, args, tiny_adapters):
     rec = add(reg, "a0", tiny_adapters[0], args, alpha=0.2)
     add(reg, "a1", str(tiny_adapters[1]), args)
     assert rec.rank == 8 and rec.sha256 == weights_sha256(tiny_adapters[0])
-    assert set(rec.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                       "up_proj", "down_proj"}  # fmt: skip
+    assert set(rec.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert rec.nbytes == (tiny_adapters[0] / WEIGHTS).stat().st_size
     assert rec.cold == ColdParams(alpha=0.2, beta=0.5) and rec.cold_enabled
     assert Path(rec.base_model).name == "tiny-llama" and rec.created_at > 0
@@ -213,8 +220,9 @@ def test_foreign_base_name_is_served_with_a_recorded_warning(reg, args, tiny_ada
     assert add(reg, "native", tiny_adapters[0], args).warnings == ()
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", "", "x" * 65, "a b", "é", "a\\b",
-                                  None, "a\x00"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name", ["../x", "a/b", "..", ".", "", "x" * 65, "a b", "é", "a\\b", None, "a\x00"]
+)
 def test_bad_names_are_refused(reg, args, tiny_adapters, name):
     with pytest.raises(RegistryError, match="invalid adapter name"):
         add(reg, name, tiny_adapters[0], args)
@@ -325,8 +333,10 @@ def test_checksum_changed_after_registration_is_reported_by_the_engine(
     new adapter, like new weights."""
     d = _copy(tiny_adapters[0], tmp_path / "mut")
     rec = add(reg, "mut", d, args)
-    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=4, max_model_len=64,
-                                   max_lora_rank=8), resolver=reg.resolver())  # fmt: skip
+    core = EngineCore(
+        EngineConfig(model=str(tiny_llama), max_rows=4, max_model_len=64, max_lora_rank=8),
+        resolver=reg.resolver(),
+    )
     change(d, tiny_adapters[1])
     assert not reg.files_match(rec)
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
@@ -396,8 +406,11 @@ def test_resolver_answers_from_memory_never_from_the_database(
     callers = []
     for attr in ("_read", "_read_all"):
         real = getattr(reg, attr)
-        setattr(reg, attr, lambda *a, _real=real: callers.append(threading.current_thread()) or
-                _real(*a))  # fmt: skip
+        setattr(
+            reg,
+            attr,
+            lambda *a, _real=real: callers.append(threading.current_thread()) or _real(*a),
+        )
     release = _lock_postgres_catalog(registry_target) if "://" in registry_target else lambda: None
     answers = []
     try:

@@ -106,13 +106,17 @@ def _process(target: str, model: str, known: dict, pid: int, results, go) -> Non
     adapters = list(known)
     reg = open_registry(target, cache_dir=Path(model).parent / "blobs")
     done, bad, counts, out = threading.Event(), [], [], {}
-    readers = [threading.Thread(target=_reader, args=(reg, known, done, bad, counts))
-               for _ in range(READERS)]  # fmt: skip
+    readers = [
+        threading.Thread(target=_reader, args=(reg, known, done, bad, counts))
+        for _ in range(READERS)
+    ]
     writers = [
-        threading.Thread(target=_writer, args=(reg, args, adapters, pid * WRITERS + w,
-                                               random.Random(pid * 100 + w), out))
+        threading.Thread(
+            target=_writer,
+            args=(reg, args, adapters, pid * WRITERS + w, random.Random(pid * 100 + w), out),
+        )
         for w in range(WRITERS)
-    ]  # fmt: skip
+    ]
     for t in readers + writers:
         t.start()
     for t in writers:
@@ -144,9 +148,12 @@ def test_64_writers_and_readers_in_two_processes_lose_nothing(
     open_registry(registry_target, cache_dir=tmp_path / "blobs").close()  # create the tables once
     ctx = multiprocessing.get_context("spawn")
     results, go = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_process,
-                         args=(registry_target, str(tiny_llama), known, pid, results, go))
-             for pid in range(2)]  # fmt: skip
+    procs = [
+        ctx.Process(
+            target=_process, args=(registry_target, str(tiny_llama), known, pid, results, go)
+        )
+        for pid in range(2)
+    ]
     for p in procs:
         p.start()
     try:
@@ -172,11 +179,13 @@ def test_64_writers_and_readers_in_two_processes_lose_nothing(
     expected = {n: a for final, _ in written.values() for n, a in final.items()}
     assert len(written) == 2 * WRITERS
     own = {n: r for n, r in state.items() if not n.startswith("shared-")}
-    assert {n: r.source for n, r in own.items()} == {n: str(Path(a).resolve())
-                                                      for n, a in expected.items()}  # fmt: skip
+    assert {n: r.source for n, r in own.items()} == {
+        n: str(Path(a).resolve()) for n, a in expected.items()
+    }
     assert all(r.alpha in (0.2, 0.7) for r in own.values())
-    assert sorted(n for n in state if n.startswith("shared-")) == [f"shared-{k}" for k in
-                                                                  range(SHARED)]  # fmt: skip
+    assert sorted(n for n in state if n.startswith("shared-")) == [
+        f"shared-{k}" for k in range(SHARED)
+    ]
     assert sum(added for _, added in written.values()) == SHARED  # each name added once
     assert [_whole(r, known) for r in state.values()] == [None] * len(state)
 
@@ -246,9 +255,16 @@ def test_random_operations_match_a_dict(seed, registry_target, tiny_llama, tiny_
             error, expected = _expect(model, op, name, kw)
             try:
                 if op == "add":
-                    reg.add(name, tiny_adapters[kw["adapter"]], args=args, max_rank=8,
-                            alpha=kw["alpha"], beta=kw["beta"], cold_enabled=kw["cold_enabled"],
-                            replace=kw["replace"])  # fmt: skip
+                    reg.add(
+                        name,
+                        tiny_adapters[kw["adapter"]],
+                        args=args,
+                        max_rank=8,
+                        alpha=kw["alpha"],
+                        beta=kw["beta"],
+                        cold_enabled=kw["cold_enabled"],
+                        replace=kw["replace"],
+                    )
                 elif op == "remove":
                     reg.remove(name)
                 else:
@@ -260,11 +276,16 @@ def test_random_operations_match_a_dict(seed, registry_target, tiny_llama, tiny_
             model = expected
             assert _view(reg.list(), tiny_adapters) == model, f"seed {seed} step {step}"
             if step % 10 == 9:  # the replica catches up through the change feed alone
-                wait_for(lambda m=model: _view(replica.snapshot().records.values(),
-                                               tiny_adapters) == m,
-                         timeout=FEED_S, what=f"replica at step {step}")  # fmt: skip
-        wait_for(lambda: _view(replica.snapshot().records.values(), tiny_adapters) == model,
-                 timeout=FEED_S, what="the replica at the end")  # fmt: skip
+                wait_for(
+                    lambda m=model: _view(replica.snapshot().records.values(), tiny_adapters) == m,
+                    timeout=FEED_S,
+                    what=f"replica at step {step}",
+                )
+        wait_for(
+            lambda: _view(replica.snapshot().records.values(), tiny_adapters) == model,
+            timeout=FEED_S,
+            what="the replica at the end",
+        )
         resolve = replica.resolver()
         for name, (adapter, *_) in model.items():
             assert resolve(name).sha256 == files_checksum(tiny_adapters[adapter])

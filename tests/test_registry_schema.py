@@ -57,16 +57,27 @@ def _legacy_catalog(path, adapters, with_warnings: bool) -> None:
     db.execute(schema)
     db.execute("PRAGMA journal_mode = WAL")
     for name, folder in adapters.items():
-        row = dict(name=name, source=str(folder), path=str(folder), base_model="tiny-llama",
-                   rank=8, target_modules=json.dumps(["q_proj", "v_proj"]),
-                   nbytes=(folder / "adapter_model.safetensors").stat().st_size,
-                   sha256=weights_sha256(folder), alpha=0.3, beta=None, cold_enabled=1,
-                   created_at=time.time())  # fmt: skip
+        row = dict(
+            name=name,
+            source=str(folder),
+            path=str(folder),
+            base_model="tiny-llama",
+            rank=8,
+            target_modules=json.dumps(["q_proj", "v_proj"]),
+            nbytes=(folder / "adapter_model.safetensors").stat().st_size,
+            sha256=weights_sha256(folder),
+            alpha=0.3,
+            beta=None,
+            cold_enabled=1,
+            created_at=time.time(),
+        )
         if with_warnings:
             row["warnings"] = json.dumps(["adapter declares base model 'x'"])
         cols = ", ".join(row)
-        db.execute(f"INSERT INTO adapters ({cols}) VALUES ({', '.join('?' * len(row))})",
-                   tuple(row.values()))  # fmt: skip
+        db.execute(
+            f"INSERT INTO adapters ({cols}) VALUES ({', '.join('?' * len(row))})",
+            tuple(row.values()),
+        )
     db.commit()
     db.close()
 
@@ -95,8 +106,10 @@ def test_a_catalog_from_before_versions_migrates_and_serves(
     assert db.execute("SELECT value FROM registry_meta").fetchall() == [(SCHEMA_VERSION,), (0,)]
     db.close()
 
-    core = EngineCore(EngineConfig(model=str(tiny_llama), max_rows=4, max_model_len=64,
-                                   max_lora_rank=8), resolver=reg.resolver())  # fmt: skip
+    core = EngineCore(
+        EngineConfig(model=str(tiny_llama), max_rows=4, max_model_len=64, max_lora_rank=8),
+        resolver=reg.resolver(),
+    )
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     assert core.generate([[5, 6, 7]], params, adapter="kept")[0]["completion_tokens"] == 3
     core.shutdown()
@@ -109,14 +122,14 @@ def test_a_catalog_from_before_versions_migrates_and_serves(
 def _set_version(target: str, version: int) -> None:
     if "://" not in target:
         with sqlite3.connect(target) as db:
-            db.execute("UPDATE registry_meta SET value = ? WHERE key = 'schema_version'",
-                       (version,))  # fmt: skip
+            db.execute(
+                "UPDATE registry_meta SET value = ? WHERE key = 'schema_version'", (version,)
+            )
         return
     import psycopg
 
     with psycopg.connect(target, password=PASSWORD) as conn:
-        conn.execute("UPDATE registry_meta SET value = %s WHERE key = 'schema_version'",
-                     (version,))  # fmt: skip
+        conn.execute("UPDATE registry_meta SET value = %s WHERE key = 'schema_version'", (version,))
 
 
 def test_many_first_opens_at_once_create_one_catalog_and_a_newer_one_is_refused(

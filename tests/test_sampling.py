@@ -123,8 +123,12 @@ def test_exact_cut_after_the_redraws_follows_the_distribution(rounds, device, mo
     monkeypatch.setattr(sampling, "_REDRAWS", rounds)
     g = torch.Generator().manual_seed(9)
     row = torch.randn(300, generator=g) * 2
-    for p in (SamplingParams(top_p=0.3), SamplingParams(top_p=0.9), SamplingParams(top_k=7),
-              SamplingParams(top_k=40, top_p=0.8, temperature=0.7)):  # fmt: skip
+    for p in (
+        SamplingParams(top_p=0.3),
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_k=7),
+        SamplingParams(top_k=40, top_p=0.8, temperature=0.7),
+    ):
         probs = exact_probs(row, p)
         tokens = draw_many(row, p, 20_000, device)
         order = probs.argsort(descending=True)
@@ -180,8 +184,13 @@ def test_rows_without_a_finite_score_fail_alone(device):
     bad_rows[4] = torch.randn(50, generator=g)
     bad_rows[4, 9] = math.nan
     scores = torch.cat([bad_rows[:2], good[:2], bad_rows[2:], good[2:]]).to(device)
-    p_bad = [SamplingParams(), SamplingParams(temperature=0.0), SamplingParams(top_k=3),
-             SamplingParams(top_p=0.2), SamplingParams(temperature=1e30)]  # fmt: skip
+    p_bad = [
+        SamplingParams(),
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_k=3),
+        SamplingParams(top_p=0.2),
+        SamplingParams(temperature=1e30),
+    ]
     mixed_params = p_bad[:2] + params[:2] + p_bad[2:] + params[2:]
     mixed_rngs = [SeedState(1)] * 2 + rngs[:2] + [SeedState(2)] * 3 + rngs[2:]
     got = sample_rows(scores, None, mixed_params, mixed_rngs, [5] * 9)
@@ -199,8 +208,12 @@ def test_seeded_draws_reproduce_and_do_not_depend_on_the_batch(device):
         for s in range(20)
     ]
     assert len(set(want)) > 5
-    others = [SamplingParams(temperature=0.0), SamplingParams(top_p=0.3),
-              SamplingParams(temperature=5.0, top_k=2), SamplingParams()]  # fmt: skip
+    others = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_p=0.3),
+        SamplingParams(temperature=5.0, top_k=2),
+        SamplingParams(),
+    ]
     for trial in range(10):
         n = int(torch.randint(1, 9, (1,), generator=g))
         scores = torch.randn(n + 1, 1000, generator=g) * 3
@@ -216,8 +229,13 @@ def test_seeded_draws_reproduce_and_do_not_depend_on_the_batch(device):
         ]
         perm = torch.tensor(order)
         for step in range(20):
-            got = sample_rows(scores[perm].to(device), None, [params[i] for i in order],
-                              [rngs[i] for i in order], [step] * (n + 1))  # fmt: skip
+            got = sample_rows(
+                scores[perm].to(device),
+                None,
+                [params[i] for i in order],
+                [rngs[i] for i in order],
+                [step] * (n + 1),
+            )
             assert got[at] == want[step], f"trial {trial}: row {at} of {n + 1}, step {step}"
 
 
@@ -227,7 +245,10 @@ def test_seed_state_is_pinned_and_uniform():
     assert [s.uniform(i) for i in range(3)] == [s.uniform(i) for i in range(3)]
     assert s.uniform(0) == 0.883310854434967
     assert [SeedState(42).uniform(i) for i in range(3)] == [
-        0.5961189270019531, 0.16036540269851685, 0.1663978099822998]  # fmt: skip
+        0.5961189270019531,
+        0.16036540269851685,
+        0.1663978099822998,
+    ]
     assert SeedState(2**80 + 5).uniform(1) != SeedState(5).uniform(1)  # wide seeds fold, not cut
     assert s.uniform(0, draw=1) != s.uniform(0) and s.uniform(0, draw=1) != s.uniform(1)
     with pytest.raises(ValueError, match="seed must be"):
@@ -309,8 +330,12 @@ def test_cold_select_with_hostile_alpha_and_nan_pairs(device):
 def test_cuda_draws_equal_cpu_draws():
     g = torch.Generator().manual_seed(8)
     scores = torch.randn(32, 49152, generator=g) * 4
-    params = [SamplingParams(temperature=0.0), SamplingParams(), SamplingParams(top_p=0.9),
-              SamplingParams(top_k=40, temperature=0.7)] * 8  # fmt: skip
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(),
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_k=40, temperature=0.7),
+    ] * 8
     rngs = [new_sampler_state(p) if p.greedy else SeedState(i) for i, p in enumerate(params)]
     cpu = sample_rows(scores, None, params, rngs, [1] * 32)
     cuda = sample_rows(scores.cuda(), None, params, rngs, [1] * 32)

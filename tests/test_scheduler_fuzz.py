@@ -47,13 +47,26 @@ class Spec:
     seed: int | None = None
 
     def params(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, seed=self.seed, top_p=0.9,
-                              max_tokens=self.max_tokens, stop=self.stop,
-                              stop_token_ids=self.stop_token_ids)  # fmt: skip
+        return SamplingParams(
+            temperature=self.temperature,
+            seed=self.seed,
+            top_p=0.9,
+            max_tokens=self.max_tokens,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+        )
 
     def key(self) -> tuple:
-        return (tuple(self.prompt), self.adapter, self.cold, self.max_tokens, self.stop,
-                self.stop_token_ids, self.temperature, self.seed)  # fmt: skip
+        return (
+            tuple(self.prompt),
+            self.adapter,
+            self.cold,
+            self.max_tokens,
+            self.stop,
+            self.stop_token_ids,
+            self.temperature,
+            self.seed,
+        )
 
 
 class Alone:
@@ -166,8 +179,15 @@ def run_scenario(seed: int, core: EngineCore, alone: Alone) -> None:
 
 
 def _core(model, adapters, **overrides) -> EngineCore:
-    config = dict(model=str(model), max_rows=5, max_model_len=64, max_loras=2,
-                  max_prefill_tokens=7, prefix_cache_bytes=24 << 10, prefix_block_size=4)  # fmt: skip
+    config = dict(
+        model=str(model),
+        max_rows=5,
+        max_model_len=64,
+        max_loras=2,
+        max_prefill_tokens=7,
+        prefix_cache_bytes=24 << 10,
+        prefix_block_size=4,
+    )
     core = EngineCore(EngineConfig(**{**config, **overrides}))
     for name, path in zip(ADAPTERS, adapters):
         core.register_adapter(name, path)
@@ -176,14 +196,31 @@ def _core(model, adapters, **overrides) -> EngineCore:
 
 @pytest.fixture(scope="module")
 def alone(tiny_llama, tiny_adapters):
-    return Alone(_core(tiny_llama, tiny_adapters, max_rows=2, max_prefill_tokens=4096,
-                       prefix_cache_bytes=0, max_loras=3))  # fmt: skip
+    return Alone(
+        _core(
+            tiny_llama,
+            tiny_adapters,
+            max_rows=2,
+            max_prefill_tokens=4096,
+            prefix_cache_bytes=0,
+            max_loras=3,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def alone_gather(tiny_llama, tiny_adapters):
-    return Alone(_core(tiny_llama, tiny_adapters, max_rows=2, max_prefill_tokens=4096,
-                       prefix_cache_bytes=0, max_loras=3, lora_backend="gather_bmm"))  # fmt: skip
+    return Alone(
+        _core(
+            tiny_llama,
+            tiny_adapters,
+            max_rows=2,
+            max_prefill_tokens=4096,
+            prefix_cache_bytes=0,
+            max_loras=3,
+            lora_backend="gather_bmm",
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +246,17 @@ BF16_SEEDS = 4  # the bf16 slice: the same scenarios, both engines in the CPU's 
 
 def test_every_request_decodes_as_if_alone_in_bf16(tiny_llama, tiny_adapters, fuzz_seeds):
     """dtype bfloat16 (bf16 weights and KV cache, fp32 arithmetic) is batch-invariant too."""
-    alone = Alone(_core(tiny_llama, tiny_adapters, max_rows=2, max_prefill_tokens=4096,
-                       prefix_cache_bytes=0, max_loras=3, dtype="bfloat16"))  # fmt: skip
+    alone = Alone(
+        _core(
+            tiny_llama,
+            tiny_adapters,
+            max_rows=2,
+            max_prefill_tokens=4096,
+            prefix_cache_bytes=0,
+            max_loras=3,
+            dtype="bfloat16",
+        )
+    )
     core = _core(tiny_llama, tiny_adapters, dtype="bfloat16")
     assert core.runner.cache.k.dtype == alone.core.runner.cache.k.dtype == torch.bfloat16
     for seed in range(min(fuzz_seeds, BF16_SEEDS)):
@@ -220,8 +266,9 @@ def test_every_request_decodes_as_if_alone_in_bf16(tiny_llama, tiny_adapters, fu
 THREAD_SEEDS = 3  # the two-thread slice
 
 
-def test_every_request_decodes_on_two_threads_as_alone_on_one(tiny_llama, tiny_adapters, alone,
-                                                               fuzz_seeds):  # fmt: skip
+def test_every_request_decodes_on_two_threads_as_alone_on_one(
+    tiny_llama, tiny_adapters, alone, fuzz_seeds
+):
     """num_threads 2 (the C kernels split their work, torch runs two intra-op threads): a
     request's tokens depend neither on its batch nor on the thread count."""
     threads = torch.get_num_threads()
@@ -234,15 +281,27 @@ def test_every_request_decodes_on_two_threads_as_alone_on_one(tiny_llama, tiny_a
 
 
 @pytest.mark.parametrize("attention", ["kernel", "sdpa"])
-def test_graphed_decode_steps_decode_as_if_alone(tiny_llama, tiny_adapters, alone_gather,
-                                                 fuzz_seeds, attention):  # fmt: skip
+def test_graphed_decode_steps_decode_as_if_alone(
+    tiny_llama, tiny_adapters, alone_gather, fuzz_seeds, attention
+):
     """Decode steps through `DecodeGraphs` (padded to row and span buckets, static inputs;
     run eagerly here, as CPUs capture nothing) against each request alone on the eager path.
     The SDPA variant reads the attention mask made from the static positions."""
-    core = _core(tiny_llama, tiny_adapters, lora_backend="gather_bmm",
-                 cpu_attention_kernel=attention == "kernel")  # fmt: skip
-    core.runner.graphs = DecodeGraphs(core.model, core.cache, core.backend, core.config.max_rows,
-                               core.config.max_model_len, core.config.max_loras, capture=False)  # fmt: skip
+    core = _core(
+        tiny_llama,
+        tiny_adapters,
+        lora_backend="gather_bmm",
+        cpu_attention_kernel=attention == "kernel",
+    )
+    core.runner.graphs = DecodeGraphs(
+        core.model,
+        core.cache,
+        core.backend,
+        core.config.max_rows,
+        core.config.max_model_len,
+        core.config.max_loras,
+        capture=False,
+    )
     served = []
     run_step = core.runner.graphs.run
     core.runner.graphs.run = lambda plan: served.append(len(plan.decode)) or run_step(plan)

@@ -25,11 +25,21 @@ from cold_ray.serve.app_args import AppArgs
 REPO = Path(__file__).resolve().parents[1]
 # (module, attribute) calls that deserialize with pickle, i.e. may run arbitrary code
 UNPICKLING_CALLS = {
-    ("torch", "load"), ("torch.serialization", "load"), ("torch.jit", "load"),
-    ("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"),
-    ("cloudpickle", "load"), ("cloudpickle", "loads"), ("dill", "load"), ("dill", "loads"),
-    ("joblib", "load"), ("marshal", "load"), ("marshal", "loads"), ("shelve", "open"),
-}  # fmt: skip
+    ("torch", "load"),
+    ("torch.serialization", "load"),
+    ("torch.jit", "load"),
+    ("pickle", "load"),
+    ("pickle", "loads"),
+    ("pickle", "Unpickler"),
+    ("cloudpickle", "load"),
+    ("cloudpickle", "loads"),
+    ("dill", "load"),
+    ("dill", "loads"),
+    ("joblib", "load"),
+    ("marshal", "load"),
+    ("marshal", "loads"),
+    ("shelve", "open"),
+}
 UNPICKLING_MODULES = {"pickle", "_pickle", "cloudpickle", "dill", "joblib", "marshal", "shelve"}
 
 
@@ -47,8 +57,11 @@ def _unpickling_sites(source: str, filename: str) -> list[str]:
     for node in ast.walk(ast.parse(source, filename=filename)):
         where = f"{filename}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, ast.Import):
-            found += [f"{where} import {a.name}" for a in node.names
-                      if a.name.split(".")[0] in UNPICKLING_MODULES]  # fmt: skip
+            found += [
+                f"{where} import {a.name}"
+                for a in node.names
+                if a.name.split(".")[0] in UNPICKLING_MODULES
+            ]
         elif isinstance(node, ast.ImportFrom) and node.module:
             if node.module.split(".")[0] in UNPICKLING_MODULES or any(
                 (node.module, a.name) in UNPICKLING_CALLS for a in node.names
@@ -84,11 +97,18 @@ def test_the_scan_finds_what_it_looks_for():
         "torch.load('w', weights_only=False)\n# torch.load in a comment is fine\n"
     )
     found = [s.split(" ", 1)[1] for s in _unpickling_sites(source, "probe.py")]
-    assert sorted(found) == sorted([
-        "import pickle", "from torch import ...", "torch.load(...)", "np.load(...)",
-        "allow_pickle=True", "torch.serialization.load(...)", "torch.load(...)",
-        "weights_only=False",
-    ])  # fmt: skip
+    assert sorted(found) == sorted(
+        [
+            "import pickle",
+            "from torch import ...",
+            "torch.load(...)",
+            "np.load(...)",
+            "allow_pickle=True",
+            "torch.serialization.load(...)",
+            "torch.load(...)",
+            "weights_only=False",
+        ]
+    )
 
 
 class Unpickled(AssertionError):
@@ -218,9 +238,15 @@ def test_default_adapter_roots_keep_server_files_out(tmp_path, tiny_llama, monke
     reg = Registry(tmp_path / "reg.sqlite", allowed_roots=roots)  # as the ingress builds it
     args = read_model_args(tiny_llama)
     messages = {}
-    for source in ("/etc/passwd", "/etc/no-such-file", "file:///etc/passwd", "/etc",
-                   str(tmp_path / "cache" / "adapters" / ".." / ".." / "x"),
-                   "http://169.254.169.254/latest/meta-data", "memory://x/y"):  # fmt: skip
+    for source in (
+        "/etc/passwd",
+        "/etc/no-such-file",
+        "file:///etc/passwd",
+        "/etc",
+        str(tmp_path / "cache" / "adapters" / ".." / ".." / "x"),
+        "http://169.254.169.254/latest/meta-data",
+        "memory://x/y",
+    ):
         with pytest.raises(AdapterError) as e:
             reg.add("x", source, args=args, max_rank=8)
         messages[source] = str(e.value)

@@ -76,9 +76,15 @@ def stack(tmp_path_factory, tiny_llama, tiny_adapters):
                 compose(cfg.model_copy(update=browsers), tight), name="ovl", route_prefix="/ovl"
             )
             with httpx.Client(base_url=url, timeout=60) as client:
-                yield {"url": url, "client": client, "cfg": cfg, "model": model,
-                       "adapters": tiny_adapters, "uploads": uploads,
-                       "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}  # fmt: skip
+                yield {
+                    "url": url,
+                    "client": client,
+                    "cfg": cfg,
+                    "model": model,
+                    "adapters": tiny_adapters,
+                    "uploads": uploads,
+                    "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+                }
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -142,12 +148,20 @@ def test_served_tokens_equal_the_engine_in_process(stack):
     ids = core.tokenizer.encode(PROMPT, add_special_tokens=False)
     for cold, knob in ((ColdParams(0.3, 1.0), None), (None, False)):
         want = core.generate([ids], params, adapter="a0", cold=cold)[0]
-        r = complete(stack, model="a0", max_tokens=12, ignore_eos=True,
-                     **({} if knob is None else {"cold": knob}))  # fmt: skip
+        r = complete(
+            stack,
+            model="a0",
+            max_tokens=12,
+            ignore_eos=True,
+            **({} if knob is None else {"cold": knob}),
+        )
         body = r.json()
         assert body["choices"][0]["text"] == want["text"]
-        assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12,
-                                 "total_tokens": len(ids) + 12}  # fmt: skip
+        assert body["usage"] == {
+            "prompt_tokens": len(ids),
+            "completion_tokens": 12,
+            "total_tokens": len(ids) + 12,
+        }
         assert body["choices"][0]["finish_reason"] == "length"
 
 
@@ -161,8 +175,14 @@ def sse_events(r) -> list:
 
 
 def test_stream_equals_non_stream(stack):
-    body = {"model": "a0", "prompt": PROMPT, "max_tokens": 10, "temperature": 0,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": "a0",
+        "prompt": PROMPT,
+        "max_tokens": 10,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     whole = stack["client"].post("/v1/completions", json=body, headers=CLIENT).json()
     with stack["client"].stream(
         "POST", "/v1/completions", json={**body, "stream": True}, headers=CLIENT
@@ -180,8 +200,17 @@ def test_stream_equals_non_stream(stack):
 
 def test_chat_uses_the_template(stack):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}]
-    r = stack["client"].post("/v1/chat/completions", headers=CLIENT, json={
-        "model": "a0", "messages": msgs, "max_tokens": 6, "temperature": 0, "ignore_eos": True})  # fmt: skip
+    r = stack["client"].post(
+        "/v1/chat/completions",
+        headers=CLIENT,
+        json={
+            "model": "a0",
+            "messages": msgs,
+            "max_tokens": 6,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
     body = r.json()
     assert r.status_code == 200, body
     assert (
@@ -212,9 +241,13 @@ def test_openai_client_unchanged(stack):
     )
     assert chat.choices[0].message.role == "assistant"
     stream = client.chat.completions.create(
-        model="a0", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
-        stream=True, extra_body={"ignore_eos": True},
-    )  # fmt: skip
+        model="a0",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     assert chunks[-1].choices[0].finish_reason == "length"
     with pytest.raises(openai.NotFoundError):
@@ -282,15 +315,37 @@ def test_eval_cli_default_decoding_equals_the_server(stack, tmp_path, capsys):
     from cold_ray.cli import main
 
     data = tmp_path / "task.jsonl"
-    data.write_text("".join(json.dumps({"question": f"{i} + 1 =", "answer": f"#### {i + 1}"})
-                            + "\n" for i in range(2)))  # fmt: skip
+    data.write_text(
+        "".join(
+            json.dumps({"question": f"{i} + 1 =", "answer": f"#### {i + 1}"}) + "\n"
+            for i in range(2)
+        )
+    )
     seen = set()
     for name in ("a0", "a1"):
         served = complete(stack, model=name).json()["cold"]
-        rc = main(["eval", "--adapter", name, "--registry", stack["cfg"].registry, "--model",
-                   str(stack["model"]), "--data", str(data), "--max-model-len", "200",
-                   "--max-rows", "4", "--max-tokens", "2", "--no-base", "--json",
-                   "--no-progress"])  # fmt: skip
+        rc = main(
+            [
+                "eval",
+                "--adapter",
+                name,
+                "--registry",
+                stack["cfg"].registry,
+                "--model",
+                str(stack["model"]),
+                "--data",
+                str(data),
+                "--max-model-len",
+                "200",
+                "--max-rows",
+                "4",
+                "--max-tokens",
+                "2",
+                "--no-base",
+                "--json",
+                "--no-progress",
+            ]
+        )
         assert rc == 0
         out = json.loads(capsys.readouterr().out)
         evaluated = [(r["alpha"], r["beta"]) for r in out["results"] if r["mode"] == "cold"]
@@ -678,8 +733,14 @@ def test_replica_still_serves_after_hostile_input(stack):
 
 def test_client_disconnect_frees_rows(stack):
     tokens0 = engine_stats()["generated_tokens"]
-    body = {"model": "a0", "prompt": PROMPT, "max_tokens": LIMIT, "ignore_eos": True,
-            "temperature": 0, "stream": True}  # fmt: skip
+    body = {
+        "model": "a0",
+        "prompt": PROMPT,
+        "max_tokens": LIMIT,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
     with httpx.Client(base_url=stack["url"], timeout=60) as c:
         with c.stream("POST", "/v1/completions", json=body, headers=CLIENT) as r:
             chunks = []
@@ -698,8 +759,13 @@ def test_client_disconnect_frees_rows(stack):
 
 def test_full_queue_answers_503_quickly(stack):
     """Engine: max_ongoing_requests=1, max_queued_requests=1 (the /ovl app)."""
-    long_body = {"model": "a0", "prompt": PROMPT, "max_tokens": LIMIT, "ignore_eos": True,
-                 "stream": True}  # fmt: skip
+    long_body = {
+        "model": "a0",
+        "prompt": PROMPT,
+        "max_tokens": LIMIT,
+        "ignore_eos": True,
+        "stream": True,
+    }
     results = []
 
     def short():
@@ -719,8 +785,11 @@ def test_full_queue_answers_503_quickly(stack):
             for t in threads:
                 t.start()
             try:
-                rejected = wait_for(lambda: [x for x in results if x[0].status_code == 503],
-                                    timeout=60, what="a 503")  # fmt: skip
+                rejected = wait_for(
+                    lambda: [x for x in results if x[0].status_code == 503],
+                    timeout=60,
+                    what="a 503",
+                )
             except AssertionError as e:
                 seen = [(x[0].status_code, round(x[1], 1)) for x in results]
                 raise AssertionError(f"{e}; finished: {seen}") from None
@@ -740,10 +809,18 @@ def test_full_queue_answers_503_quickly(stack):
 
 
 def test_prometheus_metrics_are_exported(stack):
-    want = ["cold_generated_tokens", 'decoding="cold"', "cold_engine_requests",
-            "cold_running_rows", "cold_waiting_requests", "cold_kv_cache_usage",
-            "cold_adapter_loads", "cold_adapter_load_seconds", "cold_time_to_first_token_seconds",
-            "cold_inter_token_latency_seconds"]  # fmt: skip
+    want = [
+        "cold_generated_tokens",
+        'decoding="cold"',
+        "cold_engine_requests",
+        "cold_running_rows",
+        "cold_waiting_requests",
+        "cold_kv_cache_usage",
+        "cold_adapter_loads",
+        "cold_adapter_load_seconds",
+        "cold_time_to_first_token_seconds",
+        "cold_inter_token_latency_seconds",
+    ]
 
     def scrape():
         try:
@@ -783,8 +860,13 @@ def test_engine_replica_killed_mid_stream(stack):
     from ray import serve
 
     info = serve.get_deployment_handle("ColdEngine", app_name="api").info.remote().result()
-    body = {"model": "a0", "prompt": PROMPT, "max_tokens": LIMIT, "ignore_eos": True,
-            "stream": True}  # fmt: skip
+    body = {
+        "model": "a0",
+        "prompt": PROMPT,
+        "max_tokens": LIMIT,
+        "ignore_eos": True,
+        "stream": True,
+    }
     events = []
     with stack["client"].stream("POST", "/v1/completions", json=body, headers=CLIENT) as r:
         for line in r.iter_lines():
@@ -796,6 +878,10 @@ def test_engine_replica_killed_mid_stream(stack):
     assert events[-1] == "[DONE]"
     err = json.loads(events[-2])["error"]
     assert err["code"] == "engine_failed" and len(events) < LIMIT // 2
-    r = wait_for(lambda: (x := complete(stack, model="a0")).status_code == 200 and x,
-                 timeout=120, interval=1, what="a replacement replica")  # fmt: skip
+    r = wait_for(
+        lambda: (x := complete(stack, model="a0")).status_code == 200 and x,
+        timeout=120,
+        interval=1,
+        what="a replacement replica",
+    )
     assert r.headers["x-cold-replica"] != info["replica"]

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from cold_ray.serve.cli import validate_file
 from cold_ray.serve.app_args import AppArgs
+from cold_ray.serve.cli import validate_file
 from cold_ray.serve.errors import from_validation_error
 from cold_ray.serve.schemas import ChatCompletionRequest, CompletionRequest
 

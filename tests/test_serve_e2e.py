@@ -58,14 +58,24 @@ def served():
     config["http_options"]["port"] = port
     config["applications"][0]["args"]["registry"] = str(tmp / "registry.sqlite")
     (tmp / "cold.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "RAY_TMPDIR": str(tmp), "OMP_NUM_THREADS": "1",
-           "COLD_RAY_API_KEY": "", "COLD_RAY_ADMIN_KEY": ""}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": str(tmp),
+        "OMP_NUM_THREADS": "1",
+        "COLD_RAY_API_KEY": "",
+        "COLD_RAY_ADMIN_KEY": "",
+    }
     serve_bin = Path(sys.executable).with_name("serve")
     log = open(tmp / "serve.log", "wb")
     proc = subprocess.Popen(
-        [str(serve_bin), "run", str(tmp / "cold.yaml")], cwd=ROOT, env=env, stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal,
-    )  # fmt: skip
+        [str(serve_bin), "run", str(tmp / "cold.yaml")],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def ready():
@@ -104,17 +114,25 @@ def test_cold_yaml_serves_the_demo_adapter(served):
     assert demo.parent == "SmolLM2-135M-Instruct" and demo.root == str(DEMO.resolve())
 
     prompt = format_prompt(make_split("test", 1)[0]["question"])
-    cold = client.completions.create(model="arith-demo", prompt=prompt, max_tokens=24,
-                                     temperature=0)  # fmt: skip
+    cold = client.completions.create(
+        model="arith-demo", prompt=prompt, max_tokens=24, temperature=0
+    )
     assert cold.model_extra["cold"]["decoding"] == "cold" and cold.choices[0].text.strip()
-    plain = client.completions.create(model="arith-demo", prompt=prompt, max_tokens=24,
-                                      temperature=0, extra_body={"cold": False})  # fmt: skip
+    plain = client.completions.create(
+        model="arith-demo", prompt=prompt, max_tokens=24, temperature=0, extra_body={"cold": False}
+    )
     assert plain.model_extra["cold"] == {"decoding": "plain", "alpha": None, "beta": None}
     assert plain.choices[0].text.strip()
 
-    chunks = list(client.chat.completions.create(
-        model="arith-demo", messages=[{"role": "user", "content": "What is 2 + 3?"}],
-        max_tokens=12, temperature=0, stream=True))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="arith-demo",
+            messages=[{"role": "user", "content": "What is 2 + 3?"}],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(chunks) > 2 and text.strip()
     assert chunks[0].model_extra["cold"]["decoding"] == "cold"
@@ -125,6 +143,10 @@ def test_sigint_leaves_no_ray_processes(served):
     assert processes_mentioning(str(tmp))  # the cluster is up and findable
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=90)
-    wait_for(lambda: not processes_mentioning(str(tmp)), timeout=30, interval=0.5,
-             what="Ray processes to exit")  # fmt: skip
+    wait_for(
+        lambda: not processes_mentioning(str(tmp)),
+        timeout=30,
+        interval=0.5,
+        what="Ray processes to exit",
+    )
     shutil.rmtree(tmp, ignore_errors=True)

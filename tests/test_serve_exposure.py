@@ -83,8 +83,9 @@ def test_ingress_refuses_too_when_composed_directly(exposed):
     from cold_ray.serve.app import compose
 
     with pytest.raises(Exception, match="Failed to update the deployments.*ColdIngress"):
-        serve.run(compose(AppArgs(**exposed), ZERO_CPU, ZERO_CPU), name="direct",
-                  route_prefix="/direct")  # fmt: skip
+        serve.run(
+            compose(AppArgs(**exposed), ZERO_CPU, ZERO_CPU), name="direct", route_prefix="/direct"
+        )
     why = serve.status().applications["direct"].deployments["ColdIngress"].message
     assert "cold-ray cannot start" in why and "allow_unauthenticated_admin" in why, why
     serve.delete("direct")
@@ -112,8 +113,9 @@ def test_exposed_starts_with_opt_outs_or_both_tokens(exposed, extra, env, monkey
     build_app({**exposed, **extra})  # no exception: it may start
     # the ingress replica checks again with its own environment
     ingress = {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": env}}}
-    serve.run(compose(AppArgs(**exposed, **extra), ZERO_CPU, ingress), name="ok",
-              route_prefix="/ok")  # fmt: skip
+    serve.run(
+        compose(AppArgs(**exposed, **extra), ZERO_CPU, ingress), name="ok", route_prefix="/ok"
+    )
     assert serve.status().applications["ok"].status == "RUNNING"
     serve.delete("ok")
 
@@ -126,10 +128,22 @@ def test_failed_build_fails_once_with_its_reason(exposed, tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     missing = tmp_path / "no-such-model"
-    config = ServeDeploySchema.model_validate({"applications": [{
-        "name": "broken", "route_prefix": "/broken", "import_path": "cold_ray.serve:build_app",
-        "args": {**exposed, "engine": {**exposed["engine"], "model": str(missing)}, **OPT_OUTS},
-    }]})  # fmt: skip
+    config = ServeDeploySchema.model_validate(
+        {
+            "applications": [
+                {
+                    "name": "broken",
+                    "route_prefix": "/broken",
+                    "import_path": "cold_ray.serve:build_app",
+                    "args": {
+                        **exposed,
+                        "engine": {**exposed["engine"], "model": str(missing)},
+                        **OPT_OUTS,
+                    },
+                }
+            ]
+        }
+    )
     started = time.monotonic()
     _get_global_client().deploy_apps(config, _blocking=False)
 

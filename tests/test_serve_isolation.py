@@ -70,8 +70,9 @@ def url(tmp_path_factory, tiny_llama, tiny_adapters):
     )
     with local_ray() as base:
         prepare(cfg)
-        serve.run(compose(cfg, {"ray_actor_options": {"num_cpus": 0}}), name="iso",
-                  route_prefix="/")  # fmt: skip
+        serve.run(
+            compose(cfg, {"ray_actor_options": {"num_cpus": 0}}), name="iso", route_prefix="/"
+        )
         yield base
 
 
@@ -99,9 +100,15 @@ def test_hostile_values_beside_bystanders(url):
     assert all(status == 200 and finish == "length" for status, _, finish in alone), alone
     with ThreadPoolExecutor(len(BYSTANDERS) + len(HOSTILE)) as pool:
         by = [pool.submit(stream, url, b) for b in BYSTANDERS]
-        bad = [pool.submit(httpx.post, f"{url}/v1/completions", timeout=120,
-                           json={"prompt": PROMPT, "max_tokens": 8, **body})
-               for body, _ in HOSTILE]  # fmt: skip
+        bad = [
+            pool.submit(
+                httpx.post,
+                f"{url}/v1/completions",
+                timeout=120,
+                json={"prompt": PROMPT, "max_tokens": 8, **body},
+            )
+            for body, _ in HOSTILE
+        ]
         together = [f.result() for f in by]
         hostile = [f.result() for f in bad]
     for (body, ok), r in zip(HOSTILE, hostile):

@@ -36,8 +36,10 @@ def test_adapter_requests_stick_to_the_replica_holding_it(cluster):
     c = cluster["client"]
 
     def replica(model: str) -> str:
-        r = c.post("/route/v1/completions", json={"model": model, "prompt": "one two",
-                                                  "max_tokens": 2, "temperature": 0})  # fmt: skip
+        r = c.post(
+            "/route/v1/completions",
+            json={"model": model, "prompt": "one two", "max_tokens": 2, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         return r.headers["x-cold-replica"]
 

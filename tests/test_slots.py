@@ -65,8 +65,9 @@ def ref(tiny_llama, tiny_adapters):
     core = make_core(tiny_llama, max_loras=4)
     for i, a in enumerate(tiny_adapters):
         core.register_adapter(f"a{i}", a)
-    return {(p, n): tokens(core, list(p), n) for p in map(tuple, PROMPTS)
-            for n in ("a0", "a1", "a2")}  # fmt: skip
+    return {
+        (p, n): tokens(core, list(p), n) for p in map(tuple, PROMPTS) for n in ("a0", "a1", "a2")
+    }
 
 
 @pytest.fixture
@@ -138,8 +139,7 @@ def test_concurrent_requests_for_one_unloaded_adapter_trigger_one_load(core, ref
     assert len(late.output_ids) == SHORT.max_tokens
 
 
-def test_hot_load_from_registry_while_decoding_for_others(tmp_path, tiny_llama, tiny_adapters,
-                                                          ref):  # fmt: skip
+def test_hot_load_from_registry_while_decoding_for_others(tmp_path, tiny_llama, tiny_adapters, ref):
     reg = Registry(tmp_path / "registry.sqlite")
     args = read_model_args(tiny_llama)
     reg.add("a0", tiny_adapters[0], args=args, max_rank=8)
@@ -151,8 +151,10 @@ def test_hot_load_from_registry_while_decoding_for_others(tmp_path, tiny_llama, 
         return dataclasses.replace(src, prepare=gate.wait) if name == "hot" else src
 
     core = make_core(tiny_llama, resolver=gated)
-    others = [core.make_request(PROMPTS[0], LONG, "a0", ColdParams()),
-              core.make_request(PROMPTS[1], LONG)]  # fmt: skip
+    others = [
+        core.make_request(PROMPTS[0], LONG, "a0", ColdParams()),
+        core.make_request(PROMPTS[1], LONG),
+    ]
     for r in others:
         core.add(r)
     step_until(core, lambda: all(r in core.running for r in others))
@@ -179,8 +181,9 @@ def test_hot_load_from_registry_while_decoding_for_others(tmp_path, tiny_llama, 
     core.shutdown()
 
 
-def test_adapter_replaced_in_registry_is_reloaded_not_served_stale(tmp_path, tiny_llama,
-                                                                   tiny_adapters, ref):  # fmt: skip
+def test_adapter_replaced_in_registry_is_reloaded_not_served_stale(
+    tmp_path, tiny_llama, tiny_adapters, ref
+):
     reg = Registry(tmp_path / "registry.sqlite")
     args = read_model_args(tiny_llama)
     reg.add("v", tiny_adapters[0], args=args, max_rank=8)

@@ -25,8 +25,14 @@ def smol():
 @pytest.fixture(scope="module")
 def random_adapter(smol, tmp_path_factory):
     out = tmp_path_factory.mktemp("smol-adapter")
-    return make_peft_adapter(smol.model_path, out, rank=8, seed=5, std=0.05,
-                             targets=("q_proj", "v_proj", "gate_proj", "down_proj"))  # fmt: skip
+    return make_peft_adapter(
+        smol.model_path,
+        out,
+        rank=8,
+        seed=5,
+        std=0.05,
+        targets=("q_proj", "v_proj", "gate_proj", "down_proj"),
+    )
 
 
 def adapters(random_adapter):
@@ -38,16 +44,22 @@ def adapters(random_adapter):
 
 def test_cold_equals_two_model_definition_on_smollm2(smol, random_adapter):
     base = hf_model(smol.model_path)
-    prompts = ["Question: Tom has 3 apples and buys 4 more. How many apples?\nAnswer:",
-               "The three primary colours are"]  # fmt: skip
+    prompts = [
+        "Question: Tom has 3 apples and buys 4 more. How many apples?\nAnswer:",
+        "The three primary colours are",
+    ]
     for name, path in adapters(random_adapter):
         smol.register_adapter(name, path)
         expert = peft_model(smol.model_path, path)
         for text in prompts:
             ids = smol.tokenizer.encode(text, add_special_tokens=False)
             for alpha, beta in [(0.1, 0.5), (0.05, 1.0)]:
-                got = smol.generate([ids], SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True), name,
-                                    ColdParams(alpha, beta))[0]["token_ids"]  # fmt: skip
+                got = smol.generate(
+                    [ids],
+                    SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True),
+                    name,
+                    ColdParams(alpha, beta),
+                )[0]["token_ids"]
                 assert got == naive_cold(expert, base, ids, alpha, beta, n=N), (name, text, alpha)
             plain = smol.generate(
                 [ids], SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True), name
@@ -68,8 +80,9 @@ def test_gguf_reader_equals_the_transformers_gguf_path(smol):
     from cold_ray.model.loader import default_gguf
 
     gguf = default_gguf()
-    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                               dtype=torch.float32).eval()  # fmt: skip
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
     ours = load_file(str(smol.model_path / "model.safetensors"))
     want = {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}  # tied
     assert ref.config.tie_word_embeddings and sorted(ours) == sorted(want)
@@ -78,8 +91,9 @@ def test_gguf_reader_equals_the_transformers_gguf_path(smol):
     text = "Question: 17 * 3 = ?\nAnswer: <|im_end|> é 漢字"
     assert smol.tokenizer.encode(text) == ref_tok.encode(text)
     chat = [{"role": "user", "content": "What is 2 + 3?"}]
-    assert smol.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) \
-        == ref_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)  # fmt: skip
+    assert smol.tokenizer.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True
+    ) == ref_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     ids = smol.tokenizer.encode(text)
     with torch.no_grad():
         want_logits = ref(torch.tensor([ids])).logits[0, -1]
@@ -90,9 +104,23 @@ def test_gguf_reader_equals_the_transformers_gguf_path(smol):
 
 
 def test_cli_generate_json(random_adapter):
-    cmd = [sys.executable, "-m", "cold_ray.cli", "generate", "--adapter", str(random_adapter),
-           "--prompt", "Name a colour:", "--max-tokens", "8", "--alpha", "0.2", "--beta", "0.3",
-           "--json"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cold_ray.cli",
+        "generate",
+        "--adapter",
+        str(random_adapter),
+        "--prompt",
+        "Name a colour:",
+        "--max-tokens",
+        "8",
+        "--alpha",
+        "0.2",
+        "--beta",
+        "0.3",
+        "--json",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -110,8 +138,17 @@ def test_cli_generate_json(random_adapter):
     ],
 )
 def test_cli_rejects_bad_arguments(random_adapter, args, message):
-    cmd = [sys.executable, "-m", "cold_ray.cli", "generate", "--adapter", str(random_adapter),
-           "--prompt", "hi", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cold_ray.cli",
+        "generate",
+        "--adapter",
+        str(random_adapter),
+        "--prompt",
+        "hi",
+        *args,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and message in res.stderr
 
@@ -120,11 +157,20 @@ def test_batch_invariance_on_smollm2(smol, random_adapter):
     """Tokens alone equal tokens in a 12-row batch of mixed plain/CoLD requests (BLAS paths
     for small and large row counts differ, so this crosses them)."""
     smol.register_adapter("random", random_adapter)
-    texts = ["List three fruits:", "Write a haiku about rain.", "2 + 2 =", "The moon is",
-             "Translate 'cat' to French:", "Why is the sky blue?", "Count to five:",
-             "Name a planet:"]  # fmt: skip
-    specs = [(t, "random" if i % 2 else None, ColdParams() if i % 4 == 1 else None)
-             for i, t in enumerate(texts)]  # fmt: skip
+    texts = [
+        "List three fruits:",
+        "Write a haiku about rain.",
+        "2 + 2 =",
+        "The moon is",
+        "Translate 'cat' to French:",
+        "Why is the sky blue?",
+        "Count to five:",
+        "Name a planet:",
+    ]
+    specs = [
+        (t, "random" if i % 2 else None, ColdParams() if i % 4 == 1 else None)
+        for i, t in enumerate(texts)
+    ]
     params = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True)
     alone = [smol.generate([t], params, a, c)[0]["token_ids"] for t, a, c in specs]
     reqs = [smol.make_request(t, params, a, c) for t, a, c in specs]
@@ -149,9 +195,25 @@ def test_hub_id_adapter_on_a_renamed_model_folder(smol, tmp_path, capsys):
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert json.loads(out.out)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    rc = main(["eval", "--model", str(model), "--adapter", str(DEMO), "--data", "demo:test",
-               "--n", "2", "--max-tokens", "8", "--max-model-len", "256", "--json",
-               "--no-progress"])  # fmt: skip
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(model),
+            "--adapter",
+            str(DEMO),
+            "--data",
+            "demo:test",
+            "--n",
+            "2",
+            "--max-tokens",
+            "8",
+            "--max-model-len",
+            "256",
+            "--json",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert [r["n"] for r in json.loads(out.out)["results"]] == [2, 2, 2]

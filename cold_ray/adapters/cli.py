@@ -74,9 +74,20 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     fmt = lambda x: "-" if x is None else f"{x:g}"
     rows = [("NAME", "RANK", "MB", "SHA256", "ALPHA", "BETA", "COLD", "CREATED", "SOURCE")]
-    rows += [(r.name, str(r.rank), f"{r.nbytes / 1e6:.1f}", r.sha256[:12], fmt(r.alpha),
-              fmt(r.beta), "on" if r.cold_enabled else "off", _when(r.created_at), r.source)
-             for r in records]  # fmt: skip
+    rows += [
+        (
+            r.name,
+            str(r.rank),
+            f"{r.nbytes / 1e6:.1f}",
+            r.sha256[:12],
+            fmt(r.alpha),
+            fmt(r.beta),
+            "on" if r.cold_enabled else "off",
+            _when(r.created_at),
+            r.source,
+        )
+        for r in records
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -119,8 +130,10 @@ def add_parser(subparsers) -> None:
 
     def cmd(name: str, func, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
-        c.add_argument("--registry", help="registry file or postgresql:// URL "
-                                         "(default: $COLD_RAY_REGISTRY or cache)")  # fmt: skip
+        c.add_argument(
+            "--registry",
+            help="registry file or postgresql:// URL (default: $COLD_RAY_REGISTRY or cache)",
+        )
         c.add_argument("--json", action="store_true", help="print JSON")
         c.set_defaults(func=_run(func))
         return c

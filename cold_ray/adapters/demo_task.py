@@ -19,10 +19,42 @@ import re
 SPLITS = {"train": 1, "validation": 2, "test": 3}  # seed offsets: the splits never overlap
 _SEED = 20240607
 
-_NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Ivy", "Jack", "Lena",
-          "Max", "Nora", "Omar", "Pia", "Sam", "Tara", "Theo", "Uma", "Zoe"]  # fmt: skip
-_ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "books", "coins", "stamps",
-          "shells", "cards", "balloons", "eggs"]  # fmt: skip
+_NAMES = [
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Dan",
+    "Emma",
+    "Finn",
+    "Grace",
+    "Hugo",
+    "Ivy",
+    "Jack",
+    "Lena",
+    "Max",
+    "Nora",
+    "Omar",
+    "Pia",
+    "Sam",
+    "Tara",
+    "Theo",
+    "Uma",
+    "Zoe",
+]
+_ITEMS = [
+    "apples",
+    "marbles",
+    "stickers",
+    "pencils",
+    "cookies",
+    "books",
+    "coins",
+    "stamps",
+    "shells",
+    "cards",
+    "balloons",
+    "eggs",
+]
 
 INSTRUCTION = (
     "Solve the math word problem step by step, then give the final answer on its own line "
@@ -61,9 +93,15 @@ def _problem(rng: random.Random) -> dict:
         op = rng.choice(["add", "sub", "mul", "give"] if value <= 30 else ["add", "sub", "give"])
         if op == "add":
             n = rng.randint(2, 15)
-            sentences.append(rng.choice([f"{name} buys {n} more {item}.",
-                                         f"{friend} gives {name} {n} {item}.",
-                                         f"{name} finds {n} more {item}."]))  # fmt: skip
+            sentences.append(
+                rng.choice(
+                    [
+                        f"{name} buys {n} more {item}.",
+                        f"{friend} gives {name} {n} {item}.",
+                        f"{name} finds {n} more {item}.",
+                    ]
+                )
+            )
             new, step = value + n, f"{value} + {n} = {value + n}"
         elif op == "mul":
             n = rng.randint(2, 4)

@@ -58,8 +58,10 @@ def save_fp16(model, out: Path, base_name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tensors = {k: v.to(torch.float16).contiguous() for k, v in
-                   load_file(str(Path(tmp) / WEIGHTS_FILE)).items()}  # fmt: skip
+        tensors = {
+            k: v.to(torch.float16).contiguous()
+            for k, v in load_file(str(Path(tmp) / WEIGHTS_FILE)).items()
+        }
         cfg = json.loads((Path(tmp) / CONFIG_FILE).read_text())
     cfg["base_model_name_or_path"] = base_name
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -76,8 +78,13 @@ def train(args: argparse.Namespace) -> None:
     model_path = Path(args.model) if args.model else default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
-    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                        target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")  # fmt: skip
+    config = LoraConfig(
+        r=args.rank,
+        lora_alpha=2 * args.rank,
+        lora_dropout=0.0,
+        target_modules=list(TARGET_MODULES),
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(base, config)
     model.print_trainable_parameters()
 
@@ -105,8 +112,14 @@ def train(args: argparse.Namespace) -> None:
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == args.steps - 1:
-            log.info("step %d/%d loss %.4f lr %.2e elapsed %.0fs", step + 1, args.steps,
-                     loss.item(), sched.get_last_lr()[0], time.perf_counter() - t0)  # fmt: skip
+            log.info(
+                "step %d/%d loss %.4f lr %.2e elapsed %.0fs",
+                step + 1,
+                args.steps,
+                loss.item(),
+                sched.get_last_lr()[0],
+                time.perf_counter() - t0,
+            )
     save_fp16(model, Path(args.out), args.base_name)
     size = (Path(args.out) / WEIGHTS_FILE).stat().st_size
     log.info("saved %s (%d bytes) in %.0fs", args.out, size, time.perf_counter() - t0)
@@ -117,8 +130,9 @@ def _last_int(text: str) -> int | None:
     return int(nums[-1]) if nums else None
 
 
-def evaluate(adapter_dir: str | None, n: int, model: str | None = None,
-             max_tokens: int = 64) -> dict:  # fmt: skip
+def evaluate(
+    adapter_dir: str | None, n: int, model: str | None = None, max_tokens: int = 64
+) -> dict:
     """Accuracy on the first `n` test items: base model, adapter (greedy), adapter + CoLD.
 
     `strict` needs the `#### N` answer line; `lenient` takes the last integer of the output
@@ -146,7 +160,7 @@ def evaluate(adapter_dir: str | None, n: int, model: str | None = None,
                 _last_int(t.split("####")[-1] if "####" in t else t) == g
                 for t, g in zip(texts, gold)
             )
-            / n,  # fmt: skip
+            / n,
             "seconds": round(time.perf_counter() - t0, 1),
             "example": texts[0],
         }
@@ -174,8 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--model", default=None, help="HF folder; default: SmolLM2-135M-Instruct")
-    p.add_argument("--base-name", default=f"HuggingFaceTB/{DEFAULT_MODEL_NAME}",
-                   help="base_model_name_or_path written into adapter_config.json")  # fmt: skip
+    p.add_argument(
+        "--base-name",
+        default=f"HuggingFaceTB/{DEFAULT_MODEL_NAME}",
+        help="base_model_name_or_path written into adapter_config.json",
+    )
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         p.error("--steps and --batch-size must be >= 1")

@@ -21,8 +21,11 @@ DEMO_ADAPTER = PACKAGE / "deployments" / "adapters" / "arith-demo"
 
 def thread_env(threads: int) -> dict[str, str]:
     """`threads` intra-op threads, no OpenMP spin-waiting (it collapses a shared machine)."""
-    return {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
-            "MKL_NUM_THREADS": str(threads)}  # fmt: skip
+    return {
+        "OMP_NUM_THREADS": str(threads),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "MKL_NUM_THREADS": str(threads),
+    }
 
 
 THREAD_ENV = thread_env(1)  # what an engine replica runs with
@@ -126,8 +129,9 @@ def require_positive(parser: argparse.ArgumentParser, args, *names: str) -> None
 def run_json(cmd: list[str], what: str, cwd: str | None = None) -> dict:
     """Run `cmd` with THREAD_ENV added to the environment; its last stdout line is its JSON
     record. RuntimeError naming `what`, with the end of its stderr, when it fails."""
-    res = subprocess.run(cmd, env={**os.environ, **THREAD_ENV}, capture_output=True, text=True,
-                         cwd=cwd)  # fmt: skip
+    res = subprocess.run(
+        cmd, env={**os.environ, **THREAD_ENV}, capture_output=True, text=True, cwd=cwd
+    )
     if res.returncode != 0:
         raise RuntimeError(f"{what} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -144,8 +148,9 @@ def run_child(module: str, setting: dict) -> dict | None:
         return None
 
 
-def run_children(module: str, settings: Iterable[dict],
-                 progress: Callable[[dict, dict], str]) -> list[dict] | None:  # fmt: skip
+def run_children(
+    module: str, settings: Iterable[dict], progress: Callable[[dict, dict], str]
+) -> list[dict] | None:
     """`run_child` for each setting in turn, `progress(setting, record)` on stderr after each;
     None as soon as one fails."""
     records = []
@@ -200,10 +205,15 @@ def host_record() -> dict:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem, 1) if mem else None,
-            "python": platform.python_version(), "platform": platform.platform(),
-            # other work on the machine skews every number: say how busy it was
-            "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_gib": round(mem, 1) if mem else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        # other work on the machine skews every number: say how busy it was
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def machine_record() -> dict:
@@ -231,8 +241,12 @@ def machine_record() -> dict:
 
 def provenance(host_at_start: dict, argv: list[str] | None) -> dict:
     """The machine at start and now, the thread settings and the command-line arguments."""
-    return {"host_at_start": host_at_start, "host_at_end": machine_record(), "threads": THREAD_ENV,
-            "argv": argv if argv is not None else sys.argv[1:]}  # fmt: skip
+    return {
+        "host_at_start": host_at_start,
+        "host_at_end": machine_record(),
+        "threads": THREAD_ENV,
+        "argv": argv if argv is not None else sys.argv[1:],
+    }
 
 
 def report(result: dict, as_json: bool, plot=None, plot_path: str | None = None) -> int:
@@ -256,8 +270,9 @@ def pyplot():
     return plt
 
 
-def grouped_bars(ax, labels: list[str], series: dict[str, list[float]],
-                 colors: dict[str, str] | None = None) -> None:  # fmt: skip
+def grouped_bars(
+    ax, labels: list[str], series: dict[str, list[float]], colors: dict[str, str] | None = None
+) -> None:
     """One group of bars per label, one bar per series side by side, with a legend and a light
     horizontal grid."""
     width = 0.8 / len(series)

@@ -80,9 +80,16 @@ def check_kernels(device, quick: bool) -> dict:
             args = (*dev, scale.to(device), batch, got.clone())
             seconds = _time(lambda args=args: backend.lora_delta(*args), device)
             nbytes = (x.numel() + a.numel() + b.numel() + 2 * y.numel()) * dev[0].element_size()
-            out["cases"].append({"dtype": dtype_name, "rows": rows, "ok": ok,
-                                 "max_abs_diff": float(diff.max()), "us": seconds * 1e6,
-                                 "gb_s": nbytes / seconds / 1e9})  # fmt: skip
+            out["cases"].append(
+                {
+                    "dtype": dtype_name,
+                    "rows": rows,
+                    "ok": ok,
+                    "max_abs_diff": float(diff.max()),
+                    "us": seconds * 1e6,
+                    "gb_s": nbytes / seconds / 1e9,
+                }
+            )
             out["ok"] &= ok
     # the CoLD step: the backend's restricted head picks exactly the reference's tokens
     vocab, hidden, rows = 49152, 576, 32
@@ -128,9 +135,17 @@ def _core(device, model: str | None, dtype: str, max_rows: int, **overrides):
     from cold_ray.engine import EngineCore
 
     threads = 1 if device.type == "cpu" else None  # one CPU thread: no OpenMP spin-waiting
-    core = EngineCore(EngineConfig(model=model, device=str(device), dtype=dtype,
-                                   max_rows=max_rows, max_model_len=512, num_threads=threads,
-                                   **overrides))  # fmt: skip
+    core = EngineCore(
+        EngineConfig(
+            model=model,
+            device=str(device),
+            dtype=dtype,
+            max_rows=max_rows,
+            max_model_len=512,
+            num_threads=threads,
+            **overrides,
+        )
+    )
     core.register_adapter("demo", "deployments/adapters/arith-demo")
     return core
 
@@ -143,8 +158,10 @@ def check_bf16_cold(device, model: str | None, quick: bool) -> dict:
     if device.type == "cpu":
         return {"skipped": "bf16 is not a serving dtype on CPU"}
     ref, low = _core(device, model, "float32", 8), _core(device, model, "bfloat16", 8)
-    prompts = ["Question: Ann has 3 boxes of 4 pens. How many pens?\nAnswer:",
-               "Question: A train goes 60 km in 1 hour. How far in 3 hours?\nAnswer:"]  # fmt: skip
+    prompts = [
+        "Question: Ann has 3 boxes of 4 pens. How many pens?\nAnswer:",
+        "Question: A train goes 60 km in 1 hour. How far in 3 hours?\nAnswer:",
+    ]
     diffs, agree, total = [], 0, 0
     for p in prompts[: 1 if quick else 2]:
         ids = ref.tokenizer.encode(p)
@@ -158,10 +175,17 @@ def check_bf16_cold(device, model: str | None, quick: bool) -> dict:
     top1 = agree / total
     ok = max(diffs) <= BF16_MAX_LOGIT_DIFF and top1 >= BF16_MIN_TOP1_AGREEMENT
     del torch
-    return {"max_logit_diff": max(diffs), "top1_agreement": top1, "ok": ok,
-            "cold_tokens_equal_prefix": match, "cold_tokens": len(tokens[0]),
-            "tolerance": {"max_logit_diff": BF16_MAX_LOGIT_DIFF,
-                          "top1_agreement": BF16_MIN_TOP1_AGREEMENT}}  # fmt: skip
+    return {
+        "max_logit_diff": max(diffs),
+        "top1_agreement": top1,
+        "ok": ok,
+        "cold_tokens_equal_prefix": match,
+        "cold_tokens": len(tokens[0]),
+        "tolerance": {
+            "max_logit_diff": BF16_MAX_LOGIT_DIFF,
+            "top1_agreement": BF16_MIN_TOP1_AGREEMENT,
+        },
+    }
 
 
 def _mixed_tokens(core) -> list[list[int]]:
@@ -170,9 +194,11 @@ def _mixed_tokens(core) -> list[list[int]]:
 
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     prompts = [f"Question: {a} + {b} = ?\nAnswer:" for a, b in ((3, 4), (12, 9), (7, 30))]
-    reqs = [core.make_request(p, params, adapter, cold)
-            for p in prompts
-            for adapter, cold in ((None, None), ("demo", None), ("demo", ColdParams()))]  # fmt: skip
+    reqs = [
+        core.make_request(p, params, adapter, cold)
+        for p in prompts
+        for adapter, cold in ((None, None), ("demo", None), ("demo", ColdParams()))
+    ]
     for r in reqs:
         core.add(r)
     while core.has_work():
@@ -193,12 +219,17 @@ def check_graphs(device, model: str | None) -> dict:
         eager = _core(device, model, dtype, 16, graph_capture=False)
         got, want = _mixed_tokens(graphed), _mixed_tokens(eager)
         same = [g == w for g, w in zip(got, want)]
-        prefix = [next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), len(g))
-                  for g, w in zip(got, want)]  # fmt: skip
-        out[dtype] = {"graphs": len(graphed.graphs.graphs),
-                      "capture_s": graphed.graphs.capture_seconds,
-                      "requests_equal": sum(same), "requests": len(same),
-                      "min_equal_prefix": min(prefix)}  # fmt: skip
+        prefix = [
+            next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), len(g))
+            for g, w in zip(got, want)
+        ]
+        out[dtype] = {
+            "graphs": len(graphed.graphs.graphs),
+            "capture_s": graphed.graphs.capture_seconds,
+            "requests_equal": sum(same),
+            "requests": len(same),
+            "min_equal_prefix": min(prefix),
+        }
         if dtype == "float32":
             out["ok"] &= all(same)
         del graphed, eager
@@ -245,17 +276,26 @@ def _section(fn, *args) -> dict:
     except Exception as e:  # report every section's outcome in one run
         import traceback
 
-        return {"ok": False, "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
+        return {
+            "ok": False,
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc()[-3000:],
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cold-ray bench device", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="cold-ray bench device",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--device", help="cuda, npu or cpu (default: the accelerator present)")
     p.add_argument("--quick", action="store_true", help="fewer sizes (a smoke check)")
-    p.add_argument("--model", help="model folder or .gguf file (default: SmolLM2-135M-Instruct; "
-                                   "the demo adapter fits only SmolLM2)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        help="model folder or .gguf file (default: SmolLM2-135M-Instruct; "
+        "the demo adapter fits only SmolLM2)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     import torch
@@ -286,8 +326,10 @@ def _speedups(graphed: dict, eager: dict) -> dict:
     if "steps" not in graphed or "steps" not in eager:
         return {"skipped": "a step measurement failed"}
     times = {(s["mode"], s["batch"]): s["step_ms"] for s in eager["steps"]}
-    return {f"{s['mode']}@{s['batch']}": round(times[(s["mode"], s["batch"])] / s["step_ms"], 2)
-            for s in graphed["steps"]}  # fmt: skip
+    return {
+        f"{s['mode']}@{s['batch']}": round(times[(s["mode"], s["batch"])] / s["step_ms"], 2)
+        for s in graphed["steps"]
+    }
 
 
 def _table(r: dict) -> str:
@@ -297,20 +339,24 @@ def _table(r: dict) -> str:
             lines.append(f"{name}: FAILED {section['error']}")
     k = r["kernels"]
     if "cases" in k:
-        lines.append(f"kernels [{k['backend']}]: CoLD step tokens equal: "
-                     f"{k['cold_step_tokens_equal']}")  # fmt: skip
+        lines.append(
+            f"kernels [{k['backend']}]: CoLD step tokens equal: {k['cold_step_tokens_equal']}"
+        )
         for c in k["cases"]:
-            lines.append(f"  {c['dtype']:>8} rows {c['rows']:4d}  {'ok ' if c['ok'] else 'BAD'} "
-                         f"max|diff| {c['max_abs_diff']:.2e}  {c['us']:8.1f} us  "
-                         f"{c['gb_s']:6.1f} GB/s")  # fmt: skip
+            lines.append(
+                f"  {c['dtype']:>8} rows {c['rows']:4d}  {'ok ' if c['ok'] else 'BAD'} "
+                f"max|diff| {c['max_abs_diff']:.2e}  {c['us']:8.1f} us  "
+                f"{c['gb_s']:6.1f} GB/s"
+            )
     for name in ("attention", "bf16_cold", "graphs", "graph_speedup"):
         if name in r and "error" not in r[name]:
             lines.append(f"{name}: {r[name]}")
     for name in ("steps", "eager_steps"):
         for s in r.get(name, {}).get("steps", []):
             extra = f"  {s['weight_gb_s']:.1f} GB/s of weights" if "weight_gb_s" in s else ""
-            lines.append(f"  {name} {s['mode']:>11} @{s['batch']:3d}: {s['step_ms']:7.2f} ms"
-                         f"{extra}")  # fmt: skip
+            lines.append(
+                f"  {name} {s['mode']:>11} @{s['batch']:3d}: {s['step_ms']:7.2f} ms{extra}"
+            )
     return "\n".join(lines)
 
 

@@ -110,8 +110,12 @@ def shared_prefix_request(kind: str, question: str, prefix: str) -> dict:
     if kind == "fewshot":
         return {"prompt": f"{prefix}Question: {question}\nAnswer:"}
     if kind == "chat":
-        return {"messages": [{"role": "system", "content": prefix},
-                             {"role": "user", "content": question}]}  # fmt: skip
+        return {
+            "messages": [
+                {"role": "system", "content": prefix},
+                {"role": "user", "content": question},
+            ]
+        }
     raise ValueError(f"unknown shared-prefix workload {kind!r}; expected one of {PREFIX_KINDS}")
 
 

@@ -56,11 +56,21 @@ class DecodeGraphs:
     """Decode steps replayed from captured graphs (or, with `capture=False`, run eagerly over
     the same padded static inputs: the CPU tests' stand-in for replay)."""
 
-    def __init__(self, model: LlamaModel, cache, backend: LoraBackend, max_rows: int,
-                 max_len: int, max_loras: int, capture: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        model: LlamaModel,
+        cache,
+        backend: LoraBackend,
+        max_rows: int,
+        max_len: int,
+        max_loras: int,
+        capture: bool = True,
+    ):
         if not backend.graph_safe:
-            raise ValueError(f"the {backend.name!r} LoRA backend reads its plan on the host; "
-                             "decode steps with it cannot be captured")  # fmt: skip
+            raise ValueError(
+                f"the {backend.name!r} LoRA backend reads its plan on the host; "
+                "decode steps with it cannot be captured"
+            )
         self.model, self.cache, self.backend = model, cache, backend
         self.max_loras = max_loras
         self.rows = row_buckets(min(max_rows, cache.num_slots))
@@ -80,8 +90,11 @@ class DecodeGraphs:
     def fits(self, plan: StepPlan) -> bool:
         """A decode-only step whose D rows hold slots 0..D-1, D within the buckets."""
         rows = plan.decode
-        return (not plan.prefill and 0 < len(rows) <= self.rows[-1]
-                and max(r.slot for r in rows) < len(rows))  # fmt: skip
+        return (
+            not plan.prefill
+            and 0 < len(rows) <= self.rows[-1]
+            and max(r.slot for r in rows) < len(rows)
+        )
 
     def run(self, plan: StepPlan) -> torch.Tensor:
         """The final hidden states of the plan's decode rows by slot, [D, hidden] (a view
@@ -105,8 +118,9 @@ class DecodeGraphs:
         """The padded decode step over the static inputs: what is captured and replayed."""
         tokens, positions, adapters = self.inputs[:, :rows]
         masked = self.order[:span] > positions.view(rows, 1, 1, 1)  # [rows, 1, 1, span]
-        mask = torch.zeros(masked.shape, dtype=self.model.norm.dtype,
-                           device=positions.device).masked_fill_(masked, float("-inf"))  # fmt: skip
+        mask = torch.zeros(
+            masked.shape, dtype=self.model.norm.dtype, device=positions.device
+        ).masked_fill_(masked, float("-inf"))
         slots = self.order[:rows]
         fb = ForwardBatch(
             positions=positions,
@@ -140,8 +154,13 @@ class DecodeGraphs:
                     self.graphs[(rows, span)] = (graph, out)
         devices.synchronize(device)
         self.capture_seconds = time.perf_counter() - t0
-        log.info("captured %d decode graphs (rows %s x span %s) in %.1f s", len(self.graphs),
-                 self.rows, self.spans, self.capture_seconds)  # fmt: skip
+        log.info(
+            "captured %d decode graphs (rows %s x span %s) in %.1f s",
+            len(self.graphs),
+            self.rows,
+            self.spans,
+            self.capture_seconds,
+        )
 
     def check_replay(self, graph, out: torch.Tensor, rows: int, span: int) -> None:
         """Replay once on inputs unlike the capture's (every token, position and adapter slot
@@ -155,7 +174,9 @@ class DecodeGraphs:
         want = self.forward(rows, span)
         diff = (out.float() - want.float()).abs().max().item()
         if not diff <= 1e-2 * (1.0 + want.float().abs().max().item()):  # NaN fails too
-            raise RuntimeError(f"the decode graph for {rows} rows x span {span} replays "
-                               f"differently from the eager step (max |diff| {diff:.3g})")  # fmt: skip
+            raise RuntimeError(
+                f"the decode graph for {rows} rows x span {span} replays "
+                f"differently from the eager step (max |diff| {diff:.3g})"
+            )
         self.inputs[:2].zero_()
         self.inputs[2].fill_(-1)

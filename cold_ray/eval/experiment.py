@@ -56,8 +56,10 @@ class ExperimentConfig:
 
     def __post_init__(self):
         if self.n_test < 1 or self.n_dev < 1 or self.n_latency < 0:
-            raise ValueError(f"n_test and n_dev must be >= 1 and n_latency >= 0, got "
-                             f"{self.n_test}, {self.n_dev}, {self.n_latency}")  # fmt: skip
+            raise ValueError(
+                f"n_test and n_dev must be >= 1 and n_latency >= 0, got "
+                f"{self.n_test}, {self.n_dev}, {self.n_latency}"
+            )
         if self.n_latency > self.n_test:
             raise ValueError(f"n_latency {self.n_latency} exceeds n_test {self.n_test}")
 
@@ -68,8 +70,11 @@ class ExperimentConfig:
 
 def splits(config: ExperimentConfig) -> dict[str, list[dict]]:
     """Test first, then dev, then train: the test items do not depend on the other sizes."""
-    sizes = {"test": config.n_test, "dev": config.n_dev,
-             "train": config.train.steps * config.train.batch_size}  # fmt: skip
+    sizes = {
+        "test": config.n_test,
+        "dev": config.n_dev,
+        "train": config.train.steps * config.train.batch_size,
+    }
     return base9.make_splits(sizes)
 
 
@@ -118,13 +123,20 @@ def choose_on_dev(core, dev: list[dict], adapter: str, config: ExperimentConfig)
     greedy = report.result(modes[0]).correct
     decision = decide(greedy, {(m.alpha, m.beta): report.result(m).correct for m in modes[1:]})
     best = decision.tried[0]  # most dev items right; ties: smaller beta, then larger alpha
-    return {"alpha": best["alpha"], "beta": best["beta"], "greedy_correct": sum(greedy),
-            "n": len(dev), "tune_rule_keeps_cold": decision.cold_enabled,
-            "tune_reason": decision.reason, "grid": decision.tried}  # fmt: skip
+    return {
+        "alpha": best["alpha"],
+        "beta": best["beta"],
+        "greedy_correct": sum(greedy),
+        "n": len(dev),
+        "tune_rule_keeps_cold": decision.cold_enabled,
+        "tune_reason": decision.reason,
+        "grid": decision.tried,
+    }
 
 
-def run_checkpoint(core, name: str, data: dict[str, list[dict]], config: ExperimentConfig,
-                   outputs: Path) -> dict:  # fmt: skip
+def run_checkpoint(
+    core, name: str, data: dict[str, list[dict]], config: ExperimentConfig, outputs: Path
+) -> dict:
     load_start, t0 = list(os.getloadavg()), time.time()
     chosen = choose_on_dev(core, data["dev"], name, config)
     modes = [Mode("greedy"), Mode("cold", chosen["alpha"], chosen["beta"])]
@@ -136,14 +148,28 @@ def run_checkpoint(core, name: str, data: dict[str, list[dict]], config: Experim
     with open(outputs / f"{name}.jsonl", "w", encoding="utf-8") as f:
         for r in (greedy, cold):
             for it, text, pred, ok in zip(test, r.texts, r.preds, r.correct):
-                f.write(json.dumps({"mode": r.mode.label, "question": it["question"],
-                                    "gold": it["answer"], "pred": pred, "correct": ok,
-                                    "text": text}) + "\n")  # fmt: skip
-    summary = {"load_avg": {"start": load_start, "end": list(os.getloadavg())},
-               "evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
-               "dev": chosen, "paired": {"test": "exact McNemar (two-sided)",
-                                         **paired_comparison(greedy.correct,
-                                                             cold.correct).to_dict()}}  # fmt: skip
+                f.write(
+                    json.dumps(
+                        {
+                            "mode": r.mode.label,
+                            "question": it["question"],
+                            "gold": it["answer"],
+                            "pred": pred,
+                            "correct": ok,
+                            "text": text,
+                        }
+                    )
+                    + "\n"
+                )
+    summary = {
+        "load_avg": {"start": load_start, "end": list(os.getloadavg())},
+        "evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
+        "dev": chosen,
+        "paired": {
+            "test": "exact McNemar (two-sided)",
+            **paired_comparison(greedy.correct, cold.correct).to_dict(),
+        },
+    }
     for key, r in (("greedy", greedy), ("cold", cold)):
         summary[key] = _mode_summary(r, test) | {"latency_s_per_item": latency[r.mode.label]}
     return summary
@@ -191,13 +217,26 @@ def run(config: ExperimentConfig, fresh: bool = False) -> dict:
         folders = {s: config.adapter_dir / f"step-{s}" for s in sorted(config.train.checkpoints)}
         folders = {s: f for s, f in folders.items() if (f / "adapter_config.json").exists()}
     else:
-        folders = train_checkpoints(model_dir, data["train"], base9.TASK.prompt,
-                                    config.adapter_dir, config.train, base_name=BASE_NAME)  # fmt: skip
+        folders = train_checkpoints(
+            model_dir,
+            data["train"],
+            base9.TASK.prompt,
+            config.adapter_dir,
+            config.train,
+            base_name=BASE_NAME,
+        )
     train_s = time.perf_counter() - t0
-    core = EngineCore(EngineConfig(model=str(model_dir), max_rows=config.max_rows,
-                                   max_model_len=64, max_lora_rank=config.train.rank,
-                                   max_loras=max(1, len(folders)), num_threads=config.threads,
-                                   request_timeout_s=None))  # fmt: skip
+    core = EngineCore(
+        EngineConfig(
+            model=str(model_dir),
+            max_rows=config.max_rows,
+            max_model_len=64,
+            max_lora_rank=config.train.rank,
+            max_loras=max(1, len(folders)),
+            num_threads=config.threads,
+            request_timeout_s=None,
+        )
+    )
     old = None if fresh else _previous(out, config)
     if old is not None:
         base_summary = old["base"]
@@ -213,7 +252,7 @@ def run(config: ExperimentConfig, fresh: bool = False) -> dict:
             "load_avg_start": list(os.getloadavg()),
             "python": platform.python_version(),
             "torch": torch.__version__,
-        },  # fmt: skip
+        },
         "train_seconds_this_run": round(train_s, 1),
         "base": base_summary,
         "checkpoints": {},
@@ -227,8 +266,9 @@ def run(config: ExperimentConfig, fresh: bool = False) -> dict:
         folder = folders[steps]
         core.register_adapter(name, folder)
         log.info("checkpoint %s: tuning on dev, then test", name)
-        results["checkpoints"][str(steps)] = run_checkpoint(core, name, data, config,
-                                                            out / "outputs")  # fmt: skip
+        results["checkpoints"][str(steps)] = run_checkpoint(
+            core, name, data, config, out / "outputs"
+        )
         _write(out, results)  # a long run keeps what it has so far
     results["machine"]["load_avg_end"] = list(os.getloadavg())
     core.shutdown()
@@ -252,12 +292,15 @@ def _write(out: Path, results: dict) -> None:
 def format_table(results: dict) -> str:
     """Markdown: one row per checkpoint, greedy vs CoLD on the test split."""
     b = results["base"]
-    lines = [f"base model alone: {b['correct']}/{b['n']} base-9 correct "
-             f"({b['accuracy']:.1%}), decimal-sum answers {b['decimal_prior_rate']:.1%}", "",
-             "| steps | α, β (dev) | greedy acc [95% CI] | CoLD acc [95% CI] | Δ [95% CI] | "
-             "+/− | McNemar p | decimal-prior greedy / CoLD | tokens/item greedy / CoLD | "
-             "latency s/item greedy / CoLD | batched s/item greedy / CoLD |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"base model alone: {b['correct']}/{b['n']} base-9 correct "
+        f"({b['accuracy']:.1%}), decimal-sum answers {b['decimal_prior_rate']:.1%}",
+        "",
+        "| steps | α, β (dev) | greedy acc [95% CI] | CoLD acc [95% CI] | Δ [95% CI] | "
+        "+/− | McNemar p | decimal-prior greedy / CoLD | tokens/item greedy / CoLD | "
+        "latency s/item greedy / CoLD | batched s/item greedy / CoLD |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for steps, c in results["checkpoints"].items():
         g, k, p = c["greedy"], c["cold"], c["paired"]
         acc = lambda d: (
@@ -285,23 +328,43 @@ def plot(results: dict, path: str | Path) -> None:
 
     steps = [int(s) for s in results["checkpoints"]]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, label, color, shift in (("greedy", "expert greedy", "tab:blue", 0.97),
-                                     ("cold", "CoLD (α, β from dev)", "tab:orange", 1.03)):  # fmt: skip
+    for key, label, color, shift in (
+        ("greedy", "expert greedy", "tab:blue", 0.97),
+        ("cold", "CoLD (α, β from dev)", "tab:orange", 1.03),
+    ):
         rows = [results["checkpoints"][str(s)][key] for s in steps]
         acc = [r["accuracy"] for r in rows]
-        err = [[a - r["ci95"][0] for a, r in zip(acc, rows)],
-               [r["ci95"][1] - a for a, r in zip(acc, rows)]]  # fmt: skip
-        ax.errorbar([s * shift for s in steps], acc, yerr=err, marker="o", capsize=4,
-                    label=label, color=color)  # fmt: skip
-        ax2.plot(steps, [r["latency_s_per_item"] for r in rows], marker="o", label=label,
-                 color=color)  # fmt: skip
+        err = [
+            [a - r["ci95"][0] for a, r in zip(acc, rows)],
+            [r["ci95"][1] - a for a, r in zip(acc, rows)],
+        ]
+        ax.errorbar(
+            [s * shift for s in steps],
+            acc,
+            yerr=err,
+            marker="o",
+            capsize=4,
+            label=label,
+            color=color,
+        )
+        ax2.plot(
+            steps, [r["latency_s_per_item"] for r in rows], marker="o", label=label, color=color
+        )
     base = results["base"]
-    ax.axhline(base["accuracy"], color="tab:gray", linestyle="--",
-               label=f"base model ({base['correct']}/{base['n']})")  # fmt: skip
+    ax.axhline(
+        base["accuracy"],
+        color="tab:gray",
+        linestyle="--",
+        label=f"base model ({base['correct']}/{base['n']})",
+    )
     for s in steps:
         c = results["checkpoints"][str(s)]
-        ax.annotate(f"p={c['paired']['p_value']:.2g}", (s, max(c["greedy"]["ci95"][1],
-                    c["cold"]["ci95"][1]) + 0.02), ha="center", fontsize=8)  # fmt: skip
+        ax.annotate(
+            f"p={c['paired']['p_value']:.2g}",
+            (s, max(c["greedy"]["ci95"][1], c["cold"]["ci95"][1]) + 0.02),
+            ha="center",
+            fontsize=8,
+        )
     for a in (ax, ax2):
         a.set_xscale("log", base=2)
         a.set_xticks(steps, [str(s) for s in steps])

@@ -39,8 +39,9 @@ class TrainConfig:
         if not self.checkpoints or any(s < 1 for s in self.checkpoints):
             raise ValueError(f"checkpoints must be positive step counts, got {self.checkpoints}")
         if self.batch_size < 1 or self.rank < 1:
-            raise ValueError(f"batch_size and rank must be >= 1, got {self.batch_size}, "
-                             f"{self.rank}")  # fmt: skip
+            raise ValueError(
+                f"batch_size and rank must be >= 1, got {self.batch_size}, {self.rank}"
+            )
 
     @property
     def steps(self) -> int:
@@ -98,14 +99,21 @@ def train_checkpoints(
         return folders
     need = config.steps * config.batch_size
     if len(items) < need:
-        raise ValueError(f"{config.steps} steps of batch {config.batch_size} need {need} "
-                         f"training items, got {len(items)}")  # fmt: skip
+        raise ValueError(
+            f"{config.steps} steps of batch {config.batch_size} need {need} "
+            f"training items, got {len(items)}"
+        )
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    lora = LoraConfig(r=config.rank, lora_alpha=2 * config.rank, lora_dropout=0.0,
-                      target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")  # fmt: skip
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=2 * config.rank,
+        lora_dropout=0.0,
+        target_modules=list(TARGET_MODULES),
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(base, lora)
     data = [encode(tokenizer, prompt(it["question"]), it["answer"]) for it in items[:need]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -125,8 +133,13 @@ def train_checkpoints(
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % config.log_every == 0 or step == 1:
-            log.info("step %d/%d loss %.4f elapsed %.0fs", step, config.steps, loss.item(),
-                     time.perf_counter() - t0)  # fmt: skip
+            log.info(
+                "step %d/%d loss %.4f elapsed %.0fs",
+                step,
+                config.steps,
+                loss.item(),
+                time.perf_counter() - t0,
+            )
         if step in folders:
             save_fp16(model, folders[step], base_name)
             log.info("saved %s", folders[step])

@@ -106,11 +106,14 @@ def load_items(path: str | Path, n: int | None = None) -> list[dict]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or (
-                not isinstance(obj.get("answer"), (str, int, float))
-            ):  # fmt: skip
-                raise ValueError(f"{path}:{lineno}: expected an object with 'question' and "
-                                 "'answer' strings")  # fmt: skip
+            if (
+                not isinstance(obj, dict)
+                or not isinstance(obj.get("question"), str)
+                or (not isinstance(obj.get("answer"), (str, int, float)))
+            ):
+                raise ValueError(
+                    f"{path}:{lineno}: expected an object with 'question' and 'answer' strings"
+                )
             obj["answer"] = str(obj["answer"])
             items.append(obj)
             if n is not None and len(items) >= n:
@@ -176,14 +179,27 @@ class EvalReport:
             g = by_kind["greedy"]
             for r in self.results:
                 if r.mode.kind == "cold":
-                    out.append({"a": "greedy", "b": r.mode.label, "alpha": r.mode.alpha,
-                                "beta": r.mode.beta, "test": "exact McNemar (two-sided)",
-                                **paired_comparison(g.correct, r.correct).to_dict()})  # fmt: skip
-            if "base_greedy" in by_kind:
-                out.append({"a": "base_greedy", "b": "greedy", "alpha": None, "beta": None,
+                    out.append(
+                        {
+                            "a": "greedy",
+                            "b": r.mode.label,
+                            "alpha": r.mode.alpha,
+                            "beta": r.mode.beta,
                             "test": "exact McNemar (two-sided)",
-                            **paired_comparison(by_kind["base_greedy"].correct,
-                                                g.correct).to_dict()})  # fmt: skip
+                            **paired_comparison(g.correct, r.correct).to_dict(),
+                        }
+                    )
+            if "base_greedy" in by_kind:
+                out.append(
+                    {
+                        "a": "base_greedy",
+                        "b": "greedy",
+                        "alpha": None,
+                        "beta": None,
+                        "test": "exact McNemar (two-sided)",
+                        **paired_comparison(by_kind["base_greedy"].correct, g.correct).to_dict(),
+                    }
+                )
         return out
 
     def to_dict(self) -> dict:
@@ -204,8 +220,9 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, disable=not enabled, unit="req", dynamic_ncols=True, leave=False)
 
 
-def _submit(core: EngineCore, prompts: list[str], params: SamplingParams, mode: Mode,
-            adapter: str | None) -> list:  # fmt: skip
+def _submit(
+    core: EngineCore, prompts: list[str], params: SamplingParams, mode: Mode, adapter: str | None
+) -> list:
     use = None if mode.kind == "base_greedy" else adapter
     reqs = [core.make_request(p, params, use, mode.cold) for p in prompts]
     for r in reqs:
@@ -230,8 +247,9 @@ def _drain(core: EngineCore, reqs: list, bar) -> dict[str, tuple[str, str]]:
     return done
 
 
-def warm_up(core: EngineCore, items: list[dict], adapter: str | None, modes: Sequence[Mode],
-            task: Task) -> None:  # fmt: skip
+def warm_up(
+    core: EngineCore, items: list[dict], adapter: str | None, modes: Sequence[Mode], task: Task
+) -> None:
     """Load the adapter and run a few short requests per mode, so that no mode's timing
     pays for the adapter load or first-call allocations. Not part of any result."""
     if adapter is not None:
@@ -304,8 +322,9 @@ def evaluate(
     return EvalReport(task.name, adapter, golds, results, params)
 
 
-def _score(mode: Mode, reqs: list, done: dict, golds: list[str], task: Task,
-           wall_s: float) -> ModeResult:  # fmt: skip
+def _score(
+    mode: Mode, reqs: list, done: dict, golds: list[str], task: Task, wall_s: float
+) -> ModeResult:
     texts = [done[r.request_id][0] for r in reqs]
     preds = [task.extract(t) for t in texts]
     return ModeResult(
@@ -321,16 +340,20 @@ def _score(mode: Mode, reqs: list, done: dict, golds: list[str], task: Task,
 
 def format_table(report: EvalReport) -> str:
     """A plain-text summary: one line per mode, then the paired tests."""
-    lines = [f"task {report.task}, adapter {report.adapter}, n={len(report.golds)}",
-             f"{'mode':<22} {'correct':>9} {'acc':>6} {'95% CI':>15} {'no ans':>6} "
-             f"{'tokens':>7} {'wall s':>7} {'tok/s':>7}"]  # fmt: skip
+    lines = [
+        f"task {report.task}, adapter {report.adapter}, n={len(report.golds)}",
+        f"{'mode':<22} {'correct':>9} {'acc':>6} {'95% CI':>15} {'no ans':>6} "
+        f"{'tokens':>7} {'wall s':>7} {'tok/s':>7}",
+    ]
     for r in report.results:
         d = r.to_dict()
         ci = f"[{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
         tps = f"{d['tokens_per_s']:.1f}" if d["tokens_per_s"] else "-"
-        lines.append(f"{d['label']:<22} {d['correct']:>4}/{d['n']:<4} {d['accuracy']:>6.3f} "
-                     f"{ci:>15} {d['no_answer']:>6} {d['completion_tokens']:>7} "
-                     f"{d['wall_s']:>7.1f} {tps:>7}")  # fmt: skip
+        lines.append(
+            f"{d['label']:<22} {d['correct']:>4}/{d['n']:<4} {d['accuracy']:>6.3f} "
+            f"{ci:>15} {d['no_answer']:>6} {d['completion_tokens']:>7} "
+            f"{d['wall_s']:>7.1f} {tps:>7}"
+        )
     for p in report.paired():
         lines.append(
             f"{p['b']} vs {p['a']}: delta {p['delta']:+.3f} "
@@ -352,8 +375,10 @@ def plot(report: EvalReport | dict, path: str | Path, title: str | None = None) 
     rows = rep["results"]
     labels = [d["label"].replace(" a=", "\nα=").replace(" b=", " β=") for d in rows]
     acc = [d["accuracy"] for d in rows]
-    err = [[a - d["ci95"][0] for a, d in zip(acc, rows)],
-           [d["ci95"][1] - a for a, d in zip(acc, rows)]]  # fmt: skip
+    err = [
+        [a - d["ci95"][0] for a, d in zip(acc, rows)],
+        [d["ci95"][1] - a for a, d in zip(acc, rows)],
+    ]
     colors = {"greedy": "tab:blue", "cold": "tab:orange", "base_greedy": "tab:gray"}
     col = [colors[d["mode"]] for d in rows]
     timed = any(d["tokens_per_s"] for d in rows)

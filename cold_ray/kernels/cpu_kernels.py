@@ -60,8 +60,13 @@ def cpu_identity() -> str:
 
 
 def library_name(flags: list[str], compiler_version: str, cpu: str) -> str:
-    parts = [*(s.read_bytes() for s in SOURCES + HEADERS), " ".join(flags).encode(),
-             compiler_version.encode(), platform.machine().encode(), cpu.encode()]  # fmt: skip
+    parts = [
+        *(s.read_bytes() for s in SOURCES + HEADERS),
+        " ".join(flags).encode(),
+        compiler_version.encode(),
+        platform.machine().encode(),
+        cpu.encode(),
+    ]
     return f"cold_ray_cpu-{hashlib.sha256(b'|'.join(parts)).hexdigest()[:16]}.so"
 
 
@@ -70,8 +75,9 @@ def _build(out_dir: Path) -> Path | None:
     if cc is None:
         log.info("no C compiler found: the CPU kernels are not built")
         return None
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
-                             timeout=COMPILE_TIMEOUT_S).stdout  # fmt: skip
+    version = subprocess.run(
+        [cc, "--version"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S
+    ).stdout
     for flags in FLAGS:
         target = out_dir / library_name(flags, version, cpu_identity())
         if target.exists():

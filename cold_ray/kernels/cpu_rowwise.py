@@ -46,24 +46,47 @@ class RowwiseKernels(cpu_kernels.Threaded):
         self._silu.argtypes = [ptr, ptr, i64, i64, i32]
         self._silu.restype = None
 
-    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                     eps: float) -> torch.Tensor:  # fmt: skip
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
         """x [rows, n] += delta (in place; None: nothing to add), then RMS-normed and scaled by
         weight [n]: a new [rows, n]."""
         rows, n = x.shape
-        if not (_f32(x) and _f32(weight) and weight.shape == (n,)
-                and (delta is None or (_f32(delta) and delta.shape == x.shape))):  # fmt: skip
-            raise ValueError(f"add_rms_norm: contiguous CPU fp32 x [rows, n], delta like x, "
-                             f"weight [n] expected; got x {list(x.shape)}, weight "
-                             f"{list(weight.shape)}")  # fmt: skip
+        if not (
+            _f32(x)
+            and _f32(weight)
+            and weight.shape == (n,)
+            and (delta is None or (_f32(delta) and delta.shape == x.shape))
+        ):
+            raise ValueError(
+                f"add_rms_norm: contiguous CPU fp32 x [rows, n], delta like x, "
+                f"weight [n] expected; got x {list(x.shape)}, weight "
+                f"{list(weight.shape)}"
+            )
         y = torch.empty_like(x)
-        self._norm(x.data_ptr(), None if delta is None else delta.data_ptr(),
-                   weight.data_ptr(), y.data_ptr(), rows, n, eps, self.threads)  # fmt: skip
+        self._norm(
+            x.data_ptr(),
+            None if delta is None else delta.data_ptr(),
+            weight.data_ptr(),
+            y.data_ptr(),
+            rows,
+            n,
+            eps,
+            self.threads,
+        )
         return y
 
-    def rope_cache_write(self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, q_heads: int) -> None:  # fmt: skip
+    def rope_cache_write(
+        self,
+        heads: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        q_heads: int,
+    ) -> None:
         """heads [rows, q_heads + 2 kv, dim] (q, k, v heads): q and k rotated in place by the
         rows' positions (cos/sin tables [max_len, dim]); k and v written into one layer's cache
         [slots, kv, max_len, dim] at (slots[r], positions[r]), fp32 or rounded to the bf16
@@ -72,42 +95,73 @@ class RowwiseKernels(cpu_kernels.Threaded):
         rows, width, dim = heads.shape
         kv = (width - q_heads) // 2
         _, cache_kv, max_len, cache_dim = k_cache.shape
-        if not (_f32(heads) and _f32(cos) and _f32(sin) and k_cache.stride() == v_cache.stride()
-                and k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype
-                and k_cache.dtype in (_F32, torch.bfloat16) and k_cache.stride(-1) == 1
-                and cache_kv == kv
-                and cache_dim == dim and cos.shape == sin.shape == (max_len, dim)
-                and positions.shape == slots.shape == (rows,)
-                and positions.dtype == slots.dtype == torch.int64
-                and positions.is_contiguous() and slots.is_contiguous()):  # fmt: skip
-            raise ValueError(f"rope_cache_write: heads [rows, {q_heads} + 2 kv, dim] and "
-                             f"[max_len, dim] tables, CPU fp32, and a layer cache [slots, kv, "
-                             f"max_len, dim], fp32 or bf16, expected; got heads "
-                             f"{list(heads.shape)}, cache {k_cache.dtype} {list(k_cache.shape)}, "
-                             f"tables {list(cos.shape)}")  # fmt: skip
-        self._rope(heads.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
-                   slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), rows, q_heads, kv,
-                   dim, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                   int(k_cache.dtype == torch.bfloat16), self.threads)  # fmt: skip
+        if not (
+            _f32(heads)
+            and _f32(cos)
+            and _f32(sin)
+            and k_cache.stride() == v_cache.stride()
+            and k_cache.shape == v_cache.shape
+            and k_cache.dtype == v_cache.dtype
+            and k_cache.dtype in (_F32, torch.bfloat16)
+            and k_cache.stride(-1) == 1
+            and cache_kv == kv
+            and cache_dim == dim
+            and cos.shape == sin.shape == (max_len, dim)
+            and positions.shape == slots.shape == (rows,)
+            and positions.dtype == slots.dtype == torch.int64
+            and positions.is_contiguous()
+            and slots.is_contiguous()
+        ):
+            raise ValueError(
+                f"rope_cache_write: heads [rows, {q_heads} + 2 kv, dim] and "
+                f"[max_len, dim] tables, CPU fp32, and a layer cache [slots, kv, "
+                f"max_len, dim], fp32 or bf16, expected; got heads "
+                f"{list(heads.shape)}, cache {k_cache.dtype} {list(k_cache.shape)}, "
+                f"tables {list(cos.shape)}"
+            )
+        self._rope(
+            heads.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            positions.data_ptr(),
+            slots.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            rows,
+            q_heads,
+            kv,
+            dim,
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            int(k_cache.dtype == torch.bfloat16),
+            self.threads,
+        )
 
     @staticmethod
-    def check_rows(positions: torch.Tensor, slots: torch.Tensor, max_len: int,
-                   max_slots: int) -> None:  # fmt: skip
+    def check_rows(
+        positions: torch.Tensor, slots: torch.Tensor, max_len: int, max_slots: int
+    ) -> None:
         """Every position in [0, max_len) and slot in [0, max_slots): the kernel writes there."""
         if not positions.numel():
             return
         (p_lo, p_hi), (s_lo, s_hi) = positions.aminmax(), slots.aminmax()
-        if not (0 <= int(p_lo) and int(p_hi) < max_len and 0 <= int(s_lo)
-                and int(s_hi) < max_slots):  # fmt: skip
-            raise ValueError(f"rope_cache_write: positions must lie in [0, {max_len}) and slots "
-                             f"in [0, {max_slots})")  # fmt: skip
+        if not (
+            0 <= int(p_lo) and int(p_hi) < max_len and 0 <= int(s_lo) and int(s_hi) < max_slots
+        ):
+            raise ValueError(
+                f"rope_cache_write: positions must lie in [0, {max_len}) and slots "
+                f"in [0, {max_slots})"
+            )
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up [rows, 2 n] -> silu(gate_up[:, :n]) * gate_up[:, n:], [rows, n]."""
         rows, width = gate_up.shape
         if not (_f32(gate_up) and width % 2 == 0):
-            raise ValueError(f"silu_mul: contiguous CPU fp32 [rows, 2 n] expected, got "
-                             f"{gate_up.dtype} {list(gate_up.shape)}")  # fmt: skip
+            raise ValueError(
+                f"silu_mul: contiguous CPU fp32 [rows, 2 n] expected, got "
+                f"{gate_up.dtype} {list(gate_up.shape)}"
+            )
         y = gate_up.new_empty(rows, width // 2)
         self._silu(gate_up.data_ptr(), y.data_ptr(), rows, width // 2, self.threads)
         return y

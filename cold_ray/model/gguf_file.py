@@ -70,18 +70,24 @@ def read_config(reader) -> dict:
     get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
-        raise GGUFError("this GGUF carries RoPE frequency factors (Llama 3.1-style rope "
-                        "scaling), which are not supported; serve the HF folder instead")  # fmt: skip
+        raise GGUFError(
+            "this GGUF carries RoPE frequency factors (Llama 3.1-style rope "
+            "scaling), which are not supported; serve the HF folder instead"
+        )
     heads = get("attention.head_count")
     hidden = get("embedding_length")
     if heads is None or hidden is None or get("block_count") is None:
-        raise GGUFError(f"GGUF metadata lacks {arch}.attention.head_count, "
-                        f"{arch}.embedding_length or {arch}.block_count")  # fmt: skip
+        raise GGUFError(
+            f"GGUF metadata lacks {arch}.attention.head_count, "
+            f"{arch}.embedding_length or {arch}.block_count"
+        )
     head_dim = get("attention.key_length", hidden // heads)
     if get("rope.dimension_count", head_dim) != head_dim:
-        raise GGUFError(f"partial rotary embeddings ({arch}.rope.dimension_count "
-                        f"{get('rope.dimension_count')} of head size {head_dim}) are not "
-                        "supported")  # fmt: skip
+        raise GGUFError(
+            f"partial rotary embeddings ({arch}.rope.dimension_count "
+            f"{get('rope.dimension_count')} of head size {head_dim}) are not "
+            "supported"
+        )
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     config = {
         "architectures": [_HF_CLASS[model_type]],

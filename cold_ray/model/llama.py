@@ -96,8 +96,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 kernels=None) -> torch.Tensor:  # fmt: skip
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, kernels=None
+) -> torch.Tensor:
     """x += delta in place (the residual stream; None: nothing to add), then RMS norm of x."""
     if kernels is not None:
         return kernels.add_rms_norm(x, delta, weight, eps)
@@ -135,8 +136,9 @@ class Attention(nn.Module):
         heads = self.qkv_proj(x, fb.lora).view(n, self.h + 2 * self.kvh, self.d)
         v = heads[:, self.h + self.kvh :]
         if self.rowwise is not None:  # rotated in place, K/V written: one call
-            self.rowwise.rope_cache_write(heads, *rope, fb.positions, fb.slots, cache.k[layer],
-                                          cache.v[layer], self.h)  # fmt: skip
+            self.rowwise.rope_cache_write(
+                heads, *rope, fb.positions, fb.slots, cache.k[layer], cache.v[layer], self.h
+            )
             q, k = heads[:, : self.h], heads[:, self.h : self.h + self.kvh]
         else:
             qk = apply_rope(heads[:, : self.h + self.kvh], *rope)  # q and k heads in one go
@@ -156,8 +158,9 @@ class Attention(nn.Module):
         # q: [D, heads, head_dim] -> [D, heads, head_dim]
         d = fb.decode
         if self.decode_kernel is not None:  # decode tokens lead the flat list: [0, D)
-            return self.decode_kernel(q, cache.k[layer], cache.v[layer], fb.slots[: d.num],
-                                      fb.positions[: d.num])  # fmt: skip
+            return self.decode_kernel(
+                q, cache.k[layer], cache.v[layer], fb.slots[: d.num], fb.positions[: d.num]
+            )
         span = d.mask.shape[-1]
         keys = cache.k[layer, : d.span_rows, :, :span]  # views: no gather of the cache
         values = cache.v[layer, : d.span_rows, :, :span]
@@ -290,8 +293,7 @@ class LlamaModel(nn.Module):
             if w is not None:
                 w.copy_(w.to(dtype))
 
-    def pack_cpu_weights(self, gemm=None, lm_head: bool = True,
-                         small_batch: bool = False) -> bool:  # fmt: skip
+    def pack_cpu_weights(self, gemm=None, lm_head: bool = True, small_batch: bool = False) -> bool:
         """Lay the base GEMM weights out once for CPU products (fp32 arithmetic).
 
         With the GEMM kernel `gemm` (`kernels/cpu_gemm.py`), every projection goes to panels of
@@ -320,8 +322,9 @@ class LlamaModel(nn.Module):
             for name in ("embed_tokens", "lm_head"):  # rows read as they are, widened
                 weight = getattr(self, name)
                 if weight is not None and weight.dtype != self.weight_dtype:
-                    setattr(self, name, nn.Parameter(weight.to(self.weight_dtype),
-                                                     requires_grad=False))  # fmt: skip
+                    setattr(
+                        self, name, nn.Parameter(weight.to(self.weight_dtype), requires_grad=False)
+                    )
             release_freed_memory()
         elif lm_head:
             self.lm_packed = pack_weight(self.lm_weight)
@@ -359,8 +362,10 @@ class LlamaModel(nn.Module):
             self.rowwise.check_rows(fb.positions, fb.slots, self.max_len, cache.k.shape[1])
             rope = (self.rope_cos, self.rope_sin)
         else:
-            rope = (self.rope_cos[fb.positions].unsqueeze(1),  # [N, 1, head_dim]
-                    self.rope_sin[fb.positions].unsqueeze(1))  # fmt: skip
+            rope = (
+                self.rope_cos[fb.positions].unsqueeze(1),  # [N, 1, head_dim]
+                self.rope_sin[fb.positions].unsqueeze(1),
+            )
         delta = None
         for i, layer in enumerate(self.layers):
             delta = layer(x, delta, rope, cache, i, fb)

@@ -147,8 +147,12 @@ def read_model_args(path: Path) -> ModelArgs:
     return ModelArgs.from_hf(cfg, name=Path(name).name or path.name)
 
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "F64": torch.float64}  # fmt: skip
+_ST_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
 
 
 class _SafetensorsReader:
@@ -181,8 +185,9 @@ class _SafetensorsReader:
         if dtype is None:
             raise ValueError(f"weight {key!r} has unsupported dtype {meta['dtype']}")
         if tuple(meta["shape"]) != tuple(dest.shape):
-            raise ValueError(f"weight {key!r} has shape {tuple(meta['shape'])}, "
-                             f"expected {tuple(dest.shape)}")  # fmt: skip
+            raise ValueError(
+                f"weight {key!r} has shape {tuple(meta['shape'])}, expected {tuple(dest.shape)}"
+            )
         start, end = meta["data_offsets"]
         target = dest if dtype == dest.dtype else torch.empty(dest.shape, dtype=dtype)
         with open(f, "rb") as fh:

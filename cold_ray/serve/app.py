@@ -84,21 +84,27 @@ def register_startup_adapters(cfg: AppArgs, model_args) -> None:
             if old is not None and old.source == uri and registry.files_match(old):
                 fields = a.model_fields_set & {"alpha", "beta", "cold_enabled"}
                 if fields:
-                    registry.set_tuned(a.name, a.alpha if "alpha" in fields else old.alpha,
-                                       a.beta if "beta" in fields else old.beta,
-                                       a.cold_enabled if "cold_enabled" in fields
-                                       else old.cold_enabled)  # fmt: skip
+                    registry.set_tuned(
+                        a.name,
+                        a.alpha if "alpha" in fields else old.alpha,
+                        a.beta if "beta" in fields else old.beta,
+                        a.cold_enabled if "cold_enabled" in fields else old.cold_enabled,
+                    )
                 continue
             fields = a.model_fields_set
             registry.add(
-                a.name, source, args=model_args, max_rank=cfg.engine.max_lora_rank,
+                a.name,
+                source,
+                args=model_args,
+                max_rank=cfg.engine.max_lora_rank,
                 max_bytes=cfg.engine.max_adapter_bytes,
                 alpha=a.alpha if "alpha" in fields or old is None else old.alpha,
                 beta=a.beta if "beta" in fields or old is None else old.beta,
-                cold_enabled=a.cold_enabled if "cold_enabled" in fields or old is None
+                cold_enabled=a.cold_enabled
+                if "cold_enabled" in fields or old is None
                 else old.cold_enabled,
                 replace=old is not None,
-            )  # fmt: skip
+            )
             log.info("registered startup adapter %s from %s", a.name, source)
         except Exception as e:
             if a.required:

@@ -64,10 +64,11 @@ class Tokens:
             raise APIError(401, _missing_or_invalid(token, "admin"), "invalid_api_key")
         if admin and self.api_key is not None:
             raise APIError(
-                403, f"registry writes need the admin token, and the server has none: set "
+                403,
+                f"registry writes need the admin token, and the server has none: set "
                 f"{self.admin_key_env} in its environment (a client token never opens them)",
                 "admin_required",
-            )  # fmt: skip
+            )
         if self.api_key is None or _matches(token, self.api_key):
             return
         if _matches(token, self.admin_key):

@@ -50,8 +50,8 @@ from cold_ray.decoding import (
 )
 from cold_ray.engine.request import RequestOutput
 from cold_ray.serve import guard
-from cold_ray.serve.auth import Tokens, exposure_problem, is_loopback, serve_http_host
 from cold_ray.serve.app_args import AppArgs
+from cold_ray.serve.auth import Tokens, exposure_problem, is_loopback, serve_http_host
 from cold_ray.serve.errors import (
     APIError,
     EngineReplicaFailed,

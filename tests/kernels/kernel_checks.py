@@ -63,9 +63,15 @@ class LoraCase:
 
 
 def make_case(
-    rows: int, rank: int, d_in: int, d_out: int, dtype: torch.dtype, mix: str,
-    slots: int = 5, seed: int = 0,
-) -> LoraCase:  # fmt: skip
+    rows: int,
+    rank: int,
+    d_in: int,
+    d_out: int,
+    dtype: torch.dtype,
+    mix: str,
+    slots: int = 5,
+    seed: int = 0,
+) -> LoraCase:
     """Random LoRA inputs at realistic scales (delta and base output both O(1))."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.tensor(adapter_mix(mix, rows, slots, seed), dtype=torch.int64)

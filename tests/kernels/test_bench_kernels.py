@@ -11,9 +11,27 @@ REQUIRED = {"impl", "op", "rows", "rank", "hidden", "ms", "extra_bytes"}
 
 def test_tiny_grid_records_and_plot(tmp_path, capsys) -> None:
     png = tmp_path / "k.png"
-    argv = ["--json", "--rows", "1,4", "--ranks", "4", "--hidden", "32", "--mix", "uniform",
-            "--cold-vocab", "300:16", "--cold-rows", "2", "--min-time", "0", "--max-reps", "3",
-            "--plot", str(png)]  # fmt: skip
+    argv = [
+        "--json",
+        "--rows",
+        "1,4",
+        "--ranks",
+        "4",
+        "--hidden",
+        "32",
+        "--mix",
+        "uniform",
+        "--cold-vocab",
+        "300:16",
+        "--cold-rows",
+        "2",
+        "--min-time",
+        "0",
+        "--max-reps",
+        "3",
+        "--plot",
+        str(png),
+    ]
     assert bench.main(argv) == 0
     *records, machine = json.loads(capsys.readouterr().out)
     assert machine["op"] == "machine" and machine["cpu"] and "isa_flags" in machine
@@ -33,7 +51,23 @@ def test_tiny_grid_records_and_plot(tmp_path, capsys) -> None:
 
 
 def test_run_returns_records_without_printing(capsys) -> None:
-    records = bench.run(["--rows", "2", "--ranks", "3", "--hidden", "17", "--ops", "lora_delta",
-                         "--impls", "grouped", "--cold-vocab", "", "--min-time", "0"])  # fmt: skip
+    records = bench.run(
+        [
+            "--rows",
+            "2",
+            "--ranks",
+            "3",
+            "--hidden",
+            "17",
+            "--ops",
+            "lora_delta",
+            "--impls",
+            "grouped",
+            "--cold-vocab",
+            "",
+            "--min-time",
+            "0",
+        ]
+    )
     assert [(r["impl"], r["op"]) for r in records] == [("grouped", "lora_delta")]
     assert capsys.readouterr().out == ""

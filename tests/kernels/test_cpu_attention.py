@@ -46,8 +46,9 @@ def test_matches_fp64_reference(dim, groups):
         q, k, v, slots, positions = random_case(seed, dim, groups)
         got = kernel(q, k, v, slots, positions)
         # fp32 sums in another order and a vectorised exp: relative error ~1e-6
-        torch.testing.assert_close(got.double(), reference(q, k, v, slots, positions),
-                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            got.double(), reference(q, k, v, slots, positions), rtol=1e-5, atol=1e-5
+        )
 
 
 @needs_kernel
@@ -57,9 +58,11 @@ def test_matches_sdpa_over_the_engines_masked_cache_view():
     slots = torch.arange(5)
     span = int(positions.max()) + 1
     mask = torch.zeros(5, 1, 1, span).masked_fill_(
-        torch.arange(span) > positions.view(-1, 1, 1, 1), float("-inf"))  # fmt: skip
+        torch.arange(span) > positions.view(-1, 1, 1, 1), float("-inf")
+    )
     want = torch.nn.functional.scaled_dot_product_attention(
-        q.view(5, 3, 3, 64), k[:, :, :span], v[:, :, :span], attn_mask=mask).reshape(5, 9, 64)  # fmt: skip
+        q.view(5, 3, 3, 64), k[:, :, :span], v[:, :, :span], attn_mask=mask
+    ).reshape(5, 9, 64)
     torch.testing.assert_close(kernel(q, k, v, slots, positions), want, rtol=1e-5, atol=1e-5)
 
 

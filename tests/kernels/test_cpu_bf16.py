@@ -47,8 +47,9 @@ def test_rope_cache_write_rounds_into_a_bf16_cache_as_torch_does():
     heads[0, 6, :4] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.0])
     half = cache.to(torch.bfloat16)
     f32_heads, f32_cache = heads.clone(), cache.clone()
-    kernels.rope_cache_write(f32_heads, cos, sin, positions, slot_ids, f32_cache[0, 1],
-                             f32_cache[1, 1], 6)  # fmt: skip
+    kernels.rope_cache_write(
+        f32_heads, cos, sin, positions, slot_ids, f32_cache[0, 1], f32_cache[1, 1], 6
+    )
     kernels.rope_cache_write(heads, cos, sin, positions, slot_ids, half[0, 1], half[1, 1], 6)
     assert torch.equal(heads, f32_heads)  # q and k rotated in fp32 alike
     assert torch.equal(half, f32_cache.to(torch.bfloat16))  # round to nearest, ties to even

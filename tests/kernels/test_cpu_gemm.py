@@ -170,8 +170,9 @@ def _lora_case(seed, rows, k, rank, out, slots=3):
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 32])
-@pytest.mark.parametrize("k, rank, out", [(23, 8, 16), (64, 24, 40), (576, 48, 960),
-                                          (1536, 16, 576)])  # fmt: skip
+@pytest.mark.parametrize(
+    "k, rank, out", [(23, 8, 16), (64, 24, 40), (576, 48, 960), (1536, 16, 576)]
+)
 def test_lora_matches_fp64_reference(rows, k, rank, out):
     """Ranks with and without a tail beyond whole 16-lane vectors, outputs with and without a
     tail beyond whole 16-output blocks."""
@@ -215,14 +216,24 @@ def test_lora_refuses_what_it_cannot_take():
 
 
 @needs_kernel
-@pytest.mark.parametrize("idx, rank", [([0], 24), ([-1], 24), ([2, 2], 24), ([1, -1], 24),
-                                       ([-1, 0, 0, -1], 24), ([0, -1, 1, -1], 24),
-                                       ([2, 0, 2, 1], 24), ([0, 1, 0, 1, 2], 24),
-                                       ([0, -1, 1, -1, 0, -1, 2, -1], 24),  # 4 of 8 interleaved
-                                       ([1, 1, 1, 1, -1, -1, 0, 0, 0, 0, 0], 24),  # runs 4 + 5
-                                       ([2] * 16 + [-1] * 16, 24),  # 16 CoLD pairs' experts
-                                       ([0] * 33, 24),  # a run beyond 32 rows
-                                       ([0, -1], 1056)])  # fmt: skip
+@pytest.mark.parametrize(
+    "idx, rank",
+    [
+        ([0], 24),
+        ([-1], 24),
+        ([2, 2], 24),
+        ([1, -1], 24),
+        ([-1, 0, 0, -1], 24),
+        ([0, -1, 1, -1], 24),
+        ([2, 0, 2, 1], 24),
+        ([0, 1, 0, 1, 2], 24),
+        ([0, -1, 1, -1, 0, -1, 2, -1], 24),  # 4 of 8 interleaved
+        ([1, 1, 1, 1, -1, -1, 0, 0, 0, 0, 0], 24),  # runs 4 + 5
+        ([2] * 16 + [-1] * 16, 24),  # 16 CoLD pairs' experts
+        ([0] * 33, 24),  # a run beyond 32 rows
+        ([0, -1], 1056),
+    ],
+)
 def test_grouped_backend_with_the_kernel_matches_the_reference(idx, rank):
     """Runs, gather and base-only plans; a run of 33 rows, 5 interleaved adapter rows, and a
     fused rank over the kernel's 1024 (e.g. q/k/v at max_lora_rank 352), fall back to BLAS.
@@ -251,8 +262,9 @@ def test_grouped_backend_with_the_kernel_matches_the_reference(idx, rank):
 def test_row_major_product_matches_fp64_reference(rows, k, out):
     """The LM head's product over the row-major embedding: output and k tails included."""
     w, x, _ = _case(rows * k, rows, k, out, bias=False)
-    torch.testing.assert_close(kernel.by_rows(x, w).double(), x.double() @ w.double().T,
-                               rtol=1e-5, atol=2e-6 * k**0.5)  # fmt: skip
+    torch.testing.assert_close(
+        kernel.by_rows(x, w).double(), x.double() @ w.double().T, rtol=1e-5, atol=2e-6 * k**0.5
+    )
 
 
 @needs_kernel

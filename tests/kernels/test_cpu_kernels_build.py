@@ -38,14 +38,22 @@ PROBE = textwrap.dedent("""
 
 def _probe(tiny_llama, tmp_path, **env):
     env = {**os.environ, "COLD_RAY_CACHE": str(tmp_path / "cache"), **env}
-    done = subprocess.run([sys.executable, "-c", PROBE, str(tiny_llama)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tiny_llama)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout, done.stderr
 
 
-@pytest.mark.parametrize("env", [{"PATH": "/nonexistent", "CC": ""}, {"CC": "/bin/false"}],
-                         ids=["no compiler", "compiler fails"])  # fmt: skip
+@pytest.mark.parametrize(
+    "env",
+    [{"PATH": "/nonexistent", "CC": ""}, {"CC": "/bin/false"}],
+    ids=["no compiler", "compiler fails"],
+)
 def test_without_a_working_compiler_the_engine_uses_torch(tiny_llama, tmp_path, env):
     out, err = _probe(tiny_llama, tmp_path, **env)
     assert "LIBRARY False" in out and "ATTENTION False" in out and "GEMM False" in out, out

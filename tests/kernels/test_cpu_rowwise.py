@@ -54,15 +54,17 @@ def test_rope_cache_write_matches_the_model_and_writes_only_its_places(seed):
     if not distinct:
         pytest.skip("two tokens at one (slot, position)")
     q_heads, kv = 6, 2
-    want_qk = apply_rope(heads[:, : q_heads + kv], cos[positions].unsqueeze(1),
-                         sin[positions].unsqueeze(1))  # fmt: skip
+    want_qk = apply_rope(
+        heads[:, : q_heads + kv], cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    )
     want_cache = cache.clone()
     want_cache[0, 1, slot_ids, :, positions] = want_qk[:, q_heads:]
     want_cache[1, 1, slot_ids, :, positions] = heads[:, q_heads + kv :]
     v_before = heads[:, q_heads + kv :].clone()
     kernels.check_rows(positions, slot_ids, cos.shape[0], cache.shape[2])
-    kernels.rope_cache_write(heads, cos, sin, positions, slot_ids, cache[0, 1], cache[1, 1],
-                             q_heads)  # fmt: skip
+    kernels.rope_cache_write(
+        heads, cos, sin, positions, slot_ids, cache[0, 1], cache[1, 1], q_heads
+    )
     torch.testing.assert_close(heads[:, : q_heads + kv], want_qk, **TOL)
     assert torch.equal(heads[:, q_heads + kv :], v_before)  # v heads are not rotated
     written = torch.zeros(cache.shape[2:4] + cache.shape[4:5], dtype=torch.bool)
@@ -93,11 +95,13 @@ def test_bad_arguments_are_refused_before_any_write():
         kernels.silu_mul(torch.randn(3, 7))
     heads, cos, sin, positions, slot_ids, cache, _ = _rope_case(0)
     with pytest.raises(ValueError, match="rope_cache_write: heads"):
-        kernels.rope_cache_write(heads, cos[:, :8], sin[:, :8], positions, slot_ids,
-                                 cache[0, 1], cache[1, 1], 6)  # fmt: skip
+        kernels.rope_cache_write(
+            heads, cos[:, :8], sin[:, :8], positions, slot_ids, cache[0, 1], cache[1, 1], 6
+        )
     with pytest.raises(ValueError, match="rope_cache_write: heads"):
-        kernels.rope_cache_write(heads, cos, sin, positions, slot_ids, cache[0, 1],
-                                 cache[1, 1, :, :1], 6)  # fmt: skip
+        kernels.rope_cache_write(
+            heads, cos, sin, positions, slot_ids, cache[0, 1], cache[1, 1, :, :1], 6
+        )
     with pytest.raises(ValueError, match=r"positions must lie in \[0, 24\)"):
         kernels.check_rows(torch.tensor([3, 24]), torch.tensor([0, 1]), 24, 5)
     with pytest.raises(ValueError, match=r"slots in \[0, 5\)"):
@@ -111,13 +115,15 @@ def test_threads_split_long_calls_and_give_the_same_bits(threads):
     x = torch.randn(300, 576, generator=_gen(9))
     delta, weight = torch.randn(300, 576, generator=_gen(10)), torch.rand(576, generator=_gen(11))
     x1, x2 = x.clone(), x.clone()
-    assert torch.equal(many.add_rms_norm(x2, delta, weight, 1e-5),
-                       kernels.add_rms_norm(x1, delta, weight, 1e-5))  # fmt: skip
+    assert torch.equal(
+        many.add_rms_norm(x2, delta, weight, 1e-5), kernels.add_rms_norm(x1, delta, weight, 1e-5)
+    )
     assert torch.equal(x1, x2)
     gate_up = torch.randn(300, 2 * 1536, generator=_gen(12))
     assert torch.equal(many.silu_mul(gate_up), kernels.silu_mul(gate_up))
-    heads, cos, sin, _, _, cache, _ = _rope_case(5, rows=400, q_heads=9, kv=3, dim=64, slots=20,
-                                                 max_len=64)  # fmt: skip
+    heads, cos, sin, _, _, cache, _ = _rope_case(
+        5, rows=400, q_heads=9, kv=3, dim=64, slots=20, max_len=64
+    )
     places = torch.randperm(20 * 64, generator=_gen(13))[:400]  # distinct (slot, position)
     slot_ids, positions = places // 64, places % 64
     h1, h2, c1, c2 = heads.clone(), heads.clone(), cache.clone(), cache.clone()

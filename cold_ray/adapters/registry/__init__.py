@@ -40,10 +40,23 @@ PASSWORD_ENV = "COLD_RAY_REGISTRY_PASSWORD"
 _PG_SCHEMES = ("postgresql", "postgres")
 
 __all__ = [
-    "NAME_RE", "PASSWORD_ENV", "SCHEMA_VERSION", "AdapterExists", "AdapterNotFound",
-    "AdapterRecord", "AdapterRegistry", "Registry", "RegistryError", "SQLiteRegistry", "check_name",
-    "default_registry_path", "open_registry", "parse_target", "redact", "refuse_local_in_cluster",
-]  # fmt: skip
+    "NAME_RE",
+    "PASSWORD_ENV",
+    "SCHEMA_VERSION",
+    "AdapterExists",
+    "AdapterNotFound",
+    "AdapterRecord",
+    "AdapterRegistry",
+    "Registry",
+    "RegistryError",
+    "SQLiteRegistry",
+    "check_name",
+    "default_registry_path",
+    "open_registry",
+    "parse_target",
+    "redact",
+    "refuse_local_in_cluster",
+]
 
 
 def default_registry_path() -> Path:

@@ -134,8 +134,10 @@ class AdapterRecord:
         if self.alpha is None and self.beta is None:
             return None
         d = ColdParams()
-        return ColdParams(alpha=d.alpha if self.alpha is None else self.alpha,
-                          beta=d.beta if self.beta is None else self.beta)  # fmt: skip
+        return ColdParams(
+            alpha=d.alpha if self.alpha is None else self.alpha,
+            beta=d.beta if self.beta is None else self.beta,
+        )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -180,8 +182,13 @@ def config_checksums(rows: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         try:
             out.append((config_sha256(path), name))
         except OSError:
-            log.warning("registry migration: %s has no readable %s at %s; its config is not "
-                        "checksummed until it is registered again", name, CONFIG_FILE, path)  # fmt: skip
+            log.warning(
+                "registry migration: %s has no readable %s at %s; its config is not "
+                "checksummed until it is registered again",
+                name,
+                CONFIG_FILE,
+                path,
+            )
     return out
 
 
@@ -540,9 +547,13 @@ class AdapterRegistry:
         prepare = None
         if record.is_remote:
             prepare = lambda: self.ensure_local(record)  # noqa: E731  (runs in the load thread)
-        return AdapterSource(str(self.local_folder(record)), sha256=record.checksum,
-                             cold=record.cold, cold_enabled=record.cold_enabled,
-                             prepare=prepare)  # fmt: skip
+        return AdapterSource(
+            str(self.local_folder(record)),
+            sha256=record.checksum,
+            cold=record.cold,
+            cold_enabled=record.cold_enabled,
+            prepare=prepare,
+        )
 
     def refresh(self) -> bool:
         """Reload the snapshot now if the catalog's generation moved (a database read: never
@@ -574,8 +585,9 @@ class AdapterRegistry:
                 self.refresh()
                 self.feed_up = True  # just read; the watcher says when it cannot reach it
             if self._watcher is None and not self._stop.is_set():
-                self._watcher = threading.Thread(target=self._watch_forever, daemon=True,
-                                                 name=f"registry-watch-{self.backend}")  # fmt: skip
+                self._watcher = threading.Thread(
+                    target=self._watch_forever, daemon=True, name=f"registry-watch-{self.backend}"
+                )
                 self._watcher.start()
         return self._snapshot
 
@@ -587,8 +599,13 @@ class AdapterRegistry:
                 return
             except Exception as e:  # the catalog is unreachable: keep serving the snapshot
                 self.feed_up = False
-                log.warning("registry %s: change feed failed (%s); serving the last snapshot, "
-                            "retrying in %.1fs", self.target, e, delay)  # fmt: skip
+                log.warning(
+                    "registry %s: change feed failed (%s); serving the last snapshot, "
+                    "retrying in %.1fs",
+                    self.target,
+                    e,
+                    delay,
+                )
                 if self._stop.wait(delay):
                     return
                 delay = min(delay * 2, 10.0)

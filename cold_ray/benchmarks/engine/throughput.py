@@ -63,8 +63,15 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_cold_ray(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: str,
-                 model: str | None = None, engine: dict | None = None) -> dict:  # fmt: skip
+def run_cold_ray(
+    mode: str,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    adapter: str,
+    model: str | None = None,
+    engine: dict | None = None,
+) -> dict:
     """Time to all first tokens (chunked prefill spreads it over steps, mixed with the first
     decodes) and the median pure-decode step after it, with the step's arithmetic."""
     import torch
@@ -74,9 +81,13 @@ def run_cold_ray(mode: str, batch: int, prompt_len: int, new_tokens: int, adapte
     from cold_ray.engine import ColdParams, EngineCore, SamplingParams
 
     rows = 2 * batch if mode == "cold" else batch
-    config = EngineConfig(model=model, max_rows=max(rows, 2),
-                          max_model_len=prompt_len + new_tokens + 1, max_loras=1,
-                          **(engine or {}))  # fmt: skip
+    config = EngineConfig(
+        model=model,
+        max_rows=max(rows, 2),
+        max_model_len=prompt_len + new_tokens + 1,
+        max_loras=1,
+        **(engine or {}),
+    )
     core = EngineCore(config)
     name = None if mode == "base_greedy" else "adapter"
     if name:
@@ -112,8 +123,10 @@ def run_cold_ray(mode: str, batch: int, prompt_len: int, new_tokens: int, adapte
                 step_candidates += candidates[calls:]
     wall = time.perf_counter() - start
     if not step_times:
-        raise RuntimeError(f"no step decoded all {batch} requests at once: raise --new-tokens "
-                           f"above the steps prefill takes")  # fmt: skip
+        raise RuntimeError(
+            f"no step decoded all {batch} requests at once: raise --new-tokens "
+            f"above the steps prefill takes"
+        )
     step_s = statistics.median(step_times)
     counts = roofline.model_params(core.args, config.max_lora_rank)
     k = statistics.mean(step_candidates) if step_candidates else None
@@ -157,8 +170,15 @@ def _prefix_hits(core) -> int:
     return core.prefix_cache.stats["hit_tokens"] if core.prefix_cache is not None else 0
 
 
-def run_transformers(mode: str, batch: int, prompt_len: int, new_tokens: int, adapter: str,
-                     model: str | None = None, threads: int = 1) -> dict:  # fmt: skip
+def run_transformers(
+    mode: str,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    adapter: str,
+    model: str | None = None,
+    threads: int = 1,
+) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -173,8 +193,13 @@ def run_transformers(mode: str, batch: int, prompt_len: int, new_tokens: int, ad
     if mode == "hf_generate_greedy":
         base.generate(x[:1, :8], max_new_tokens=4, do_sample=False)  # warm
         start = time.perf_counter()
-        base.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                      pad_token_id=tok.eos_token_id)  # fmt: skip
+        base.generate(
+            x,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
+        )
         wall = time.perf_counter() - start
         return {"wall_s": wall, "step_ms": wall / new_tokens * 1e3}
     from peft import PeftModel
@@ -204,8 +229,11 @@ def measure_machine() -> dict:
     from cold_ray.benchmarks.micro import roofline
 
     gemm = roofline.measure_gemm_peak()
-    return {"peak_gflop_s": gemm["peak_gflop_s"], "gemm": gemm["shapes"],
-            "bandwidth_gib_s": roofline.measure_bandwidth() / 2**30}  # fmt: skip
+    return {
+        "peak_gflop_s": gemm["peak_gflop_s"],
+        "gemm": gemm["shapes"],
+        "bandwidth_gib_s": roofline.measure_bandwidth() / 2**30,
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -214,14 +242,32 @@ def child(args: argparse.Namespace) -> None:
         return
     engine = json.loads(args.engine_json)
     if args.mode in ENGINE_MODES:
-        rec = run_cold_ray(args.mode, args.batch, args.prompt_len, args.new_tokens, args.adapter,
-                           args.model, engine)  # fmt: skip
+        rec = run_cold_ray(
+            args.mode,
+            args.batch,
+            args.prompt_len,
+            args.new_tokens,
+            args.adapter,
+            args.model,
+            engine,
+        )
     else:
-        rec = run_transformers(args.mode, args.batch, args.prompt_len, args.new_tokens,
-                               args.adapter, args.model, engine.get("num_threads") or 1)  # fmt: skip
-    rec.update(mode=args.mode, batch=args.batch, threads=engine.get("num_threads"),
-               peak_rss_bytes=peak_rss(),
-               tokens_per_s=args.batch * args.new_tokens / rec["wall_s"])  # fmt: skip
+        rec = run_transformers(
+            args.mode,
+            args.batch,
+            args.prompt_len,
+            args.new_tokens,
+            args.adapter,
+            args.model,
+            engine.get("num_threads") or 1,
+        )
+    rec.update(
+        mode=args.mode,
+        batch=args.batch,
+        threads=engine.get("num_threads"),
+        peak_rss_bytes=peak_rss(),
+        tokens_per_s=args.batch * args.new_tokens / rec["wall_s"],
+    )
     print(json.dumps(rec))
 
 
@@ -244,18 +290,30 @@ def _threads(record: dict) -> int:
 def summarize(records: list[dict]) -> list[dict]:
     """Median over rounds per (mode, batch, threads)."""
     out = []
-    keys = sorted({(r["mode"], r["batch"], _threads(r)) for r in records},
-                  key=lambda k: (k[1], k[0], k[2]))  # fmt: skip
+    keys = sorted(
+        {(r["mode"], r["batch"], _threads(r)) for r in records}, key=lambda k: (k[1], k[0], k[2])
+    )
     for mode, batch, threads in keys:
         rs = [r for r in records if (r["mode"], r["batch"], _threads(r)) == (mode, batch, threads)]
         med = {k: statistics.median(r[k] for r in rs) for k in SUMMED if k in rs[0]}
-        same = {k: rs[0][k] for k in ("lora_backend", "rows", "gflop_per_step",
-                                      "attention_gflop_per_step", "weight_bytes", "weight_dtype",
-                                      "compute_dtype") if k in rs[0]}  # fmt: skip
+        same = {
+            k: rs[0][k]
+            for k in (
+                "lora_backend",
+                "rows",
+                "gflop_per_step",
+                "attention_gflop_per_step",
+                "weight_bytes",
+                "weight_dtype",
+                "compute_dtype",
+            )
+            if k in rs[0]
+        }
         if rs[0].get("amateur_candidates") is not None:
             same["amateur_candidates"] = statistics.median(r["amateur_candidates"] for r in rs)
-        out.append({"mode": mode, "batch": batch, "threads": threads, "rounds": len(rs), **med,
-                    **same})  # fmt: skip
+        out.append(
+            {"mode": mode, "batch": batch, "threads": threads, "rounds": len(rs), **med, **same}
+        )
     return out
 
 
@@ -264,21 +322,40 @@ def machine_summary(machines: list[dict], summary: list[dict]) -> dict:
     peak, and the batch-1 decode steps against the memory-bandwidth floor."""
     peak = statistics.median(m["peak_gflop_s"] for m in machines)
     bandwidth = statistics.median(m["bandwidth_gib_s"] for m in machines) * 2**30
-    out = {"peak_gflop_s": peak, "bandwidth_gib_s": bandwidth / 2**30,
-           "gemm_shapes_by_round": [m["gemm"] for m in machines]}  # fmt: skip
+    out = {
+        "peak_gflop_s": peak,
+        "bandwidth_gib_s": bandwidth / 2**30,
+        "gemm_shapes_by_round": [m["gemm"] for m in machines],
+    }
     out["efficiency"] = [
-        {"mode": r["mode"], "batch": r["batch"], "threads": _threads(r), "gflop_s": r["gflop_s"],
-         "fraction_of_peak": r["gflop_s"] / peak}
-        for r in summary if "gflop_s" in r
-    ]  # fmt: skip
+        {
+            "mode": r["mode"],
+            "batch": r["batch"],
+            "threads": _threads(r),
+            "gflop_s": r["gflop_s"],
+            "fraction_of_peak": r["gflop_s"] / peak,
+        }
+        for r in summary
+        if "gflop_s" in r
+    ]
     floor = []
     for r in summary:  # the peak and the bandwidth are one thread's
-        if (r["batch"] == 1 and "weight_bytes" in r and r["mode"] in ("base_greedy", "greedy")
-                and _threads(r) == 1):  # fmt: skip
+        if (
+            r["batch"] == 1
+            and "weight_bytes" in r
+            and r["mode"] in ("base_greedy", "greedy")
+            and _threads(r) == 1
+        ):
             floor_ms = r["weight_bytes"] / bandwidth * 1e3
-            floor.append({"mode": r["mode"], "step_ms": r["step_ms"], "floor_step_ms": floor_ms,
-                          "fraction_of_floor_speed": floor_ms / r["step_ms"],
-                          "goal": goals.threshold("batch1_floor")})  # fmt: skip
+            floor.append(
+                {
+                    "mode": r["mode"],
+                    "step_ms": r["step_ms"],
+                    "floor_step_ms": floor_ms,
+                    "fraction_of_floor_speed": floor_ms / r["step_ms"],
+                    "goal": goals.threshold("batch1_floor"),
+                }
+            )
     out["bandwidth_floor"] = floor
     return out
 
@@ -336,9 +413,13 @@ def thread_scaling(summary: list[dict]) -> list[dict]:
         base = one.get((r["mode"], r["batch"]))
         if _threads(r) == 1 or base is None:
             continue
-        row = {"mode": r["mode"], "batch": r["batch"], "threads": _threads(r),
-               "tokens_per_s_over_1_thread": r["tokens_per_s"] / base["tokens_per_s"],
-               "peak_rss_over_1_thread": r["peak_rss_bytes"] / base["peak_rss_bytes"]}  # fmt: skip
+        row = {
+            "mode": r["mode"],
+            "batch": r["batch"],
+            "threads": _threads(r),
+            "tokens_per_s_over_1_thread": r["tokens_per_s"] / base["tokens_per_s"],
+            "peak_rss_over_1_thread": r["peak_rss_bytes"] / base["peak_rss_bytes"],
+        }
         if "step_ms" in r and "step_ms" in base:
             row["step_speedup_over_1_thread"] = base["step_ms"] / r["step_ms"]
         if (row["threads"], row["batch"]) == THREAD_GOAL_AT:
@@ -359,8 +440,9 @@ def plot(summary: list[dict], machine: dict | None, path: str) -> None:
     """tokens/s against requests per mode (and thread count); GFLOP/s against rows where the
     runs measured it (cold-ray's, not the baselines')."""
     flops = any("gflop_s" in r for r in summary)
-    fig, axes = pyplot().subplots(1, 2 if flops else 1, figsize=(12 if flops else 7, 4),
-                                  squeeze=False)  # fmt: skip
+    fig, axes = pyplot().subplots(
+        1, 2 if flops else 1, figsize=(12 if flops else 7, 4), squeeze=False
+    )
     ax, ax2 = axes[0][0], axes[0][-1]
     counts = sorted({_threads(r) for r in summary})
     for mode in dict.fromkeys(r["mode"] for r in summary):
@@ -377,8 +459,13 @@ def plot(summary: list[dict], machine: dict | None, path: str) -> None:
     if flops:
         ax2.set(xlabel="rows in the decode step", ylabel="effective GFLOP/s (2 x params x rows)")
     if machine and flops:
-        ax2.axhline(machine["peak_gflop_s"], color="black", lw=1, ls="--",
-                    label=f"measured GEMM peak {machine['peak_gflop_s']:.0f}")  # fmt: skip
+        ax2.axhline(
+            machine["peak_gflop_s"],
+            color="black",
+            lw=1,
+            ls="--",
+            label=f"measured GEMM peak {machine['peak_gflop_s']:.0f}",
+        )
     for a in {ax, ax2}:
         a.set_xscale("log", base=2)
         a.legend(fontsize=7)
@@ -388,10 +475,25 @@ def plot(summary: list[dict], machine: dict | None, path: str) -> None:
 
 def _run_child(kind: str, batch: int, args, adapter: str, threads: int | None = None) -> dict:
     engine = args.engine if threads is None else {**args.engine, "num_threads": threads}
-    cmd = [sys.executable, "-m", "cold_ray.benchmarks.engine.throughput", "--child", "--mode", kind,
-           "--batch", str(batch), "--adapter", adapter, "--prompt-len", str(args.prompt_len),
-           "--new-tokens", str(args.new_tokens), "--engine-json", json.dumps(engine)]  # fmt: skip
-    cmd += ["--model", args.model] if args.model else []  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cold_ray.benchmarks.engine.throughput",
+        "--child",
+        "--mode",
+        kind,
+        "--batch",
+        str(batch),
+        "--adapter",
+        adapter,
+        "--prompt-len",
+        str(args.prompt_len),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--engine-json",
+        json.dumps(engine),
+    ]
+    cmd += ["--model", args.model] if args.model else []
     return run_json(cmd, f"{kind} B={batch}")
 
 
@@ -405,8 +507,9 @@ def engine_setting(text: str) -> tuple[str, object]:
     name, sep, value = text.partition("=")
     allowed = {f.name for f in fields(EngineConfig)} - BENCH_SETS
     if not sep or name not in allowed:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of {sorted(allowed)}, "
-                                         f"got {text!r}")  # fmt: skip
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=VALUE with NAME one of {sorted(allowed)}, got {text!r}"
+        )
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError:
@@ -433,24 +536,37 @@ def config_problems(error: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cold-ray bench engine", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="cold-ray bench engine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--batches", type=positive_ints, default=[1, 4, 8, 16])
-    p.add_argument("--threads", type=positive_ints,
-                   help="thread counts to run each mode at, side by side (the engine's "
-                        "num_threads; default: its setting, 1)")  # fmt: skip
+    p.add_argument(
+        "--threads",
+        type=positive_ints,
+        help="thread counts to run each mode at, side by side (the engine's "
+        "num_threads; default: its setting, 1)",
+    )
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--adapter", help="PEFT adapter (default: demo adapter, else random r16)")
     p.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--no-pair-greedy", action="store_true",
-                   help="skip the greedy runs at 2B rows that CoLD at B is compared with")  # fmt: skip
-    p.add_argument("--engine", type=engine_setting, action="append", default=[],
-                   metavar="NAME=VALUE",
-                   help="an engine setting for cold-ray's runs, e.g. cpu_rowwise_kernels=false "
-                        "(repeatable)")  # fmt: skip
+    p.add_argument(
+        "--no-pair-greedy",
+        action="store_true",
+        help="skip the greedy runs at 2B rows that CoLD at B is compared with",
+    )
+    p.add_argument(
+        "--engine",
+        type=engine_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an engine setting for cold-ray's runs, e.g. cpu_rowwise_kernels=false (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="print the records as one JSON list")
     p.add_argument("--plot", help="write a PNG of tokens/s and GFLOP/s vs batch")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -479,8 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     from cold_ray.kernels import cpu_kernels
 
     counts = args.threads or [None]  # None: the engine's own num_threads
-    plan = [(m, b, t) for m, b in runs(modes, args.batches, not args.no_pair_greedy)
-            for t in counts]  # fmt: skip
+    plan = [
+        (m, b, t) for m, b in runs(modes, args.batches, not args.no_pair_greedy) for t in counts
+    ]
     records, machines, host = [], [], machine_record()
     with tempfile.TemporaryDirectory() as tmp:
         adapter = args.adapter or default_adapter(tmp)
@@ -495,23 +612,39 @@ def main(argv: list[str] | None = None) -> int:
                 rec["round"] = rnd
                 if kind == "machine":
                     machines.append(rec)
-                    print(f"# machine: GEMM peak {rec['peak_gflop_s']:.1f} GFLOP/s, "
-                          f"{rec['bandwidth_gib_s']:.1f} GiB/s", file=sys.stderr)  # fmt: skip
+                    print(
+                        f"# machine: GEMM peak {rec['peak_gflop_s']:.1f} GFLOP/s, "
+                        f"{rec['bandwidth_gib_s']:.1f} GiB/s",
+                        file=sys.stderr,
+                    )
                     continue
                 records.append(rec)
-                print(f"# {kind} B={batch} threads={_threads(rec)}: "
-                      f"{rec['tokens_per_s']:.1f} tok/s, {rec['step_ms']:.1f} ms/step",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"# {kind} B={batch} threads={_threads(rec)}: "
+                    f"{rec['tokens_per_s']:.1f} tok/s, {rec['step_ms']:.1f} ms/step",
+                    file=sys.stderr,
+                )
     summary = summarize(records)
     mach = machine_summary(machines, summary)
-    result = summary + [{"mode": "ratios", "rows": ratios(summary)},
-                        {"mode": "threads", "rows": thread_scaling(summary)},
-                        {"mode": "machine", **mach},
-                        {"mode": "settings", "threads": THREAD_ENV, "thread_counts": args.threads,
-                         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                         "rounds": args.rounds, "adapter": adapter, "model": args.model,
-                         "engine": args.engine, "kernel_blocking": cpu_kernels.blocking().record(),
-                         "host_at_start": host, "host_at_end": machine_record()}]  # fmt: skip
+    result = summary + [
+        {"mode": "ratios", "rows": ratios(summary)},
+        {"mode": "threads", "rows": thread_scaling(summary)},
+        {"mode": "machine", **mach},
+        {
+            "mode": "settings",
+            "threads": THREAD_ENV,
+            "thread_counts": args.threads,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "rounds": args.rounds,
+            "adapter": adapter,
+            "model": args.model,
+            "engine": args.engine,
+            "kernel_blocking": cpu_kernels.blocking().record(),
+            "host_at_start": host,
+            "host_at_end": machine_record(),
+        },
+    ]
     result.append({"mode": "goals", "rows": goals.check_run("engine", result)})
     if args.plot:
         plot(summary, mach, args.plot)

@@ -36,13 +36,15 @@ def measure(rows: int, context: int, repeats: int = 5, model: dict = SMOLLM2) ->
     slots = torch.arange(rows)
     span = int(positions.max()) + 1
     mask = torch.zeros(rows, 1, 1, span).masked_fill_(
-        torch.arange(span) > positions.view(-1, 1, 1, 1), float("-inf"))  # fmt: skip
+        torch.arange(span) > positions.view(-1, 1, 1, 1), float("-inf")
+    )
     groups = heads // kvh
 
     def sdpa():
         for i in range(layers):
-            F.scaled_dot_product_attention(q.view(rows, kvh, groups, dim), k[i, :, :, :span],
-                                           v[i, :, :, :span], attn_mask=mask)  # fmt: skip
+            F.scaled_dot_product_attention(
+                q.view(rows, kvh, groups, dim), k[i, :, :, :span], v[i, :, :, :span], attn_mask=mask
+            )
 
     kv_bytes = 2 * layers * kvh * dim * 4 * int((positions + 1).sum())
     rec = {"rows": rows, "context": context, "sdpa_ms": 1e3 * best_seconds(sdpa, repeats)}
@@ -76,9 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     from cold_ray.kernels import cpu_attention
 
     torch.set_num_threads(1)
-    result = {"threads": 1, "shapes": "SmolLM2-135M", "kernel": cpu_attention.load() is not None,
-              "results": [measure(r, c, args.repeats) for c in args.context for r in args.rows],
-              "load_average": os.getloadavg(), "machine": machine_record()}  # fmt: skip
+    result = {
+        "threads": 1,
+        "shapes": "SmolLM2-135M",
+        "kernel": cpu_attention.load() is not None,
+        "results": [measure(r, c, args.repeats) for c in args.context for r in args.rows],
+        "load_average": os.getloadavg(),
+        "machine": machine_record(),
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

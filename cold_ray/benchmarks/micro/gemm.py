@@ -25,8 +25,15 @@ import sys
 
 from cold_ray.benchmarks.common import best_seconds, machine_record, positive_ints, require_positive
 
-SMOLLM2 = {"hidden": 576, "intermediate": 1536, "heads": 9, "kv_heads": 3, "head_dim": 64,
-           "layers": 30, "vocab": 49152}  # fmt: skip
+SMOLLM2 = {
+    "hidden": 576,
+    "intermediate": 1536,
+    "heads": 9,
+    "kv_heads": 3,
+    "head_dim": 64,
+    "layers": 30,
+    "vocab": 49152,
+}
 
 
 def layer_shapes(m: dict) -> list[tuple[int, int]]:
@@ -36,8 +43,13 @@ def layer_shapes(m: dict) -> list[tuple[int, int]]:
     return [(q + 2 * kv, h), (h, q), (2 * i, h), (h, i)]
 
 
-def measure(rows: list[int], repeats: int = 3, model: dict = SMOLLM2, threads: int = 1,
-            row_blocks: list[int] = ()) -> list[dict]:  # fmt: skip
+def measure(
+    rows: list[int],
+    repeats: int = 3,
+    model: dict = SMOLLM2,
+    threads: int = 1,
+    row_blocks: list[int] = (),
+) -> list[dict]:
     import torch
 
     from cold_ray.kernels import cpu_gemm
@@ -50,26 +62,29 @@ def measure(rows: list[int], repeats: int = 3, model: dict = SMOLLM2, threads: i
     kernels = {}
     if kernel is not None:
         kernels["panels"] = kernel.with_threads(threads)
-        kernels.update((f"panels_rb{b}", kernels["panels"].with_blocking(row_block=b))
-                       for b in row_blocks)  # fmt: skip
+        kernels.update(
+            (f"panels_rb{b}", kernels["panels"].with_blocking(row_block=b)) for b in row_blocks
+        )
     panels = cpu_gemm.to_panels(weights) if kernel else []
     out = []
     for m in rows:
         xs = {i: torch.randn(m, i) for _, i in shapes}
         flops = sum(2 * m * o * i for o, i in shapes)
         ways = {
-            "linear": lambda xs=xs: [torch.nn.functional.linear(xs[w.shape[1]], w)
-                                     for w in weights],
+            "linear": lambda xs=xs: [
+                torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights
+            ],
             "w_xt": lambda xs=xs: [torch.mm(w, xs[w.shape[1]].t()) for w in weights],
-        }  # fmt: skip
+        }
         if m <= SMALL_ROWS:
             ways["small_batch"] = lambda xs=xs: [linear(xs[w.shape[1]], w) for w in weights]
         if panels and all(p is not None for p in panels):
             for name, k in kernels.items():
                 ways[name] = lambda xs=xs, k=k: [k(xs[p.shape[1]], p) for p in panels]
         if all(p is not None for p in packed):
-            ways["packed"] = lambda xs=xs: [packed_linear(xs[w.shape[1]], p, None)
-                                            for w, p in zip(weights, packed)]  # fmt: skip
+            ways["packed"] = lambda xs=xs: [
+                packed_linear(xs[w.shape[1]], p, None) for w, p in zip(weights, packed)
+            ]
         rec = {"rows": m}
         for name, fn in ways.items():
             rec[f"{name}_gflops"] = flops / best_seconds(fn, repeats) / 1e9
@@ -133,18 +148,28 @@ def main(argv: list[str] | None = None) -> int:
     from cold_ray.kernels import cpu_kernels
 
     torch.set_num_threads(args.threads)
-    result = {"threads": args.threads, "peak_gflops": peak_gflops(), "shapes": "SmolLM2-135M",
-              "results": measure(args.rows, args.repeats, threads=args.threads,
-                                 row_blocks=args.row_blocks),
-              "blocking": cpu_kernels.blocking().record(),
-              "load_average": os.getloadavg(), "machine": machine_record()}  # fmt: skip
+    result = {
+        "threads": args.threads,
+        "peak_gflops": peak_gflops(),
+        "shapes": "SmolLM2-135M",
+        "results": measure(
+            args.rows, args.repeats, threads=args.threads, row_blocks=args.row_blocks
+        ),
+        "blocking": cpu_kernels.blocking().record(),
+        "load_average": os.getloadavg(),
+        "machine": machine_record(),
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"peak {result['peak_gflops']:.1f} GFLOP/s ({args.threads} thread(s))")
         for r in result["results"]:
-            print("  ".join([f"rows {r['rows']:4d}"] + [f"{k[:-7]} {v:6.1f}" for k, v in r.items()
-                                                        if k.endswith("_gflops")]))  # fmt: skip
+            print(
+                "  ".join(
+                    [f"rows {r['rows']:4d}"]
+                    + [f"{k[:-7]} {v:6.1f}" for k, v in r.items() if k.endswith("_gflops")]
+                )
+            )
     return 0
 
 

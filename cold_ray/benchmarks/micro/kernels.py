@@ -214,13 +214,20 @@ def lora_records(args: argparse.Namespace) -> list[dict]:
                         for op in args.ops:
                             ms = time_ms(calls[op], device, args.min_time, args.max_reps)
                             rec = {
-                                "impl": name, "op": op, "rows": rows, "rank": rank,
-                                "hidden": hidden, "ms": round(ms, 4),
+                                "impl": name,
+                                "op": op,
+                                "rows": rows,
+                                "rank": rank,
+                                "hidden": hidden,
+                                "ms": round(ms, 4),
                                 "extra_bytes": extra_bytes(calls[op], device),
-                                "mix": mix, "adapters": slots, "dtype": args.dtype,
-                                "device": str(device), "min_bytes_moved": moved[op],
+                                "mix": mix,
+                                "adapters": slots,
+                                "dtype": args.dtype,
+                                "device": str(device),
+                                "min_bytes_moved": moved[op],
                                 "gbps": round(moved[op] / ms / 1e6, 2),
-                            }  # fmt: skip
+                            }
                             log.info("%s", rec)
                             records.append(rec)
     return records
@@ -273,11 +280,20 @@ def _cold_step(args, be, lm_head: torch.Tensor, rows: int, g: torch.Generator) -
     for head, fn in calls.items():
         ms = time_ms(fn, device, args.min_time, args.max_reps)
         rec = {
-            "impl": be.name, "op": "contrastive_step", "rows": rows, "rank": None,
-            "hidden": hidden, "ms": round(ms, 4), "extra_bytes": extra_bytes(fn, device),
-            "vocab": vocab, "head": head, "candidates_mean": round(cands.mean().item(), 2),
-            "candidates_max": int(cands.max()), "dtype": args.dtype, "device": str(device),
-        }  # fmt: skip
+            "impl": be.name,
+            "op": "contrastive_step",
+            "rows": rows,
+            "rank": None,
+            "hidden": hidden,
+            "ms": round(ms, 4),
+            "extra_bytes": extra_bytes(fn, device),
+            "vocab": vocab,
+            "head": head,
+            "candidates_mean": round(cands.mean().item(), 2),
+            "candidates_max": int(cands.max()),
+            "dtype": args.dtype,
+            "device": str(device),
+        }
         log.info("%s", rec)
         records.append(rec)
     return records
@@ -323,8 +339,13 @@ def plot(records: list[dict], path: str) -> None:
                     if r["impl"] == impl and r["hidden"] == hidden and r["rank"] == rank
                 )
                 if pts:
-                    ax.plot(*zip(*pts), styles[k % 4], color=color[impl], marker="o",
-                            label=f"{impl} r={rank}")  # fmt: skip
+                    ax.plot(
+                        *zip(*pts),
+                        styles[k % 4],
+                        color=color[impl],
+                        marker="o",
+                        label=f"{impl} r={rank}",
+                    )
         ax.set(title=f"lora_delta, hidden {hidden}", xlabel="rows", ylabel="ms / call")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -339,10 +360,18 @@ def plot(records: list[dict], path: str) -> None:
                     for r in lora
                     if r["impl"] == impl and r["hidden"] == hidden and r["rank"] == top
                 )
-                ax.plot(*zip(*pts), styles[k % 4], color=color[impl], marker="o",
-                        label=f"{impl} h={hidden}")  # fmt: skip
-        ax.set(title=f"extra memory, lora_delta, rank {top}", xlabel="rows",
-               ylabel="MiB (+0.001 so that 0 shows)")  # fmt: skip
+                ax.plot(
+                    *zip(*pts),
+                    styles[k % 4],
+                    color=color[impl],
+                    marker="o",
+                    label=f"{impl} h={hidden}",
+                )
+        ax.set(
+            title=f"extra memory, lora_delta, rank {top}",
+            xlabel="rows",
+            ylabel="MiB (+0.001 so that 0 shows)",
+        )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.legend(fontsize=7)

@@ -103,8 +103,9 @@ def top2_margins(ref: dict) -> list[float]:
     return [float(top[0] - top[1]) for top in (s.topk(2).values for s in ref["scores"])]
 
 
-def run(model: str | None, adapter: str | None, prompts: int, prompt_len: int,
-        new_tokens: int) -> dict:  # fmt: skip
+def run(
+    model: str | None, adapter: str | None, prompts: int, prompt_len: int, new_tokens: int
+) -> dict:
     """The four runs per prompt, compared (see the module's docstring)."""
     import torch
 
@@ -117,8 +118,9 @@ def run(model: str | None, adapter: str | None, prompts: int, prompt_len: int,
         return _run(path, model, adapter or default_adapter(tmp), prompts, prompt_len, new_tokens)
 
 
-def _run(path: str, model: str | None, adapter: str, prompts: int, prompt_len: int,
-         new_tokens: int) -> dict:  # fmt: skip
+def _run(
+    path: str, model: str | None, adapter: str, prompts: int, prompt_len: int, new_tokens: int
+) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -129,14 +131,26 @@ def _run(path: str, model: str | None, adapter: str, prompts: int, prompt_len: i
 
     engines = {}
     for dtype in ("float32", "bfloat16"):
-        core = EngineCore(EngineConfig(model=model, dtype=dtype, max_rows=2, max_loras=1,
-                                       max_model_len=prompt_len + new_tokens + 1))  # fmt: skip
+        core = EngineCore(
+            EngineConfig(
+                model=model,
+                dtype=dtype,
+                max_rows=2,
+                max_loras=1,
+                max_model_len=prompt_len + new_tokens + 1,
+            )
+        )
         core.register_adapter("adapter", adapter)
         engines[dtype] = core
     texts = token_prompts(engines["float32"].tokenizer, prompts, prompt_len)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    got = {d: [c.generate([p], params, "adapter", ColdParams(ALPHA, BETA))[0]["token_ids"]
-               for p in texts] for d, c in engines.items()}  # fmt: skip
+    got = {
+        d: [
+            c.generate([p], params, "adapter", ColdParams(ALPHA, BETA))[0]["token_ids"]
+            for p in texts
+        ]
+        for d, c in engines.items()
+    }
 
     def models(bf16: bool):
         _rounded_keys(bf16)
@@ -154,8 +168,11 @@ def _run(path: str, model: str | None, adapter: str, prompts: int, prompt_len: i
         for i, prompt in enumerate(texts):
             ref = reference_path(expert, amateur, prompt, new_tokens)
             margins[name] += top2_margins(ref)
-            row = {"prompt": i, "reference": name,
-                   "engine_same_precision": compare(ref, got[name][i])}  # fmt: skip
+            row = {
+                "prompt": i,
+                "reference": name,
+                "engine_same_precision": compare(ref, got[name][i]),
+            }
             other = "bfloat16" if name == "float32" else "float32"
             row[f"engine_{other}"] = compare(ref, got[other][i])
             rows.append(row)
@@ -165,9 +182,12 @@ def _run(path: str, model: str | None, adapter: str, prompts: int, prompt_len: i
         mine = [r for r in rows if r["reference"] == name]
         other = "bfloat16" if name == "float32" else "float32"
         finite = [m for m in margins[name] if math.isfinite(m)] or [math.nan]
-        summary[name] = {"prompts": len(mine), "steps": len(margins[name]),
-                         "smallest_top2_margin": min(finite),
-                         "median_top2_margin": statistics.median(finite)}  # fmt: skip
+        summary[name] = {
+            "prompts": len(mine),
+            "steps": len(margins[name]),
+            "smallest_top2_margin": min(finite),
+            "median_top2_margin": statistics.median(finite),
+        }
         for key in ("engine_same_precision", f"engine_{other}"):
             runs = [r[key] for r in mine]
             summary[name][f"{key}_diverged"] = sum(c["diverged"] for c in runs)
@@ -179,8 +199,11 @@ def _run(path: str, model: str | None, adapter: str, prompts: int, prompt_len: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cold-ray bench precision", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="cold-ray bench precision",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -193,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.model, args.adapter, args.prompts, args.prompt_len, args.new_tokens)
     from cold_ray.kernels import cpu_kernels
 
-    result.update(alpha=ALPHA, beta=BETA, kernel_blocking=cpu_kernels.blocking().record(),
-                  **provenance(host, argv))  # fmt: skip
+    result.update(
+        alpha=ALPHA,
+        beta=BETA,
+        kernel_blocking=cpu_kernels.blocking().record(),
+        **provenance(host, argv),
+    )
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

@@ -23,8 +23,13 @@ import sys
 from cold_ray.benchmarks.common import best_seconds, machine_record
 
 # (rows, in, out): square GEMMs big enough to leave the caches, and SmolLM2's prefill shapes
-GEMM_SHAPES = ((1024, 1024, 1024), (512, 2048, 2048), (256, 576, 1536), (256, 576, 3072),
-               (256, 1536, 576))  # fmt: skip
+GEMM_SHAPES = (
+    (1024, 1024, 1024),
+    (512, 2048, 2048),
+    (256, 576, 1536),
+    (256, 576, 3072),
+    (256, 1536, 576),
+)
 
 
 def _packed(x, packed):
@@ -95,9 +100,13 @@ def model_params(args, max_lora_rank: int) -> dict:
         fan_out = sum(shapes[p][1] for p in parts)
         rank = len(parts) * max_lora_rank
         lora += rank * (fan_in + fan_out)
-    return {"linear": linear, "lm_head": args.vocab_size * args.hidden_size,
-            "lora_slot": lora * args.num_layers, "hidden": args.hidden_size,
-            "vocab": args.vocab_size}  # fmt: skip
+    return {
+        "linear": linear,
+        "lm_head": args.vocab_size * args.hidden_size,
+        "lora_slot": lora * args.num_layers,
+        "hidden": args.hidden_size,
+        "vocab": args.vocab_size,
+    }
 
 
 def decode_step_flops(
@@ -117,8 +126,12 @@ def decode_step_flops(
         if candidates is None:
             raise ValueError("a CoLD step's FLOPs need the amateur's candidate count")
         k = candidates if batch * candidates < params["vocab"] else params["vocab"]
-        touched = (2 * batch * params["linear"] + batch * params["lora_slot"]
-                   + batch * params["lm_head"] + batch * k * params["hidden"])  # fmt: skip
+        touched = (
+            2 * batch * params["linear"]
+            + batch * params["lora_slot"]
+            + batch * params["lm_head"]
+            + batch * k * params["hidden"]
+        )
     else:
         raise ValueError(f"no FLOP count for mode {mode!r}")
     return 2.0 * touched
@@ -136,8 +149,11 @@ def weight_bytes(params: dict, lora: bool = False, dtype_bytes: int = 4) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cold-ray bench roofline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="cold-ray bench roofline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)

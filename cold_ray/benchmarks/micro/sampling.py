@@ -98,7 +98,7 @@ def bench_sampler(core, rows: int, ids: list[int], repeats: int) -> list[dict]:
             SamplingParams(),
             SamplingParams(top_p=0.8),
             SamplingParams(temperature=0.0),
-        ],  # fmt: skip
+        ],
     }
     out = []
     for name, cycle in mixes.items():
@@ -168,8 +168,11 @@ def bench_detok(tokenizer, repeats: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cold-ray bench sampling", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="cold-ray bench sampling",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--steps", type=int, default=24, help="decode steps timed for the engine")

@@ -31,8 +31,13 @@ from cold_ray.benchmarks.common import machine_record, make_adapter
 
 def _stats(xs: list[float]) -> dict:
     xs = sorted(xs)
-    return {"median": statistics.median(xs), "p90": xs[min(len(xs) - 1, int(0.9 * len(xs)))],
-            "min": xs[0], "max": xs[-1], "n": len(xs)}  # fmt: skip
+    return {
+        "median": statistics.median(xs),
+        "p90": xs[min(len(xs) - 1, int(0.9 * len(xs)))],
+        "min": xs[0],
+        "max": xs[-1],
+        "n": len(xs),
+    }
 
 
 def load_latency(core, names: list[str], repeats: int) -> dict:
@@ -54,8 +59,12 @@ def load_latency(core, names: list[str], repeats: int) -> dict:
         t0 = time.perf_counter()
         core.slots.install(name, core.slots.cached(name))
         host.append((time.perf_counter() - t0) * 1e3)
-    return {"cold_load_ms": _stats(total), "cold_read_validate_ms": _stats(read),
-            "cold_slot_write_ms": _stats(install), "host_cache_load_ms": _stats(host)}  # fmt: skip
+    return {
+        "cold_load_ms": _stats(total),
+        "cold_read_validate_ms": _stats(read),
+        "cold_slot_write_ms": _stats(install),
+        "host_cache_load_ms": _stats(host),
+    }
 
 
 def throughput_under_load(core, names: list[str], rows: int, steps: int, rounds: int) -> dict:
@@ -66,8 +75,7 @@ def throughput_under_load(core, names: list[str], rows: int, steps: int, rounds:
     params = SamplingParams(temperature=0.0, max_tokens=2 * steps * rounds + 8, ignore_eos=True)
     serving, loading = names[0], names[1:]
     core.load_adapter(serving)
-    reqs = [core.make_request(prompt, params, serving if i % 2 == 0 else None)
-            for i in range(rows)]  # fmt: skip
+    reqs = [core.make_request(prompt, params, serving if i % 2 == 0 else None) for i in range(rows)]
     for r in reqs:
         core.add(r)
     for _ in range(3):  # prefill + warm-up
@@ -85,8 +93,10 @@ def throughput_under_load(core, names: list[str], rows: int, steps: int, rounds:
                 name = loading[k % len(loading)]
                 k += 1
                 core.slots.forget(name)
-                pending = (name, core.adapters._pool.submit(core.adapters.read, name,
-                                                           core.adapter_source(name)))  # fmt: skip
+                pending = (
+                    name,
+                    core.adapters._pool.submit(core.adapters.read, name, core.adapter_source(name)),
+                )
             core.step()
             times.append(time.perf_counter() - t0)
         if pending is not None:
@@ -123,9 +133,14 @@ def run(opts: argparse.Namespace) -> dict:
     from cold_ray.engine import EngineCore
 
     core = EngineCore(
-        EngineConfig(model=opts.model, max_loras=opts.max_loras, max_lora_rank=16,
-                     max_rows=opts.rows, max_model_len=2 * opts.steps * opts.rounds + 64)
-    )  # fmt: skip
+        EngineConfig(
+            model=opts.model,
+            max_loras=opts.max_loras,
+            max_lora_rank=16,
+            max_rows=opts.rows,
+            max_model_len=2 * opts.steps * opts.rounds + 64,
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp:
         names = []
         for i in range(opts.adapters):
@@ -144,7 +159,7 @@ def run(opts: argparse.Namespace) -> dict:
             "targets": "all linear (q,k,v,o,gate,up,down)",
             "dtype_on_disk": "float16",
             "bytes": nbytes,
-        },  # fmt: skip
+        },
         "threads": {"torch_intra_op": torch.get_num_threads(), "loader_threads": 1},
         "lora_backend": core.backend.name,
         **latency,
@@ -155,8 +170,11 @@ def run(opts: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cold-ray bench serving --scenario adapter_load", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="cold-ray bench serving --scenario adapter_load",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--repeats", type=int, default=10, help="load-latency samples")
     p.add_argument("--adapters", type=int, default=4, help="distinct adapter files")

@@ -41,8 +41,9 @@ MODES = ("cold", "greedy")
 def _requests(core, items: list[dict], mode: str, task, args) -> list:
     from cold_ray.engine import ColdParams, SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens or task.max_tokens,
-                            stop=task.stop)  # fmt: skip
+    params = SamplingParams(
+        temperature=0.0, max_tokens=args.max_tokens or task.max_tokens, stop=task.stop
+    )
     cold = ColdParams(args.alpha, args.beta) if mode == "cold" else None
     return [core.make_request(task.prompt(i["question"]), params, "adapter", cold) for i in items]
 
@@ -67,8 +68,9 @@ def _run(core, reqs: list) -> dict:
             if out.token_ids and rec["first"] is None:
                 rec["first"] = now
             if out.finished:
-                rec.update(end=now, text="".join(texts[out.request_id]),
-                           tokens=out.completion_tokens)  # fmt: skip
+                rec.update(
+                    end=now, text="".join(texts[out.request_id]), tokens=out.completion_tokens
+                )
     return recs
 
 
@@ -77,12 +79,15 @@ def _stats(recs: list[dict], golds: list[str], task) -> dict:
     ttft = [(r["first"] - r["submit"]) * 1e3 for r in recs if r["first"] is not None]
     tokens = [r["tokens"] for r in recs]
     correct = [task.extract(r["text"]) == g for r, g in zip(recs, golds)]
-    return {"items": len(recs), "latency_ms_mean": statistics.mean(latency),
-            "latency_ms_median": statistics.median(latency),
-            "ttft_ms_mean": statistics.mean(ttft) if ttft else None,
-            "completion_tokens_mean": statistics.mean(tokens),
-            "ms_per_token": sum(latency) / max(1, sum(tokens)),
-            "accuracy": sum(correct) / len(correct)}  # fmt: skip
+    return {
+        "items": len(recs),
+        "latency_ms_mean": statistics.mean(latency),
+        "latency_ms_median": statistics.median(latency),
+        "ttft_ms_mean": statistics.mean(ttft) if ttft else None,
+        "completion_tokens_mean": statistics.mean(tokens),
+        "ms_per_token": sum(latency) / max(1, sum(tokens)),
+        "accuracy": sum(correct) / len(correct),
+    }
 
 
 def measure(core, items: list[dict], task, args) -> dict:
@@ -108,43 +113,56 @@ def measure(core, items: list[dict], task, args) -> dict:
         for mode in MODES:
             recs = [r for part in batched[mode] for r in part["recs"]]
             wall = sum(part["wall_s"] for part in batched[mode])
-            out["batched"][mode] = {**_stats(recs, golds, task), "wall_s": wall,
-                                    "wall_ms_per_item": wall / len(items) * 1e3,
-                                    "tokens_per_s": sum(r["tokens"] for r in recs) / wall}  # fmt: skip
+            out["batched"][mode] = {
+                **_stats(recs, golds, task),
+                "wall_s": wall,
+                "wall_ms_per_item": wall / len(items) * 1e3,
+                "tokens_per_s": sum(r["tokens"] for r in recs) / wall,
+            }
     out["ratios_cold_over_greedy"] = ratios(out)
     return out
 
 
 def ratios(result: dict) -> dict:
     a = result["alone"]
-    out = {"alone_latency_mean": a["cold"]["latency_ms_mean"] / a["greedy"]["latency_ms_mean"],
-           "alone_latency_median": a["cold"]["latency_ms_median"]
-           / a["greedy"]["latency_ms_median"],
-           "alone_ms_per_token": a["cold"]["ms_per_token"] / a["greedy"]["ms_per_token"],
-           "completion_tokens_mean": a["cold"]["completion_tokens_mean"]
-           / a["greedy"]["completion_tokens_mean"]}  # fmt: skip
+    out = {
+        "alone_latency_mean": a["cold"]["latency_ms_mean"] / a["greedy"]["latency_ms_mean"],
+        "alone_latency_median": a["cold"]["latency_ms_median"] / a["greedy"]["latency_ms_median"],
+        "alone_ms_per_token": a["cold"]["ms_per_token"] / a["greedy"]["ms_per_token"],
+        "completion_tokens_mean": a["cold"]["completion_tokens_mean"]
+        / a["greedy"]["completion_tokens_mean"],
+    }
     if "batched" in result:
         b = result["batched"]
-        out["batched_wall_per_item"] = b["cold"]["wall_ms_per_item"] / b["greedy"][
-            "wall_ms_per_item"]  # fmt: skip
+        out["batched_wall_per_item"] = (
+            b["cold"]["wall_ms_per_item"] / b["greedy"]["wall_ms_per_item"]
+        )
     return out
 
 
 def plot(result: dict, path: str) -> None:
-    groups = [("alone: mean", "alone", "latency_ms_mean"),
-              ("alone: median", "alone", "latency_ms_median")]  # fmt: skip
+    groups = [
+        ("alone: mean", "alone", "latency_ms_mean"),
+        ("alone: median", "alone", "latency_ms_median"),
+    ]
     if "batched" in result:
         groups.append(("batched: wall / item", "batched", "wall_ms_per_item"))
     fig, ax = pyplot().subplots(figsize=(7, 4))
-    grouped_bars(ax, [g[0] for g in groups],
-                 {mode: [result[g][mode][k] for _, g, k in groups] for mode in MODES})  # fmt: skip
+    grouped_bars(
+        ax,
+        [g[0] for g in groups],
+        {mode: [result[g][mode][k] for _, g, k in groups] for mode in MODES},
+    )
     ax.set_ylabel("latency per item (ms)")
     save(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="cold-ray bench serving --scenario item_latency", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="cold-ray bench serving --scenario item_latency",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data", default="demo:test", help="items (default: the demo test split)")
     p.add_argument("--n", type=int, default=50, help="first N items")
     p.add_argument("--adapter", default=str(DEMO_ADAPTER), help="PEFT adapter (default: demo)")
@@ -185,8 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         path, task_name = data.resolve(args.data)
         items = harness.load_items(path, args.n)
         task = harness.make_task(task_name or "gsm8k", max_tokens=args.max_tokens)
-        core = EngineCore(EngineConfig(model=args.model, max_rows=args.max_rows, max_loras=1,
-                                       max_model_len=args.max_model_len, num_threads=1))  # fmt: skip
+        core = EngineCore(
+            EngineConfig(
+                model=args.model,
+                max_rows=args.max_rows,
+                max_loras=1,
+                max_model_len=args.max_model_len,
+                num_threads=1,
+            )
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -194,17 +219,29 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     core.register_adapter("adapter", args.adapter)
     core.load_adapter("adapter")
-    harness.warm_up(core, items, "adapter", [harness.Mode("greedy"),
-                                             harness.Mode("cold", args.alpha, args.beta)], task)  # fmt: skip
+    harness.warm_up(
+        core,
+        items,
+        "adapter",
+        [harness.Mode("greedy"), harness.Mode("cold", args.alpha, args.beta)],
+        task,
+    )
     try:
         with torch.inference_mode():
             result = measure(core, items, task, args)
     except EngineError as e:  # e.g. a prompt longer than --max-model-len
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result.update(data=args.data, n=len(items), adapter=args.adapter, alpha=args.alpha,
-                  beta=args.beta, max_tokens=args.max_tokens or task.max_tokens,
-                  host_at_start=host, host_at_end=machine_record())  # fmt: skip
+    result.update(
+        data=args.data,
+        n=len(items),
+        adapter=args.adapter,
+        alpha=args.alpha,
+        beta=args.beta,
+        max_tokens=args.max_tokens or task.max_tokens,
+        host_at_start=host,
+        host_at_end=machine_record(),
+    )
     return report(result, args.json, lambda path: plot(result, path), args.plot)
 
 

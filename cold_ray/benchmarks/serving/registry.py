@@ -82,10 +82,15 @@ def node_cluster(caches: dict[str, Path], port: int | None = None):
     from ray.cluster_utils import Cluster
 
     (head, head_cache), *workers = caches.items()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "resources": {head: 100}, "env_vars": node_env(head_cache),
-        "include_dashboard": False,
-    })  # fmt: skip
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "resources": {head: 100},
+            "env_vars": node_env(head_cache),
+            "include_dashboard": False,
+        },
+    )
     try:
         for name, cache in workers:
             cluster.add_node(num_cpus=1, resources={name: 100}, env_vars=node_env(cache))
@@ -109,8 +114,9 @@ def pinned(node: str, num_cpus: float) -> dict:
 
 def http_json(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"content-type": "application/json"})  # fmt: skip
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"content-type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read() or b"{}")
@@ -119,9 +125,11 @@ def http_json(method: str, url: str, body: dict | None = None) -> tuple[int, dic
 
 
 def complete(base: str, model: str, max_tokens: int = 2) -> tuple[int, dict]:
-    return http_json("POST", f"{base}/v1/completions",
-                     {"model": model, "prompt": "one two three", "max_tokens": max_tokens,
-                      "temperature": 0})  # fmt: skip
+    return http_json(
+        "POST",
+        f"{base}/v1/completions",
+        {"model": model, "prompt": "one two three", "max_tokens": max_tokens, "temperature": 0},
+    )
 
 
 # ---- lookup latency -----------------------------------------------------------------------
@@ -176,10 +184,18 @@ def lookup_latency(
     writer.close()
     replica.close()
     shutil.rmtree(tmp, ignore_errors=True)
-    return {"adapters": n, "calls": calls, "resolver_idle": _percentiles(idle),
-            "resolver_while_changing": {**_percentiles(busy), "calls": len(busy),
-                                        "changes": changes[0], "generations_seen": reloads},
-            "get_from_database": _percentiles(db)}  # fmt: skip
+    return {
+        "adapters": n,
+        "calls": calls,
+        "resolver_idle": _percentiles(idle),
+        "resolver_while_changing": {
+            **_percentiles(busy),
+            "calls": len(busy),
+            "changes": changes[0],
+            "generations_seen": reloads,
+        },
+        "get_from_database": _percentiles(db),
+    }
 
 
 # ---- POST on node A -> first completion on node B --------------------------------------------
@@ -205,16 +221,18 @@ def post_to_first_completion(url: str, model: str | None, adapters: list[Path], 
             engine=dict(model=model, max_lora_rank=16, max_rows=4, max_model_len=128),
         )
         prepare(cfg)
-        serve.run(compose(cfg, pinned("node_b", 1), pinned("node_a", 0)), name="cold",
-                  route_prefix="/")  # fmt: skip
+        serve.run(
+            compose(cfg, pinned("node_b", 1), pinned("node_a", 0)), name="cold", route_prefix="/"
+        )
         status, body = complete(base, cfg.served_model_name or _model_id(model))
         if status != 200:
             raise RuntimeError(f"the base model does not answer: {status} {body}")
         for i, folder in enumerate(adapters):  # the first run also warms the ingress up
             name = f"new-{i}"
             t0 = time.perf_counter()
-            status, body = http_json("POST", f"{base}/v1/adapters",
-                                     {"name": name, "source": f"{files}/{folder.name}"})  # fmt: skip
+            status, body = http_json(
+                "POST", f"{base}/v1/adapters", {"name": name, "source": f"{files}/{folder.name}"}
+            )
             if status != 201:
                 raise RuntimeError(f"POST /v1/adapters: {status} {body}")
             registered = time.perf_counter()
@@ -228,16 +246,24 @@ def post_to_first_completion(url: str, model: str | None, adapters: list[Path], 
                     raise RuntimeError(f"completion on {name}: {status} {body}")
                 time.sleep(0.005)
             done = time.perf_counter()
-            runs.append({"post_ms": (registered - t0) * 1e3, "first_completion_ms":
-                         (done - t0) * 1e3, "tries": tries})  # fmt: skip
+            runs.append(
+                {
+                    "post_ms": (registered - t0) * 1e3,
+                    "first_completion_ms": (done - t0) * 1e3,
+                    "tries": tries,
+                }
+            )
     fetched = sorted(p.name for p in (caches["node_b"] / "blobs").iterdir())
     warm = runs[1:] or runs
     firsts = [r["first_completion_ms"] for r in warm]
-    return {"first_run_after_start": runs[0], "warm_runs": warm,
-            "median_first_completion_ms": statistics.median(firsts),
-            "max_first_completion_ms": max(firsts),
-            "not_found_before_success": sum(r["tries"] - 1 for r in warm),
-            "node_b_fetched": len(fetched)}  # fmt: skip
+    return {
+        "first_run_after_start": runs[0],
+        "warm_runs": warm,
+        "median_first_completion_ms": statistics.median(firsts),
+        "max_first_completion_ms": max(firsts),
+        "not_found_before_success": sum(r["tries"] - 1 for r in warm),
+        "node_b_fetched": len(fetched),
+    }
 
 
 def _model_id(model: str | None) -> str:
@@ -260,12 +286,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--adapters", type=int, default=1000, help="catalog size for lookups")
     p.add_argument("--calls", type=int, default=200_000, help="timed lookups per phase")
-    p.add_argument("--repeats", type=int, default=6,
-                   help="POST -> completion runs (the first, after start, reported apart)")  # fmt: skip
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=6,
+        help="POST -> completion runs (the first, after start, reported apart)",
+    )
     p.add_argument("--model", default=None, help="served model (default: SmolLM2-135M)")
-    p.add_argument("--registry", default=None,
-                   help="a postgresql:// URL (password in $COLD_RAY_REGISTRY_PASSWORD); "
-                        "without it, --backend sqlite")  # fmt: skip
+    p.add_argument(
+        "--registry",
+        default=None,
+        help="a postgresql:// URL (password in $COLD_RAY_REGISTRY_PASSWORD); "
+        "without it, --backend sqlite",
+    )
     p.add_argument("--skip-cluster", action="store_true", help="lookups only")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
@@ -275,24 +308,30 @@ def main(argv: list[str] | None = None) -> int:
 
     a.backend = a.backend or ("both" if a.registry else "sqlite")
     if a.backend != "sqlite" and a.registry is None:
-        p.error(f"--backend {a.backend} needs --registry postgresql://... (`python -m "
-                "tests.postgres` starts a throwaway server)")  # fmt: skip
+        p.error(
+            f"--backend {a.backend} needs --registry postgresql://... (`python -m "
+            "tests.postgres` starts a throwaway server)"
+        )
 
     tmp = Path(tempfile.mkdtemp(prefix="cold-bench-registry-"))
     model_path = resolve_model_path(a.model)  # the nodes read it where it is (a shared folder)
     model_args = read_model_args(model_path)
-    adapters = [make_adapter(model_args, tmp / "store" / f"adapter-{i}", rank=8, seed=i)
-                for i in range(max(1, a.repeats))]  # fmt: skip
+    adapters = [
+        make_adapter(model_args, tmp / "store" / f"adapter-{i}", rank=8, seed=i)
+        for i in range(max(1, a.repeats))
+    ]
     result = {"loadavg_1m": os.getloadavg()[0], "machine": machine_record()}
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         url = a.registry
         if a.backend in ("sqlite", "both"):
-            result["lookup_sqlite"] = lookup_latency(str(tmp / "registry.sqlite"), adapters[0],
-                                                     model_args, a.adapters, a.calls)  # fmt: skip
+            result["lookup_sqlite"] = lookup_latency(
+                str(tmp / "registry.sqlite"), adapters[0], model_args, a.adapters, a.calls
+            )
         if a.backend in ("postgresql", "both"):
-            result["lookup_postgresql"] = lookup_latency(url, adapters[0], model_args,
-                                                         a.adapters, a.calls)  # fmt: skip
+            result["lookup_postgresql"] = lookup_latency(
+                url, adapters[0], model_args, a.adapters, a.calls
+            )
             if not a.skip_cluster:
                 result["post_to_first_completion"] = post_to_first_completion(
                     url, str(model_path), adapters, tmp

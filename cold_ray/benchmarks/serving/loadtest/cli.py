@@ -41,17 +41,31 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     target = p.add_mutually_exclusive_group()
     target.add_argument("--deployment", help=f"Serve YAML to start (default {DEFAULT_DEPLOYMENT})")
     target.add_argument("--host", help="URL of a running service instead of starting one")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a YAML field, e.g. applications.0.args.engine.model=/path")  # fmt: skip
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a YAML field, e.g. applications.0.args.engine.model=/path",
+    )
     p.add_argument(
         "--port", type=int, default=0, help="HTTP port for the started service (0: free)"
     )
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--locust-nice", type=int, default=10,
-                   help="niceness added to the Locust process (the replica wins contention)")  # fmt: skip
-    p.add_argument("--locust-cpus", type=positive_ints, default=[],
-                   help="pin Locust to these cores, e.g. 1 (default: no pinning)")  # fmt: skip
+    p.add_argument(
+        "--locust-nice",
+        type=int,
+        default=10,
+        help="niceness added to the Locust process (the replica wins contention)",
+    )
+    p.add_argument(
+        "--locust-cpus",
+        type=positive_ints,
+        default=[],
+        help="pin Locust to these cores, e.g. 1 (default: no pinning)",
+    )
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -63,14 +77,22 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta", type=float, default=0.5)
     g.add_argument("--chat-fraction", type=float, default=0.5)
     g.add_argument("--stream-fraction", type=float, default=0.5)
-    g.add_argument("--prompt-tokens", default="uniform:48:160",
-                   help="prompt length distribution (--prompt-mode random)")  # fmt: skip
-    g.add_argument("--prompt-mode", choices=PROMPT_MODES, default="random",
-                   help="random: prompts of --prompt-tokens; fewshot: one shared few-shot "
-                        "prefix + a different question; system: chat with one shared system "
-                        "prompt (the prefix cache's workloads)")  # fmt: skip
-    g.add_argument("--shots", type=_non_negative, default=8,
-                   help="worked examples in the fewshot prefix")  # fmt: skip
+    g.add_argument(
+        "--prompt-tokens",
+        default="uniform:48:160",
+        help="prompt length distribution (--prompt-mode random)",
+    )
+    g.add_argument(
+        "--prompt-mode",
+        choices=PROMPT_MODES,
+        default="random",
+        help="random: prompts of --prompt-tokens; fewshot: one shared few-shot "
+        "prefix + a different question; system: chat with one shared system "
+        "prompt (the prefix cache's workloads)",
+    )
+    g.add_argument(
+        "--shots", type=_non_negative, default=8, help="worked examples in the fewshot prefix"
+    )
     g.add_argument("--max-tokens", default="fixed:64")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--think-time", type=float, default=0.0)
@@ -88,15 +110,21 @@ def workload_from(args: argparse.Namespace, **changes):
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "loadtest", help="Locust load test (or --sweep) with a JSON + PNG report",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+        "loadtest",
+        help="Locust load test (or --sweep) with a JSON + PNG report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_target_args(p)
     p.add_argument("--users", type=int, default=8)
     p.add_argument("--spawn-rate", type=float, help="users started per second (default: all)")
     p.add_argument("--duration", default="60s", help="Locust -t: 60s, 2m, ...")
-    p.add_argument("--stop-timeout", type=float, default=30.0,
-                   help="seconds users get to finish their request when the time is up")  # fmt: skip
+    p.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=30.0,
+        help="seconds users get to finish their request when the time is up",
+    )
     p.add_argument("--sweep", type=positive_ints, help="user counts, e.g. 1,2,4,8,16,32")
     p.add_argument("--sweep-decodings", default="cold,plain")
     for name, (_, kind, what) in THRESHOLDS.items():
@@ -117,9 +145,12 @@ def service_for(args: argparse.Namespace):
         yield Service.attach(args.host)
         return
     svc = Service.from_yaml(
-        args.deployment or DEFAULT_DEPLOYMENT, args.out, args.port, args.overrides,
+        args.deployment or DEFAULT_DEPLOYMENT,
+        args.out,
+        args.port,
+        args.overrides,
         args.startup_timeout,
-    )  # fmt: skip
+    )
     try:
         yield svc
     finally:
@@ -137,11 +168,20 @@ def one_run(url: str, args, users: int, out: Path, workload, procs: list | None 
 
     placement = LocustPlacement(args.locust_nice, args.locust_cpus)
     spawn = args.spawn_rate or users
-    records, rc = run_locust(url, users, spawn, args.duration, out, workload, placement,
-                             args.stop_timeout, procs)  # fmt: skip
-    summary = build_summary(records, host=url, users=users, spawn_rate=spawn,
-                            duration=args.duration, workload=workload, placement=placement,
-                            locust_rc=rc, out_dir=out)  # fmt: skip
+    records, rc = run_locust(
+        url, users, spawn, args.duration, out, workload, placement, args.stop_timeout, procs
+    )
+    summary = build_summary(
+        records,
+        host=url,
+        users=users,
+        spawn_rate=spawn,
+        duration=args.duration,
+        workload=workload,
+        placement=placement,
+        locust_rc=rc,
+        out_dir=out,
+    )
     if records:
         plot_run(records, summary, out / "run.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -180,8 +220,11 @@ def _judge(summary: dict, args: argparse.Namespace, out: Path) -> int:
         return 2
     limits = {name: getattr(args, name, None) for name in THRESHOLDS}
     violations = check_thresholds(summary, limits)
-    summary["thresholds"] = {"limits": {k: v for k, v in limits.items() if v is not None},
-                             "violations": violations, "passed": not violations}  # fmt: skip
+    summary["thresholds"] = {
+        "limits": {k: v for k, v in limits.items() if v is not None},
+        "violations": violations,
+        "passed": not violations,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for v in violations:
         print(f"THRESHOLD MISSED: {v}", file=sys.stderr)
@@ -201,10 +244,18 @@ def _sweep(url: str, args: argparse.Namespace) -> int:
             out = args.out / f"{decoding}-u{users}"
             summary = one_run(url, args, users, out, workload)
             print(f"{decoding:5s} users {users:3d}: {_line(summary)}")
-            keep = ("requests", "ok", "failures", "rejected_503", "rps", "tokens_per_s",
-                    "latency_ms", "ttft_ms", "itl_ms")  # fmt: skip
-            points.append({"decoding": decoding, "users": users,
-                           **{k: summary[k] for k in keep}})  # fmt: skip
+            keep = (
+                "requests",
+                "ok",
+                "failures",
+                "rejected_503",
+                "rps",
+                "tokens_per_s",
+                "latency_ms",
+                "ttft_ms",
+                "itl_ms",
+            )
+            points.append({"decoding": decoding, "users": users, **{k: summary[k] for k in keep}})
     (args.out / "sweep.json").write_text(json.dumps({"points": points}, indent=2))
     plot_sweep(points, args.out / "sweep.png")
     print(f"report: {args.out / 'sweep.json'}, {args.out / 'sweep.png'}")

@@ -42,28 +42,53 @@ from cold_ray.benchmarks.workloads import MIX_KINDS, adapter_mix
 @events.init_command_line_parser.add_listener
 def _options(parser):
     g = parser.add_argument_group("cold-ray workload")
-    g.add_argument("--mix", choices=MIX_KINDS, default="zipf",
-                   help="adapter mix from cold_ray.benchmarks.workloads: identical = one hot adapter")  # fmt: skip
-    g.add_argument("--adapters", default="",
-                   help="comma-separated adapter names (default: every adapter in /v1/models)")  # fmt: skip
-    g.add_argument("--cold-fraction", type=float, default=0.5,
-                   help="share of adapter requests decoded with CoLD (the rest plain)")  # fmt: skip
+    g.add_argument(
+        "--mix",
+        choices=MIX_KINDS,
+        default="zipf",
+        help="adapter mix from cold_ray.benchmarks.workloads: identical = one hot adapter",
+    )
+    g.add_argument(
+        "--adapters",
+        default="",
+        help="comma-separated adapter names (default: every adapter in /v1/models)",
+    )
+    g.add_argument(
+        "--cold-fraction",
+        type=float,
+        default=0.5,
+        help="share of adapter requests decoded with CoLD (the rest plain)",
+    )
     g.add_argument("--alpha", type=float, default=0.1)
     g.add_argument("--beta", type=float, default=0.5)
     g.add_argument("--chat-fraction", type=float, default=0.5)
     g.add_argument("--stream-fraction", type=float, default=0.5)
-    g.add_argument("--prompt-tokens", default="uniform:48:160",
-                   help="prompt length (--prompt-mode random only)")  # fmt: skip
-    g.add_argument("--prompt-mode", choices=PROMPT_MODES, default="random",
-                   help="random lengths; fewshot = one shared few-shot prefix; system = chat "
-                        "with one shared system prompt")  # fmt: skip
+    g.add_argument(
+        "--prompt-tokens",
+        default="uniform:48:160",
+        help="prompt length (--prompt-mode random only)",
+    )
+    g.add_argument(
+        "--prompt-mode",
+        choices=PROMPT_MODES,
+        default="random",
+        help="random lengths; fewshot = one shared few-shot prefix; system = chat "
+        "with one shared system prompt",
+    )
     g.add_argument("--shots", type=int, default=8, help="worked examples (--prompt-mode fewshot)")
     g.add_argument("--max-tokens", default="fixed:64")
-    g.add_argument("--ignore-eos", action="store_true",
-                   help="send ignore_eos (vLLM extension) so every request generates max_tokens")  # fmt: skip
+    g.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="send ignore_eos (vLLM extension) so every request generates max_tokens",
+    )
     g.add_argument("--think-time", type=float, default=0.0, help="seconds between requests")
-    g.add_argument("--rps-per-user", type=float, default=0.0,
-                   help="open-loop pacing: each user starts this many requests/s at most")  # fmt: skip
+    g.add_argument(
+        "--rps-per-user",
+        type=float,
+        default=0.0,
+        help="open-loop pacing: each user starts this many requests/s at most",
+    )
     g.add_argument("--request-timeout", type=float, default=600.0)
     g.add_argument("--records", default="", help="append one JSON line per finished request")
     g.add_argument("--workload-seed", type=int, default=0)
@@ -145,8 +170,13 @@ class LLMUser(User):
         stream = rng.random() < opts.stream_fraction
         length = self.prompt_len.sample(rng) if opts.prompt_mode == "random" else 0
         prompt = request_prompt(opts.prompt_mode, rng, length, chat, opts.shots)
-        body: dict = {"model": model, "max_tokens": self.max_tokens.sample(rng),
-                      "temperature": 0.0, "stream": stream, **prompt}  # fmt: skip
+        body: dict = {
+            "model": model,
+            "max_tokens": self.max_tokens.sample(rng),
+            "temperature": 0.0,
+            "stream": stream,
+            **prompt,
+        }
         if stream:
             body["stream_options"] = {"include_usage": True}
         if decoding == "cold":
@@ -158,9 +188,19 @@ class LLMUser(User):
         endpoint = "chat" if chat else "completions"
         path = "/v1/chat/completions" if chat else "/v1/completions"
         name = f"{endpoint} {decoding}{' stream' if stream else ''}"
-        record = {"endpoint": endpoint, "stream": stream, "decoding": decoding, "model": model,
-                  "status": 0, "ok": False, "error": None, "ttft_ms": None, "itl_ms": [],
-                  "prompt_tokens": 0, "completion_tokens": 0}  # fmt: skip
+        record = {
+            "endpoint": endpoint,
+            "stream": stream,
+            "decoding": decoding,
+            "model": model,
+            "status": 0,
+            "ok": False,
+            "error": None,
+            "ttft_ms": None,
+            "itl_ms": [],
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+        }
         start_perf, record["t_start"] = time.perf_counter(), time.time()
         try:
             self._send(path, body, chat, stream, record, start_perf)
@@ -171,21 +211,40 @@ class LLMUser(User):
         record["ok"] = record["error"] is None
         fire = self.environment.events.request.fire
         failure = None if record["ok"] else RuntimeError(f"{record['status']}: {record['error']}")
-        fire(request_type="POST", name=name, response_time=record["latency_ms"],
-             response_length=record["completion_tokens"], exception=failure, context={})  # fmt: skip
+        fire(
+            request_type="POST",
+            name=name,
+            response_time=record["latency_ms"],
+            response_length=record["completion_tokens"],
+            exception=failure,
+            context={},
+        )
         if record["ok"] and record["ttft_ms"] is not None:
-            fire(request_type="TTFT", name=name, response_time=record["ttft_ms"],
-                 response_length=0, exception=None, context={})  # fmt: skip
+            fire(
+                request_type="TTFT",
+                name=name,
+                response_time=record["ttft_ms"],
+                response_length=0,
+                exception=None,
+                context={},
+            )
             for gap in record["itl_ms"]:
-                fire(request_type="ITL", name=name, response_time=gap, response_length=0,
-                     exception=None, context={})  # fmt: skip
+                fire(
+                    request_type="ITL",
+                    name=name,
+                    response_time=gap,
+                    response_length=0,
+                    exception=None,
+                    context={},
+                )
         if _Shared.records is not None:
             _Shared.records.write(json.dumps(record) + "\n")
 
     def _send(self, path: str, body: dict, chat: bool, stream: bool, record: dict, t0: float):
         url = self.host.rstrip("/") + path
-        with self.session.post(url, json=body, stream=stream,
-                               timeout=self.opts.request_timeout) as resp:  # fmt: skip
+        with self.session.post(
+            url, json=body, stream=stream, timeout=self.opts.request_timeout
+        ) as resp:
             record["status"] = resp.status_code
             if resp.status_code != 200:
                 record["error"] = _error_message(resp)

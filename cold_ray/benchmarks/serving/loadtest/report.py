@@ -25,10 +25,13 @@ def plot_run(records: list[dict], summary: dict, out: Path, bin_s: float | None 
     decodings = sorted({r["decoding"] for r in ok})
     panels = [
         (axes[0][0], "request latency (ms)", lambda r: [r["latency_ms"]]),
-        (axes[0][1], "time to first token (ms, streamed)",
-         lambda r: [r["ttft_ms"]] if r.get("ttft_ms") is not None else []),
+        (
+            axes[0][1],
+            "time to first token (ms, streamed)",
+            lambda r: [r["ttft_ms"]] if r.get("ttft_ms") is not None else [],
+        ),
         (axes[1][0], "inter-token latency (ms, streamed)", lambda r: r.get("itl_ms") or []),
-    ]  # fmt: skip
+    ]
     for ax, title, values in panels:
         for d in decodings:
             _cdf(ax, [v for r in ok if r["decoding"] == d for v in values(r)], d, COLORS.get(d))
@@ -47,15 +50,25 @@ def plot_run(records: list[dict], summary: dict, out: Path, bin_s: float | None 
             for r in ok:
                 if r["decoding"] == d:
                     tok[int((r["t_end"] - t0) // bin_s)] += r.get("completion_tokens", 0)
-            ax.plot([i * bin_s for i in range(nbins)], [t / bin_s for t in tok], label=f"{d} tokens/s",
-                    color=COLORS.get(d))  # fmt: skip
+            ax.plot(
+                [i * bin_s for i in range(nbins)],
+                [t / bin_s for t in tok],
+                label=f"{d} tokens/s",
+                color=COLORS.get(d),
+            )
         rejected = [0] * nbins
         for r in records:
             if r.get("status") == 503:
                 rejected[int((r["t_end"] - t0) // bin_s)] += 1
         if any(rejected):
-            ax.bar([i * bin_s for i in range(nbins)], [x / bin_s for x in rejected], width=bin_s,
-                   alpha=0.3, color="red", label="503/s")  # fmt: skip
+            ax.bar(
+                [i * bin_s for i in range(nbins)],
+                [x / bin_s for x in rejected],
+                width=bin_s,
+                alpha=0.3,
+                color="red",
+                label="503/s",
+            )
     ax.set_title(f"throughput over time ({bin_s or 0:.0f} s bins, by completion time)")
     ax.set_xlabel("seconds since first request")
     ax.grid(alpha=0.3)
@@ -87,8 +100,13 @@ def plot_sweep(points: list[dict], out: Path) -> Path:
             ax.plot(xs, ys, marker="o", label=d, color=COLORS.get(d))
             for p, x, y in zip(pts, xs, ys):
                 if y is not None:
-                    ax.annotate(str(p["users"]), (x, y), textcoords="offset points",
-                                xytext=(4, 4), fontsize=8)  # fmt: skip
+                    ax.annotate(
+                        str(p["users"]),
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=8,
+                    )
         ax.set_xlabel("throughput (generated tokens/s)")
         ax.set_ylabel(title)
         ax.set_title(f"{title} vs throughput (labels: users)")

@@ -94,12 +94,33 @@ def run_locust(
     records_path = out_dir / "records.jsonl"
     records_path.unlink(missing_ok=True)
     cmd = [
-        sys.executable, "-m", "locust", "-f", locustfile_path(), "--headless",
-        "-u", str(users), "-r", str(spawn_rate), "-t", duration, "--host", host,
-        "--stop-timeout", f"{int(stop_timeout)}s", "--csv", str(out_dir / "locust"),
-        "--html", str(out_dir / "locust.html"), "--only-summary", "--loglevel", "WARNING",
-        "--records", str(records_path), *workload.locust_args(),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        locustfile_path(),
+        "--headless",
+        "-u",
+        str(users),
+        "-r",
+        str(spawn_rate),
+        "-t",
+        duration,
+        "--host",
+        host,
+        "--stop-timeout",
+        f"{int(stop_timeout)}s",
+        "--csv",
+        str(out_dir / "locust"),
+        "--html",
+        str(out_dir / "locust.html"),
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        "--records",
+        str(records_path),
+        *workload.locust_args(),
+    ]
 
     def placed():  # runs in the child before exec
         if placement.nice:
@@ -109,8 +130,9 @@ def run_locust(
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(out_dir / "locust.log", "wb") as log:
-        with subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                              preexec_fn=placed) as proc:  # fmt: skip
+        with subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=placed
+        ) as proc:
             if procs is not None:
                 procs.append(proc)
             try:
@@ -140,11 +162,19 @@ def build_summary(
     summary["by_decoding"] = summarize_by(records, "decoding")
     summary["by_endpoint"] = summarize_by(records, "endpoint")
     summary["run"] = {
-        "host": host, "users": users, "spawn_rate": spawn_rate,
-        "duration_s": parse_duration(duration), "workload": asdict(workload),
-        "locust": {"nice": placement.nice, "cpus": placement.cpus, "exit_code": locust_rc,
-                   "log": str(out_dir / "locust.log"), "csv": str(out_dir / "locust_stats.csv")},
+        "host": host,
+        "users": users,
+        "spawn_rate": spawn_rate,
+        "duration_s": parse_duration(duration),
+        "workload": asdict(workload),
+        "locust": {
+            "nice": placement.nice,
+            "cpus": placement.cpus,
+            "exit_code": locust_rc,
+            "log": str(out_dir / "locust.log"),
+            "csv": str(out_dir / "locust_stats.csv"),
+        },
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": host_record(),
-    }  # fmt: skip
+    }
     return summary

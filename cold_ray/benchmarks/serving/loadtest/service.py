@@ -103,8 +103,11 @@ class Service:
         with open(log, "wb") as fh:
             proc = subprocess.Popen(
                 [serve, "run", "--address", "local", str(run_yaml)],
-                stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            )  # fmt: skip
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         svc = cls(f"http://127.0.0.1:{port}", proc, log)
         try:
             svc.wait_healthy(timeout)

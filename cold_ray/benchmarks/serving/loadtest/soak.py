@@ -28,9 +28,11 @@ def add_parser(subparsers) -> None:
     from cold_ray.benchmarks.serving.loadtest.cli import add_target_args, add_workload_args
 
     p = subparsers.add_parser(
-        "soak", help="bounded overload soak: 503-only errors, bounded queue, no leaks",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+        "soak",
+        help="bounded overload soak: 503-only errors, bounded queue, no leaks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_target_args(p)
     p.add_argument("--duration", default="10m")
     p.add_argument("--users", type=int, default=64, help="open-loop users sharing the rate")
@@ -43,8 +45,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--sample-every", type=float, default=5.0)
     p.add_argument("--rss-baseline-s", type=float, default=120.0)
     p.add_argument("--max-rss-growth", type=float, default=0.05)
-    p.add_argument("--max-queue", type=int,
-                   help="bound on engine waiting requests (default: no bound checked)")  # fmt: skip
+    p.add_argument(
+        "--max-queue", type=int, help="bound on engine waiting requests (default: no bound checked)"
+    )
     add_workload_args(p)
     p.set_defaults(func=main_args)
 
@@ -114,16 +117,22 @@ def checks(summary: dict, samples: list[dict], final: dict | None, args) -> dict
     five_xx = {k: v for k, v in summary["errors"].items() if k[:1] == "5"}
     out["only_503_errors"] = {
         "passed": summary["failures"] == 0,
-        "failures": summary["failures"], "rejected_503": summary["rejected_503"],
-        "other_5xx": five_xx, "errors": summary["errors"],
-    }  # fmt: skip
+        "failures": summary["failures"],
+        "rejected_503": summary["rejected_503"],
+        "other_5xx": five_xx,
+        "errors": summary["errors"],
+    }
     rss = [(s["t"], s["rss_mib"]) for s in samples if s.get("rss_mib") is not None]
     if rss:
         base = next((m for t, m in rss if t >= args.rss_baseline_s), rss[0][1])
         growth = (rss[-1][1] - base) / base
-        out["rss_growth"] = {"passed": growth < args.max_rss_growth, "baseline_mib": round(base, 1),
-                             "end_mib": round(rss[-1][1], 1), "growth": round(growth, 4),
-                             "limit": args.max_rss_growth}  # fmt: skip
+        out["rss_growth"] = {
+            "passed": growth < args.max_rss_growth,
+            "baseline_mib": round(base, 1),
+            "end_mib": round(rss[-1][1], 1),
+            "growth": round(growth, 4),
+            "limit": args.max_rss_growth,
+        }
     else:
         out["rss_growth"] = {"passed": None, "why": "replica process not found (use --deployment)"}
     waits = [s["engine"]["waiting_requests"] for s in samples if s.get("engine")]
@@ -153,8 +162,9 @@ def main_args(args: argparse.Namespace) -> int:
             calibration = None
             if target is None:
                 cal = argparse.Namespace(**{**vars(args), "duration": args.calibrate})
-                calibration = one_run(svc.url, cal, args.calibrate_users,
-                                      args.out / "calibrate", workload_from(args))  # fmt: skip
+                calibration = one_run(
+                    svc.url, cal, args.calibrate_users, args.out / "calibrate", workload_from(args)
+                )
                 print(f"calibration: {_line(calibration)}")
                 target = args.overload * calibration["rps"]
                 if target <= 0:
@@ -167,17 +177,22 @@ def main_args(args: argparse.Namespace) -> int:
             result: dict = {}
             procs: list = []
             runner = threading.Thread(
-                target=lambda: result.update(summary=one_run(svc.url, args, args.users,
-                                                             args.out, workload, procs)),
+                target=lambda: result.update(
+                    summary=one_run(svc.url, args, args.users, args.out, workload, procs)
+                ),
                 daemon=True,
-            )  # fmt: skip
+            )
             t0 = time.monotonic()
             runner.start()
             try:
                 while runner.is_alive():
-                    samples.append({"t": round(time.monotonic() - t0, 1),
-                                    "rss_mib": replica_rss_mib(pids),
-                                    "engine": gauges.read()})  # fmt: skip
+                    samples.append(
+                        {
+                            "t": round(time.monotonic() - t0, 1),
+                            "rss_mib": replica_rss_mib(pids),
+                            "engine": gauges.read(),
+                        }
+                    )
                     runner.join(args.sample_every)
             finally:  # never leave Locust hammering a service that is going away
                 for proc in procs:
@@ -200,20 +215,37 @@ def main_args(args: argparse.Namespace) -> int:
         return 2
     verdicts = checks(summary, samples, final, args)
     report = {
-        "offered_rps": round(target, 3), "users": args.users, "duration": args.duration,
+        "offered_rps": round(target, 3),
+        "users": args.users,
+        "duration": args.duration,
         "calibration": calibration and {k: calibration[k] for k in ("rps", "tokens_per_s")},
-        "summary": {k: summary[k] for k in ("requests", "ok", "failures", "rejected_503", "rps",
-                                            "tokens_per_s", "latency_ms", "ttft_ms", "errors")},
-        "checks": verdicts, "samples": samples,
+        "summary": {
+            k: summary[k]
+            for k in (
+                "requests",
+                "ok",
+                "failures",
+                "rejected_503",
+                "rps",
+                "tokens_per_s",
+                "latency_ms",
+                "ttft_ms",
+                "errors",
+            )
+        },
+        "checks": verdicts,
+        "samples": samples,
         "passed": all(v["passed"] is not False for v in verdicts.values()),
-    }  # fmt: skip
+    }
     (args.out / "soak.json").write_text(json.dumps(report, indent=2))
     if samples:
         plot_soak(samples, args.out / "soak.png")
     print(f"soak: offered {target:.2f} req/s · {_line(summary)}")
     for name, v in verdicts.items():
-        print(f"  {name}: {'PASS' if v['passed'] else 'n/a' if v['passed'] is None else 'FAIL'} "
-              f"{ {k: x for k, x in v.items() if k != 'passed'} }")  # fmt: skip
+        print(
+            f"  {name}: {'PASS' if v['passed'] else 'n/a' if v['passed'] is None else 'FAIL'} "
+            f"{ {k: x for k, x in v.items() if k != 'passed'} }"
+        )
     print(f"report: {args.out / 'soak.json'}, {args.out / 'soak.png'}")
     return 0 if report["passed"] else 1
 

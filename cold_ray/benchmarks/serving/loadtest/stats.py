@@ -111,8 +111,9 @@ def make_prompt(rng: random.Random, target_tokens: int) -> str:
 PROMPT_MODES = ("random", "fewshot", "system")
 
 
-def request_prompt(mode: str, rng: random.Random, target_tokens: int, chat: bool,
-                   shots: int = 8) -> dict:  # fmt: skip
+def request_prompt(
+    mode: str, rng: random.Random, target_tokens: int, chat: bool, shots: int = 8
+) -> dict:
     """The prompt part of a request body: `{"prompt": str}` or `{"messages": [...]}`.
 
     `random`: `make_prompt` of about `target_tokens`; `fewshot`: one shared prefix of `shots`
