@@ -274,6 +274,17 @@ def test_engine_settings_reach_the_engine(tiny_llama, tiny_adapters, monkeypatch
     assert [(c.cpu_rowwise_kernels, c.lora_backend) for c in seen] == [(False, "gather_bmm")]
 
 
+def test_a_cold_run_can_ask_logprobs(tiny_llama, tiny_adapters):
+    """`--logprobs N` times CoLD with the amateur's full head, end to end on the tiny model."""
+    runs = [
+        bench_engine.run_cold_ray(
+            "cold", 2, 8, 3, str(tiny_adapters[0]), str(tiny_llama), {}, logprobs=n
+        )
+        for n in (None, 2)
+    ]
+    assert all(r["wall_s"] > 0 and r["step_ms"] > 0 for r in runs)
+
+
 # ---- argument validation ----------------------------------------------------------------------
 
 BAD_ARGUMENTS = [  # (benchmark, argv, what the usage error must name)
@@ -288,6 +299,7 @@ BAD_ARGUMENTS = [  # (benchmark, argv, what the usage error must name)
     ("engine", ["--engine", "num_threads=0"], "num_threads must be greater than or equal to 1"),
     ("engine", ["--engine", "dtype=fp8"], "dtype must be 'auto', 'float32'"),
     ("engine", ["--threads", "0"], "--threads"),
+    ("engine", ["--logprobs", "-1"], "--logprobs must be >= 0"),
     ("engine", ["--threads", "2", "--engine", "num_threads=2"], "not both"),
     ("prefix", ["--users", "0"], "--users"),
     ("prefix", ["--workloads", "poems"], "poems"),

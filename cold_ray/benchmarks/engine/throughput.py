@@ -71,6 +71,7 @@ def run_cold_ray(
     adapter: str,
     model: str | None = None,
     engine: dict | None = None,
+    logprobs: int | None = None,
 ) -> dict:
     """Time to all first tokens (chunked prefill spreads it over steps, mixed with the first
     decodes) and the median pure-decode step after it, with the step's arithmetic."""
@@ -93,7 +94,9 @@ def run_cold_ray(
     if name:
         core.register_adapter(name, adapter)
         core.load_adapter(name)
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=new_tokens, ignore_eos=True, logprobs=logprobs
+    )
     cold = ColdParams(0.1, 0.5) if mode == "cold" else None
     prompts = token_prompts(core.tokenizer, batch, prompt_len)
     warm = list(reversed(prompts[0]))[:16]  # shares no prefix block with the measured prompts
@@ -250,6 +253,7 @@ def child(args: argparse.Namespace) -> None:
             args.adapter,
             args.model,
             engine,
+            args.logprobs,
         )
     else:
         rec = run_transformers(
@@ -265,6 +269,7 @@ def child(args: argparse.Namespace) -> None:
         mode=args.mode,
         batch=args.batch,
         threads=engine.get("num_threads"),
+        logprobs=args.logprobs,
         peak_rss_bytes=peak_rss(),
         tokens_per_s=args.batch * args.new_tokens / rec["wall_s"],
     )
@@ -494,6 +499,7 @@ def _run_child(kind: str, batch: int, args, adapter: str, threads: int | None = 
         json.dumps(engine),
     ]
     cmd += ["--model", args.model] if args.model else []
+    cmd += ["--logprobs", str(args.logprobs)] if args.logprobs is not None else []
     return run_json(cmd, f"{kind} B={batch}")
 
 
@@ -567,6 +573,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="an engine setting for cold-ray's runs, e.g. cpu_rowwise_kernels=false (repeatable)",
     )
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        metavar="N",
+        help="cold-ray's runs ask N top log-probabilities per token (what asking costs: "
+        "CoLD rows then compute the amateur's full LM head, not only the plausible tokens')",
+    )
     p.add_argument("--json", action="store_true", help="print the records as one JSON list")
     p.add_argument("--plot", help="write a PNG of tokens/s and GFLOP/s vs batch")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -591,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not modes:
         p.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
     require_positive(p, args, "prompt_len", "new_tokens", "rounds")
+    if args.logprobs is not None and args.logprobs < 0:
+        p.error(f"--logprobs must be >= 0, got {args.logprobs}")
     from cold_ray.benchmarks.common import machine_record
     from cold_ray.kernels import cpu_kernels
 
