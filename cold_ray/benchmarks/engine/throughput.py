@@ -269,7 +269,6 @@ def child(args: argparse.Namespace) -> None:
         mode=args.mode,
         batch=args.batch,
         threads=engine.get("num_threads"),
-        logprobs=args.logprobs,
         peak_rss_bytes=peak_rss(),
         tokens_per_s=args.batch * args.new_tokens / rec["wall_s"],
     )
@@ -652,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
             "rounds": args.rounds,
+            "logprobs": args.logprobs,
             "adapter": adapter,
             "model": args.model,
             "engine": args.engine,
