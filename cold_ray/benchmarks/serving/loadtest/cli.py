@@ -21,20 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cold_ray.benchmarks.common import positive_ints
-from cold_ray.benchmarks.serving.loadtest.stats import PROMPT_MODES, THRESHOLDS, check_thresholds
-from cold_ray.benchmarks.workloads import MIX_KINDS
+from cold_ray.benchmarks.serving.loadtest.options import add_workload_args
+from cold_ray.benchmarks.serving.loadtest.stats import THRESHOLDS, check_thresholds
 
 DEFAULT_DEPLOYMENT = "deployments/cold.yaml"
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from e
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def add_target_args(p: argparse.ArgumentParser) -> None:
@@ -66,38 +56,6 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
         default=[],
         help="pin Locust to these cores, e.g. 1 (default: no pinning)",
     )
-
-
-def add_workload_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("workload (see loadtest/locustfile.py)")
-    g.add_argument("--mix", choices=MIX_KINDS, default="zipf")
-    g.add_argument("--adapters", default="", help="comma-separated (default: all in /v1/models)")
-    g.add_argument("--cold-fraction", type=float, default=0.5)
-    g.add_argument("--alpha", type=float, default=0.1)
-    g.add_argument("--beta", type=float, default=0.5)
-    g.add_argument("--chat-fraction", type=float, default=0.5)
-    g.add_argument("--stream-fraction", type=float, default=0.5)
-    g.add_argument(
-        "--prompt-tokens",
-        default="uniform:48:160",
-        help="prompt length distribution (--prompt-mode random)",
-    )
-    g.add_argument(
-        "--prompt-mode",
-        choices=PROMPT_MODES,
-        default="random",
-        help="random: prompts of --prompt-tokens; fewshot: one shared few-shot "
-        "prefix + a different question; system: chat with one shared system "
-        "prompt (the prefix cache's workloads)",
-    )
-    g.add_argument(
-        "--shots", type=_non_negative, default=8, help="worked examples in the fewshot prefix"
-    )
-    g.add_argument("--max-tokens", default="fixed:64")
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--think-time", type=float, default=0.0)
-    g.add_argument("--request-timeout", type=float, default=600.0)
-    g.add_argument("--workload-seed", type=int, default=0)
 
 
 def workload_from(args: argparse.Namespace, **changes):

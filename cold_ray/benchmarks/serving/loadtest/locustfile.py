@@ -35,63 +35,14 @@ import time
 import requests
 from locust import User, constant_throughput, events, task
 
-from cold_ray.benchmarks.serving.loadtest.stats import PROMPT_MODES, LengthDist, request_prompt
-from cold_ray.benchmarks.workloads import MIX_KINDS, adapter_mix
+from cold_ray.benchmarks.serving.loadtest.options import add_workload_args
+from cold_ray.benchmarks.serving.loadtest.stats import LengthDist, request_prompt
+from cold_ray.benchmarks.workloads import adapter_mix
 
 
 @events.init_command_line_parser.add_listener
 def _options(parser):
-    g = parser.add_argument_group("cold-ray workload")
-    g.add_argument(
-        "--mix",
-        choices=MIX_KINDS,
-        default="zipf",
-        help="adapter mix from cold_ray.benchmarks.workloads: identical = one hot adapter",
-    )
-    g.add_argument(
-        "--adapters",
-        default="",
-        help="comma-separated adapter names (default: every adapter in /v1/models)",
-    )
-    g.add_argument(
-        "--cold-fraction",
-        type=float,
-        default=0.5,
-        help="share of adapter requests decoded with CoLD (the rest plain)",
-    )
-    g.add_argument("--alpha", type=float, default=0.1)
-    g.add_argument("--beta", type=float, default=0.5)
-    g.add_argument("--chat-fraction", type=float, default=0.5)
-    g.add_argument("--stream-fraction", type=float, default=0.5)
-    g.add_argument(
-        "--prompt-tokens",
-        default="uniform:48:160",
-        help="prompt length (--prompt-mode random only)",
-    )
-    g.add_argument(
-        "--prompt-mode",
-        choices=PROMPT_MODES,
-        default="random",
-        help="random lengths; fewshot = one shared few-shot prefix; system = chat "
-        "with one shared system prompt",
-    )
-    g.add_argument("--shots", type=int, default=8, help="worked examples (--prompt-mode fewshot)")
-    g.add_argument("--max-tokens", default="fixed:64")
-    g.add_argument(
-        "--ignore-eos",
-        action="store_true",
-        help="send ignore_eos (vLLM extension) so every request generates max_tokens",
-    )
-    g.add_argument("--think-time", type=float, default=0.0, help="seconds between requests")
-    g.add_argument(
-        "--rps-per-user",
-        type=float,
-        default=0.0,
-        help="open-loop pacing: each user starts this many requests/s at most",
-    )
-    g.add_argument("--request-timeout", type=float, default=600.0)
-    g.add_argument("--records", default="", help="append one JSON line per finished request")
-    g.add_argument("--workload-seed", type=int, default=0)
+    add_workload_args(parser, locust=True)
 
 
 _user_ids = itertools.count()  # seeds each user's draws: a rerun sends the same requests

@@ -25,7 +25,8 @@ import time
 
 
 def add_parser(subparsers) -> None:
-    from cold_ray.benchmarks.serving.loadtest.cli import add_target_args, add_workload_args
+    from cold_ray.benchmarks.serving.loadtest.cli import add_target_args
+    from cold_ray.benchmarks.serving.loadtest.options import add_workload_args
 
     p = subparsers.add_parser(
         "soak",
