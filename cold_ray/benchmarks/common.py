@@ -126,6 +126,16 @@ def require_positive(parser: argparse.ArgumentParser, args, *names: str) -> None
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
+def child_command(module: str, **options) -> list[str]:
+    """`python -m MODULE --child --name value ...`: a benchmark's run in a process of its own
+    (so peak RSS and threads are the run's alone); options that are None are left out."""
+    cmd = [sys.executable, "-m", module, "--child"]
+    for name, value in options.items():
+        if value is not None:
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+    return cmd
+
+
 def run_json(cmd: list[str], what: str, cwd: str | None = None) -> dict:
     """Run `cmd` with THREAD_ENV added to the environment; its last stdout line is its JSON
     record. RuntimeError naming `what`, with the end of its stderr, when it fails."""

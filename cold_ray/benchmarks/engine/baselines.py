@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cold_ray.benchmarks.common import machine_record, thread_env
+from cold_ray.benchmarks.common import child_command, machine_record, thread_env
 from cold_ray.benchmarks.engine import throughput as engine
 
 MODES = (
@@ -345,24 +345,15 @@ def run(args: argparse.Namespace) -> list[dict]:
         for rnd in range(args.rounds):
             for batch in batches:
                 for mode in modes if rnd % 2 == 0 else modes[::-1]:
-                    cmd = [
-                        sys.executable,
-                        "-m",
+                    cmd = child_command(
                         "cold_ray.benchmarks.engine.baselines",
-                        "--child",
-                        "--mode",
-                        mode,
-                        "--batch",
-                        str(batch),
-                        "--adapter",
-                        adapter,
-                        "--prompt-len",
-                        str(args.prompt_len),
-                        "--new-tokens",
-                        str(args.new_tokens),
-                        "--vllm-venv",
-                        venv,
-                    ]
+                        mode=mode,
+                        batch=batch,
+                        adapter=adapter,
+                        prompt_len=args.prompt_len,
+                        new_tokens=args.new_tokens,
+                        vllm_venv=venv,
+                    )
                     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
                     if res.returncode != 0:
                         raise RuntimeError(f"{mode} B={batch} failed:\n{res.stderr[-3000:]}")

@@ -45,6 +45,7 @@ from cold_ray.benchmarks import goals
 from cold_ray.benchmarks.common import (
     DEMO_ADAPTER,
     THREAD_ENV,
+    child_command,
     make_adapter,
     positive_ints,
     pyplot,
@@ -479,26 +480,17 @@ def plot(summary: list[dict], machine: dict | None, path: str) -> None:
 
 def _run_child(kind: str, batch: int, args, adapter: str, threads: int | None = None) -> dict:
     engine = args.engine if threads is None else {**args.engine, "num_threads": threads}
-    cmd = [
-        sys.executable,
-        "-m",
+    cmd = child_command(
         "cold_ray.benchmarks.engine.throughput",
-        "--child",
-        "--mode",
-        kind,
-        "--batch",
-        str(batch),
-        "--adapter",
-        adapter,
-        "--prompt-len",
-        str(args.prompt_len),
-        "--new-tokens",
-        str(args.new_tokens),
-        "--engine-json",
-        json.dumps(engine),
-    ]
-    cmd += ["--model", args.model] if args.model else []
-    cmd += ["--logprobs", str(args.logprobs)] if args.logprobs is not None else []
+        mode=kind,
+        batch=batch,
+        adapter=adapter,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        engine_json=json.dumps(engine),
+        model=args.model or None,
+        logprobs=args.logprobs,
+    )
     return run_json(cmd, f"{kind} B={batch}")
 
 
