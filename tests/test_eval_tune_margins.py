@@ -10,24 +10,19 @@ import torch
 
 from cold_ray.adapters.registry import Registry
 from cold_ray.config import EngineConfig
-from cold_ray.engine import ColdParams, EngineCore, SamplingParams
+from cold_ray.engine import ColdParams, EngineCore
 from cold_ray.eval import margins
 from cold_ray.eval.harness import Task
 from cold_ray.eval.tune import format_decision, tune
 from cold_ray.model.loader import read_model_args
 from tests.helpers import hf_model, peft_model
+from tests.test_eval_tune import PARAMS, PROMPTS, WIN
 
 TOL = 2e-4
-WORDS = "the quick brown fox jumps over lazy dog one two three four five six seven eight".split()
-PROMPTS = [
-    f"{WORDS[i % 16]} {WORDS[(3 * i + 1) % 16]} {WORDS[(5 * i + 2) % 16]} =" for i in range(16)
-]
 # The gold answer follows the prompt directly (no delimiter): it is the text a decoding wrote.
 TASK = Task(
     "tiny", lambda q: q, lambda t: t.strip() or None, stop=(), max_tokens=6, target_delimiter=""
 )
-PARAMS = SamplingParams(temperature=0.0, max_tokens=TASK.max_tokens)
-WIN = ColdParams(0.1, 1.0)
 
 
 @pytest.fixture
