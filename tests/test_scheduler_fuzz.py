@@ -194,33 +194,29 @@ def _core(model, adapters, **overrides) -> EngineCore:
     return core
 
 
-@pytest.fixture(scope="module")
-def alone(tiny_llama, tiny_adapters):
+def _alone(model, adapters, **overrides) -> Alone:
+    """The simplest correct version: one request at a time, whole prompts, no prefix cache."""
     return Alone(
         _core(
-            tiny_llama,
-            tiny_adapters,
+            model,
+            adapters,
             max_rows=2,
             max_prefill_tokens=4096,
             prefix_cache_bytes=0,
             max_loras=3,
+            **overrides,
         )
     )
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_llama, tiny_adapters):
+    return _alone(tiny_llama, tiny_adapters)
 
 
 @pytest.fixture(scope="module")
 def alone_gather(tiny_llama, tiny_adapters):
-    return Alone(
-        _core(
-            tiny_llama,
-            tiny_adapters,
-            max_rows=2,
-            max_prefill_tokens=4096,
-            prefix_cache_bytes=0,
-            max_loras=3,
-            lora_backend="gather_bmm",
-        )
-    )
+    return _alone(tiny_llama, tiny_adapters, lora_backend="gather_bmm")
 
 
 @pytest.fixture(scope="module")
@@ -246,17 +242,7 @@ BF16_SEEDS = 4  # the bf16 slice: the same scenarios, both engines in the CPU's 
 
 def test_every_request_decodes_as_if_alone_in_bf16(tiny_llama, tiny_adapters, fuzz_seeds):
     """dtype bfloat16 (bf16 weights and KV cache, fp32 arithmetic) is batch-invariant too."""
-    alone = Alone(
-        _core(
-            tiny_llama,
-            tiny_adapters,
-            max_rows=2,
-            max_prefill_tokens=4096,
-            prefix_cache_bytes=0,
-            max_loras=3,
-            dtype="bfloat16",
-        )
-    )
+    alone = _alone(tiny_llama, tiny_adapters, dtype="bfloat16")
     core = _core(tiny_llama, tiny_adapters, dtype="bfloat16")
     assert core.runner.cache.k.dtype == alone.core.runner.cache.k.dtype == torch.bfloat16
     for seed in range(min(fuzz_seeds, BF16_SEEDS)):
